@@ -1,0 +1,129 @@
+"""The two objects every step passes along: a `Section` (one tissue slice) and a `Stack`.
+
+A section's spots and counts live in an AnnData so users can hand them to scanpy and
+squidpy unchanged: `obs_names` are spot ids, `obs["array_row"/"array_col"]` the array
+grid position, `obsm["spatial"]` the spot centre (x, y) in full-resolution pixels of the
+section's own image, and `X` the raw counts (sparse; zero genes when the section has no
+measured expression). The image stays on disk behind a lazy `SectionImage`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+from anndata import AnnData
+
+from stimpute.errors import StimputeError
+from stimpute.image import SectionImage
+
+DEFAULT_SECTION_THICKNESS_UM = 10.0  # spacing of serial sections when the input gives no z
+
+
+@dataclass
+class Section:
+    """One tissue slice: spots (+ counts when measured), its H&E image and its geometry."""
+
+    name: str
+    adata: AnnData
+    image: SectionImage
+    um_per_px: float
+    spot_diameter_um: float = 100.0
+    z_um: float | None = None
+    source: str | None = None
+    report: dict = field(default_factory=dict)  # what the reader dropped or assumed
+
+    def __post_init__(self):
+        if "spatial" not in self.adata.obsm:
+            raise StimputeError(self.source or self.name, 'spots have no obsm["spatial"] pixel coordinates')
+        if not np.isfinite(self.um_per_px) or self.um_per_px <= 0:
+            raise StimputeError(self.source or self.name, f"micrometres per pixel must be > 0, got {self.um_per_px}")
+
+    @property
+    def n_spots(self) -> int:
+        return self.adata.n_obs
+
+    @property
+    def spot_ids(self) -> list[str]:
+        return list(self.adata.obs_names)
+
+    @property
+    def xy(self) -> np.ndarray:
+        """Spot centres (n, 2) as (x, y) in full-resolution pixels of this section's image."""
+        return np.asarray(self.adata.obsm["spatial"], dtype=np.float64)
+
+    @property
+    def has_counts(self) -> bool:
+        return self.adata.n_vars > 0
+
+    @property
+    def spot_diameter_px(self) -> float:
+        return self.spot_diameter_um / self.um_per_px
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.adata.var_names)
+
+    def __repr__(self) -> str:
+        W, H = self.image.size if self.image.path is None or self.image.path.exists() else (0, 0)
+        return (
+            f"Section({self.name!r}, spots={self.n_spots}, genes={self.adata.n_vars}, "
+            f"image={W}x{H}, um_per_px={self.um_per_px:.3g}, z_um={self.z_um})"
+        )
+
+
+@dataclass
+class Stack:
+    """Serial sections of one tissue block in cutting order; any subset carries counts."""
+
+    sections: list[Section]
+    thickness_um: float = DEFAULT_SECTION_THICKNESS_UM
+
+    def __post_init__(self):
+        self.sections = list(self.sections)
+        if not self.sections:
+            raise StimputeError(None, "a stack needs at least one section")
+        names = [s.name for s in self.sections]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise StimputeError(None, f"section names must be unique in a stack; repeated: {', '.join(dupes)}")
+        for i, s in enumerate(self.sections):
+            if s.z_um is None:
+                s.z_um = i * self.thickness_um
+
+    def __len__(self) -> int:
+        return len(self.sections)
+
+    def __iter__(self) -> Iterator[Section]:
+        return iter(self.sections)
+
+    def __getitem__(self, key: int | str) -> Section:
+        if isinstance(key, str):
+            return self.sections[self.index(key)]
+        return self.sections[key]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sections]
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise StimputeError(
+                None, f"section {name!r} is not in the stack (sections: {', '.join(self.names)})"
+            ) from None
+
+    @property
+    def measured(self) -> list[str]:
+        """Names of the sections that carry counts."""
+        return [s.name for s in self.sections if s.has_counts]
+
+    def require_3d(self) -> None:
+        if len(self) < 2:
+            raise StimputeError(None, "a 3D stack needs at least two sections; got one")
+
+    def __repr__(self) -> str:
+        return f"Stack({self.names}, measured={self.measured})"
+

@@ -1,0 +1,200 @@
+"""Lazy access to a section's H&E image: regions and thumbnails, never a whole WSI in memory.
+
+Pyramidal whole-slide images (.svs, .tif, .ndpi, ...) are read through tiffslide, region by
+region, from the pyramid level that best fits the requested output size. Flat images (JPEG,
+PNG, small TIFFs) are read with Pillow; they are decoded once on the first region read and
+kept until `release()`. In-memory arrays (synthetic data, tests) use the same interface.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stimpute.errors import InputError
+
+Image.MAX_IMAGE_PIXELS = None  # slides are trusted input and routinely exceed Pillow's bomb guard
+
+WSI_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".qptiff"}
+FLAT_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = WSI_SUFFIXES | FLAT_SUFFIXES
+FILL = 255  # padding outside the image: white, like glass
+
+
+class SectionImage:
+    """An RGB image addressed in full-resolution pixels (x to the right, y down)."""
+
+    def __init__(self, path: str | Path | None = None, array: np.ndarray | None = None):
+        if (path is None) == (array is None):
+            raise ValueError("give exactly one of path or array")
+        self.path = None if path is None else Path(path)
+        self._array = None if array is None else _as_rgb(array)
+        self._slide = None
+        self._size: tuple[int, int] | None = None
+        if self._array is not None:
+            self._size = (self._array.shape[1], self._array.shape[0])
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "SectionImage":
+        """Open an image file lazily; checks that it exists and its header is readable."""
+        img = cls(path=path)
+        _ = img.size
+        return img
+
+    def _open_slide(self):
+        if self._slide is None and self.path.suffix.lower() in WSI_SUFFIXES:
+            import tiffslide
+
+            try:
+                slide = tiffslide.TiffSlide(str(self.path))
+                if slide.level_count > 1 or self.path.suffix.lower() not in FLAT_SUFFIXES:
+                    self._slide = slide
+                else:  # a flat TIFF: Pillow is simpler and faster
+                    slide.close()
+            except Exception:
+                if self.path.suffix.lower() not in FLAT_SUFFIXES:
+                    raise
+        return self._slide
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in full-resolution pixels."""
+        if self._size is None:
+            if not self.path.exists():
+                raise InputError(self.path, "image file not found")
+            try:
+                slide = self._open_slide()
+                if slide is not None:
+                    self._size = tuple(int(v) for v in slide.dimensions)
+                else:
+                    with Image.open(self.path) as im:
+                        self._size = im.size
+            except InputError:
+                raise
+            except Exception as exc:
+                raise InputError(self.path, f"cannot read image ({_reason(exc)})") from None
+        return self._size
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def verify(self) -> None:
+        """Decode the image completely (flat images) to catch truncated or corrupt files."""
+        if self._array is not None or self._open_slide() is not None:
+            return
+        self._full()
+
+    def _full(self) -> np.ndarray:
+        if self._array is None:
+            try:
+                with Image.open(self.path) as im:
+                    im.load()
+                    self._array = _as_rgb(np.asarray(im.convert("RGB")))
+            except FileNotFoundError:
+                raise InputError(self.path, "image file not found") from None
+            except Exception as exc:
+                raise InputError(self.path, f"cannot decode image ({_reason(exc)})") from None
+        return self._array
+
+    def release(self) -> None:
+        """Drop decoded pixels and file handles; they are reopened on the next read."""
+        if self.path is not None:
+            self._array = None
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    # -- reading ---------------------------------------------------------------------
+    def read_region(self, x: int, y: int, w: int, h: int, out_size: int | None = None) -> np.ndarray:
+        """Pixels [y, y+h) × [x, x+w) as (h, w, 3) uint8, padded white outside the image.
+
+        With `out_size`, the region is resampled to (out_size, out_size) and, for a
+        pyramidal slide, read from the coarsest level that still has enough resolution.
+        """
+        x, y, w, h = int(round(x)), int(round(y)), int(round(w)), int(round(h))
+        slide = self._open_slide() if self.path is not None and self._array is None else None
+        if slide is not None:
+            region = self._read_slide(slide, x, y, w, h, out_size)
+        else:
+            region = _crop_padded(self._full(), x, y, w, h)
+        if out_size is not None and region.shape[:2] != (out_size, out_size):
+            region = np.asarray(Image.fromarray(region).resize((out_size, out_size), Image.BILINEAR))
+        return region
+
+    def _read_slide(self, slide, x, y, w, h, out_size):
+        level = 0
+        if out_size is not None:
+            level = slide.get_best_level_for_downsample(max(w, h) / out_size)
+        ds = slide.level_downsamples[level]
+        lw, lh = max(1, math.ceil(w / ds)), max(1, math.ceil(h / ds))
+        region = np.asarray(slide.read_region((x, y), level, (lw, lh), as_array=True))[..., :3]
+        # tiffslide pads outside the slide with zeros (black); paint it white like glass
+        W, H = self.size
+        x0, y0 = max(0, -x), max(0, -y)
+        x1, y1 = min(w, W - x), min(h, H - y)
+        if x0 > 0 or y0 > 0 or x1 < w or y1 < h:
+            region = region.copy()
+            mask = np.ones(region.shape[:2], bool)
+            mask[int(y0 / ds) : int(math.ceil(max(y1, 0) / ds)), int(x0 / ds) : int(math.ceil(max(x1, 0) / ds))] = False
+            region[mask] = FILL
+        return np.ascontiguousarray(region)
+
+    def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
+        """A downscaled RGB copy no larger than `max_side`, and its scale (thumb px / full px)."""
+        W, H = self.size
+        scale = min(1.0, max_side / max(W, H))
+        tw, th = max(1, round(W * scale)), max(1, round(H * scale))
+        if self._array is not None:
+            im = Image.fromarray(self._array)
+        elif (slide := self._open_slide()) is not None:
+            thumb = np.asarray(slide.get_thumbnail((tw, th)).convert("RGB"))
+            return thumb, thumb.shape[1] / W
+        else:
+            try:
+                im = Image.open(self.path)
+                im.draft("RGB", (tw, th))  # JPEG: decode at 1/2..1/8 scale directly
+                im = im.convert("RGB")
+            except Exception as exc:
+                raise InputError(self.path, f"cannot decode image ({_reason(exc)})") from None
+        thumb = np.asarray(im.resize((tw, th), Image.BILINEAR))
+        return thumb, tw / W
+
+    def __repr__(self) -> str:
+        src = self.path if self.path is not None else "array"
+        return f"SectionImage({src})"
+
+
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB image array, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(array[..., :3])
+
+
+def _crop_padded(img: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
+    H, W = img.shape[:2]
+    if x >= 0 and y >= 0 and x + w <= W and y + h <= H:
+        return img[y : y + h, x : x + w]
+    out = np.full((h, w, 3), FILL, np.uint8)
+    sx0, sy0, sx1, sy1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = img[sy0:sy1, sx0:sx1]
+    return out
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,62 @@
+"""Readers and writers: every source ends in the same `Section`.
+
+`read_section(path)` recognises the input by its shape:
+- a HER2-ST raw folder (`*_selection.tsv` + `*.tsv.gz` + image),
+- a project section folder (`section.h5ad` + `image.*`, written by `stimpute convert`),
+- an `.h5ad` file with `obsm["spatial"]` and an image (HEST-1k style).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from stimpute.data import Section, Stack
+from stimpute.errors import InputError
+from stimpute.io.anndata_io import (
+    read_h5ad_section,
+    read_section_folder,
+    is_section_folder,
+    write_h5ad_atomic,
+    write_section,
+)
+from stimpute.io.her2st import is_her2st_folder, read_her2st
+
+
+def read_section(path: str | Path, image: str | Path | None = None, um_per_px: float | None = None) -> Section:
+    """Read one section from any supported source (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "not found")
+    if path.is_file():
+        if path.suffix != ".h5ad":
+            raise InputError(path, "unsupported section file: expected an .h5ad or a section folder")
+        return read_h5ad_section(path, image=image, um_per_px=um_per_px)
+    if is_section_folder(path):
+        return read_section_folder(path)
+    if is_her2st_folder(path):
+        return read_her2st(path)
+    h5ads = sorted(path.glob("*.h5ad"))
+    if len(h5ads) == 1:
+        return read_h5ad_section(h5ads[0], image=image, um_per_px=um_per_px)
+    raise InputError(
+        path,
+        "not a section: expected a HER2-ST folder (*_selection.tsv), a section folder "
+        "(section.h5ad) or an .h5ad file",
+    )
+
+
+def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None) -> Stack:
+    """Read sections given in cutting order into a Stack."""
+    sections = [read_section(p) for p in paths]
+    return Stack(sections) if thickness_um is None else Stack(sections, thickness_um=thickness_um)
+
+
+__all__ = [
+    "read_section",
+    "read_stack",
+    "read_her2st",
+    "read_h5ad_section",
+    "write_section",
+    "write_h5ad_atomic",
+]

@@ -1,0 +1,205 @@
+"""AnnData sections: the project's section folders, HEST-1k style `.h5ad` + WSI, and writing.
+
+Project section folder (what `stimpute convert` writes)::
+
+    <name>/section.h5ad   counts, obsm["spatial"], uns["stimpute"] geometry, uns["spatial"] thumbnail
+    <name>/image.<ext>    the H&E image, unchanged
+
+The thumbnail follows scanpy's `uns["spatial"][library]` convention so `sc.pl.spatial` and
+squidpy plot the section directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+from scipy import sparse
+
+from stimpute.data import Section
+from stimpute.errors import InputError, StimputeError
+from stimpute.image import IMAGE_SUFFIXES, SectionImage
+
+SECTION_FILE = "section.h5ad"
+VISIUM_SPOT_DIAMETER_UM = 55.0
+THUMBNAIL_SIDE = 1000
+
+
+def is_section_folder(path: Path) -> bool:
+    return path.is_dir() and (path / SECTION_FILE).is_file()
+
+
+def read_section_folder(folder: str | Path) -> Section:
+    folder = Path(folder)
+    return read_h5ad_section(folder / SECTION_FILE, name=folder.name)
+
+
+def read_h5ad_section(
+    h5ad_path: str | Path,
+    image: str | Path | None = None,
+    name: str | None = None,
+    um_per_px: float | None = None,
+) -> Section:
+    """Read a section from an `.h5ad` with `obsm["spatial"]` and its image.
+
+    The image is `image` if given, else `uns["stimpute"]["image"]` (relative to the file),
+    else a sibling image with the same stem, else HEST-1k's `../wsis/<stem>.tif`.
+    Micrometres per pixel: `um_per_px`, else `uns["stimpute"]`, else HEST-1k's
+    `../metadata/<stem>.json` (`pixel_size_um_estimated`), else Visium's
+    `spot_diameter_fullres` (55 µm spots).
+    """
+    h5ad_path = Path(h5ad_path)
+    adata = _read_h5ad(h5ad_path)
+    if "spatial" not in adata.obsm:
+        raise InputError(h5ad_path, 'no obsm["spatial"]: spot pixel coordinates are required')
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise InputError(h5ad_path, f'obsm["spatial"] must be (n_spots, 2), got shape {xy.shape}')
+    adata.obsm["spatial"] = xy[:, :2]
+    meta = dict(adata.uns.get("stimpute", {}))
+    image_path = Path(image) if image is not None else _find_image(h5ad_path, meta)
+    scale = um_per_px or meta.get("um_per_px") or _hest_pixel_size(h5ad_path)
+    spot_um = float(meta.get("spot_diameter_um", 0) or 0)
+    if not scale:
+        scale, spot_um = _visium_scale(h5ad_path, adata)
+    adata = _counts_in_x(adata)
+    return Section(
+        name=name or meta.get("section") or h5ad_path.stem,
+        adata=adata,
+        image=SectionImage.open(image_path),
+        um_per_px=float(scale),
+        spot_diameter_um=spot_um or VISIUM_SPOT_DIAMETER_UM,
+        z_um=meta.get("z_um"),
+        source=str(h5ad_path),
+        report=dict(meta.get("report", {})),
+    )
+
+
+def write_section(section: Section, out_dir: str | Path, force: bool = False) -> Path:
+    """Write a section as a project section folder `out_dir/<name>/` (image copied)."""
+    folder = Path(out_dir) / section.name
+    target = folder / SECTION_FILE
+    if target.exists() and not force:
+        raise StimputeError(target, "already exists; pass --force to overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    adata = section.adata.copy()
+    image_name = None
+    if section.image.path is not None:
+        image_name = "image" + section.image.path.suffix.lower()
+        _atomic_copy(section.image.path, folder / image_name)
+    else:  # in-memory image (synthetic data): store it as PNG
+        from PIL import Image
+
+        image_name = "image.png"
+        _atomic_write(folder / image_name, lambda p: Image.fromarray(section.image.read_region(0, 0, *section.image.size)).save(p, format="PNG"))
+    adata.uns["stimpute"] = {
+        "section": section.name,
+        "image": image_name,
+        "um_per_px": float(section.um_per_px),
+        "spot_diameter_um": float(section.spot_diameter_um),
+        "report": json.loads(json.dumps(section.report)),
+        **({"z_um": float(section.z_um)} if section.z_um is not None else {}),
+    }
+    add_thumbnail(adata, section)
+    write_h5ad_atomic(adata, target, force=True)
+    return folder
+
+
+def add_thumbnail(adata: ad.AnnData, section: Section, max_side: int = THUMBNAIL_SIDE) -> None:
+    """Store a small image in scanpy's `uns["spatial"]` layout (for sc.pl.spatial/squidpy)."""
+    thumb, scale = section.image.thumbnail(max_side)
+    adata.uns["spatial"] = {
+        section.name: {
+            "images": {"lowres": thumb},
+            "scalefactors": {
+                "tissue_lowres_scalef": float(scale),
+                "spot_diameter_fullres": float(section.spot_diameter_px),
+            },
+        }
+    }
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, force: bool = False) -> Path:
+    """Write an `.h5ad` under a temporary name, then rename: never a half-written file."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise StimputeError(path, "already exists; pass --force to overwrite")
+    _atomic_write(path, lambda tmp: adata.write_h5ad(tmp, compression="gzip"))
+    return path
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        return
+    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _read_h5ad(path: Path) -> ad.AnnData:
+    if not path.exists():
+        raise InputError(path, "file not found")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:
+        raise InputError(path, f"cannot read .h5ad ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _counts_in_x(adata: ad.AnnData) -> ad.AnnData:
+    """Raw counts go to X (sparse float32); `layers["counts"]` wins over a normalised X."""
+    X = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    if X is None:
+        X = sparse.csr_matrix((adata.n_obs, adata.n_vars), dtype=np.float32)
+    out = ad.AnnData(X=sparse.csr_matrix(X, dtype=np.float32), obs=adata.obs.copy(), var=adata.var.copy())
+    out.obsm["spatial"] = adata.obsm["spatial"]
+    out.obs_names = out.obs_names.astype(str)
+    out.var_names = out.var_names.astype(str)
+    return out
+
+
+def _find_image(h5ad_path: Path, meta: dict) -> Path:
+    if meta.get("image"):
+        return h5ad_path.parent / meta["image"]
+    for p in sorted(h5ad_path.parent.glob(h5ad_path.stem + ".*")):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            return p
+    for sub in ("wsis", "wsi"):
+        for p in sorted((h5ad_path.parent.parent / sub).glob(h5ad_path.stem + ".*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                return p
+    raise InputError(h5ad_path, "no image found for this section: pass --image PATH (looked for a sibling image with the same name and ../wsis/)")
+
+
+def _hest_pixel_size(h5ad_path: Path) -> float | None:
+    meta_path = h5ad_path.parent.parent / "metadata" / f"{h5ad_path.stem}.json"
+    if meta_path.is_file():
+        try:
+            value = json.loads(meta_path.read_text()).get("pixel_size_um_estimated")
+            return float(value) if value else None
+        except (ValueError, OSError):
+            raise InputError(meta_path, "cannot read HEST metadata JSON") from None
+    return None
+
+
+def _visium_scale(h5ad_path: Path, adata: ad.AnnData) -> tuple[float, float]:
+    for lib in dict(adata.uns.get("spatial", {})).values():
+        diameter = dict(lib.get("scalefactors", {})).get("spot_diameter_fullres")
+        if diameter:
+            return VISIUM_SPOT_DIAMETER_UM / float(diameter), VISIUM_SPOT_DIAMETER_UM
+    raise InputError(h5ad_path, "image scale unknown: pass --um-per-px (no uns['stimpute'], HEST metadata or Visium scalefactors)")
+
