@@ -80,7 +80,7 @@ def read_h5ad_section(
     )
 
 
-def write_section(section: Section, out_dir: str | Path, force: bool = False) -> Path:
+def write_section(section: Section, out_dir: str | Path, force: bool = False, thumbnail_side: int = THUMBNAIL_SIDE) -> Path:
     """Write a section as a project section folder `out_dir/<name>/` (image copied)."""
     folder = Path(out_dir) / section.name
     target = folder / SECTION_FILE
@@ -105,7 +105,7 @@ def write_section(section: Section, out_dir: str | Path, force: bool = False) ->
         "report": json.loads(json.dumps(section.report)),
         **({"z_um": float(section.z_um)} if section.z_um is not None else {}),
     }
-    add_thumbnail(adata, section)
+    add_thumbnail(adata, section, thumbnail_side)
     write_h5ad_atomic(adata, target, force=True)
     return folder
 
@@ -133,16 +133,30 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, force: bool = False) 
     return path
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a small text file (config, gene list) atomically."""
+    path = Path(path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -167,6 +181,8 @@ def _counts_in_x(adata: ad.AnnData) -> ad.AnnData:
         X = sparse.csr_matrix((adata.n_obs, adata.n_vars), dtype=np.float32)
     out = ad.AnnData(X=sparse.csr_matrix(X, dtype=np.float32), obs=adata.obs.copy(), var=adata.var.copy())
     out.obsm["spatial"] = adata.obsm["spatial"]
+    if "spatial" in adata.uns:  # the scanpy/squidpy image entry travels with the spots
+        out.uns["spatial"] = adata.uns["spatial"]
     out.obs_names = out.obs_names.astype(str)
     out.var_names = out.var_names.astype(str)
     return out

@@ -1,0 +1,184 @@
+"""The `stimpute` command line: a thin typer layer over the Python API.
+
+Every command catches `StimputeError` and prints it as one line naming the file and the
+problem, with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stimpute.errors import StimputeError
+from stimpute.expression import DEFAULT_PANEL_SIZE
+
+app = typer.Typer(
+    name="stimpute",
+    help="3D spatial transcriptomics from serial H&E sections: read, align, impute, evaluate.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+convert_app = typer.Typer(help="Turn a source format into the project's section folders.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+console = Console()
+err_console = Console(stderr=True)
+
+Sections = Annotated[
+    list[Path],
+    typer.Argument(help="Sections in stack order: HER2-ST raw folders, section folders or .h5ad files."),
+]
+
+
+def guarded(command):
+    """Turn user errors into one clear line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except StimputeError as exc:
+            err_console.print(f"[bold red]error:[/] {exc.line()}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@guarded
+def info(sections: Sections, verify: Annotated[bool, typer.Option(help="Decode each image fully to catch truncated files.")] = True):
+    """Summarise sections: spots kept/dropped, genes, image size, µm/px, counts.
+
+    Example: [bold]stimpute info ../shared/data/her2st/C2 ../shared/data/her2st/C3[/]
+    """
+    from stimpute.io import read_section
+
+    loaded = []
+    for path in sections:
+        section = read_section(path)
+        if verify:
+            section.image.verify()
+            section.image.release()
+        loaded.append(section)
+    console.print(sections_table(loaded))
+
+
+def sections_table(sections) -> Table:
+    """One row per section: what was read, what was dropped, and the geometry."""
+    table = Table(title="sections")
+    for col in ("section", "spots kept", "spots dropped", "genes", "image px", "µm/px", "spot Ø px", "counts"):
+        table.add_column(col, no_wrap=col in ("section", "image px"))
+    for section in sections:
+        rep = section.report
+        dropped = rep.get("dropped_spots_without_counts", 0)
+        extra = rep.get("dropped_counts_without_spot", 0)
+        W, H = section.image.size
+        table.add_row(
+            section.name,
+            str(section.n_spots),
+            f"{dropped} (+{extra} counts rows)" if extra else str(dropped),
+            str(section.adata.n_vars),
+            f"{W}×{H}",
+            f"{section.um_per_px:.4g}",
+            f"{section.spot_diameter_px:.0f}",
+            "yes" if section.has_counts else "no",
+        )
+    return table
+
+
+@convert_app.command("her2st")
+@guarded
+def convert_her2st(
+    src: Annotated[Path, typer.Argument(help="A HER2-ST section folder, or a folder of them (e.g. her2st/ with C2, C3, ...).")],
+    out: Annotated[Path, typer.Argument(help="Output folder; one section folder per section is written in it.")],
+    force: Annotated[bool, typer.Option(help="Overwrite existing section folders.")] = False,
+):
+    """Convert HER2-ST raw folders (counts .tsv.gz + _selection.tsv + JPEG) to section folders.
+
+    Example: [bold]stimpute convert her2st ../shared/data/her2st sections/[/]
+    """
+    from stimpute.io import read_her2st, write_section
+    from stimpute.io.her2st import is_her2st_folder
+
+    folders = [src] if is_her2st_folder(src) else sorted(p for p in src.glob("*") if is_her2st_folder(p))
+    if not folders:
+        raise StimputeError(src, "no HER2-ST section folder (with a *_selection.tsv) found")
+    for folder in folders:
+        section = read_her2st(folder)
+        target = write_section(section, out, force=force)
+        console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}")
+
+
+@convert_app.command("h5ad")
+@guarded
+def convert_h5ad(
+    h5ad: Annotated[Path, typer.Argument(help='An .h5ad with obsm["spatial"] (HEST-1k style).')],
+    out: Annotated[Path, typer.Argument(help="Output folder.")],
+    image: Annotated[Optional[Path], typer.Option(help="The section's H&E image (default: found beside the file or in ../wsis/).")] = None,
+    um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per full-resolution pixel (default: from the file's metadata).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing section folder.")] = False,
+):
+    """Convert an .h5ad + image (e.g. a HEST-1k sample) to a section folder.
+
+    Example: [bold]stimpute convert h5ad hest/st/TENX95.h5ad sections/ --image hest/wsis/TENX95.tif[/]
+    """
+    from stimpute.io import read_h5ad_section, write_section
+
+    section = read_h5ad_section(h5ad, image=image, um_per_px=um_per_px)
+    target = write_section(section, out, force=force)
+    console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}")
+
+
+@app.command()
+@guarded
+def panel(
+    sections: Sections,
+    genes: Annotated[Optional[Path], typer.Option(help="A gene list file, one symbol per line, checked against the data.")] = None,
+    n_top: Annotated[int, typer.Option(help="Panel size when no --genes: top highly variable genes.")] = DEFAULT_PANEL_SIZE,
+    rule: Annotated[str, typer.Option(help="hvg (Pearson-residual HVGs) or mean (ASIGN reference: highest mean).")] = "hvg",
+    out: Annotated[Optional[Path], typer.Option(help="Write the panel here, one gene per line.")] = None,
+):
+    """Select the gene panel from the measured sections and print it.
+
+    Example: [bold]stimpute panel ../shared/data/her2st/C3 --n-top 250 --out panel.txt[/]
+    """
+    from stimpute.expression import select_panel
+    from stimpute.io import read_section
+    from stimpute.io.anndata_io import write_text_atomic
+
+    chosen = select_panel([read_section(p).adata for p in sections], n_top=n_top, genes=genes, rule=rule)
+    console.print(f"{len(chosen)} genes: {', '.join(chosen)}", highlight=False)
+    if out is not None:
+        write_text_atomic(out, "\n".join(chosen) + "\n")
+
+
+@app.command()
+@guarded
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the demo sections.")] = Path("stimpute-demo"),
+    seed: Annotated[int, typer.Option(help="Random seed of the synthetic tissue.")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite an earlier demo output.")] = False,
+):
+    """Run the pipeline on built-in data: a synthetic 3-section stack, written and read back.
+
+    Example: [bold]stimpute demo --out stimpute-demo[/]
+    """
+    from stimpute.datasets import synthetic_stack
+    from stimpute.expression import select_panel
+    from stimpute.io import read_section, write_section
+
+    stack = synthetic_stack(3, seed=seed)
+    sections = [read_section(write_section(s, out, force=force)) for s in stack]
+    console.print(sections_table(sections))
+    panel = select_panel([s.adata for s in sections], n_top=50)
+    console.print(f"gene panel ({len(panel)} highly variable genes): {', '.join(panel[:10])}, …")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,278 @@
+"""Built-in data: a synthetic 3D tissue with known ground truth, and a small real HER2-ST stack.
+
+`synthetic_stack` is the test bed of every step. A tissue block is described by K latent
+tissue programmes (smooth random fields in x, y and z). Each programme sets both the
+look of the tissue (stain colour, nuclei density and size, fat holes) and the expression
+of the genes it drives, so expression is learnable from the image. Each section is the
+block's slice at its z, rendered as an H&E-like RGB image, then moved on its slide by a
+random rigid transform (rotation, translation, optional mirror flip) that is returned as
+ground truth. Spots sit on a fixed Visium-like hexagonal array in slide coordinates, as on
+a real slide, so spots of different sections do not coincide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import anndata as ad
+import cv2
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from scipy.ndimage import gaussian_filter
+
+from stimpute.data import Section, Stack
+from stimpute.image import SectionImage
+
+TRUTH_KEY = "synthetic_truth"  # Section.report entry holding the generator's transform
+PROGRAMMES_KEY = "synthetic_programmes"  # obsm entry: latent programme values per spot
+
+# Look of each programme: stain colour (RGB), nuclei per 1,000 µm², nucleus radius (µm),
+# fat-hole density. Programmes beyond these four reuse them with shifted colours.
+_PROGRAMME_LOOK = [
+    ((205, 120, 175), 9.0, 4.5, 0.0),  # tumour epithelium: dense large nuclei
+    ((235, 165, 200), 1.5, 3.0, 0.0),  # stroma: pink, sparse elongated nuclei
+    ((190, 110, 190), 14.0, 2.5, 0.0),  # immune infiltrate: very dense small dark nuclei
+    ((245, 215, 225), 0.8, 3.0, 1.0),  # adipose: pale with fat holes
+]
+_NUCLEUS_RGB = np.array([70, 40, 120], float)
+
+
+@dataclass(frozen=True)
+class SyntheticTruth:
+    """Ground truth of a synthetic stack.
+
+    `slide_from_block[i]` maps block-frame pixels to section i's image pixels (3×3).
+    """
+
+    slide_from_block: list[np.ndarray]
+    programmes: list[np.ndarray]
+
+    def to_reference(self, i: int, ref: int = 0) -> np.ndarray:
+        """3×3 map from section i's image pixels to section `ref`'s image pixels."""
+        return self.slide_from_block[ref] @ np.linalg.inv(self.slide_from_block[i])
+
+
+def synthetic_stack(
+    n_sections: int = 3,
+    seed: int = 0,
+    n_genes: int = 60,
+    n_programmes: int = 4,
+    tissue_radius_um: float = 700.0,
+    image_size: int = 2000,
+    um_per_px: float = 2.0,
+    spot_diameter_um: float = 55.0,
+    spot_pitch_um: float = 100.0,
+    thickness_um: float = 10.0,
+    max_translation: float = 0.3,
+    flip_probability: float = 0.3,
+    rotate: bool = True,
+    mean_counts: float = 3000.0,
+) -> Stack:
+    """A stack of `n_sections` serial sections of one synthetic tissue block.
+
+    Every section carries counts (drop them to simulate unmeasured layers). Ground truth:
+    `synthetic_truth(stack)`. Deterministic for a given `seed`; about a second a section.
+    """
+    rng = np.random.default_rng(seed)
+    block = _TissueBlock(rng, n_sections, n_programmes, tissue_radius_um, image_size, um_per_px)
+    loadings, baseline, dispersion = _gene_model(rng, n_programmes, n_genes)
+    genes = [f"GENE{g:03d}" for g in range(n_genes)]
+    lattice = _hex_lattice(image_size, spot_pitch_um / um_per_px)
+    sections = []
+    for i in range(n_sections):
+        canvas, mask, fields = block.render(i, rng)
+        transform = _random_rigid(rng, image_size, block.extent_px, max_translation, flip_probability, rotate)
+        image = cv2.warpAffine(canvas, transform[:2], (image_size, image_size), flags=cv2.INTER_LINEAR, borderValue=(255, 255, 255))
+        xy, grid = _spots_on_tissue(lattice, mask, transform, spot_diameter_um / um_per_px / 2, image_size)
+        block_xy = _apply(np.linalg.inv(transform), xy)
+        prog = np.stack([_sample(f, block_xy) for f in fields], axis=1)
+        counts = _negative_binomial_counts(rng, prog, loadings, baseline, dispersion, mean_counts)
+        adata = ad.AnnData(
+            X=sparse.csr_matrix(counts.astype(np.float32)),
+            obs=pd.DataFrame(
+                {"array_row": grid[:, 1], "array_col": grid[:, 0]},
+                index=pd.Index([f"{c}x{r}" for c, r in grid], name="spot"),
+            ),
+            var=pd.DataFrame(index=pd.Index(genes, name="gene")),
+        )
+        adata.obsm["spatial"] = xy
+        adata.obsm[PROGRAMMES_KEY] = prog.astype(np.float32)
+        sections.append(
+            Section(
+                name=f"S{i}",
+                adata=adata,
+                image=SectionImage(array=image),
+                um_per_px=um_per_px,
+                spot_diameter_um=spot_diameter_um,
+                z_um=i * thickness_um,
+                source=f"synthetic_stack(seed={seed})[{i}]",
+                report={TRUTH_KEY: transform.tolist()},
+            )
+        )
+    return Stack(sections, thickness_um=thickness_um)
+
+
+def synthetic_truth(stack: Stack) -> SyntheticTruth:
+    """The generator's transforms and latent programmes of a `synthetic_stack`."""
+    return SyntheticTruth(
+        slide_from_block=[np.asarray(s.report[TRUTH_KEY], float) for s in stack],
+        programmes=[np.asarray(s.adata.obsm[PROGRAMMES_KEY]) for s in stack],
+    )
+
+
+class _TissueBlock:
+    """Latent programme fields and tissue outline of one block, in block-frame pixels."""
+
+    def __init__(self, rng, n_sections, n_programmes, radius_um, size, um_per_px):
+        self.size, self.um_per_px = size, um_per_px
+        self.radius_px = radius_um / um_per_px
+        self.n_programmes = n_programmes
+        coarse = 48  # field grid: ~83 µm cells at the defaults
+        pad = 6  # extra slices so that smoothing in z has no edge effect
+        noise = rng.standard_normal((n_programmes, n_sections + 2 * pad, coarse, coarse))
+        cell_um = size * um_per_px / coarse
+        sigma_xy = 250.0 / cell_um  # programmes vary over a few spots
+        fields = gaussian_filter(noise, sigma=(0, 3.0, sigma_xy, sigma_xy), mode="wrap")[:, pad:-pad]
+        fields = (fields - fields.mean()) / fields.std()
+        self.fields = 1.0 / (1.0 + np.exp(-2.5 * fields))  # in (0, 1), sharp-ish boundaries
+        harmonics = rng.normal(0, 0.08, size=(4, 2))
+        self.outline = harmonics  # low-frequency lobes shared by all sections of the block
+        self.extent_px = self.radius_px * (1 + np.abs(harmonics).sum())
+
+    def render(self, i, rng):
+        """(canvas RGB uint8, tissue mask, programme fields at full size) of section i."""
+        S = self.size
+        fields = [cv2.resize(f[i].astype(np.float32), (S, S), interpolation=cv2.INTER_CUBIC) for f in self.fields]
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+        dx, dy = xx - S / 2, yy - S / 2
+        angle = np.arctan2(dy, dx)
+        radius = self.radius_px * (1 + sum(a * np.cos((k + 2) * angle + b) for k, (a, b) in enumerate(self.outline)))
+        mask = np.hypot(dx, dy) < radius * (1 + 0.01 * i)
+        weights = np.stack(fields) ** 2
+        weights /= weights.sum(0, keepdims=True)
+        colour = np.zeros((S, S, 3), np.float32)
+        for k in range(self.n_programmes):
+            rgb, *_ = _look(k)
+            colour += weights[k][..., None] * np.asarray(rgb, np.float32)
+        colour += rng.normal(0, 6, colour.shape).astype(np.float32)
+        canvas = np.where(mask[..., None], np.clip(colour, 0, 255), 255.0).astype(np.uint8)
+        for k in range(self.n_programmes):
+            _, density, radius_um, fat = _look(k)
+            self._draw_objects(canvas, rng, weights[k] * mask, density, radius_um, fat)
+        canvas = cv2.GaussianBlur(canvas, (3, 3), 0.7)
+        return canvas, mask, fields
+
+    def _draw_objects(self, canvas, rng, intensity, density, radius_um, fat):
+        """Nuclei (dark discs) and fat holes (white discs) as Poisson processes."""
+        px_area_um2 = self.um_per_px**2
+        for per_1000um2, colour, r_um in ((density, None, radius_um), (fat * 0.25, (250, 248, 250), 22.0)):
+            if per_1000um2 <= 0:
+                continue
+            expected = intensity * per_1000um2 * px_area_um2 / 1000.0
+            n = rng.poisson(expected.sum())
+            if n == 0:
+                continue
+            p = expected.ravel() / expected.sum()
+            idx = rng.choice(p.size, size=n, p=p)
+            ys, xs = np.divmod(idx, self.size)
+            radii = np.maximum(1, rng.normal(r_um, 0.2 * r_um, n) / self.um_per_px)
+            for x, y, r in zip(xs, ys, radii):
+                rgb = colour or tuple(int(v) for v in np.clip(_NUCLEUS_RGB + rng.normal(0, 12, 3), 0, 255))
+                cv2.circle(canvas, (int(x), int(y)), int(round(r)), rgb, -1, lineType=cv2.LINE_AA)
+
+
+def _look(k: int):
+    rgb, density, radius, fat = _PROGRAMME_LOOK[k % len(_PROGRAMME_LOOK)]
+    shift = 12 * (k // len(_PROGRAMME_LOOK))
+    return tuple(min(255, c + shift) for c in rgb), density, radius, fat
+
+
+def _gene_model(rng, n_programmes, n_genes):
+    """Each gene is driven by one or two programmes: log mean = baseline + loadings·p."""
+    loadings = np.zeros((n_programmes, n_genes))
+    for g in range(n_genes):
+        drivers = rng.choice(n_programmes, size=rng.integers(1, 3), replace=False)
+        loadings[drivers, g] = rng.normal(0, 1.8, len(drivers))
+    baseline = rng.normal(0, 1.0, n_genes)
+    dispersion = rng.uniform(3.0, 10.0, n_genes)  # NB size r; variance = μ + μ²/r
+    return loadings, baseline, dispersion
+
+
+def _negative_binomial_counts(rng, prog, loadings, baseline, dispersion, mean_counts):
+    rates = np.exp(baseline + prog @ loadings)
+    rates /= rates.sum(axis=1, keepdims=True)
+    library = mean_counts * rng.lognormal(0, 0.25, size=(len(prog), 1))
+    mu = rates * library
+    return rng.poisson(rng.gamma(dispersion, mu / dispersion))
+
+
+def _hex_lattice(size, pitch):
+    """Visium-like spot centres (x, y) over the slide and their (col, row) array indices."""
+    row_step = pitch * np.sqrt(3) / 2
+    rows = np.arange(int(size / row_step) + 1)
+    cols = np.arange(int(size / pitch) + 1)
+    c, r = np.meshgrid(cols, rows)
+    x = c * pitch + (r % 2) * pitch / 2
+    y = r * row_step
+    return np.c_[x.ravel(), y.ravel()], np.c_[2 * c.ravel() + r.ravel() % 2, r.ravel()]
+
+
+def _random_rigid(rng, size, extent, max_translation, flip_probability, rotate):
+    """Block px → slide px: mirror (maybe), rotate about the centre, translate within the slide."""
+    centre = size / 2
+    theta = rng.uniform(0, 2 * np.pi) if rotate else 0.0
+    flip = rng.random() < flip_probability
+    room = max(0.0, min(max_translation * size, centre - extent - 4))
+    shift = rng.uniform(-room, room, 2)
+    c, s = np.cos(theta), np.sin(theta)
+    R = np.array([[c, -s], [s, c]]) @ np.diag([-1.0 if flip else 1.0, 1.0])
+    T = np.eye(3)
+    T[:2, :2] = R
+    T[:2, 2] = centre + shift - R @ np.array([centre, centre])
+    return T
+
+
+def _spots_on_tissue(lattice, mask, transform, radius_px, size):
+    xy, grid = lattice
+    inside = (xy[:, 0] >= radius_px) & (xy[:, 1] >= radius_px) & (xy[:, 0] < size - radius_px) & (xy[:, 1] < size - radius_px)
+    xy, grid = xy[inside], grid[inside]
+    bx, by = np.round(_apply(np.linalg.inv(transform), xy)).astype(int).T
+    ok = (bx >= 0) & (by >= 0) & (bx < size) & (by < size)
+    on = np.zeros(len(xy), bool)
+    on[ok] = mask[by[ok], bx[ok]]
+    return xy[on].astype(np.float64), grid[on].astype(int)
+
+
+def _apply(T, xy):
+    return xy @ T[:2, :2].T + T[:2, 2]
+
+
+def _sample(field, xy):
+    x = np.clip(np.round(xy[:, 0]).astype(int), 0, field.shape[1] - 1)
+    y = np.clip(np.round(xy[:, 1]).astype(int), 0, field.shape[0] - 1)
+    return field[y, x]
+
+
+# -- built-in real data ----------------------------------------------------------------
+
+HER2ST_MINI_SECTIONS = ("C2", "C3", "C4")
+
+
+def her2st_mini_path() -> Path:
+    """Folder of the packaged HER2-ST mini stack (one project section folder per section)."""
+    return Path(str(resources.files("stimpute") / "data" / "her2st_mini"))
+
+
+def her2st_mini() -> Stack:
+    """HER2-ST patient C sections C2, C3, C4 (Andersson et al., Nat Commun 2021), reduced.
+
+    Images downscaled 4×, genes limited to those detected in ≥1% of spots; made by
+    `scripts/make_her2st_mini.py` from the full data. See the folder's README for citation.
+    """
+    from stimpute.io import read_stack
+
+    root = her2st_mini_path()
+    return read_stack([root / name for name in HER2ST_MINI_SECTIONS])

@@ -1,0 +1,100 @@
+"""Per-spot image features at three scales, from any registered encoder, cached on disk.
+
+`spot_features(section)` returns float32 (n_spots, 3, dim): for each spot (adata order)
+the features of its spot patch and of its two context windows (`stimpute.patches`).
+With `cache_dir`, results are stored per section and reused while image, spots, settings
+and weights are unchanged (`stimpute.features.cache`).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from stimpute.data import Section
+from stimpute.features import cache
+from stimpute.features.encoders import ENCODERS, Encoder, get_spec, load_encoder, weights_id
+from stimpute.patches import DEFAULT_BATCH_SIZE, DEFAULT_OUT_SIZE, SCALES_UM, iter_patches, padding_report, scale_names
+from stimpute.stain import MacenkoNormalizer
+
+
+@dataclass
+class FeatureRun:
+    """What one `spot_features` call did (for CLI messages and benchmarks)."""
+
+    section: str
+    encoder: str
+    cached: bool
+    seconds: float
+    n_patches: int
+    cache_file: Path | None = None
+    padded: dict = field(default_factory=dict)
+
+
+def spot_features(
+    section: Section,
+    encoder: str = "handcrafted",
+    weights: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stain_normalize: bool = False,
+    scales_um: Sequence[float] = SCALES_UM,
+    random_init: bool = False,
+    runs: list[FeatureRun] | None = None,
+) -> np.ndarray:
+    """Features (n_spots, len(scales_um), dim) float32 of every spot of `section`.
+
+    `weights`: local weight file for network encoders (never downloaded). `random_init`:
+    a seeded random network instead, for tests/benchmarks only. `runs`, if given,
+    receives a `FeatureRun` describing whether the cache was hit and how long it took.
+    """
+    start = time.perf_counter()
+    spec = get_spec(encoder)
+    names = scale_names(scales_um)
+    key = cache.feature_key(section, spec.name, weights_id(spec, weights, random_init), scales_um,
+                            DEFAULT_OUT_SIZE, stain_normalize)
+    path = None if cache_dir is None else cache.cache_path(cache_dir, section)
+    feats = None if path is None else cache.read_features(path, spec.name, key, names)
+    hit = feats is not None
+    if not hit:
+        model = Encoder(spec, weights, random_init)
+        normalizer = MacenkoNormalizer.fit_section(section) if stain_normalize else None
+        feats = np.empty((section.n_spots, len(names), spec.dim), np.float32)
+        n_total = section.n_spots * len(names)
+        with _progress(progress) as bar:
+            task = bar.add_task(f"{section.name} · {spec.name}", total=n_total) if bar else None
+            for batch in iter_patches(section, scales_um, DEFAULT_OUT_SIZE, batch_size, normalizer):
+                b, s = batch.patches.shape[:2]
+                feats[batch.index] = model(batch.patches.reshape(b * s, *batch.patches.shape[2:])).reshape(b, s, -1)
+                if bar:
+                    bar.advance(task, b * s)
+        if path is not None:
+            cache.write_features(path, spec.name, key, names, section.spot_ids, feats)
+    if runs is not None:
+        runs.append(FeatureRun(section.name, spec.name, hit, time.perf_counter() - start,
+                                section.n_spots * len(names), path, padding_report(section, scales_um)))
+    return feats
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.1f} patches/s", style="cyan")
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeRemainingColumn(), transient=False)
+
+
+__all__ = ["spot_features", "load_encoder", "ENCODERS", "Encoder", "FeatureRun"]

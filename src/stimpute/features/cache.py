@@ -1,0 +1,104 @@
+"""On-disk feature cache: one HDF5 file per section, one dataset per (encoder, scale).
+
+Layout of `<cache_dir>/<section>.features.h5`: group `/<encoder>` with attribute `key`,
+dataset `spot_ids`, and one (n_spots, dim) float32 dataset per scale name. The key is a
+SHA-256 over everything the features depend on: the image (file size, mtime and sampled
+bytes, or the pixels of an in-memory image), the spot ids and coordinates, the scale
+settings, stain normalisation, and the encoder name with its weights' digest. A matching
+key is reused; any change recomputes. Files are written to a temporary name and renamed,
+so a crash never leaves a half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from stimpute.data import Section
+from stimpute.io.anndata_io import _atomic_write
+
+CACHE_VERSION = 1
+SAMPLE_CHUNKS = 16  # image bytes hashed: 16 evenly spaced 64 KiB chunks (+ size and mtime)
+SAMPLE_BYTES = 1 << 16
+
+
+def image_fingerprint(section: Section) -> str:
+    """Cheap content identity of a section's image (no full read of a large slide)."""
+    img = section.image
+    h = hashlib.sha256()
+    if img.path is None:
+        h.update(np.ascontiguousarray(img.read_region(0, 0, *img.size)).tobytes())
+        return h.hexdigest()
+    st = os.stat(img.path)
+    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(img.path, "rb") as fh:
+        for off in np.linspace(0, max(st.st_size - SAMPLE_BYTES, 0), SAMPLE_CHUNKS).astype(np.int64):
+            fh.seek(int(off))
+            h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def feature_key(section: Section, encoder: str, weights_id: str, scales_um: Sequence[float], out_size: int,
+                stain_normalize: bool) -> str:
+    """The cache key of one section's features under the given settings."""
+    spots = hashlib.sha256(section.xy.astype(np.float64).tobytes())
+    spots.update("\n".join(section.spot_ids).encode())
+    settings = {
+        "version": CACHE_VERSION,
+        "image": image_fingerprint(section),
+        "um_per_px": float(section.um_per_px),
+        "spots": spots.hexdigest(),
+        "scales_um": [float(s) for s in scales_um],
+        "out_size": int(out_size),
+        "stain_normalize": bool(stain_normalize),
+        "encoder": encoder,
+        "weights": weights_id,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def cache_path(cache_dir: str | Path, section: Section) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", section.name)
+    return Path(cache_dir) / f"{safe}.features.h5"
+
+
+def read_features(path: Path, encoder: str, key: str, scale_names: Sequence[str]) -> np.ndarray | None:
+    """Cached (n_spots, n_scales, dim) features, or None when absent or stale."""
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            group = f.get(encoder)
+            if group is None or group.attrs.get("key") != key or not all(s in group for s in scale_names):
+                return None
+            return np.stack([group[s][()] for s in scale_names], axis=1).astype(np.float32)
+    except OSError:  # unreadable / foreign file: treat as a miss and rewrite it
+        return None
+
+
+def write_features(path: Path, encoder: str, key: str, scale_names: Sequence[str], spot_ids: Sequence[str],
+                   features: np.ndarray) -> None:
+    """Store features (n_spots, n_scales, dim) under `/encoder`, keeping other encoders' groups."""
+
+    def write(tmp: str) -> None:
+        keep = path.is_file() and h5py.is_hdf5(path)
+        if keep:
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a" if keep else "w") as f:
+            if encoder in f:
+                del f[encoder]
+            group = f.create_group(encoder)
+            group.attrs["key"] = key
+            group.create_dataset("spot_ids", data=np.asarray(spot_ids, dtype=object), dtype=h5py.string_dtype())
+            for s, name in enumerate(scale_names):
+                group.create_dataset(name, data=features[:, s].astype(np.float32), compression="gzip")
+
+    _atomic_write(path, write)

@@ -1,0 +1,117 @@
+"""The encoder registry: name -> architecture, preprocessing, feature dimension, weights.
+
+Every encoder maps uint8 RGB patches (N, 224, 224, 3) to float32 features (N, dim).
+`handcrafted` needs nothing downloaded; the networks need a local weight file
+(`--weights PATH`), which stimpute never downloads. `random_init=True` gives a seeded,
+randomly initialised network for tests and benchmarks only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from stimpute.errors import InputError, StimputeError
+from stimpute.features import handcrafted
+from stimpute.features.checkpoint import file_digest, load_weights
+from stimpute.features.resnet import resnet18, resnet50
+from stimpute.features.vit import vit_large_patch16
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision, UNI and Ciga all normalise this way
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder is: its network (None: handcrafted), output size and weight source."""
+
+    name: str
+    dim: int
+    summary: str
+    build: Callable[[], nn.Module] | None = None
+    weights_hint: str = ""
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.build is not None
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    spec.name: spec
+    for spec in (
+        EncoderSpec("handcrafted", handcrafted.HANDCRAFTED_DIM,
+                    "H&E colour, nuclei and texture descriptors (offline default, no weights)"),
+        EncoderSpec("resnet18", 512, "ResNet-18, torchvision layout", resnet18,
+                    "download https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+        EncoderSpec("resnet50", 2048, "ResNet-50, torchvision layout", resnet50,
+                    "download https://download.pytorch.org/models/resnet50-11ad3fa6.pth"),
+        EncoderSpec("uni", 1024, "UNI ViT-L/16 (timm layout)", vit_large_patch16,
+                    "request access at https://huggingface.co/MahmoodLab/UNI and download pytorch_model.bin"),
+        EncoderSpec("ciga", 512, "Ciga et al. self-supervised histology ResNet-18 (Lightning checkpoint)", resnet18,
+                    "download tenpercent_resnet18.ckpt from the releases of "
+                    "https://github.com/ozanciga/self-supervised-histopathology"),
+    )
+}
+
+
+def get_spec(name: str) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise StimputeError("--encoder", f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def weights_id(spec: EncoderSpec, weights: str | Path | None, random_init: bool = False) -> str:
+    """Identity of the weights for cache keys; checks the weight file is usable first."""
+    if not spec.needs_weights:
+        if weights is not None:
+            raise StimputeError("--weights", f"encoder {spec.name!r} takes no weights")
+        return "none"
+    if weights is None:
+        if random_init:
+            return f"random-init-seed{RANDOM_SEED}"
+        raise StimputeError(
+            "--weights", f"encoder {spec.name!r} needs a local weight file: {spec.weights_hint}, then pass --weights PATH"
+        )
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError(path, f"weight file not found; to get it: {spec.weights_hint}, then pass --weights PATH")
+    return file_digest(path)
+
+
+class Encoder:
+    """A ready encoder: call it on uint8 patches (N, H, W, 3) to get float32 (N, dim)."""
+
+    def __init__(self, spec: EncoderSpec, weights: str | Path | None = None, random_init: bool = False):
+        self.spec = spec
+        self.weights_id = weights_id(spec, weights, random_init)
+        self.model = None
+        if spec.needs_weights:
+            torch.manual_seed(RANDOM_SEED)
+            model = spec.build()
+            if weights is not None:
+                load_weights(model, weights, spec.name)
+            self.model = model.eval()
+            self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+            self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            return handcrafted.describe_batch(patches)
+        x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.inference_mode():
+            return self.model((x - self._mean) / self._std).numpy().astype(np.float32)
+
+
+def load_encoder(name: str = "handcrafted", weights: str | Path | None = None, random_init: bool = False) -> Encoder:
+    """The encoder `name` with its weights loaded (see module docstring)."""
+    return Encoder(get_spec(name), weights, random_init)

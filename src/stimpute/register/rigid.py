@@ -1,0 +1,91 @@
+"""Coarse rigid alignment: exhaustive rotation (and mirror) search on tissue masks.
+
+For every rotation of the moving mask (the full circle, in `step_deg` steps, plain and
+mirrored), the translation that maximises the overlap with the fixed mask comes from one
+FFT cross-correlation; because rigid motions keep mask areas, maximal overlap is maximal
+IoU. The best local optima over angle become candidates for the refinement stage, which
+also looks at the stain texture (masks of near-symmetric tissue can fit several ways).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import fft
+
+from stimpute.register.masks import View
+
+
+@dataclass
+class Candidate:
+    """A rigid(+mirror) transform, full-resolution moving px -> fixed px, and its mask IoU."""
+
+    matrix: np.ndarray
+    iou: float
+    angle_deg: float
+    mirrored: bool
+
+
+def view_matrix(fixed: View, moving: View, matrix: np.ndarray) -> np.ndarray:
+    """Full-resolution transform expressed between the two views' pixel grids."""
+    return fixed.to_view @ matrix @ np.linalg.inv(moving.to_view)
+
+
+def full_matrix(fixed: View, moving: View, matrix_view: np.ndarray) -> np.ndarray:
+    """View-grid transform expressed between full-resolution pixels (inverse of view_matrix)."""
+    return np.linalg.inv(fixed.to_view) @ matrix_view @ moving.to_view
+
+
+def flip_x(width: int) -> np.ndarray:
+    """Mirror of a `width`-pixel-wide image about its vertical midline (an involution)."""
+    return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def rotation_search(fixed: View, moving: View, step_deg: float = 3.0, n_candidates: int = 4) -> list[Candidate]:
+    """Best rigid placements of `moving` on `fixed` over all angles and the mirror, best first."""
+    found = []
+    for mirrored in (False, True):
+        mask = np.fliplr(moving.mask) if mirrored else moving.mask
+        pre = flip_x(moving.shape[1]) if mirrored else np.eye(3)
+        scores = [_best_shift(fixed.mask, mask, angle) for angle in np.arange(0.0, 360.0, step_deg)]
+        ious = np.array([s[0] for s in scores])
+        for i in _circular_peaks(ious):
+            iou, matrix_view, angle = scores[i]
+            found.append(Candidate(full_matrix(fixed, moving, matrix_view @ pre), iou, angle, mirrored))
+    found.sort(key=lambda c: -c.iou)
+    return found[:n_candidates]
+
+
+def _best_shift(fixed_mask: np.ndarray, moving_mask: np.ndarray, angle_deg: float) -> tuple[float, np.ndarray, float]:
+    """IoU and view transform of `moving_mask` rotated by `angle_deg` about its centroid and
+    shifted to the overlap maximum with `fixed_mask`."""
+    ys, xs = np.nonzero(moving_mask)
+    cx, cy = xs.mean(), ys.mean()
+    side = int(np.ceil(np.hypot(*moving_mask.shape))) + 2
+    centre = (side - 1) / 2.0
+    theta = np.deg2rad(angle_deg)
+    c, s = np.cos(theta), np.sin(theta)
+    rotate = np.array([[c, -s, centre - c * cx + s * cy], [s, c, centre - s * cx - c * cy], [0.0, 0.0, 1.0]])
+    rotated = cv2.warpAffine(moving_mask.astype(np.float32), rotate[:2], (side, side), flags=cv2.INTER_LINEAR)
+    corr = _cross_correlation(fixed_mask.astype(np.float32), rotated)
+    ky, kx = np.unravel_index(np.argmax(corr), corr.shape)
+    inter = float(corr[ky, kx])
+    union = float(fixed_mask.sum() + rotated.sum()) - inter
+    shift = np.array([[1.0, 0.0, kx - (side - 1)], [0.0, 1.0, ky - (side - 1)], [0.0, 0.0, 1.0]])
+    return inter / max(union, 1e-9), shift @ rotate, angle_deg
+
+
+def _cross_correlation(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """Overlap Σ fixed(p) · moving(p - t) for every shift t; index k means t = k - (moving.shape - 1)."""
+    out_shape = (fixed.shape[0] + moving.shape[0] - 1, fixed.shape[1] + moving.shape[1] - 1)
+    fast = tuple(fft.next_fast_len(n, real=True) for n in out_shape)
+    spectrum = fft.rfft2(fixed, fast) * fft.rfft2(moving[::-1, ::-1], fast)
+    return fft.irfft2(spectrum, fast)[: out_shape[0], : out_shape[1]]
+
+
+def _circular_peaks(values: np.ndarray) -> np.ndarray:
+    """Indices of local maxima of a circular sequence (ties count once)."""
+    left, right = np.roll(values, 1), np.roll(values, -1)
+    return np.flatnonzero((values > left) & (values >= right))

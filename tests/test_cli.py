@@ -1,0 +1,96 @@
+"""The command line: each bad input gives one error line naming the file, exit code 2."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stimpute.cli import app
+from tests.helpers import write_her2st_folder
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], result.output
+
+
+def test_help_lists_commands_with_examples():
+    result = _run("--help")
+    assert result.exit_code == 0
+    for command in ("info", "convert", "panel", "demo"):
+        assert command in result.output
+    assert "Example" in _run("info", "--help").output
+
+
+def test_info_and_convert_on_a_raw_folder(tmp_path):
+    folder = write_her2st_folder(tmp_path / "raw" / "X1")
+    result = _run("info", folder)
+    assert result.exit_code == 0 and "X1" in result.output and "35" in result.output
+    result = _run("convert", "her2st", tmp_path / "raw", tmp_path / "out")
+    assert result.exit_code == 0 and (tmp_path / "out" / "X1" / "section.h5ad").is_file()
+    again = _run("convert", "her2st", folder, tmp_path / "out")
+    _one_error_line(again, "section.h5ad", "already exists")
+    assert _run("info", tmp_path / "out" / "X1").exit_code == 0
+
+
+def test_missing_file(tmp_path):
+    _one_error_line(_run("info", tmp_path / "nothere"), "nothere", "not found")
+
+
+def test_counts_with_foreign_spot_ids(tmp_path):
+    folder = write_her2st_folder(tmp_path / "X1", missing_counts_rows=30, extra_counts_rows=30)
+    _one_error_line(_run("info", folder), "X1.tsv.gz", "spot ids do not match")
+
+
+def test_truncated_jpeg(tmp_path):
+    folder = write_her2st_folder(tmp_path / "X1")
+    jpg = next(folder.glob("*.jpg"))
+    jpg.write_bytes(jpg.read_bytes()[:2000])
+    _one_error_line(_run("info", folder), "HE_X1.jpg", "cannot decode image")
+
+
+def test_empty_gene_list(tmp_path):
+    folder = write_her2st_folder(tmp_path / "X1")
+    genes = tmp_path / "genes.txt"
+    genes.write_text("\n")
+    _one_error_line(_run("panel", folder, "--genes", genes), "genes.txt", "gene list is empty")
+    genes.write_text("G1\nNOPE\n")
+    _one_error_line(_run("panel", folder, "--genes", genes), "genes.txt", "NOPE")
+
+
+def test_h5ad_without_spatial(tmp_path):
+    ad.AnnData(X=np.ones((3, 2), np.float32)).write_h5ad(tmp_path / "s.h5ad")
+    _one_error_line(_run("info", tmp_path / "s.h5ad"), "s.h5ad", 'obsm["spatial"]')
+
+
+def test_panel_writes_the_gene_list(tmp_path):
+    folder = write_her2st_folder(tmp_path / "X1")
+    result = _run("panel", folder, "--n-top", 3, "--out", tmp_path / "panel.txt")
+    assert result.exit_code == 0
+    assert len((tmp_path / "panel.txt").read_text().split()) == 3
+
+
+@pytest.mark.her2st
+def test_info_on_shared_her2st(her2st_root):
+    result = _run("info", *(her2st_root / n for n in ("C2", "C3", "C4")))
+    assert result.exit_code == 0
+    for row in ("C2", "C3", "C4", "15821", "9270×9936"):
+        assert row in result.output
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = _run("demo", "--out", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["S0", "S1", "S2"]
+    assert "gene panel" in result.output

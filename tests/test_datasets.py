@@ -1,0 +1,93 @@
+"""The synthetic 3D tissue generator and the packaged HER2-ST mini stack."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stimpute.datasets import her2st_mini, synthetic_stack, synthetic_truth
+from stimpute.expression import normalize_log1p
+
+
+def test_same_seed_same_stack_other_seed_other_stack(synthetic):
+    again = synthetic_stack(3, seed=0)
+    for a, b in zip(synthetic, again):
+        assert np.array_equal(a.xy, b.xy) and (a.adata.X != b.adata.X).nnz == 0
+        assert np.array_equal(a.image.read_region(0, 0, *a.image.size), b.image.read_region(0, 0, *b.image.size))
+    other = synthetic_stack(2, seed=1)
+    assert not np.array_equal(other[0].image.read_region(0, 0, 2000, 2000), synthetic[0].image.read_region(0, 0, 2000, 2000))
+
+
+def test_stack_shape_and_geometry(synthetic):
+    assert synthetic.names == ["S0", "S1", "S2"] and synthetic.measured == synthetic.names
+    for s in synthetic:
+        assert 100 < s.n_spots < 400 and s.adata.n_vars == 60
+        assert s.spot_diameter_px == pytest.approx(27.5)
+        W, H = s.image.size
+        assert np.all(s.xy >= 0) and np.all(s.xy < [W, H])
+    assert [s.z_um for s in synthetic] == [0.0, 10.0, 20.0]
+
+
+def test_known_transforms_map_tissue_onto_tissue(synthetic):
+    """Spots of section 1 mapped with the ground truth land on tissue of section 0, and the
+    latent programmes there agree (adjacent sections are near-identical slices)."""
+    truth = synthetic_truth(synthetic)
+    T = truth.to_reference(1)
+    assert np.allclose(truth.to_reference(0), np.eye(3))
+    assert np.allclose(np.abs(np.linalg.det(T[:2, :2])), 1.0)  # rigid (±1 with a flip)
+    xy = synthetic[1].xy @ T[:2, :2].T + T[:2, 2]
+    ref = synthetic[0].xy
+    nearest = np.argmin(((xy[:, None] - ref[None]) ** 2).sum(-1), axis=1)
+    dist = np.sqrt(((xy - ref[nearest]) ** 2).sum(-1))
+    assert np.median(dist) < 50  # within a spot pitch (100 µm = 50 px)
+    p1, p0 = truth.programmes[1], truth.programmes[0][nearest]
+    r = [np.corrcoef(p1[:, k], p0[:, k])[0, 1] for k in range(p1.shape[1])]
+    assert min(r) > 0.8
+
+
+def test_transforms_include_rotation_and_flip_across_seeds():
+    dets, angles = [], []
+    for seed in range(6):
+        truth = synthetic_truth(synthetic_stack(2, seed=seed, n_genes=5))
+        T = truth.to_reference(1)
+        dets.append(np.sign(np.linalg.det(T[:2, :2])))
+        angles.append(np.degrees(np.arctan2(T[1, 0], T[0, 0])))
+    assert -1 in dets and 1 in dets
+    assert np.ptp(angles) > 90
+
+
+def test_expression_is_driven_by_programmes_that_drive_texture(synthetic):
+    """Expression–texture link: image darkness (nuclei) in each spot explains expression."""
+    s, truth = synthetic[0], synthetic_truth(synthetic)
+    expr = normalize_log1p(s.adata)
+    r = s.spot_diameter_px
+    darkness = np.array([255 - s.image.read_region(x - r, y - r, 2 * r, 2 * r).mean() for x, y in s.xy])
+    prog = truth.programmes[0]
+    # the tumour programme (dense large nuclei) darkens the tissue, adipose lightens it
+    assert np.corrcoef(darkness, prog[:, 0])[0, 1] > 0.4
+    assert np.corrcoef(darkness, prog[:, 3])[0, 1] < -0.3
+    # and the same programmes explain expression: a linear fit from programmes to genes
+    X = np.c_[prog, np.ones(len(prog))]
+    coef, *_ = np.linalg.lstsq(X, expr, rcond=None)
+    resid = expr - X @ coef
+    r2 = 1 - resid.var(0) / np.maximum(expr.var(0), 1e-9)
+    assert np.median(r2) > 0.3
+    # and image texture alone predicts expression (ridge on colour + darkness per spot)
+    colour = np.array([s.image.read_region(x - r, y - r, 2 * r, 2 * r).reshape(-1, 3).mean(0) for x, y in s.xy])
+    F = np.c_[colour, darkness, np.ones(len(prog))]
+    coef, *_ = np.linalg.lstsq(F, expr, rcond=None)
+    pcc = [np.corrcoef(F @ coef[:, g], expr[:, g])[0, 1] for g in range(expr.shape[1]) if expr[:, g].std() > 0]
+    assert np.mean(pcc) > 0.3
+
+
+def test_her2st_mini_is_packaged_and_small():
+    from stimpute.datasets import her2st_mini_path
+
+    stack = her2st_mini()
+    assert stack.names == ["C2", "C3", "C4"] and stack.measured == ["C2", "C3", "C4"]
+    assert [s.n_spots for s in stack] == [187, 180, 184]
+    assert all(s.um_per_px == pytest.approx(4 * 0.687, abs=0.03) for s in stack)
+    assert "ERBB2" in stack[1].genes
+    size = sum(p.stat().st_size for p in her2st_mini_path().rglob("*") if p.is_file())
+    assert size < 8 * 2**20
+    assert "Andersson" in (her2st_mini_path() / "README.md").read_text()

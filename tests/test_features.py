@@ -1,0 +1,146 @@
+"""Encoders (registry, weight layouts, errors), handcrafted descriptors and the feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stimpute.errors import InputError, StimputeError
+from stimpute.features import ENCODERS, FeatureRun, load_encoder, spot_features
+from stimpute.features.checkpoint import load_weights
+from stimpute.features.handcrafted import HANDCRAFTED_DIM, describe_batch, describe_patch
+from stimpute.features.resnet import resnet18, resnet50
+from stimpute.features.vit import VisionTransformer
+
+from tests.test_patches import make_section, stained_image
+
+
+def random_state(model: torch.nn.Module, seed: int = 1) -> dict:
+    """A state dict with every tensor (BN statistics included) randomised."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: (0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+             for k, v in model.state_dict().items()}
+    return {k: v.abs() + 0.5 if k.endswith("running_var") else v for k, v in state.items()}
+
+
+def assert_loaded(model: torch.nn.Module, state: dict) -> None:
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("name,build", [("resnet18", resnet18), ("resnet50", resnet50)])
+def test_torchvision_checkpoint_loads_bit_exactly(tmp_path, name, build):
+    state = random_state(build())
+    dim = ENCODERS[name].dim
+    file = tmp_path / f"{name}.pth"
+    torch.save({**state, "fc.weight": torch.zeros(1000, dim), "fc.bias": torch.zeros(1000)}, file)
+    enc = load_encoder(name, weights=file)
+    assert_loaded(enc.model, state)
+    patches = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    out = enc(patches)
+    assert out.shape == (2, dim) and out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_ciga_lightning_checkpoint_layout(tmp_path):
+    state = random_state(resnet18(), seed=2)
+    ckpt = {"epoch": 3, "hyper_parameters": {"lr": 1e-3},
+            "state_dict": {**{f"model.resnet.{k}": v for k, v in state.items()},
+                           "model.resnet.fc.1.weight": torch.zeros(512, 512), "model.resnet.fc.3.weight": torch.zeros(128, 512)}}
+    file = tmp_path / "tenpercent_resnet18.ckpt"
+    torch.save(ckpt, file)
+    assert_loaded(load_encoder("ciga", weights=file).model, state)
+
+
+def test_vit_timm_layout_roundtrip(tmp_path):
+    tiny = dict(img_size=32, patch=16, dim=32, depth=2, heads=4)
+    state = random_state(VisionTransformer(**tiny), seed=3)
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight",
+                "blocks.0.ls1.gamma", "blocks.0.ls2.gamma", "blocks.0.mlp.fc2.bias", "norm.weight"):
+        assert key in state  # timm / UNI names
+    file = tmp_path / "pytorch_model.bin"
+    torch.save(state, file)
+    model = load_weights(VisionTransformer(**tiny), file, "uni").eval()
+    assert_loaded(model, state)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+def test_wrong_layout_names_missing_and_unexpected_keys(tmp_path):
+    file = tmp_path / "r18.pth"
+    torch.save(resnet18().state_dict(), file)
+    with pytest.raises(InputError) as err:
+        load_encoder("resnet50", weights=file)
+    msg = str(err.value)
+    assert "r18.pth" in msg and "missing keys" in msg and "layer1.0.conv3.weight" in msg and "wrong shapes" in msg
+
+
+def test_missing_weights_are_clear_errors(tmp_path):
+    with pytest.raises(StimputeError, match="--weights PATH") as err:
+        load_encoder("resnet18")
+    assert "download.pytorch.org" in str(err.value)
+    with pytest.raises(InputError, match="not found.*MahmoodLab/UNI"):
+        load_encoder("uni", weights=tmp_path / "nope.bin")
+    with pytest.raises(StimputeError, match="unknown encoder"):
+        load_encoder("dino")
+    with pytest.raises(StimputeError, match="takes no weights"):
+        load_encoder("handcrafted", weights=tmp_path / "x.pth")
+
+
+def test_handcrafted_descriptors_measure_nuclei_and_colour():
+    rng = np.random.default_rng(0)
+    base = stained_image(rng, (224, 224)) // 2 + 127  # pale tissue
+    sparse, dense = base.copy(), base.copy()
+    for img, n in ((sparse, 10), (dense, 60)):
+        for x, y in rng.integers(10, 214, (n, 2)):
+            img[y - 3 : y + 4, x - 3 : x + 4] = (60, 30, 110)  # haematoxylin-dark nuclei
+    f_sparse, f_dense = describe_patch(sparse), describe_patch(dense)
+    assert f_sparse.shape == (HANDCRAFTED_DIM,) and np.isfinite(f_sparse).all()
+    nuclei_per_px = 49  # first nuclei descriptor follows the 49 colour descriptors
+    assert f_dense[nuclei_per_px] > 3 * f_sparse[nuclei_per_px]
+    batch = describe_batch(np.stack([sparse, dense])[None])
+    assert batch.shape == (1, 2, HANDCRAFTED_DIM) and np.allclose(batch[0, 0], f_sparse)
+    blank = describe_patch(np.full((224, 224, 3), 255, np.uint8))
+    assert np.isfinite(blank).all()
+
+
+def tiny_section(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    img = stained_image(rng, (200, 200))
+    xy = rng.uniform(20, 180, (6, 2))
+    return make_section(img, xy, um_per_px=0.686 * 4)  # scales become 56/128/256 px
+
+
+def test_spot_features_cache_hit_miss_and_atomic(tmp_path):
+    section = tiny_section()
+    runs: list[FeatureRun] = []
+    first = spot_features(section, cache_dir=tmp_path, runs=runs)
+    assert first.shape == (6, 3, HANDCRAFTED_DIM) and first.dtype == np.float32
+    again = spot_features(section, cache_dir=tmp_path, runs=runs)
+    assert runs[0].cached is False and runs[1].cached is True and np.array_equal(first, again)
+    net = spot_features(section, "resnet18", random_init=True, cache_dir=tmp_path, batch_size=4, runs=runs)
+    assert net.shape == (6, 3, 512) and not runs[2].cached
+    assert spot_features(section, cache_dir=tmp_path, runs=runs) is not None and runs[3].cached  # group kept
+    section.adata.obsm["spatial"] = section.xy + 5.0  # spots moved: stale
+    moved = spot_features(section, cache_dir=tmp_path, runs=runs)
+    assert not runs[4].cached and not np.array_equal(moved, first)
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["S.features.h5"]  # no temp files left
+
+
+def test_stain_normalisation_changes_the_cache_key(tmp_path):
+    section = tiny_section(1)
+    runs: list[FeatureRun] = []
+    plain = spot_features(section, cache_dir=tmp_path, runs=runs)
+    normed = spot_features(section, cache_dir=tmp_path, stain_normalize=True, runs=runs)
+    assert not runs[1].cached and not np.array_equal(plain, normed)
+
+
+@pytest.mark.her2st
+def test_her2st_handcrafted_features(her2st_root, tmp_path):
+    from stimpute.io import read_section
+
+    section = read_section(her2st_root / "C3")
+    feats = spot_features(section, cache_dir=tmp_path)
+    assert feats.shape == (section.n_spots, 3, HANDCRAFTED_DIM) and np.isfinite(feats).all()
+    assert (feats.std(axis=0) > 0).mean() > 0.9  # descriptors vary across spots
