@@ -144,3 +144,20 @@ def test_her2st_handcrafted_features(her2st_root, tmp_path):
     feats = spot_features(section, cache_dir=tmp_path)
     assert feats.shape == (section.n_spots, 3, HANDCRAFTED_DIM) and np.isfinite(feats).all()
     assert (feats.std(axis=0) > 0).mean() > 0.9  # descriptors vary across spots
+
+
+def test_cli_features_computes_then_reads_cache(tmp_path):
+    from typer.testing import CliRunner
+
+    from stimpute.cli import app
+    from tests.helpers import write_her2st_folder
+
+    folder = write_her2st_folder(tmp_path / "X1", n_side=3)
+    runner = CliRunner()
+    first = runner.invoke(app, ["features", str(folder), "--out", str(tmp_path / "cache")])
+    assert first.exit_code == 0, first.output
+    assert "computed" in first.output and (tmp_path / "cache" / "X1.features.h5").is_file()
+    second = runner.invoke(app, ["features", str(folder), "--out", str(tmp_path / "cache")])
+    assert second.exit_code == 0 and "read from cache" in second.output
+    refused = runner.invoke(app, ["features", str(folder), "--out", str(tmp_path / "c2"), "--encoder", "resnet18"])
+    assert refused.exit_code == 2 and "--weights" in refused.output

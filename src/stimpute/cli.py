@@ -160,6 +160,37 @@ def panel(
 
 @app.command()
 @guarded
+def features(
+    sections: Sections,
+    out: Annotated[Path, typer.Option(help="Cache folder: one <section>.features.h5 per section.")],
+    encoder: Annotated[str, typer.Option(help="handcrafted (offline default), resnet18, resnet50, uni or ciga.")] = "handcrafted",
+    weights: Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Spots per batch (× 3 scales patches).", min=1)] = 32,
+    stain_normalize: Annotated[bool, typer.Option(help="Macenko-normalise the H&E stain before encoding.")] = False,
+):
+    """Compute (or reuse) per-spot image features at 3 scales and cache them in OUT.
+
+    Example: [bold]stimpute features ../shared/data/her2st/C2 ../shared/data/her2st/C3 --out features/[/]
+    """
+    from stimpute.features import spot_features
+    from stimpute.io import read_section
+
+    for path in sections:
+        section = read_section(path)
+        runs = []
+        feats = spot_features(section, encoder=encoder, weights=weights, cache_dir=out, progress=True,
+                              batch_size=batch_size, stain_normalize=stain_normalize, runs=runs)
+        run = runs[-1]
+        how = "read from cache" if run.cached else f"computed ({run.n_patches / run.seconds:.1f} patches/s)"
+        padded = ", ".join(f"{k} {v}" for k, v in run.padded.items())
+        console.print(f"{section.name}: {encoder} features {feats.shape[0]}×{feats.shape[1]}×{feats.shape[2]} "
+                      f"{how} in {run.seconds:.1f} s → {run.cache_file}; spots padded at the border: {padded}",
+                      highlight=False)
+        section.image.release()
+
+
+@app.command()
+@guarded
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo sections.")] = Path("stimpute-demo"),
     seed: Annotated[int, typer.Option(help="Random seed of the synthetic tissue.")] = 0,
