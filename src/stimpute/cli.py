@@ -7,6 +7,7 @@ problem, with exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stimpute.errors import StimputeError
+from stimpute.errors import StimputeError, StimputeWarning
 from stimpute.expression import DEFAULT_PANEL_SIZE
 
 app = typer.Typer(
@@ -37,17 +38,27 @@ Sections = Annotated[
 
 
 def guarded(command):
-    """Turn user errors into one clear line on stderr and exit code 2."""
+    """Turn user errors into clear lines on stderr (one per problem) and exit code 2;
+    print stimpute's warnings (input it fixed) as one line each."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except StimputeError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.line()}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", StimputeWarning)
+            warnings.showwarning = _show_warning
+            try:
+                return command(*args, **kwargs)
+            except StimputeError as exc:
+                for line in exc.lines():
+                    err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _show_warning(message, category, *_args, **_kwargs):
+    if issubclass(category, StimputeWarning):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -9,17 +9,36 @@ class StimputeError(Exception):
     """An error caused by the user's input or settings, printed as one line by the CLI.
 
     `source` is the file (or option) at fault; `problem` says what is wrong and, where
-    possible, what was expected.
+    possible, what was expected. `collect` bundles several problems found in one pass so
+    the user sees them all at once, one line each.
     """
 
     def __init__(self, source: str | PathLike | None, problem: str):
         self.source = None if source is None else str(source)
         self.problem = problem
+        self.problems: list[StimputeError] = [self]
         super().__init__(self.line())
 
     def line(self) -> str:
         return f"{self.source}: {self.problem}" if self.source else self.problem
 
+    def lines(self) -> list[str]:
+        return [p.line() for p in self.problems]
+
+    @classmethod
+    def collect(cls, problems: list["StimputeError"]) -> "StimputeError":
+        if len(problems) == 1:
+            return problems[0]
+        error = cls(problems[0].source, problems[0].problem)
+        error.problems = list(problems)
+        error.args = ("\n".join(error.lines()),)
+        return error
+
 
 class InputError(StimputeError):
     """A file on disk is missing, unreadable or inconsistent."""
+
+
+class StimputeWarning(UserWarning):
+    """Something in the input was fixed and recorded in the section's report; the CLI
+    prints it as one line."""

@@ -7,15 +7,16 @@ top genes by mean expression, are options so results compare with the paper.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal, Sequence
 
 import anndata as ad
 import numpy as np
 import scanpy as sc
 from scipy import sparse
 
-from stimpute.errors import InputError, StimputeError
+from stimpute.errors import InputError, StimputeError, StimputeWarning
 
 TARGET_SUM = 1e4
 DEFAULT_PANEL_SIZE = 250
@@ -73,7 +74,7 @@ def select_panel(
     adatas = [a for a in adatas if a.n_vars > 0]
     if not adatas:
         raise StimputeError(None, "no measured section: a gene panel needs at least one section with counts")
-    shared = _shared_genes(a.var_names for a in adatas)
+    shared = shared_genes(adatas)
     if genes is not None:
         source = genes if isinstance(genes, (str, Path)) else "--genes"
         wanted = read_gene_list(genes) if isinstance(genes, (str, Path)) else list(dict.fromkeys(genes))
@@ -121,9 +122,17 @@ def top_variable(expression: np.ndarray, n: int = 50) -> np.ndarray:
     return np.argsort(-np.var(expression, axis=0), kind="stable")[: min(n, expression.shape[1])]
 
 
-def _shared_genes(var_names: Iterable) -> list[str]:
-    var_names = list(var_names)
-    keep = set(var_names[0])
-    for names in var_names[1:]:
-        keep &= set(names)
-    return [g for g in var_names[0] if g in keep]
+def shared_genes(adatas: Sequence[ad.AnnData]) -> list[str]:
+    """Genes measured in every section, in the first section's order.
+
+    Sections often differ in a few symbols; the genes lost are reported in a warning, and
+    no gene in common is an error.
+    """
+    names = [list(a.var_names) for a in adatas]
+    keep = set(names[0]).intersection(*names[1:])
+    if not keep:
+        raise StimputeError(None, "the measured sections share no gene symbol: check that they use the same gene naming")
+    lost = len(set().union(*names)) - len(keep)
+    if lost:
+        warnings.warn(f"{lost} gene(s) not measured in every section were left out ({len(keep)} kept)", StimputeWarning, stacklevel=3)
+    return [g for g in names[0] if g in keep]

@@ -41,6 +41,9 @@ class SectionImage:
     @classmethod
     def open(cls, path: str | Path) -> "SectionImage":
         """Open an image file lazily; checks that it exists and its header is readable."""
+        path = Path(path)
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(path, f"unsupported image format {path.suffix or '(no suffix)'!r} (supported: {', '.join(sorted(IMAGE_SUFFIXES))})")
         img = cls(path=path)
         _ = img.size
         return img

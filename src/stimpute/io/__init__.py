@@ -21,10 +21,11 @@ from stimpute.io.anndata_io import (
     write_section,
 )
 from stimpute.io.her2st import is_her2st_folder, read_her2st
+from stimpute.io.validate import validate_section
 
 
 def read_section(path: str | Path, image: str | Path | None = None, um_per_px: float | None = None) -> Section:
-    """Read one section from any supported source (see module docstring)."""
+    """Read one section from any supported source (see module docstring), validated."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "not found")
@@ -54,6 +55,7 @@ def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None) -
 
 __all__ = [
     "read_section",
+    "validate_section",
     "read_stack",
     "read_her2st",
     "read_h5ad_section",

@@ -24,6 +24,7 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError, StimputeError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
+from stimpute.io.validate import validate_section
 
 SECTION_FILE = "section.h5ad"
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -68,7 +69,7 @@ def read_h5ad_section(
     if not scale:
         scale, spot_um = _visium_scale(h5ad_path, adata)
     adata = _counts_in_x(adata)
-    return Section(
+    section = Section(
         name=name or meta.get("section") or h5ad_path.stem,
         adata=adata,
         image=SectionImage.open(image_path),
@@ -78,6 +79,7 @@ def read_h5ad_section(
         source=str(h5ad_path),
         report=dict(meta.get("report", {})),
     )
+    return validate_section(section)
 
 
 def write_section(section: Section, out_dir: str | Path, force: bool = False, thumbnail_side: int = THUMBNAIL_SIDE) -> Path:

@@ -16,6 +16,7 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
+from stimpute.io.validate import validate_section
 
 SPOT_PITCH_UM = 200.0  # centre-to-centre distance of legacy ST array spots
 SPOT_DIAMETER_UM = 100.0
@@ -65,7 +66,7 @@ def read_her2st(folder: str | Path) -> Section:
     adata.obsm["spatial"] = spots[["pixel_x", "pixel_y"]].to_numpy(np.float64)
     adata.var_names_make_unique()
     image = SectionImage.open(image_path)
-    return Section(
+    section = Section(
         name=name,
         adata=adata,
         image=image,
@@ -74,6 +75,7 @@ def read_her2st(folder: str | Path) -> Section:
         source=str(folder),
         report=report,
     )
+    return validate_section(section)
 
 
 def array_um_per_px(spots: pd.DataFrame) -> float:
