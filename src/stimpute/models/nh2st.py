@@ -1,0 +1,322 @@
+"""NH²2ST: neighbour-aware expression prediction with dual-scale contrastive learning.
+
+Two branches read cached patch features (`PreparedStack.features`, spot scale):
+- the **query branch** embeds the target spot's patch;
+- the **neighbour branch** embeds the spot-scale patches of its `size`×`size`
+  neighbourhood on the section's spot lattice (`neighbour_grid`; missing neighbours are
+  masked out of attention and pooling) with a small transformer.
+The query attends to its neighbours (cross-attention) and a linear head regresses the
+gene panel. During training only, gene encoders embed the spot's expression and its
+neighbourhood's mean expression, and InfoNCE losses align image and gene embeddings at
+spot scale and at neighbourhood scale (temperatures 0.05/0.05, weights 1.0/0.5) beside
+the regression loss. Prediction needs images only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stimpute.data import Section
+from stimpute.errors import StimputeError
+from stimpute.evaluate import pearson_columns
+from stimpute.models.base import Method, PreparedStack, register_method
+
+SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features
+
+
+# ----------------------------------------------------------------------------- lattice
+
+
+def lattice_positions(section: Section, lattice: str = "auto") -> np.ndarray:
+    """Spot (column, row) on a square grid: the section's array indices, hex lattices unfolded.
+
+    `lattice`: "square" (legacy ST, HER2-ST: array_col/array_row are unit steps), "hex"
+    (Visium: doubled columns, array_col = 2*c + row % 2, mapped to offset column c) or
+    "auto" (hex when array_col + array_row has one parity for every spot).
+    """
+    obs = section.adata.obs
+    if "array_row" not in obs or "array_col" not in obs:
+        raise StimputeError(section.source or section.name, 'spots have no obs["array_row"/"array_col"] lattice indices')
+    col = obs["array_col"].to_numpy().astype(np.int64)
+    row = obs["array_row"].to_numpy().astype(np.int64)
+    if lattice == "auto":
+        parity = (col + row) % 2
+        lattice = "hex" if len(parity) > 1 and (parity == parity[0]).all() else "square"
+    if lattice == "hex":
+        col = col // 2
+    elif lattice != "square":
+        raise StimputeError("lattice", f"unknown lattice {lattice!r} (square, hex or auto)")
+    return np.c_[col, row]
+
+
+def neighbour_grid(section: Section, size: int = 5, lattice: str = "auto") -> np.ndarray:
+    """Indices (n_spots, size*size) of each spot's neighbourhood, -1 where no spot is there.
+
+    Row-major over (row offset, column offset) in -size//2..size//2, so the spot itself is
+    the middle entry. On hex lattices the window spans `size` offset columns per row.
+    """
+    if size < 1 or size % 2 == 0:
+        raise StimputeError("res_neighbor", f"neighbourhood size must be odd and positive, got {size}")
+    pos = lattice_positions(section, lattice)
+    lookup = {(int(c), int(r)): i for i, (c, r) in enumerate(pos)}
+    if len(lookup) != len(pos):
+        raise StimputeError(section.source or section.name, "two spots share one array position")
+    half = size // 2
+    offsets = [(dc, dr) for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
+    return np.array([[lookup.get((int(c) + dc, int(r) + dr), -1) for dc, dr in offsets] for c, r in pos],
+                    dtype=np.int64).reshape(len(pos), size * size)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between paired rows of `a` and `b` (B, E): row i of each is the positive."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, K, E) over the K entries where mask (B, K) is True."""
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+@dataclass
+class NH2STConfig:
+    """Hyper-parameters (defaults from the NH²2ST configuration; batch size chosen for CPU)."""
+
+    emb_dim: int = 512
+    depth: int = 1
+    num_heads: int = 8
+    mlp_ratio: float = 1.0
+    dropout: float = 0.5
+    res_neighbor: int = 5
+    temperature_spot: float = 0.05
+    temperature_neighbour: float = 0.05
+    loss_ratio_spot: float = 1.0
+    loss_ratio_neighbour: float = 0.5
+    learning_rate: float = 5e-4
+    batch_size: int = 32
+    max_epochs: int = 200
+    patience: int = 20
+    val_fraction: float = 0.15
+    lattice: str = "auto"
+
+
+class NH2STNet(nn.Module):
+    """Query + neighbour branches fused by cross-attention; gene encoders for the contrastive terms.
+
+    `forward(query (B, D), neighbours (B, K, D), mask (B, K) True=present)` returns the
+    standardised prediction (B, G) and the spot- and neighbourhood-scale image embeddings (B, E).
+    """
+
+    def __init__(self, in_dim: int, n_genes: int, cfg: NH2STConfig):
+        super().__init__()
+        E, K = cfg.emb_dim, cfg.res_neighbor**2
+        hidden = max(1, int(E * cfg.mlp_ratio))
+        self.query_proj = nn.Sequential(nn.Linear(in_dim, E), nn.LayerNorm(E))
+        self.neighbour_proj = nn.Sequential(nn.Linear(in_dim, E), nn.LayerNorm(E))
+        self.position = nn.Parameter(torch.zeros(1, K, E))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(E, cfg.num_heads, hidden, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.neighbour_encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.cross = nn.MultiheadAttention(E, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
+        self.fuse_norm = nn.LayerNorm(E)
+        self.fuse_mlp = nn.Sequential(nn.Linear(E, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, E))
+        self.head = nn.Sequential(nn.LayerNorm(E), nn.Dropout(cfg.dropout), nn.Linear(E, n_genes))
+        self.gene_spot = _gene_encoder(n_genes, E, cfg.dropout)
+        self.gene_neighbour = _gene_encoder(n_genes, E, cfg.dropout)
+
+    def forward(self, query: torch.Tensor, neighbours: torch.Tensor, mask: torch.Tensor):
+        q = self.query_proj(query).unsqueeze(1)
+        tokens = self.neighbour_encoder(self.neighbour_proj(neighbours) + self.position, src_key_padding_mask=~mask)
+        attended, _ = self.cross(q, tokens, tokens, key_padding_mask=~mask, need_weights=False)
+        fused = q + attended
+        fused = (fused + self.fuse_mlp(self.fuse_norm(fused))).squeeze(1)
+        return self.head(fused), q.squeeze(1), masked_mean(tokens, mask)
+
+
+def _gene_encoder(n_genes: int, dim: int, dropout: float) -> nn.Module:
+    return nn.Sequential(nn.Linear(n_genes, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SpotTable:
+    """Spots of several sections as flat tensors: features, neighbour indices, expression."""
+
+    features: torch.Tensor  # (N, D) spot-scale features
+    neighbours: torch.Tensor  # (N, K) flat indices into features, -1 where missing
+    expression: torch.Tensor | None  # (N, G) log1p expression, None when predicting
+
+    def batch(self, idx: torch.Tensor):
+        """Query features, neighbour features, presence mask (and expression) of spots `idx`."""
+        nb = self.neighbours[idx]
+        return self.features[idx], self.features[nb.clamp_min(0)], nb >= 0
+
+
+def spot_table(prepared: PreparedStack, sections: list[int], size: int, lattice: str = "auto",
+               with_expression: bool = True) -> SpotTable:
+    """Stack the spot-scale features (and expression) of `sections`, neighbours re-indexed globally."""
+    feats, neighbours, expr, offset = [], [], [], 0
+    for i in sections:
+        f = np.asarray(prepared.features[i])[:, SPOT_SCALE]
+        grid = neighbour_grid(prepared.stack[i], size, lattice)
+        feats.append(f)
+        neighbours.append(np.where(grid >= 0, grid + offset, -1))
+        if with_expression:
+            expr.append(prepared.known_expression(i))
+        offset += len(f)
+    return SpotTable(
+        torch.as_tensor(np.concatenate(feats), dtype=torch.float32),
+        torch.as_tensor(np.concatenate(neighbours)),
+        torch.as_tensor(np.concatenate(expr), dtype=torch.float32) if with_expression else None,
+    )
+
+
+# ----------------------------------------------------------------------------- lightning
+
+
+class NH2STModule(L.LightningModule):
+    """Training logic: regression + dual-scale contrastive loss; validation mean per-gene PCC.
+
+    Batches are spot indices into the attached `SpotTable`. Feature and expression
+    standardisation statistics are buffers, so a checkpoint alone predicts new sections.
+    """
+
+    def __init__(self, in_dim: int, n_genes: int, panel: list[str] | None = None, **config):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = NH2STConfig(**config)
+        self.net = NH2STNet(in_dim, n_genes, self.cfg)
+        for name, dim in (("feat_mean", in_dim), ("feat_std", in_dim), ("expr_mean", n_genes), ("expr_std", n_genes)):
+            self.register_buffer(name, torch.zeros(dim) if "mean" in name else torch.ones(dim))
+        self.table: SpotTable | None = None
+        self.learn_from: torch.Tensor | None = None
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def attach(self, table: SpotTable, train_idx: torch.Tensor):
+        """Give the module its data; standardisation and gene targets come from `train_idx` only."""
+        self.table = table
+        self.learn_from = torch.zeros(len(table.features), dtype=torch.bool)
+        self.learn_from[train_idx] = True
+        self.feat_mean.copy_(table.features[train_idx].mean(0))
+        self.feat_std.copy_(table.features[train_idx].std(0).clamp_min(1e-6))
+        self.expr_mean.copy_(table.expression[train_idx].mean(0))
+        self.expr_std.copy_(table.expression[train_idx].std(0).clamp_min(1e-3))
+
+    def _forward(self, table: SpotTable, idx: torch.Tensor):
+        query, neigh, mask = table.batch(idx)
+        query = (query - self.feat_mean) / self.feat_std
+        neigh = (neigh - self.feat_mean) / self.feat_std * mask.unsqueeze(-1)
+        return self.net(query, neigh, mask)
+
+    def training_step(self, batch, batch_idx):
+        (idx,) = batch
+        table, cfg = self.table, self.cfg
+        pred, img_spot, img_neigh = self._forward(table, idx)
+        expr = (table.expression - self.expr_mean) / self.expr_std
+        nb = table.neighbours[idx]
+        known = (nb >= 0) & self.learn_from[nb.clamp_min(0)]  # held-out spots never serve as targets
+        regression = F.mse_loss(pred, expr[idx])
+        spot = info_nce(img_spot, self.net.gene_spot(expr[idx]), cfg.temperature_spot)
+        neighbourhood = info_nce(img_neigh, self.net.gene_neighbour(masked_mean(expr[nb.clamp_min(0)], known)),
+                                 cfg.temperature_neighbour)
+        loss = regression + cfg.loss_ratio_spot * spot + cfg.loss_ratio_neighbour * neighbourhood
+        self.log_dict({"train_loss": loss, "train_mse": regression}, on_step=False, on_epoch=True, batch_size=len(idx))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        (idx,) = batch
+        pred = self._forward(self.table, idx)[0] * self.expr_std + self.expr_mean
+        self._val.append((pred, self.table.expression[idx]))
+
+    def on_validation_epoch_end(self):
+        pred, true = (torch.cat(parts).cpu().numpy() for parts in zip(*self._val))
+        self._val.clear()
+        self.log("val_pcc", float(np.nan_to_num(pearson_columns(pred, true), nan=0.0).mean()))
+
+    @torch.no_grad()
+    def predict_table(self, table: SpotTable, batch_size: int = 256) -> np.ndarray:
+        """Predicted log1p expression (N, G) of every spot of `table`, from images only."""
+        self.eval()
+        out = [self._forward(table, idx)[0] * self.expr_std + self.expr_mean
+               for idx in torch.arange(len(table.features)).split(batch_size)]
+        return torch.cat(out).numpy()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.cfg.learning_rate)
+
+
+class _KeepBest(L.Callback):
+    """Keep the weights of the best validation epoch in memory and restore them at the end."""
+
+    def __init__(self, monitor: str = "val_pcc"):
+        self.monitor, self.best, self.state = monitor, -np.inf, None
+
+    def on_validation_end(self, trainer, module):
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is not None and float(score) > self.best:
+            self.best, self.state = float(score), copy.deepcopy(module.state_dict())
+
+    def on_fit_end(self, trainer, module):
+        if self.state is not None:
+            module.load_state_dict(self.state)
+
+
+def split_spots(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random (train, validation) spot indices; validation drives early stopping."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = min(n - 1, max(2, int(round(fraction * n))))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def _loader(idx: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(idx), batch_size=batch_size, shuffle=shuffle,
+                                       generator=gen, drop_last=shuffle and len(idx) > batch_size)
+
+
+def fit_nh2st(table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, panel: list[str], seed: int = 0,
+              cfg: NH2STConfig | None = None) -> NH2STModule:
+    """Train on spots `train_idx` of `table`, early-stopping on the mean per-gene PCC of `val_idx` (seeded)."""
+    cfg = cfg or NH2STConfig()
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = NH2STModule(table.features.shape[1], table.expression.shape[1], panel=list(panel), **asdict(cfg))
+    module.attach(table, train_idx)
+    trainer = L.Trainer(
+        max_epochs=cfg.max_epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[L.pytorch.callbacks.EarlyStopping("val_pcc", mode="max", patience=cfg.patience), _KeepBest()],
+    )
+    trainer.fit(module, _loader(train_idx, cfg.batch_size, True, seed), _loader(val_idx, 1024, False, seed))
+    return module
+
+
+@register_method
+class NH2ST(Method):
+    """NH²2ST on cached spot-scale features; trains on `train` sections, predicts from images only."""
+
+    name = "nh2st"
+
+    def __init__(self, **config):
+        self.cfg = NH2STConfig(**config)
+
+    def fit_predict(self, prepared: PreparedStack, train: list[int], targets: list[int], seed: int = 0) -> dict[int, np.ndarray]:
+        size, lattice = self.cfg.res_neighbor, self.cfg.lattice
+        table = spot_table(prepared, train, size, lattice)
+        train_idx, val_idx = split_spots(len(table.features), self.cfg.val_fraction, seed)
+        module = fit_nh2st(table, train_idx, val_idx, prepared.panel, seed, self.cfg)
+        return {i: module.predict_table(spot_table(prepared, [i], size, lattice, with_expression=False)) for i in targets}

@@ -1,0 +1,115 @@
+"""NH²2ST: neighbour grids on square and hex lattices, the contrastive loss, shapes, a tiny fit."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stimpute.data import Section
+from stimpute.evaluate import pearson_columns
+from stimpute.expression import panel_expression
+from stimpute.image import SectionImage
+from stimpute.models import PreparedStack, get_method
+from stimpute.models.nh2st import NH2STConfig, NH2STNet, info_nce, neighbour_grid
+
+
+def lattice_section(cols, rows) -> Section:
+    """A section with only array indices (and dummy pixels/image) for lattice tests."""
+    obs = pd.DataFrame({"array_col": cols, "array_row": rows}, index=[f"s{i}" for i in range(len(cols))])
+    adata = ad.AnnData(obs=obs)
+    adata.obsm["spatial"] = np.c_[cols, rows].astype(float)
+    return Section("L", adata, SectionImage(array=np.full((8, 8, 3), 255, np.uint8)), um_per_px=1.0)
+
+
+def test_neighbour_grid_square_lattice():
+    c, r = np.meshgrid(np.arange(1, 7), np.arange(1, 5))  # 6 columns x 4 rows, HER2-ST style
+    section = lattice_section(c.ravel(), r.ravel())
+    grid = neighbour_grid(section, size=5)
+    assert grid.shape == (24, 25)
+    assert (grid[:, 12] == np.arange(24)).all()  # the spot itself in the middle
+    lookup = {(cc, rr): i for i, (cc, rr) in enumerate(zip(c.ravel(), r.ravel()))}
+    spot = lookup[(3, 2)]
+    assert grid[spot, 13] == lookup[(4, 2)]  # right neighbour
+    assert grid[spot, 7] == lookup[(3, 1)]  # row above
+    assert grid[spot, 0] == -1  # (1, 0): off the array
+    assert grid[spot, 24] == lookup[(5, 4)]
+    corner = lookup[(1, 1)]
+    assert (grid[corner] >= 0).sum() == 9  # a 3x3 quarter window
+
+
+def test_neighbour_grid_hex_lattice_uses_offset_columns():
+    r, c = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+    cols, rows = (2 * c + r % 2).ravel(), r.ravel()  # Visium: doubled columns
+    section = lattice_section(cols, rows)
+    grid = neighbour_grid(section, size=5)
+    lookup = {(cc, rr): i for i, (cc, rr) in enumerate(zip(cols, rows))}
+    spot = lookup[(4, 2)]  # offset column 2, row 2
+    assert grid[spot, 12] == spot
+    assert grid[spot, 13] == lookup[(6, 2)]  # same row: next spot two array columns away
+    assert grid[spot, 7] == lookup[(5, 1)]  # row above, same offset column: half a pitch right
+    assert grid[spot, 6] == lookup[(3, 1)]  # and half a pitch left
+    assert (grid[spot] >= 0).all()  # an interior spot has its full 5x5 window
+    assert neighbour_grid(section, size=5, lattice="square")[spot, 13] == -1  # odd columns are empty
+
+
+def test_neighbour_grid_rejects_duplicates_and_even_sizes():
+    from stimpute.errors import StimputeError
+
+    with pytest.raises(StimputeError, match="share one array position"):
+        neighbour_grid(lattice_section([1, 1], [2, 2]))
+    with pytest.raises(StimputeError, match="odd"):
+        neighbour_grid(lattice_section([1, 2], [2, 2]), size=4)
+
+
+def test_contrastive_loss_prefers_aligned_pairs():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(32, 16, generator=gen)
+    gene = image + 0.1 * torch.randn(32, 16, generator=gen)
+    aligned = info_nce(image, gene, 0.05)
+    shuffled = info_nce(image, gene[torch.randperm(32, generator=gen)], 0.05)
+    assert aligned < 0.1 < 2.0 < shuffled
+
+
+def test_net_shapes_and_masking():
+    torch.manual_seed(0)
+    cfg = NH2STConfig(emb_dim=32, num_heads=4)
+    net = NH2STNet(in_dim=7, n_genes=11, cfg=cfg).eval()
+    query, neigh = torch.randn(5, 7), torch.randn(5, 25, 7)
+    mask = torch.rand(5, 25) > 0.3
+    mask[:, 12] = True
+    pred, img_spot, img_neigh = net(query, neigh, mask)
+    assert pred.shape == (5, 11) and img_spot.shape == (5, 32) and img_neigh.shape == (5, 32)
+    changed = neigh.clone()
+    changed[~mask] = 1e3  # features behind the mask must not matter
+    assert torch.allclose(net(query, changed, mask)[0], pred, atol=1e-5)
+
+
+def colour_features(section: Section) -> np.ndarray:
+    """Cheap per-spot features (n, 3 scales, 6): mean and sd of RGB in windows of 1, 2, 4 spot diameters."""
+    d = section.spot_diameter_px
+    out = np.empty((section.n_spots, 3, 6), np.float32)
+    for i, (x, y) in enumerate(section.xy):
+        for s, k in enumerate((1, 2, 4)):
+            patch = section.image.read_region(x - k * d / 2, y - k * d / 2, k * d, k * d).reshape(-1, 3) / 255.0
+            out[i, s] = np.r_[patch.mean(0), patch.std(0)]
+    return out
+
+
+def test_fit_predict_small_synthetic_stack(synthetic):
+    panel = synthetic[0].genes[:20]
+    prepared = PreparedStack(
+        stack=synthetic,
+        panel=panel,
+        expression=[panel_expression(s, panel) for s in synthetic],
+        features=[colour_features(s) for s in synthetic],
+    )
+    method = get_method("nh2st", emb_dim=32, num_heads=4, max_epochs=15, patience=5)
+    preds = method.fit_predict(prepared, train=[0, 1], targets=[2], seed=0)
+    assert set(preds) == {2} and preds[2].shape == (synthetic[2].n_spots, len(panel))
+    pcc = np.nan_to_num(pearson_columns(preds[2], prepared.expression[2]))
+    assert pcc.mean() > 0.2
+    again = get_method("nh2st", emb_dim=32, num_heads=4, max_epochs=15, patience=5).fit_predict(prepared, [0, 1], [2], seed=0)
+    np.testing.assert_allclose(again[2], preds[2], atol=1e-5)  # seeded and deterministic
