@@ -5,15 +5,32 @@ Papers in this field report several incompatible "PCC"s. stimpute's headline is 
 right?). The ASIGN paper reports the **per-spot PCC**: for each spot, correlation across
 genes, averaged over spots; it runs far higher because genes differ in mean level. Both
 are computed here, always under these names.
+
+The benchmark harness (`run_benchmark`) runs every registered method under two protocols
+(`protocol_splits`: 3D imputation from one known layer, 2D leave-one-section-out), scores
+every split, records failures per split instead of stopping, and writes `results.csv`,
+`spots.csv`, `splits.json` and `summary.md`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from scipy import stats
+
+from stimpute.errors import StimputeError
+from stimpute.expression import top_variable
+from stimpute.io.anndata_io import _atomic_write, write_text_atomic
+from stimpute.models import METHODS, NotApplicable, PreparedStack, get_method, load_methods
 
 
 def pearson_columns(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -86,3 +103,315 @@ def welch_test(a, b) -> tuple[float, float]:
     b = np.nan_to_num(np.asarray(b, np.float64), nan=0.0)
     result = stats.ttest_ind(a, b, equal_var=False)
     return float(result.statistic), float(result.pvalue)
+
+
+# --------------------------------------------------------------------------- protocols
+
+PROTOCOLS = ("3d", "2d")
+METHOD_ORDER = ("asign", "msagnet", "propagation", "overlap", "similarity", "ridge", "knn", "mean")
+RESULT_COLUMNS = ["method", "protocol", "known", "target", "gene", "pcc", "mse", "mae",
+                  "status", "error", "seconds", "peak_mib"]
+TOP_HVG = 50
+
+
+@dataclass(frozen=True)
+class Split:
+    """One run of a method: learn from the `known` sections, predict the `targets`.
+
+    `3d` (ASIGN's setting): one measured section is known, every other measured section is
+    a target; the method may read the known layer through the 3D graph. `2d`:
+    leave-one-section-out on images only; 3D information is withheld.
+    """
+
+    protocol: str
+    known: tuple[int, ...]
+    targets: tuple[int, ...]
+
+
+def protocol_splits(prepared: PreparedStack, protocol: str) -> list[Split]:
+    """Every split of `protocol` over the sections of `prepared` that carry expression."""
+    measured = [i for i, e in enumerate(prepared.expression) if e is not None]
+    if len(measured) < 2:
+        raise StimputeError(None, f"a benchmark needs at least two measured sections; got {len(measured)}")
+    if protocol == "3d":
+        return [Split("3d", (k,), tuple(t for t in measured if t != k)) for k in measured]
+    if protocol == "2d":
+        return [Split("2d", tuple(k for k in measured if k != t), (t,)) for t in measured]
+    raise StimputeError("--protocols", f"unknown protocol {protocol!r} (use {' or '.join(PROTOCOLS)})")
+
+
+def image_only(prepared: PreparedStack) -> PreparedStack:
+    """The 2D protocol's view: no registration, no cross-layer edges (within-section kept)."""
+    graph = prepared.graph
+    if graph is not None and getattr(graph, "edge_type", None) is not None:
+        graph = graph.edge_subgraph(graph.edge_type == 0)
+    return replace(prepared, coords_ref=None, graph=graph, settings={**prepared.settings, "protocol": "2d"})
+
+
+def default_methods() -> list[str]:
+    """Every registered method, the paper's order first."""
+    load_methods()
+    return [m for m in METHOD_ORDER if m in METHODS] + sorted(set(METHODS) - set(METHOD_ORDER))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class ResourceMeter:
+    """Wall-clock seconds and peak resident-memory growth (MiB) of a block.
+
+    Memory is the process's peak RSS (Linux VmHWM, reset on entry through
+    /proc/self/clear_refs) minus its RSS on entry, so it counts numpy and torch alike;
+    NaN where the kernel offers no resettable peak.
+    """
+
+    def __enter__(self) -> "ResourceMeter":
+        self.seconds = float("nan")
+        self.peak_mib = float("nan")
+        self._resettable = _reset_peak_rss()
+        self._base = _proc_status_mib("VmRSS")
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._start
+        if self._resettable:
+            self.peak_mib = max(0.0, _proc_status_mib("VmHWM") - self._base)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_mib(field_name: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class BenchmarkResult:
+    """Per-gene rows (`results.csv`), per-spot PCC rows (`spots.csv`), the summary table."""
+
+    results: pd.DataFrame
+    spots: pd.DataFrame
+    summary: pd.DataFrame
+    files: dict[str, Path]
+
+
+def run_split(prepared: PreparedStack, name: str, split: Split, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run one method on one split and score each target: per-gene rows and per-spot rows.
+
+    Any exception is caught and recorded on the rows (`status` failed / not_applicable,
+    `error`), so one broken method or split never loses the others.
+    """
+    names = prepared.stack.names
+    known = "+".join(names[i] for i in split.known)
+    predictions, status, error = {}, "ok", ""
+    with ResourceMeter() as meter:
+        try:
+            method = get_method(name)
+            if split.protocol == "2d" and method.needs_3d:
+                raise NotApplicable("a 3D method: the 2D protocol gives images only")
+            predictions = method.fit_predict(prepared, list(split.known), list(split.targets), seed=seed)
+        except NotApplicable as exc:
+            status, error = "not_applicable", str(exc)
+        except Exception as exc:  # recorded, not raised: the grid must complete
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+    gene_rows, spot_rows = [], []
+    for t in split.targets:
+        truth = prepared.expression[t]
+        target_status, target_error = status, error
+        pred = predictions.get(t) if status == "ok" else None
+        if status == "ok" and (pred is None or np.shape(pred) != truth.shape):
+            target_status = "failed"
+            target_error = f"prediction for {names[t]} has shape {np.shape(pred) if pred is not None else None}, expected {truth.shape}"
+        if target_status == "ok":
+            rows = gene_metrics(pred, truth, prepared.panel)
+            spot_rows.append(pd.DataFrame({"spot": prepared.stack[t].spot_ids, "pcc": spot_pcc(pred, truth)}).assign(target=names[t]))
+        else:
+            rows = pd.DataFrame({"gene": [""], "pcc": [np.nan], "mse": [np.nan], "mae": [np.nan]})
+        gene_rows.append(rows.assign(target=names[t], status=target_status, error=target_error))
+    meta = {"method": name, "protocol": split.protocol, "known": known}
+    genes = pd.concat(gene_rows, ignore_index=True).assign(**meta, seconds=meter.seconds, peak_mib=meter.peak_mib)
+    spots = pd.concat(spot_rows, ignore_index=True).assign(**meta) if spot_rows else pd.DataFrame()
+    return genes[RESULT_COLUMNS], spots
+
+
+def run_benchmark(
+    prepared: PreparedStack,
+    out_dir: str | Path,
+    methods: Sequence[str] | None = None,
+    protocols: Sequence[str] = PROTOCOLS,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = False,
+    settings: dict | None = None,
+) -> BenchmarkResult:
+    """Run the protocol × method grid on `prepared` and write into `out_dir`:
+    `results.csv` (one row per method, protocol, split, target and gene), `spots.csv`
+    (the ASIGN paper's per-spot PCC), `splits.json` (to rerun), `summary.md`.
+
+    `settings` (e.g. the command line) are recorded in `splits.json` and `summary.md`.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "results.csv").exists() and not force:
+        raise StimputeError(out_dir, "already holds benchmark results; pass --force to overwrite them")
+    if not methods or not set(methods) <= set(METHODS):
+        load_methods()  # torch methods are imported only when asked for
+    methods = list(methods) if methods else default_methods()
+    for name in methods:
+        get_method(name)  # unknown names fail before any work
+    grid = [(name, view, split) for protocol in protocols
+            for view in [prepared if protocol == "3d" else image_only(prepared)]
+            for split in protocol_splits(prepared, protocol) for name in methods]
+    gene_parts, spot_parts = [], []
+    with _progress(progress) as bar:
+        task = bar.add_task("benchmark", total=len(grid)) if bar else None
+        for name, view, split in grid:
+            if bar:
+                bar.update(task, description=f"{name} · {split.protocol} · {_split_label(prepared, split)}")
+            genes, spots = run_split(view, name, split, seed)
+            gene_parts.append(genes)
+            spot_parts.append(spots)
+            if bar:
+                bar.advance(task)
+    results = pd.concat(gene_parts, ignore_index=True)
+    spots = pd.concat([s for s in spot_parts if len(s)] or [pd.DataFrame(columns=["method", "protocol", "known", "target", "spot", "pcc"])], ignore_index=True)
+    hvg = top_hvg_genes(prepared)
+    summary = summarise_benchmark(results, spots, hvg)
+    record = {**(settings or {}), "seed": seed, "sections": prepared.stack.names, "methods": methods,
+              "protocols": {p: [_split_json(prepared, s) for s in protocol_splits(prepared, p)] for p in protocols},
+              "panel": list(prepared.panel), "top_hvg": hvg, "prepared": prepared.settings}
+    files = {
+        "results": _write_csv(out_dir / "results.csv", results),
+        "spots": _write_csv(out_dir / "spots.csv", spots[["method", "protocol", "known", "target", "spot", "pcc"]]),
+        "splits": write_text_atomic(out_dir / "splits.json", json.dumps(record, indent=1, default=str) + "\n"),
+        "summary": write_text_atomic(out_dir / "summary.md", summary_markdown(summary, record)),
+    }
+    return BenchmarkResult(results, spots, summary, files)
+
+
+def top_hvg_genes(prepared: PreparedStack, n: int = TOP_HVG) -> list[str]:
+    """The panel's `n` most variable genes over all measured spots (the top-50 HVG summary)."""
+    pooled = np.concatenate([e for e in prepared.expression if e is not None])
+    return [prepared.panel[i] for i in top_variable(pooled, n)]
+
+
+# --------------------------------------------------------------------------- summarising
+
+
+def summarise_benchmark(results: pd.DataFrame, spots: pd.DataFrame, hvg: Sequence[str]) -> pd.DataFrame:
+    """One row per method × protocol: per-gene PCC (panel, top HVGs), per-spot PCC, MSE,
+    MAE, Welch p against the protocol's best method, seconds and peak memory."""
+    rows = []
+    for (protocol, method), group in results.groupby(["protocol", "method"], sort=False):
+        ok = group[group.status == "ok"]
+        runs = group.drop_duplicates(["known"])
+        pcc, top = summarise_pcc(ok.pcc), summarise_pcc(ok.pcc[ok.gene.isin(hvg)])
+        spot = summarise_pcc(spots.pcc[(spots.method == method) & (spots.protocol == protocol)]) if len(spots) else None
+        n_bad = int((group.status != "ok").sum())
+        rows.append({
+            "method": method, "protocol": protocol,
+            "pcc": pcc.mean, "pcc_sd": pcc.sd, "undefined": pcc.n_undefined, "n_values": pcc.n_genes,
+            "pcc_hvg": top.mean, "pcc_hvg_sd": top.sd,
+            "spot_pcc": spot.mean if spot and spot.n_genes else np.nan,
+            "spot_pcc_sd": spot.sd if spot and spot.n_genes else np.nan,
+            "mse": ok.mse.mean(), "mae": ok.mae.mean(),
+            "seconds": runs.seconds.sum(), "peak_mib": runs.peak_mib.max(),
+            "status": "ok" if not n_bad else _status_note(group),
+        })
+    summary = pd.DataFrame(rows)
+    summary["welch_p"], summary["best"] = np.nan, False
+    for protocol, part in summary[summary.n_values > 0].groupby("protocol"):
+        best = part.loc[part.pcc.idxmax(), "method"]
+        values = {m: results.pcc[(results.protocol == protocol) & (results.method == m) & (results.status == "ok")]
+                  for m in part.method}
+        for idx, method in part.method.items():
+            if method == best:
+                summary.loc[idx, "best"] = True
+            else:
+                summary.loc[idx, "welch_p"] = welch_test(values[method], values[best])[1]
+    return summary
+
+
+def _status_note(group: pd.DataFrame) -> str:
+    bad = group[group.status != "ok"].drop_duplicates(["known", "target"])
+    first = bad.iloc[0]
+    return f"{first.status} on {len(bad)}/{group.drop_duplicates(['known', 'target']).shape[0]} targets: {first.error}"
+
+
+def summary_markdown(summary: pd.DataFrame, record: dict) -> str:
+    """The benchmark table in markdown, with what every column means and where it came from."""
+    lines = [
+        "# stimpute benchmark",
+        "",
+        f"Sections {', '.join(record['sections'])}; seed {record['seed']}; {len(record['panel'])} genes; "
+        + (f"command `{record['command']}`; " if record.get("command") else "")
+        + (f"{record['date']}; " if record.get("date") else "")
+        + (f"{record['machine']}." if record.get("machine") else ""),
+        "",
+        "- **per-gene PCC**: Pearson r across the spots of a target section for each gene, mean ± sd "
+        "over genes × targets × splits (stimpute's headline; undefined r, from a constant prediction "
+        "or truth, counted as 0 — count in *undef.*). *top-50 HVG*: the same over the 50 most variable panel genes.",
+        "- **per-spot PCC (ASIGN paper's metric)**: Pearson r across genes for each spot, mean ± sd over spots; "
+        "runs far higher than per-gene PCC because genes differ in level.",
+        "- **MSE / MAE**: per gene over spots (log1p scale), averaged. **Welch p**: Welch's t-test of the "
+        "per-gene PCCs against the protocol's best method (**bold**).",
+        "- **s**: wall-clock seconds of fit + predict summed over splits. **peak MiB**: largest growth of "
+        "resident memory (Linux peak RSS) during one split.",
+        "- Protocols: **3d** = each measured section in turn known, the others imputed (ASIGN's setting); "
+        "**2d** = leave-one-section-out, images only.",
+        "",
+        "| method | protocol | per-gene PCC | per-gene PCC top-50 HVG | per-spot PCC (ASIGN paper) | MSE | MAE "
+        "| Welch p vs best | undef. | s | peak MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary.itertuples():
+        if row.n_values == 0:
+            lines.append(f"| {row.method} | {row.protocol} | – | – | – | – | – | – | – | {row.seconds:.1f} | – | {_md(row.status)} |")
+            continue
+        name = f"**{row.method}**" if row.best else row.method
+        p = "best" if row.best else f"{row.welch_p:.2g}"
+        lines.append(
+            f"| {name} | {row.protocol} | {row.pcc:.3f} ± {row.pcc_sd:.3f} | {row.pcc_hvg:.3f} ± {row.pcc_hvg_sd:.3f} "
+            f"| {row.spot_pcc:.3f} ± {row.spot_pcc_sd:.3f} | {row.mse:.3f} | {row.mae:.3f} | {p} "
+            f"| {row.undefined}/{row.n_values} | {row.seconds:.1f} | {row.peak_mib:.0f} | {_md(row.status)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")[:160]
+
+
+def _split_label(prepared: PreparedStack, split: Split) -> str:
+    names = prepared.stack.names
+    return f"{'+'.join(names[i] for i in split.known)} → {'+'.join(names[i] for i in split.targets)}"
+
+
+def _split_json(prepared: PreparedStack, split: Split) -> dict:
+    names = prepared.stack.names
+    return {"known": [names[i] for i in split.known], "targets": [names[i] for i in split.targets]}
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    _atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    return path
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True))

@@ -1,0 +1,187 @@
+"""Reference methods every model must beat, under the same `Method` interface.
+
+- `overlap` / `similarity`: the ASIGN paper's two 3D baselines. Each target spot takes the
+  expression of the spots of the nearest measured layer that it overlaps after
+  registration (disc IoU), or that look most like it (cosine of image features).
+- `ridge`: the HEST-Benchmark linear probe: standardise, PCA to 256 dims, ridge.
+- `knn`: the k nearest training spots in the same PCA feature space.
+- `mean`: the per-gene mean of the training sections (a constant map: its per-gene PCC
+  is undefined, which the metrics count as 0).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+from scipy.spatial import cKDTree
+from sklearn.decomposition import PCA
+from sklearn.linear_model import RidgeCV
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from stimpute.models.base import Method, NotApplicable, PreparedStack, register_method
+
+PCA_DIMS = 256  # HEST-Benchmark: patch embeddings reduced to 256 principal components
+RIDGE_ALPHAS = np.logspace(-1, 5, 13)  # chosen by efficient leave-one-out, one alpha for all genes
+KNN_K = 10
+SIMILAR_K = 5
+
+
+def flat_features(prepared: PreparedStack, sections: list[int]) -> np.ndarray:
+    """(Σ n_i, n_scales · dim) features of `sections`, spot, 512 and 1024 scales side by side."""
+    return np.concatenate([prepared.features[i].reshape(prepared.features[i].shape[0], -1) for i in sections])
+
+
+def require_train(train: list[int]) -> None:
+    if not train:
+        raise NotApplicable("no measured section to learn from")
+
+
+def train_expression(prepared: PreparedStack, train: list[int]) -> np.ndarray:
+    """(Σ n_i, n_genes) measured expression of the training sections, in `train` order."""
+    require_train(train)
+    return np.concatenate([prepared.known_expression(i) for i in train])
+
+
+def nearest_measured(prepared: PreparedStack, target: int, train: list[int]) -> list[int]:
+    """The training sections closest to `target` along z (all of them when tied)."""
+    z = np.array([prepared.stack[i].z_um for i in train], np.float64)
+    gap = np.abs(z - prepared.stack[target].z_um)
+    return [i for i, g in zip(train, gap) if g <= gap.min() + 1e-9]
+
+
+def disc_iou(distance: np.ndarray, radius: float) -> np.ndarray:
+    """Intersection over union of two discs of equal `radius` whose centres are `distance` apart."""
+    d = np.clip(np.asarray(distance, np.float64) / (2 * radius), 0.0, 1.0)
+    inter = 2 * radius**2 * (np.arccos(d) - d * np.sqrt(1 - d**2))
+    return inter / (2 * np.pi * radius**2 - inter)
+
+
+def overlap_weights(target_xy: np.ndarray, known_xy: np.ndarray, radius: float) -> np.ndarray:
+    """Row-stochastic (n_target, n_known) weights: disc IoU with every overlapping known
+    spot; a target spot that overlaps none takes its nearest known spot."""
+    tree = cKDTree(known_xy)
+    pairs = cKDTree(target_xy).sparse_distance_matrix(tree, 2 * radius, output_type="coo_matrix")
+    weights = np.zeros((len(target_xy), len(known_xy)))
+    weights[pairs.row, pairs.col] = disc_iou(pairs.data, radius)
+    lonely = weights.sum(axis=1) <= 0
+    if lonely.any():
+        weights[np.flatnonzero(lonely), tree.query(target_xy[lonely])[1]] = 1.0
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def cosine_top_k(query: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Row-stochastic (n_query, n_keys) weights: uniform over each query's `k` most
+    cosine-similar keys, after z-scoring both with the keys' statistics."""
+    scaler = StandardScaler().fit(keys)
+    q, kk = scaler.transform(query), scaler.transform(keys)
+    q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
+    kk /= np.linalg.norm(kk, axis=1, keepdims=True) + 1e-12
+    k = min(k, len(keys))
+    top = np.argpartition(-(q @ kk.T), k - 1, axis=1)[:, :k]
+    weights = np.zeros((len(query), len(keys)))
+    np.put_along_axis(weights, top, 1.0 / k, axis=1)
+    return weights
+
+
+class _FromNearestLayer(Method):
+    """Predict each target as a weighted average of spots of its nearest measured layer(s)."""
+
+    @abstractmethod
+    def weights(self, prepared: PreparedStack, target: int, known: int) -> np.ndarray:
+        """Row-stochastic (n_target_spots, n_known_spots) weights."""
+
+    def fit_predict(self, prepared, train, targets, seed=0):
+        require_train(train)
+        out = {}
+        for t in targets:
+            layers = nearest_measured(prepared, t, train)
+            out[t] = np.mean([self.weights(prepared, t, k) @ prepared.known_expression(k) for k in layers], axis=0)
+        return out
+
+
+@register_method
+class Overlap(_FromNearestLayer):
+    """ASIGN's "overlap" baseline: copy the expression of the overlapping spots (disc IoU
+    after registration) of the nearest measured layer."""
+
+    name = "overlap"
+    needs_3d = True
+
+    def weights(self, prepared, target, known):
+        if prepared.coords_ref is None:
+            raise NotApplicable("overlap needs registered spot coordinates (a 3D stack)")
+        sections = prepared.stack
+        radius = (sections[target].spot_diameter_um + sections[known].spot_diameter_um) / 4 / sections[0].um_per_px
+        return overlap_weights(prepared.coords_ref[target], prepared.coords_ref[known], radius)
+
+
+@register_method
+class Similarity(_FromNearestLayer):
+    """ASIGN's "similarity" baseline: average the `k` spots of the nearest measured layer
+    whose image features are most cosine-similar."""
+
+    name = "similarity"
+
+    def __init__(self, k: int = SIMILAR_K):
+        self.k = k
+
+    def weights(self, prepared, target, known):
+        return cosine_top_k(flat_features(prepared, [target]), flat_features(prepared, [known]), self.k)
+
+
+def pca_embedding(n_samples: int, n_features: int, seed: int) -> list:
+    """Standardise, then PCA to 256 dims (fewer when there are fewer samples or features)."""
+    dims = max(1, min(PCA_DIMS, n_samples - 1, n_features))
+    return [StandardScaler(), PCA(n_components=dims, random_state=seed)]
+
+
+class _Regressor(Method):
+    """Fit a scikit-learn regressor from training spots' features to their expression."""
+
+    @abstractmethod
+    def model(self, n_samples: int, n_features: int, seed: int) -> Pipeline:
+        """An unfitted pipeline for this many training spots and features."""
+
+    def fit_predict(self, prepared, train, targets, seed=0):
+        y = train_expression(prepared, train)
+        x = flat_features(prepared, train)
+        model = self.model(*x.shape, seed).fit(x, y)
+        return {t: model.predict(flat_features(prepared, [t])).astype(np.float32) for t in targets}
+
+
+@register_method
+class Ridge(_Regressor):
+    """HEST-Benchmark linear probe on patch features (alpha by leave-one-out)."""
+
+    name = "ridge"
+
+    def model(self, n_samples, n_features, seed):
+        return make_pipeline(*pca_embedding(n_samples, n_features, seed), RidgeCV(alphas=RIDGE_ALPHAS))
+
+
+@register_method
+class Knn(_Regressor):
+    """Distance-weighted mean of the `k` nearest training spots in PCA feature space."""
+
+    name = "knn"
+
+    def __init__(self, k: int = KNN_K):
+        self.k = k
+
+    def model(self, n_samples, n_features, seed):
+        knn = KNeighborsRegressor(n_neighbors=min(self.k, n_samples), weights="distance")
+        return make_pipeline(*pca_embedding(n_samples, n_features, seed), knn)
+
+
+@register_method
+class Mean(Method):
+    """Every spot gets the per-gene mean of the training sections."""
+
+    name = "mean"
+
+    def fit_predict(self, prepared, train, targets, seed=0):
+        mean = train_expression(prepared, train).mean(axis=0)
+        return {t: np.tile(mean, (prepared.stack[t].n_spots, 1)).astype(np.float32) for t in targets}

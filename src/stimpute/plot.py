@@ -1,0 +1,42 @@
+"""Figures. Plotting never computes: functions take finished tables/arrays and write files.
+
+Built on matplotlib's object API (`Figure`, no pyplot state), so it needs no display and
+is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from stimpute.io.anndata_io import _atomic_write
+
+
+def pcc_boxplot(results: pd.DataFrame, path: str | Path, methods: Sequence[str] | None = None) -> Path:
+    """Box plot of per-gene PCC per method, one panel per protocol (like ASIGN's Figure 4).
+
+    `results`: rows `method, protocol, pcc, status` (benchmark `results.csv`); only `ok`
+    rows are drawn, undefined PCCs (constant prediction or truth) as 0, as in the means.
+    """
+    ok = results[results.status == "ok"]
+    protocols = list(dict.fromkeys(results.protocol))
+    methods = list(methods) if methods else list(dict.fromkeys(results.method))
+    fig = Figure(figsize=(1.1 * len(methods) * len(protocols) + 2, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(protocols), sharey=True, squeeze=False)[0]
+    for ax, protocol in zip(axes, protocols):
+        part = ok[ok.protocol == protocol]
+        shown = [m for m in methods if (part.method == m).any()]
+        values = [np.nan_to_num(part.pcc[part.method == m].to_numpy(float), nan=0.0) for m in shown]
+        if shown:
+            ax.boxplot(values, tick_labels=shown, showmeans=True, flierprops={"markersize": 2})
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.set_title(f"{protocol} protocol")
+        ax.tick_params(axis="x", labelrotation=45)
+    axes[0].set_ylabel("per-gene PCC across spots")
+    path = Path(path)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    return path
