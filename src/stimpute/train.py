@@ -1,0 +1,138 @@
+"""Train MSAGNet with PyTorch Lightning: seeded, deterministic on CPU, early stopping, resumable.
+
+The whole spot graph of a stack (a few thousand nodes at most) is one batch, so an
+epoch is one optimisation step over all labelled spots. A seeded random share of the
+known spots is held out for validation (early stopping, best checkpoint) and, later, for
+fitting the Cross-layer Imputation weights (`stimpute.impute`). Lightning decides the
+hardware (`accelerator`, `devices`); nothing here assumes CUDA. Randomness inside a step
+(dropout) is seeded from the step number, so resuming from a checkpoint continues exactly
+as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+
+from stimpute.models.msagnet import MSAGNet, MSAGNetConfig, spot_loss
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; saved as YAML beside every result (`to_yaml`)."""
+
+    max_epochs: int = 300
+    patience: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    val_fraction: float = 0.25
+    seed: int = 0
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    model: MSAGNetConfig = field(default_factory=MSAGNetConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        values["model"] = MSAGNetConfig(**values.get("model", {}))
+        return cls(**values)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@dataclass
+class GraphBatch:
+    """Tensors of one stack: features (N, S, D), graph, labels (N, G; rows valid where masked)."""
+
+    x: torch.Tensor
+    edge_index: torch.Tensor
+    edge_type: torch.Tensor
+    edge_weight: torch.Tensor
+    y: torch.Tensor
+    train_mask: torch.Tensor
+    val_mask: torch.Tensor
+
+
+def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out (validation) spots among `n_known` known spots, seeded."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(n_known, bool)
+    held[rng.permutation(n_known)[: int(round(val_fraction * n_known))]] = True
+    return held
+
+
+class MSAGNetModule(L.LightningModule):
+    """Lightning wrapper: full-graph steps, spot loss on train / validation masks."""
+
+    def __init__(self, in_dim: int, n_genes: int, n_scales: int, model: dict, lr: float, weight_decay: float, seed: int):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = MSAGNet(in_dim, n_genes, n_scales, MSAGNetConfig(**model))
+
+    def forward(self, batch: GraphBatch) -> torch.Tensor:
+        return self.model(batch.x, batch.edge_index, batch.edge_type, batch.edge_weight)
+
+    def training_step(self, batch: GraphBatch, _idx: int) -> torch.Tensor:
+        torch.manual_seed(self.hparams.seed * 100_003 + self.global_step)  # dropout: a function of the step
+        loss = spot_loss(self(batch)[batch.train_mask], batch.y[batch.train_mask])
+        self.log("loss", loss, prog_bar=True, batch_size=1)
+        return loss
+
+    def validation_step(self, batch: GraphBatch, _idx: int) -> None:
+        if batch.val_mask.any():
+            loss = spot_loss(self(batch)[batch.val_mask], batch.y[batch.val_mask])
+        else:  # no held-out spots: monitor the training loss
+            loss = spot_loss(self(batch)[batch.train_mask], batch.y[batch.train_mask])
+        self.log("val_loss", loss, prog_bar=True, batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = None,
+        resume: str | Path | None = None, progress: bool = False) -> MSAGNetModule:
+    """Train on `batch` and return the module with the best validation weights loaded.
+
+    `ckpt_dir`: where `best.ckpt` and `last.ckpt` go (a temporary folder if None);
+    `resume`: a checkpoint to continue from (same batch and config).
+    """
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    n, s, d = batch.x.shape
+    module = MSAGNetModule(d, batch.y.shape[1], s, asdict(config.model), config.lr, config.weight_decay, config.seed)
+    module.model.set_feature_scaling(batch.x)
+    module.model.set_gene_means(batch.y[batch.train_mask].mean(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        best = ModelCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True)
+        callbacks = [EarlyStopping("val_loss", patience=config.patience), best]
+        if progress:
+            callbacks.append(RichProgressBar(leave=True))
+        trainer = L.Trainer(
+            max_epochs=config.max_epochs, accelerator=config.accelerator, devices=config.devices,
+            deterministic=True if config.accelerator == "cpu" else "warn", callbacks=callbacks, logger=False,
+            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        )
+        loader = torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=_identity)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            trainer.fit(module, loader, loader, ckpt_path=resume)
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    module.eval()
+    return module
+
+
+def _identity(item):
+    return item
