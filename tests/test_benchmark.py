@@ -192,3 +192,24 @@ def test_not_applicable_is_not_a_failure(prepared):
     finally:
         METHODS.pop("picky")
     assert (genes.status == "not_applicable").all() and len(spots) == 0
+
+
+def test_cli_benchmark_writes_every_file_and_guards_results(prepared, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stimpute.cli import app
+
+    prepare = pytest.importorskip("stimpute.prepare")
+    monkeypatch.setattr(prepare, "prepare_stack", lambda stack, **kw: prepared)
+    monkeypatch.setattr("stimpute.io.read_stack", lambda paths: prepared.stack)
+    out = tmp_path / "bench"
+    args = ["benchmark", "S0", "S1", "S2", "--out", str(out), "--methods", "mean,KNN", "--protocols", "2d"]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    for name in ("results.csv", "spots.csv", "splits.json", "summary.md", "pcc_boxplot.png"):
+        assert (out / name).is_file(), name
+    assert set(pd.read_csv(out / "results.csv").method) == {"mean", "knn"}
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output
+    bad = CliRunner().invoke(app, [*args, "--force", "--protocols", "4d"])
+    assert bad.exit_code == 2 and "unknown protocol" in bad.output

@@ -222,5 +222,61 @@ def demo(
     console.print(f"gene panel ({len(panel)} highly variable genes): {', '.join(panel[:10])}, …")
 
 
+@app.command()
+@guarded
+def benchmark(
+    sections: Sections,
+    out: Annotated[Path, typer.Option(help="Output folder: results.csv, summary.md, splits.json, spots.csv, pcc_boxplot.png and the feature cache.")],
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names (default: every registered method).")] = None,
+    protocols: Annotated[str, typer.Option(help="3d (each measured section known in turn) and/or 2d (leave-one-section-out, images only).")] = "3d,2d",
+    seed: Annotated[int, typer.Option(help="Seed passed to every method.")] = 0,
+    encoder: Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), resnet18, resnet50, uni or ciga.")] = "handcrafted",
+    force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (the feature cache is always reused).")] = False,
+):
+    """Run every method under the 3D and 2D protocols and write the comparison table.
+
+    Example: [bold]stimpute benchmark ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --out bench/[/]
+    """
+    import os
+    import platform
+    import sys
+    from datetime import date
+
+    from stimpute.evaluate import check_benchmark, run_benchmark
+    from stimpute.io import read_stack
+    from stimpute.plot import pcc_boxplot
+    from stimpute.prepare import prepare_stack
+
+    names, grid = check_benchmark(out, _csv(methods), _csv(protocols), force)
+    stack = read_stack(sections)
+    console.print(f"preparing {', '.join(stack.names)}: panel, {encoder} features (cached in {out / 'features'}), registration, graph")
+    prepared = prepare_stack(stack, encoder=encoder, cache_dir=out / "features", progress=True)
+    settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
+                "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", "encoder": encoder}
+    result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings)
+    plot = pcc_boxplot(result.results, out / "pcc_boxplot.png", names)
+    console.print(benchmark_table(result.summary))
+    console.print(f"wrote {', '.join(str(p) for p in [*result.files.values(), plot])}", highlight=False)
+
+
+def benchmark_table(summary) -> Table:
+    """The summary on the terminal: per-gene PCC (headline), the paper's per-spot PCC, cost."""
+    table = Table(title="benchmark: per-gene PCC across spots (mean ± sd); per-spot PCC is the ASIGN paper's metric")
+    for col in ("method", "protocol", "per-gene PCC", "top-50 HVG", "per-spot PCC", "MSE", "s", "status"):
+        table.add_column(col, no_wrap=col != "status")
+    for row in summary.itertuples():
+        def fmt(mean, sd):
+            return "–" if row.n_values == 0 else f"{mean:.3f} ± {sd:.3f}"
+
+        table.add_row(row.method, row.protocol, fmt(row.pcc, row.pcc_sd), fmt(row.pcc_hvg, row.pcc_hvg_sd),
+                      fmt(row.spot_pcc, row.spot_pcc_sd), "–" if row.n_values == 0 else f"{row.mse:.3f}",
+                      f"{row.seconds:.1f}", row.status.split(":")[0])
+    return table
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip().lower() for t in (text or "").split(",") if t.strip()]
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -265,13 +265,7 @@ def run_benchmark(
     `settings` (e.g. the command line) are recorded in `splits.json` and `summary.md`.
     """
     out_dir = Path(out_dir)
-    if (out_dir / "results.csv").exists() and not force:
-        raise StimputeError(out_dir, "already holds benchmark results; pass --force to overwrite them")
-    if not methods or not set(methods) <= set(METHODS):
-        load_methods()  # torch methods are imported only when asked for
-    methods = list(methods) if methods else default_methods()
-    for name in methods:
-        get_method(name)  # unknown names fail before any work
+    methods, protocols = check_benchmark(out_dir, methods, protocols, force)
     grid = [(name, view, split) for protocol in protocols
             for view in [prepared if protocol == "3d" else image_only(prepared)]
             for split in protocol_splits(prepared, protocol) for name in methods]
@@ -302,6 +296,23 @@ def run_benchmark(
     return BenchmarkResult(results, spots, summary, files)
 
 
+def check_benchmark(out_dir: Path, methods: Sequence[str] | None, protocols: Sequence[str],
+                    force: bool = False) -> tuple[list[str], list[str]]:
+    """Validate the grid and the output folder before any expensive work; return the
+    method names (default: every registered method) and protocols."""
+    if (Path(out_dir) / "results.csv").exists() and not force:
+        raise StimputeError(out_dir, "already holds benchmark results; pass --force to overwrite them")
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise StimputeError("--protocols", f"unknown protocol(s) {', '.join(unknown) or '(none given)'} (use {' and/or '.join(PROTOCOLS)})")
+    if not methods or not set(methods) <= set(METHODS):
+        load_methods()  # torch methods are imported only when asked for
+    methods = list(methods) if methods else default_methods()
+    for name in methods:
+        get_method(name)  # unknown names fail here, naming the available ones
+    return methods, list(protocols)
+
+
 def top_hvg_genes(prepared: PreparedStack, n: int = TOP_HVG) -> list[str]:
     """The panel's `n` most variable genes over all measured spots (the top-50 HVG summary)."""
     pooled = np.concatenate([e for e in prepared.expression if e is not None])
@@ -329,7 +340,7 @@ def summarise_benchmark(results: pd.DataFrame, spots: pd.DataFrame, hvg: Sequenc
             "spot_pcc_sd": spot.sd if spot and spot.n_genes else np.nan,
             "mse": ok.mse.mean(), "mae": ok.mae.mean(),
             "seconds": runs.seconds.sum(), "peak_mib": runs.peak_mib.max(),
-            "status": "ok" if not n_bad else _status_note(group),
+            "status": "ok" if not n_bad else _status_note(group),  # e.g. "failed on 2/6 targets: <error>"
         })
     summary = pd.DataFrame(rows)
     summary["welch_p"], summary["best"] = np.nan, False
@@ -348,7 +359,8 @@ def summarise_benchmark(results: pd.DataFrame, spots: pd.DataFrame, hvg: Sequenc
 def _status_note(group: pd.DataFrame) -> str:
     bad = group[group.status != "ok"].drop_duplicates(["known", "target"])
     first = bad.iloc[0]
-    return f"{first.status} on {len(bad)}/{group.drop_duplicates(['known', 'target']).shape[0]} targets: {first.error}"
+    status = first.status.replace("_", " ")
+    return f"{status} on {len(bad)}/{group.drop_duplicates(['known', 'target']).shape[0]} targets: {first.error}"
 
 
 def summary_markdown(summary: pd.DataFrame, record: dict) -> str:
@@ -382,7 +394,7 @@ def summary_markdown(summary: pd.DataFrame, record: dict) -> str:
             lines.append(f"| {row.method} | {row.protocol} | – | – | – | – | – | – | – | {row.seconds:.1f} | – | {_md(row.status)} |")
             continue
         name = f"**{row.method}**" if row.best else row.method
-        p = "best" if row.best else f"{row.welch_p:.2g}"
+        p = "best" if row.best else (f"{row.welch_p:.2g}" if row.welch_p > 1e-300 else "<1e-300")
         lines.append(
             f"| {name} | {row.protocol} | {row.pcc:.3f} ± {row.pcc_sd:.3f} | {row.pcc_hvg:.3f} ± {row.pcc_hvg_sd:.3f} "
             f"| {row.spot_pcc:.3f} ± {row.spot_pcc_sd:.3f} | {row.mse:.3f} | {row.mae:.3f} | {p} "

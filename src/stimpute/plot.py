@@ -36,7 +36,65 @@ def pcc_boxplot(results: pd.DataFrame, path: str | Path, methods: Sequence[str] 
         ax.axhline(0.0, color="grey", linewidth=0.6)
         ax.set_title(f"{protocol} protocol")
         ax.tick_params(axis="x", labelrotation=45)
-    axes[0].set_ylabel("per-gene PCC across spots")
+    axes[0].set_ylabel("per-gene PCC across spots (▲ mean)")
     path = Path(path)
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    return path
+
+
+def expression_heatmaps(xy: np.ndarray, measured: np.ndarray, predicted: np.ndarray, genes: Sequence[str],
+                        path: str | Path, title: str = "", background: np.ndarray | None = None,
+                        background_scale: float = 1.0, spot_size: float = 12.0) -> Path:
+    """Measured vs predicted expression of `genes` on the tissue: one row per gene.
+
+    `xy`: (n, 2) spot centres in pixels; `measured`/`predicted`: (n, len(genes)) values;
+    both maps of a gene share one colour scale. `background`: an RGB thumbnail drawn
+    under the spots, `background_scale` its pixels per full-resolution pixel.
+    """
+    xy = np.asarray(xy, float) * background_scale
+    fig = Figure(figsize=(6.4, 2.9 * len(genes) + 0.4), layout="constrained")
+    axes = fig.subplots(len(genes), 2, squeeze=False)
+    for row, gene in enumerate(genes):
+        lo, hi = np.nanpercentile(np.r_[measured[:, row], predicted[:, row]], [1, 99])
+        for ax, values, label in ((axes[row, 0], measured[:, row], "measured"), (axes[row, 1], predicted[:, row], "predicted")):
+            if background is not None:
+                ax.imshow(background)
+            dots = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=spot_size, cmap="viridis", vmin=lo, vmax=hi, linewidths=0)
+            ax.set_title(f"{gene} · {label}", fontsize=9)
+            ax.set_aspect("equal")
+            if background is None:
+                ax.invert_yaxis()  # image rows grow downwards
+            ax.set_axis_off()
+        fig.colorbar(dots, ax=axes[row].tolist(), shrink=0.8, label="log1p expression")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
+    return path
+
+
+def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[str], predicted: np.ndarray,
+                        path: str | Path, measured: np.ndarray | None = None, title: str = "") -> Path:
+    """Predicted (and measured) expression of `genes` as spots on the tissue thumbnail.
+
+    `xy`: spot centres in thumbnail pixels; `predicted`/`measured`: (n_spots, len(genes)).
+    One row per gene; measured and predicted share the colour scale of their gene.
+    """
+    columns = [("predicted", predicted)] if measured is None else [("measured", measured), ("predicted", predicted)]
+    fig = Figure(figsize=(3.2 * len(columns) + 0.6, 3.0 * len(genes)), layout="constrained")
+    axes = fig.subplots(len(genes), len(columns), squeeze=False)
+    size = max(4.0, 9000.0 / max(len(xy), 1))
+    for g, gene in enumerate(genes):
+        lo = min(float(np.min(v[:, g])) for _, v in columns)
+        hi = max(float(np.max(v[:, g])) for _, v in columns)
+        for ax, (label, values) in zip(axes[g], columns):
+            ax.imshow(thumbnail)
+            dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=size, cmap="viridis", vmin=lo, vmax=hi, linewidths=0)
+            ax.set_title(f"{gene} · {label}", fontsize=9)
+            ax.set_axis_off()
+        fig.colorbar(dots, ax=axes[g].tolist(), shrink=0.8, label="log1p expression")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"))
     return path
