@@ -42,37 +42,6 @@ def pcc_boxplot(results: pd.DataFrame, path: str | Path, methods: Sequence[str] 
     return path
 
 
-def expression_heatmaps(xy: np.ndarray, measured: np.ndarray, predicted: np.ndarray, genes: Sequence[str],
-                        path: str | Path, title: str = "", background: np.ndarray | None = None,
-                        background_scale: float = 1.0, spot_size: float = 12.0) -> Path:
-    """Measured vs predicted expression of `genes` on the tissue: one row per gene.
-
-    `xy`: (n, 2) spot centres in pixels; `measured`/`predicted`: (n, len(genes)) values;
-    both maps of a gene share one colour scale. `background`: an RGB thumbnail drawn
-    under the spots, `background_scale` its pixels per full-resolution pixel.
-    """
-    xy = np.asarray(xy, float) * background_scale
-    fig = Figure(figsize=(6.4, 2.9 * len(genes) + 0.4), layout="constrained")
-    axes = fig.subplots(len(genes), 2, squeeze=False)
-    for row, gene in enumerate(genes):
-        lo, hi = np.nanpercentile(np.r_[measured[:, row], predicted[:, row]], [1, 99])
-        for ax, values, label in ((axes[row, 0], measured[:, row], "measured"), (axes[row, 1], predicted[:, row], "predicted")):
-            if background is not None:
-                ax.imshow(background)
-            dots = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=spot_size, cmap="viridis", vmin=lo, vmax=hi, linewidths=0)
-            ax.set_title(f"{gene} · {label}", fontsize=9)
-            ax.set_aspect("equal")
-            if background is None:
-                ax.invert_yaxis()  # image rows grow downwards
-            ax.set_axis_off()
-        fig.colorbar(dots, ax=axes[row].tolist(), shrink=0.8, label="log1p expression")
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
-    return path
-
-
 def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[str], predicted: np.ndarray,
                         path: str | Path, measured: np.ndarray | None = None, title: str = "") -> Path:
     """Predicted (and measured) expression of `genes` as spots on the tissue thumbnail.
