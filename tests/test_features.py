@@ -11,7 +11,7 @@ import torch
 from stimpute.errors import InputError, StimputeError
 from stimpute.features import ENCODERS, FeatureRun, load_encoder, spot_features
 from stimpute.features.checkpoint import load_weights
-from stimpute.features.handcrafted import HANDCRAFTED_DIM, describe_batch, describe_patch
+from stimpute.features.handcrafted import BLOCKS, HANDCRAFTED_DIM, describe_batch, describe_patch
 from stimpute.features.resnet import resnet18, resnet50
 from stimpute.features.vit import VisionTransformer
 
@@ -97,7 +97,7 @@ def test_handcrafted_descriptors_measure_nuclei_and_colour():
             img[y - 3 : y + 4, x - 3 : x + 4] = (60, 30, 110)  # haematoxylin-dark nuclei
     f_sparse, f_dense = describe_patch(sparse), describe_patch(dense)
     assert f_sparse.shape == (HANDCRAFTED_DIM,) and np.isfinite(f_sparse).all()
-    nuclei_per_px = 49  # first nuclei descriptor follows the 49 colour descriptors
+    nuclei_per_px = BLOCKS["nuclei"].start  # density at the loose threshold
     assert f_dense[nuclei_per_px] > 3 * f_sparse[nuclei_per_px]
     batch = describe_batch(np.stack([sparse, dense])[None])
     assert batch.shape == (1, 2, HANDCRAFTED_DIM) and np.allclose(batch[0, 0], f_sparse)
