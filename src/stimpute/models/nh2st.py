@@ -1,7 +1,8 @@
 """NH²2ST: neighbour-aware expression prediction with dual-scale contrastive learning.
 
-Two branches read cached patch features (`PreparedStack.features`, spot scale):
-- the **query branch** embeds the target spot's patch;
+Two branches read cached patch features (`PreparedStack.features`):
+- the **query branch** embeds the target spot's features (spot patch and its two context
+  windows side by side, the information a linear probe gets);
 - the **neighbour branch** embeds the spot-scale patches of its `size`×`size`
   neighbourhood on the section's spot lattice (`neighbour_grid`; missing neighbours are
   masked out of attention and pooling) with a small transformer.
@@ -15,20 +16,24 @@ the regression loss. Prediction needs images only.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from stimpute.data import Section
 from stimpute.errors import StimputeError
-from stimpute.evaluate import pearson_columns
+from stimpute.evaluate import gene_metrics, pearson_columns
+from stimpute.io.anndata_io import _atomic_write
 from stimpute.models.base import Method, PreparedStack, register_method
 
-SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features
+SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)
 
 
 # ----------------------------------------------------------------------------- lattice
@@ -115,16 +120,16 @@ class NH2STConfig:
 class NH2STNet(nn.Module):
     """Query + neighbour branches fused by cross-attention; gene encoders for the contrastive terms.
 
-    `forward(query (B, D), neighbours (B, K, D), mask (B, K) True=present)` returns the
+    `forward(query (B, Dq), neighbours (B, K, Dn), mask (B, K) True=present)` returns the
     standardised prediction (B, G) and the spot- and neighbourhood-scale image embeddings (B, E).
     """
 
-    def __init__(self, in_dim: int, n_genes: int, cfg: NH2STConfig):
+    def __init__(self, query_dim: int, neighbour_dim: int, n_genes: int, cfg: NH2STConfig):
         super().__init__()
         E, K = cfg.emb_dim, cfg.res_neighbor**2
         hidden = max(1, int(E * cfg.mlp_ratio))
-        self.query_proj = nn.Sequential(nn.Linear(in_dim, E), nn.LayerNorm(E))
-        self.neighbour_proj = nn.Sequential(nn.Linear(in_dim, E), nn.LayerNorm(E))
+        self.query_proj = nn.Sequential(nn.Linear(query_dim, E), nn.LayerNorm(E))
+        self.neighbour_proj = nn.Sequential(nn.Linear(neighbour_dim, E), nn.LayerNorm(E))
         self.position = nn.Parameter(torch.zeros(1, K, E))
         nn.init.trunc_normal_(self.position, std=0.02)
         layer = nn.TransformerEncoderLayer(E, cfg.num_heads, hidden, cfg.dropout, activation="gelu",
@@ -157,14 +162,14 @@ def _gene_encoder(n_genes: int, dim: int, dropout: float) -> nn.Module:
 class SpotTable:
     """Spots of several sections as flat tensors: features, neighbour indices, expression."""
 
-    features: torch.Tensor  # (N, D) spot-scale features
+    features: torch.Tensor  # (N, S, D) features at every scale
     neighbours: torch.Tensor  # (N, K) flat indices into features, -1 where missing
     expression: torch.Tensor | None  # (N, G) log1p expression, None when predicting
 
     def batch(self, idx: torch.Tensor):
-        """Query features, neighbour features, presence mask (and expression) of spots `idx`."""
+        """Query features (B, S*D), neighbour spot-scale features (B, K, D), presence mask (B, K)."""
         nb = self.neighbours[idx]
-        return self.features[idx], self.features[nb.clamp_min(0)], nb >= 0
+        return self.features[idx].flatten(1), self.features[nb.clamp_min(0), SPOT_SCALE], nb >= 0
 
 
 def spot_table(prepared: PreparedStack, sections: list[int], size: int, lattice: str = "auto",
@@ -172,7 +177,7 @@ def spot_table(prepared: PreparedStack, sections: list[int], size: int, lattice:
     """Stack the spot-scale features (and expression) of `sections`, neighbours re-indexed globally."""
     feats, neighbours, expr, offset = [], [], [], 0
     for i in sections:
-        f = np.asarray(prepared.features[i])[:, SPOT_SCALE]
+        f = np.asarray(prepared.features[i])
         grid = neighbour_grid(prepared.stack[i], size, lattice)
         feats.append(f)
         neighbours.append(np.where(grid >= 0, grid + offset, -1))
@@ -196,13 +201,14 @@ class NH2STModule(L.LightningModule):
     standardisation statistics are buffers, so a checkpoint alone predicts new sections.
     """
 
-    def __init__(self, in_dim: int, n_genes: int, panel: list[str] | None = None, **config):
+    def __init__(self, n_scales: int, in_dim: int, n_genes: int, panel: list[str] | None = None, **config):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = NH2STConfig(**config)
-        self.net = NH2STNet(in_dim, n_genes, self.cfg)
-        for name, dim in (("feat_mean", in_dim), ("feat_std", in_dim), ("expr_mean", n_genes), ("expr_std", n_genes)):
-            self.register_buffer(name, torch.zeros(dim) if "mean" in name else torch.ones(dim))
+        self.net = NH2STNet(n_scales * in_dim, in_dim, n_genes, self.cfg)
+        for name, shape in (("feat_mean", (n_scales, in_dim)), ("feat_std", (n_scales, in_dim)),
+                            ("expr_mean", (n_genes,)), ("expr_std", (n_genes,))):
+            self.register_buffer(name, torch.zeros(shape) if "mean" in name else torch.ones(shape))
         self.table: SpotTable | None = None
         self.learn_from: torch.Tensor | None = None
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -219,8 +225,8 @@ class NH2STModule(L.LightningModule):
 
     def _forward(self, table: SpotTable, idx: torch.Tensor):
         query, neigh, mask = table.batch(idx)
-        query = (query - self.feat_mean) / self.feat_std
-        neigh = (neigh - self.feat_mean) / self.feat_std * mask.unsqueeze(-1)
+        query = (query - self.feat_mean.flatten()) / self.feat_std.flatten()
+        neigh = (neigh - self.feat_mean[SPOT_SCALE]) / self.feat_std[SPOT_SCALE] * mask.unsqueeze(-1)
         return self.net(query, neigh, mask)
 
     def training_step(self, batch, batch_idx):
@@ -290,19 +296,68 @@ def _loader(idx: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
 
 
 def fit_nh2st(table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, panel: list[str], seed: int = 0,
-              cfg: NH2STConfig | None = None) -> NH2STModule:
-    """Train on spots `train_idx` of `table`, early-stopping on the mean per-gene PCC of `val_idx` (seeded)."""
+              cfg: NH2STConfig | None = None, checkpoint: str | Path | None = None) -> NH2STModule:
+    """Train on spots `train_idx` of `table`, early-stopping on the mean per-gene PCC of
+    `val_idx` (seeded); the best epoch's weights are kept and, with `checkpoint`, saved there."""
     cfg = cfg or NH2STConfig()
     L.seed_everything(seed, workers=True, verbose=False)
-    module = NH2STModule(table.features.shape[1], table.expression.shape[1], panel=list(panel), **asdict(cfg))
+    module = NH2STModule(*table.features.shape[1:], table.expression.shape[1], panel=list(panel), **asdict(cfg))
     module.attach(table, train_idx)
     trainer = L.Trainer(
         max_epochs=cfg.max_epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[L.pytorch.callbacks.EarlyStopping("val_pcc", mode="max", patience=cfg.patience), _KeepBest()],
     )
-    trainer.fit(module, _loader(train_idx, cfg.batch_size, True, seed), _loader(val_idx, 1024, False, seed))
-    return module
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, _loader(train_idx, cfg.batch_size, True, seed), _loader(val_idx, 1024, False, seed))
+    if checkpoint is not None:
+        _atomic_write(Path(checkpoint), lambda tmp: trainer.save_checkpoint(tmp, weights_only=True))
+    return module.eval()
+
+
+def train_nh2st(prepared: PreparedStack, train: list[int], seed: int = 0, cfg: NH2STConfig | None = None,
+                checkpoint: str | Path | None = None) -> NH2STModule:
+    """Train on the measured sections `train` (a seeded share of their spots validates)."""
+    cfg = cfg or NH2STConfig()
+    table = spot_table(prepared, train, cfg.res_neighbor, cfg.lattice)
+    train_idx, val_idx = split_spots(len(table.features), cfg.val_fraction, seed)
+    return fit_nh2st(table, train_idx, val_idx, prepared.panel, seed, cfg, checkpoint)
+
+
+def predict_nh2st(module: NH2STModule, prepared: PreparedStack, targets: list[int]) -> dict[int, np.ndarray]:
+    """Predicted panel expression of each target section, from its image features only."""
+    if list(module.hparams.panel) != list(prepared.panel):
+        raise StimputeError("--checkpoint", "the model was trained on a different gene panel than the one given")
+    cfg = module.cfg
+    return {i: module.predict_table(spot_table(prepared, [i], cfg.res_neighbor, cfg.lattice, with_expression=False))
+            for i in targets}
+
+
+def load_nh2st(path: str | Path) -> NH2STModule:
+    """A trained NH²2ST module from a checkpoint written by `train_nh2st`."""
+    try:
+        return NH2STModule.load_from_checkpoint(path, map_location="cpu").eval()
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise StimputeError(path, f"not an NH²2ST checkpoint ({exc})") from None
+
+
+def cross_validate_nh2st(prepared: PreparedStack, sections: list[int], n_folds: int, seed: int = 0,
+                         cfg: NH2STConfig | None = None, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """k-fold cross-validation by section (`--mode cv`): each fold's sections are predicted
+    by a model trained on the others. Returns per-gene rows `fold, section, gene, pcc, mse,
+    mae`; with `out_dir`, each fold's checkpoint is saved as `fold<k>.ckpt` there."""
+    if not 2 <= n_folds <= len(sections):
+        raise StimputeError("--folds", f"need 2 ≤ folds ≤ {len(sections)} measured sections, got {n_folds}")
+    rows = []
+    for k, held in enumerate(np.array_split(np.array(sections), n_folds)):
+        train = [i for i in sections if i not in held]
+        ckpt = None if out_dir is None else Path(out_dir) / f"fold{k}.ckpt"
+        preds = predict_nh2st(train_nh2st(prepared, train, seed, cfg, ckpt), prepared, list(held))
+        for i, pred in preds.items():
+            metrics = gene_metrics(pred, prepared.known_expression(i), prepared.panel)
+            rows.append(metrics.assign(fold=k, section=prepared.stack[i].name))
+    return pd.concat(rows, ignore_index=True)[["fold", "section", "gene", "pcc", "mse", "mae"]]
 
 
 @register_method
@@ -315,8 +370,4 @@ class NH2ST(Method):
         self.cfg = NH2STConfig(**config)
 
     def fit_predict(self, prepared: PreparedStack, train: list[int], targets: list[int], seed: int = 0) -> dict[int, np.ndarray]:
-        size, lattice = self.cfg.res_neighbor, self.cfg.lattice
-        table = spot_table(prepared, train, size, lattice)
-        train_idx, val_idx = split_spots(len(table.features), self.cfg.val_fraction, seed)
-        module = fit_nh2st(table, train_idx, val_idx, prepared.panel, seed, self.cfg)
-        return {i: module.predict_table(spot_table(prepared, [i], size, lattice, with_expression=False)) for i in targets}
+        return predict_nh2st(train_nh2st(prepared, train, seed, self.cfg), prepared, targets)
