@@ -1,0 +1,359 @@
+"""3DMoEST: a morphology-routed sparse mixture of experts that predicts spot counts in 3D.
+
+Each spot is described by its patch features (e.g. UNI), its 3D position (registered x, y
+and z in µm, Fourier-encoded) and a Sobel gradient map of its spot patch. A router that
+sees only summary statistics of the gradient map (how much edge, how it is spread) sends
+the spot to `top_k` of `n_experts` small MLPs; their gate-weighted output is the logit of
+each gene's share of the spot's library, plus one share for all genes outside the panel,
+so that `library × softmax` is the negative-binomial mean and `log1p(1e4 × share)` is
+exactly the project's normalise_total + log1p scale. Training minimises
+
+    NB negative log-likelihood on raw counts (per-gene dispersion)
+    + `balance_weight` × load-balancing term (Switch-Transformer style, 1 when uniform)
+    + `gradient_weight` × coupled gradient loss,
+
+where the coupled gradient loss asks the predicted difference between neighbouring spots
+to follow the measured one, weighted by how alike the two spots' morphology is: smooth
+within one tissue compartment, free to jump across a boundary (our reading of the
+3DMoEST description). Masked spatial modelling (MSM) replaces the visual features of a
+random `mask_prob` share of the spots by a learned token during training, so the experts
+also learn from position alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import cv2
+import lightning
+import numpy as np
+import torch
+from scipy import sparse
+from scipy.spatial import cKDTree
+from torch import nn
+
+from stimpute.expression import TARGET_SUM
+from stimpute.io.moest_h5 import coords_3d
+from stimpute.models.base import Method, PreparedStack, register_method
+from stimpute.patches import SCALES_UM, iter_patches
+
+SOBEL_SIZE = 32  # side of the stored gradient map (the 3DMoEST H5 `sobel_gradients`)
+EDGE_LEVELS = (0.05, 0.1, 0.2)  # gradient magnitudes (grey levels / 255 per px) counted as edges
+
+
+@dataclass(frozen=True)
+class MoE3DConfig:
+    """Settings of the model and its training (defaults used by the benchmark)."""
+
+    n_experts: int = 6
+    top_k: int = 2
+    hidden: int = 128
+    n_frequencies: int = 6
+    min_wavelength_um: float = 400.0  # shortest Fourier wavelength: about two spot pitches
+    max_wavelength_um: float = 8000.0  # longest: the size of a section
+    use_coords: bool | None = None  # None: when the stack is registered and has > 1 section
+    thickness_um: float | None = None  # z spacing for coords_3d (default: the stack's)
+    pca_dim: int = 32  # visual features standardised, then PCA on the training spots (0: keep all)
+    mask_prob: float = 0.25  # MSM: share of spots whose visual features are masked
+    router_noise: float = 0.5  # std of the noise added to router logits in training
+    balance_weight: float = 0.01
+    gradient_weight: float = 0.1
+    dropout: float = 0.1
+    epochs: int = 200  # full-batch optimisation steps
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+
+
+# -- morphology ------------------------------------------------------------------------------
+def sobel_gradients(section, size: int = SOBEL_SIZE) -> np.ndarray:
+    """(n_spots, size, size) float32 Sobel gradient magnitude of each spot patch.
+
+    Uses `adata.obsm["sobel_gradients"]` when the section carries it (3DMoEST H5 input);
+    otherwise reads the spot patch (`SCALES_UM[0]` µm) at 4 × `size` px, takes the Sobel
+    magnitude of its grey levels (0..1) and area-averages it down to `size`.
+    """
+    stored = section.adata.obsm.get("sobel_gradients")
+    if stored is not None:
+        return np.asarray(stored, np.float32)
+    maps = np.empty((section.n_spots, size, size), np.float32)
+    for batch in iter_patches(section, SCALES_UM[:1], out_size=4 * size, batch_size=64):
+        for j, patch in zip(batch.index, batch.patches[:, 0]):
+            grey = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+            magnitude = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
+            maps[j] = cv2.resize(magnitude, (size, size), interpolation=cv2.INTER_AREA)
+    return maps
+
+
+def sobel_summary(maps: np.ndarray) -> np.ndarray:
+    """Rotation-invariant router inputs (n, 10): mean, sd, 5 quantiles of the gradient
+    magnitude, and the share of pixels above each of `EDGE_LEVELS`."""
+    flat = np.asarray(maps, np.float32).reshape(len(maps), -1)
+    quantiles = np.quantile(flat, [0.1, 0.25, 0.5, 0.75, 0.9], axis=1).T
+    edges = np.stack([(flat > t).mean(axis=1) for t in EDGE_LEVELS], axis=1)
+    return np.column_stack([flat.mean(axis=1), flat.std(axis=1), quantiles, edges]).astype(np.float32)
+
+
+# -- building blocks -------------------------------------------------------------------------
+def fourier_frequencies(n: int, min_wavelength: float, max_wavelength: float) -> np.ndarray:
+    """`n` frequencies (cycles per unit) spaced geometrically from 1/max to 1/min wavelength."""
+    return np.geomspace(1.0 / max_wavelength, 1.0 / min_wavelength, n)
+
+
+class FourierEncoding(nn.Module):
+    """(N, d) positions -> (N, d × 2F): sin(2π f x) for every coordinate and frequency, then cos.
+
+    Feature order: coordinate-major, sin block then cos block per coordinate, frequencies
+    ascending within a block.
+    """
+
+    def __init__(self, frequencies: np.ndarray):
+        super().__init__()
+        self.register_buffer("frequencies", torch.as_tensor(frequencies, dtype=torch.float32))
+
+    def forward(self, xyz: torch.Tensor) -> torch.Tensor:
+        angles = 2 * torch.pi * xyz[:, :, None] * self.frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)
+
+
+class TopKRouter(nn.Module):
+    """Router: morphology statistics (N, S) -> sparse gates (N, E) with exactly k non-zeros
+    (softmax over the k largest logits) and the dense router probabilities (N, E)."""
+
+    def __init__(self, n_inputs: int, n_experts: int, top_k: int, noise: float = 0.0):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
+        self.top_k, self.noise = top_k, noise
+        self.net = nn.Sequential(nn.Linear(n_inputs, 32), nn.GELU(), nn.Linear(32, n_experts))
+
+    def forward(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(stats)
+        if self.training and self.noise > 0:
+            logits = logits + self.noise * torch.randn_like(logits)
+        top = logits.topk(self.top_k, dim=1)
+        gates = torch.zeros_like(logits).scatter(1, top.indices, top.values.softmax(dim=1))
+        return gates, logits.softmax(dim=1)
+
+
+def load_balance_loss(gates: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """E × Σ_e (share of routing slots given to e) × (mean router probability of e); 1 when even."""
+    n_experts = gates.shape[1]
+    chosen = (gates > 0).float()
+    share = chosen.sum(dim=0) / chosen.sum()
+    return n_experts * (share * probs.mean(dim=0)).sum()
+
+
+def nb_log_likelihood(counts: torch.Tensor, mean: torch.Tensor, dispersion: torch.Tensor) -> torch.Tensor:
+    """Element-wise log NB(counts; mean, dispersion θ): variance = mean + mean² / θ.
+
+    Same as scipy's `nbinom.logpmf(counts, n=θ, p=θ / (θ + mean))`.
+    """
+    eps = 1e-8
+    log_total = torch.log(dispersion + mean + eps)
+    return (
+        torch.lgamma(counts + dispersion)
+        - torch.lgamma(dispersion)
+        - torch.lgamma(counts + 1)
+        + dispersion * (torch.log(dispersion + eps) - log_total)
+        + counts * (torch.log(mean + eps) - log_total)
+    )
+
+
+def coupled_gradient_loss(pred: torch.Tensor, truth: torch.Tensor, edges: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over neighbour pairs (2, P) of ‖(ŷ_i − ŷ_j) − (y_i − y_j)‖² / genes."""
+    if edges.shape[1] == 0:
+        return pred.sum() * 0.0
+    i, j = edges
+    diff = (pred[i] - pred[j]) - (truth[i] - truth[j])
+    return (weight * diff.pow(2).mean(dim=1)).sum() / weight.sum()
+
+
+class MoE3DNet(nn.Module):
+    """Visual features (N, V), router statistics (N, S) and optional 3D positions (N, 3) ->
+    logits (N, G + 1) of each gene's share of the library (+ the rest), gates, router probs."""
+
+    def __init__(self, n_visual: int, n_stats: int, n_out: int, config: MoE3DConfig, use_coords: bool):
+        super().__init__()
+        c = config
+        self.mask_token = nn.Parameter(torch.zeros(n_visual))
+        self.visual = nn.Sequential(nn.Linear(n_visual, c.hidden), nn.GELU(), nn.Dropout(c.dropout))
+        self.fourier = (
+            FourierEncoding(fourier_frequencies(c.n_frequencies, c.min_wavelength_um, c.max_wavelength_um)) if use_coords else None
+        )
+        n_in = c.hidden + (6 * c.n_frequencies if use_coords else 0)
+        self.router = TopKRouter(n_stats, c.n_experts, c.top_k, c.router_noise)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(n_in, c.hidden), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(c.hidden, n_out))
+            for _ in range(c.n_experts)
+        )
+        self.log_dispersion = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, visual, stats, xyz=None, mask=None):
+        if mask is not None:
+            visual = torch.where(mask[:, None], self.mask_token.expand_as(visual), visual)
+        h = self.visual(visual)
+        if self.fourier is not None:
+            h = torch.cat([h, self.fourier(xyz)], dim=1)
+        gates, probs = self.router(stats)
+        out = torch.stack([expert(h) for expert in self.experts], dim=1)
+        return (gates[:, :, None] * out).sum(dim=1), gates, probs
+
+
+class MoE3DModule(lightning.LightningModule):
+    """Full-batch training of `MoE3DNet` on the training spots (one batch = all of them)."""
+
+    def __init__(self, net: MoE3DNet, config: MoE3DConfig, edges: torch.Tensor, edge_weight: torch.Tensor):
+        super().__init__()
+        self.net, self.config = net, config
+        self.register_buffer("edges", edges)
+        self.register_buffer("edge_weight", edge_weight)
+
+    def training_step(self, batch, batch_idx):
+        c = self.config
+        mask = torch.rand(len(batch["visual"]), device=self.device) < c.mask_prob
+        logits, gates, probs = self.net(batch["visual"], batch["stats"], batch.get("xyz"), mask)
+        share = logits.softmax(dim=1)
+        mean = batch["library"][:, None] * share
+        nb = -nb_log_likelihood(batch["counts"], mean, self.net.log_dispersion.exp()).mean()
+        pred = torch.log1p(TARGET_SUM * share[:, :-1])
+        gradient = coupled_gradient_loss(pred, batch["log1p"], self.edges, self.edge_weight)
+        balance = load_balance_loss(gates, probs)
+        loss = nb + c.balance_weight * balance + c.gradient_weight * gradient
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+
+class _RepeatedBatch(torch.utils.data.Dataset):
+    """The same full batch `steps` times: one epoch of `steps` optimisation steps."""
+
+    def __init__(self, batch: dict, steps: int):
+        self.batch, self.steps = batch, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, index):
+        return self.batch
+
+
+# -- the method ------------------------------------------------------------------------------
+@register_method
+class MoE3D(Method):
+    """3DMoEST (see module docstring). After `fit_predict`, `routing_[i]` holds the gates
+    (n_i, n_experts) of every section it saw, for routing maps."""
+
+    name = "moe3d"
+
+    def __init__(self, config: MoE3DConfig | None = None, **options):
+        self.config = replace(config or MoE3DConfig(), **options)
+        self.routing_: dict[int, np.ndarray] = {}
+        self.net_: MoE3DNet | None = None
+
+    def fit_predict(self, prepared: PreparedStack, train: list[int], targets: list[int], seed: int = 0) -> dict[int, np.ndarray]:
+        c = self.config
+        lightning.seed_everything(seed, workers=True, verbose=False)
+        use_coords = c.use_coords if c.use_coords is not None else (prepared.coords_ref is not None and len(prepared.stack) > 1)
+        sections = sorted(set(train) | set(targets))
+        inputs = _spot_inputs(prepared, sections, train, c, use_coords, seed)
+        counts, library = zip(*(_counts(prepared, i) for i in train))
+        batch = {
+            "visual": torch.cat([inputs[i]["visual"] for i in train]),
+            "stats": torch.cat([inputs[i]["stats"] for i in train]),
+            "counts": torch.as_tensor(np.concatenate(counts)),
+            "library": torch.as_tensor(np.concatenate(library)),
+            "log1p": torch.as_tensor(np.concatenate([prepared.known_expression(i) for i in train]), dtype=torch.float32),
+        }
+        if use_coords:
+            batch["xyz"] = torch.cat([inputs[i]["xyz"] for i in train])
+        edges, weight = _train_edges(prepared, train, batch["stats"].numpy())
+        net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(prepared.panel) + 1, c, use_coords)
+        module = MoE3DModule(net, c, torch.as_tensor(edges), torch.as_tensor(weight))
+        trainer = _trainer(c.epochs)
+        trainer.fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
+        self.net_ = net.eval().cpu()
+        predictions = {}
+        with torch.inference_mode():
+            for i in sections:
+                logits, gates, _ = net(inputs[i]["visual"], inputs[i]["stats"], inputs[i].get("xyz"))
+                self.routing_[i] = gates.numpy()
+                if i in targets:
+                    share = logits.softmax(dim=1)[:, :-1]
+                    predictions[i] = torch.log1p(TARGET_SUM * share).numpy().astype(np.float32)
+        return predictions
+
+
+def _trainer(steps: int) -> lightning.Trainer:
+    """Seeded, deterministic, quiet trainer (stimpute.train's factory once it exists)."""
+    try:
+        from stimpute.train import make_trainer
+    except ImportError:
+        make_trainer = None
+    options = dict(max_epochs=1, deterministic=True, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=max(1, steps))
+    if make_trainer is not None:
+        return make_trainer(**options)
+    return lightning.Trainer(accelerator="auto", devices=1, **options)
+
+
+def _spot_inputs(prepared, sections, train, c: MoE3DConfig, use_coords: bool, seed: int) -> dict[int, dict]:
+    """Per section: visual features (PCA + standardised on the training spots), standardised
+    Sobel statistics and, if used, 3D coordinates in µm."""
+    from sklearn.decomposition import PCA
+
+    visual = {i: np.asarray(prepared.features[i], np.float32).reshape(prepared.stack[i].n_spots, -1) for i in sections}
+    stats = {i: sobel_summary(sobel_gradients(prepared.stack[i])) for i in sections}
+    v_mu, v_sd = _moments(np.concatenate([visual[i] for i in train]))
+    visual = {i: (v - v_mu) / v_sd for i, v in visual.items()}
+    fit_rows = np.concatenate([visual[i] for i in train])
+    n_components = min(c.pca_dim, fit_rows.shape[0] - 1, fit_rows.shape[1])
+    if c.pca_dim and n_components < fit_rows.shape[1]:
+        pca = PCA(n_components, random_state=seed).fit(fit_rows)  # not whitened: noise stays small
+        visual = {i: pca.transform(v) for i, v in visual.items()}
+    v_scale = np.sqrt(np.concatenate([visual[i] for i in train]).var(axis=0).mean()) + 1e-6
+    s_mu, s_sd = _moments(np.concatenate([stats[i] for i in train]))
+    xyz = coords_3d(prepared.stack, prepared.coords_ref, c.thickness_um) if use_coords else None
+    out = {}
+    for i in sections:
+        out[i] = {
+            "visual": torch.as_tensor(visual[i] / v_scale, dtype=torch.float32),
+            "stats": torch.as_tensor((stats[i] - s_mu) / s_sd, dtype=torch.float32),
+        }
+        if use_coords:
+            out[i]["xyz"] = torch.as_tensor(xyz[i], dtype=torch.float32)
+    return out
+
+
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(axis=0), x.std(axis=0) + 1e-6
+
+
+def _counts(prepared: PreparedStack, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw panel counts with one extra column for all other genes (n, G + 1), and library size."""
+    adata = prepared.stack[i].adata
+    prepared.known_expression(i)  # raises a clear error if the section has no counts
+    X = adata.X
+    library = np.asarray(X.sum(axis=1), np.float64).ravel()
+    panel = adata[:, list(prepared.panel)].X
+    panel = panel.toarray() if sparse.issparse(panel) else np.asarray(panel)
+    rest = np.clip(library - panel.sum(axis=1), 0, None)
+    return np.column_stack([panel, rest]).astype(np.float32), library.astype(np.float32)
+
+
+def _train_edges(prepared: PreparedStack, train: list[int], stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour pairs (2, P) within each training section (≤ 1.5 × the median spot pitch),
+    in training-batch rows, and their morphology weights exp(−‖Δstats‖² / median)."""
+    pairs, start = [], 0
+    for i in train:
+        xy = prepared.stack[i].xy
+        if len(xy) > 1:
+            tree = cKDTree(xy)
+            pitch = np.median(tree.query(xy, k=2)[0][:, 1])
+            found = np.array(sorted(tree.query_pairs(1.5 * pitch)), dtype=np.int64).reshape(-1, 2)
+            pairs.append(found + start)
+        start += len(xy)
+    edges = np.concatenate(pairs).T if pairs else np.zeros((2, 0), np.int64)
+    dist = ((stats[edges[0]] - stats[edges[1]]) ** 2).sum(axis=1)
+    weight = np.exp(-dist / (np.median(dist) + 1e-6)) if dist.size else dist
+    return edges, weight.astype(np.float32)
