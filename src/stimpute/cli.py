@@ -171,6 +171,32 @@ def panel(
 
 @app.command()
 @guarded
+def register(
+    sections: Sections,
+    out: Annotated[Path, typer.Option(help="Output folder: transforms.json, spots.csv, matches.csv, graph.pt, figures/.")],
+    force: Annotated[bool, typer.Option(help="Overwrite earlier registration results in OUT.")] = False,
+):
+    """Align serial sections onto the first one, match spots across layers and build the 3D spot graph.
+
+    Example: [bold]stimpute register ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --out registered/[/]
+    """
+    from stimpute.data import Stack
+    from stimpute.io import read_section
+    from stimpute.register.outputs import write_registration
+
+    stack = Stack([read_section(path) for path in sections])
+    result = write_registration(stack, out, force=force, progress=True)
+    table = Table("pair", "Dice before", "Dice after", "stain NCC", "angle", "mirrored", "seconds")
+    for row in result["registration"].pairs.itertuples():
+        table.add_row(f"{row.moving} → {row.fixed}", f"{row.dice_before:.3f}", f"{row.dice_after:.3f}",
+                      f"{row.ncc_after:.3f}", f"{row.angle_deg:.0f}°", "yes" if row.mirrored else "no", f"{row.seconds:.1f}")
+    console.print(table)
+    fractions = ", ".join(f"{name} {frac:.0%}" for name, frac in result["matched_fraction"].items())
+    console.print(f"spots with a cross-layer match: {fractions}; graph: {result['n_edges']} edges → {out}", highlight=False)
+
+
+@app.command()
+@guarded
 def features(
     sections: Sections,
     out: Annotated[Path, typer.Option(help="Cache folder: one <section>.features.h5 per section.")],
