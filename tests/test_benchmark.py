@@ -213,3 +213,19 @@ def test_cli_benchmark_writes_every_file_and_guards_results(prepared, tmp_path, 
     assert again.exit_code == 2 and "--force" in again.output
     bad = CliRunner().invoke(app, [*args, "--force", "--protocols", "4d"])
     assert bad.exit_code == 2 and "unknown protocol" in bad.output
+
+
+def test_a_prediction_of_the_wrong_shape_is_a_failed_row(prepared):
+    class Short(Method):
+        name = "short"
+
+        def fit_predict(self, prepared, train, targets, seed=0):
+            return {t: np.zeros((3, len(prepared.panel))) for t in targets[:1]}
+
+    METHODS["short"] = Short
+    try:
+        genes, _ = run_split(prepared, "short", protocol_splits(prepared, "3d")[0])
+    finally:
+        METHODS.pop("short")
+    assert list(genes.status) == ["failed", "failed"]
+    assert "shape (3, 60)" in genes.error.iloc[0] and "shape None" in genes.error.iloc[1]
