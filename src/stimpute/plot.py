@@ -67,3 +67,33 @@ def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[s
     path = Path(path)
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"))
     return path
+
+
+def routing_map(thumbnails: Sequence[np.ndarray], xys: Sequence[np.ndarray], gates: Sequence[np.ndarray],
+                titles: Sequence[str], path: str | Path) -> Path:
+    """Which expert each spot used (3DMoEST): one panel per section, spots on the tissue
+    thumbnail coloured by their top-weighted expert, more opaque the larger its gate.
+
+    `xys[i]`: spot centres in thumbnail pixels of section i; `gates[i]`: (n_spots, n_experts).
+    """
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    n_experts = gates[0].shape[1]
+    colours = colormaps["tab10" if n_experts <= 10 else "tab20"](np.arange(n_experts))
+    fig = Figure(figsize=(3.6 * len(titles) + 1.4, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(titles), squeeze=False)[0]
+    for ax, thumb, xy, g, title in zip(axes, thumbnails, xys, gates, titles):
+        top = g.argmax(axis=1)
+        rgba = colours[top].copy()
+        rgba[:, 3] = 0.35 + 0.65 * g.max(axis=1)
+        ax.imshow(thumb)
+        ax.scatter(xy[:, 0], xy[:, 1], c=rgba, s=max(6.0, 9000.0 / max(len(xy), 1)), linewidths=0)
+        counts = np.bincount(top, minlength=n_experts)
+        ax.set_title(f"{title}\nspots per expert: {' '.join(map(str, counts))}", fontsize=9)
+        ax.set_axis_off()
+    handles = [Line2D([], [], marker="o", linestyle="", color=colours[e], label=f"expert {e}") for e in range(n_experts)]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, title="top expert")
+    path = Path(path)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
+    return path

@@ -3,7 +3,9 @@
 `read_section(path)` recognises the input by its shape:
 - a HER2-ST raw folder (`*_selection.tsv` + `*.tsv.gz` + image),
 - a project section folder (`section.h5ad` + `image.*`, written by `stimpute convert`),
-- an `.h5ad` file with `obsm["spatial"]` and an image (HEST-1k style).
+- an `.h5ad` file with `obsm["spatial"]` and an image (HEST-1k style),
+- a single-section 3DMoEST `.h5` file (`stimpute.io.moest_h5`; multi-section files are
+  converted with `stimpute convert moest-h5`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from stimpute.io.anndata_io import (
     write_section,
 )
 from stimpute.io.her2st import is_her2st_folder, read_her2st
+from stimpute.io.moest_h5 import is_moest_h5, read_moest_section
 from stimpute.io.validate import validate_section
 
 
@@ -30,6 +33,8 @@ def read_section(path: str | Path, image: str | Path | None = None, um_per_px: f
     if not path.exists():
         raise InputError(path, "not found")
     if path.is_file():
+        if path.suffix in (".h5", ".hdf5") and is_moest_h5(path):
+            return read_moest_section(path, um_per_px=um_per_px)
         if path.suffix != ".h5ad":
             raise InputError(path, "unsupported section file: expected an .h5ad or a section folder")
         return read_h5ad_section(path, image=image, um_per_px=um_per_px)

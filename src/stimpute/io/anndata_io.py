@@ -182,7 +182,8 @@ def _counts_in_x(adata: ad.AnnData) -> ad.AnnData:
     if X is None:
         X = sparse.csr_matrix((adata.n_obs, adata.n_vars), dtype=np.float32)
     out = ad.AnnData(X=sparse.csr_matrix(X, dtype=np.float32), obs=adata.obs.copy(), var=adata.var.copy())
-    out.obsm["spatial"] = adata.obsm["spatial"]
+    for key, value in adata.obsm.items():  # spatial, plus per-spot arrays such as 3DMoEST's uni_features
+        out.obsm[key] = value
     if "spatial" in adata.uns:  # the scanpy/squidpy image entry travels with the spots
         out.uns["spatial"] = adata.uns["spatial"]
     out.obs_names = out.obs_names.astype(str)

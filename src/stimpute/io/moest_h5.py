@@ -212,7 +212,7 @@ def moest_to_stack(data: MoestData, source: str | Path | None = None, um_per_px:
     return Stack(sections, thickness_um=thickness)
 
 
-def read_moest_section(path: str | Path) -> Section:
+def read_moest_section(path: str | Path, um_per_px: float | None = None) -> Section:
     """The one section of a single-group 3DMoEST file (for `stimpute.io.read_section`)."""
     data = read_moest_h5(path)
     if len(data.sections) != 1:
@@ -221,7 +221,7 @@ def read_moest_section(path: str | Path) -> Section:
             f"holds {len(data.sections)} sections ({', '.join(data.names)}); convert it with "
             "`stimpute convert moest-h5 FILE OUT` and read the section folders",
         )
-    return moest_to_stack(data, source=path)[0]
+    return moest_to_stack(data, source=path, um_per_px=um_per_px)[0]
 
 
 def moest_to_prepared(data: MoestData, panel: Sequence[str] | None = None, source: str | Path | None = None):

@@ -22,6 +22,8 @@ also learn from position alone.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass, replace
 
 import cv2
@@ -271,7 +273,9 @@ class MoE3D(Method):
         net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(prepared.panel) + 1, c, use_coords)
         module = MoE3DModule(net, c, torch.as_tensor(edges), torch.as_tensor(weight))
         trainer = _trainer(c.epochs)
-        trainer.fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
+            trainer.fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
         self.net_ = net.eval().cpu()
         predictions = {}
         with torch.inference_mode():
@@ -285,16 +289,12 @@ class MoE3D(Method):
 
 
 def _trainer(steps: int) -> lightning.Trainer:
-    """Seeded, deterministic, quiet trainer (stimpute.train's factory once it exists)."""
-    try:
-        from stimpute.train import make_trainer
-    except ImportError:
-        make_trainer = None
-    options = dict(max_epochs=1, deterministic=True, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=max(1, steps))
-    if make_trainer is not None:
-        return make_trainer(**options)
-    return lightning.Trainer(accelerator="auto", devices=1, **options)
+    """A seeded, deterministic, quiet trainer for one epoch of `steps` full-batch steps."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every fit
+    return lightning.Trainer(accelerator="auto", devices=1, max_epochs=1, deterministic=True, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             log_every_n_steps=max(1, steps))
 
 
 def _spot_inputs(prepared, sections, train, c: MoE3DConfig, use_coords: bool, seed: int) -> dict[int, dict]:
