@@ -1,0 +1,355 @@
+"""Patch extraction and encoder benchmark (issue 4), on 2 CPU cores.
+
+Parts (`--parts`, default all):
+- `extract`: C3 patch extraction, all spots × 3 scales, batch-size sweep (patches/s, peak RSS);
+  writes a montage of a few spots at the three scales (`--figs`).
+- `encoders`: patches/s of each encoder at 224 px on C3 patches, batch-size sweep, peak RSS
+  (networks randomly initialised: no pretrained weights exist offline; speed is the same).
+- `wsi`: a 10,000-spot synthetic pyramidal TIFF (tiled, JPEG, written tile by tile):
+  extraction of all spots × 3 scales in bounded memory (peak RSS vs. image size).
+- `cache`: ResNet-18 features of C2, C3, C4 computed and cached, then read back (times).
+- `ridge`: ridge regression from features to expression — HER2-ST trained on C3, tested on
+  C2 and C4 (per-gene PCC over the 250-gene panel and its top-50 variable genes), handcrafted
+  with/without stain normalisation vs. a colour/H&E-statistics baseline; and the synthetic
+  stack (train section 0, test 1 and 2).
+
+Each measurement runs in a fresh process so `ru_maxrss` is its own peak.
+Run: `python benchmarks/bench_features.py [--data ../shared/data/her2st] [--out benchmarks/results]`
+Writes `OUT/bench_features.md` and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "her2st"
+SECTIONS = ("C2", "C3", "C4")
+ENCODER_BATCHES = {"handcrafted": (16, 64), "resnet18": (8, 32, 64), "resnet50": (16, 32), "uni": (8,)}
+ENCODER_PATCHES = {"handcrafted": 192, "resnet18": 192, "resnet50": 96, "uni": 16}
+
+
+# -- measurements, each run in a child process ---------------------------------------------
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _in_child(fn, *args):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _extract(section_path: str, batch_size: int) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    from stimpute.io import read_section
+    from stimpute.patches import iter_patches
+
+    section = read_section(section_path)
+    section.image.verify()  # decode once, outside the timing (a JPEG is decoded once anyway)
+    t = time.perf_counter()
+    n = sum(b.patches.shape[0] * b.patches.shape[1] for b in iter_patches(section, batch_size=batch_size))
+    return {"patches": n, "seconds": time.perf_counter() - t, "peak_mb": _peak_mb()}
+
+
+def _encode(name: str, batch_size: int, n_patches: int, patches_file: str) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    from stimpute.features import load_encoder
+
+    patches = np.load(patches_file)[:n_patches]
+    enc = load_encoder(name, random_init=name != "handcrafted")
+    enc(patches[:batch_size])  # warm-up
+    t = time.perf_counter()
+    for i in range(0, len(patches), batch_size):
+        enc(patches[i : i + batch_size])
+    return {"patches": len(patches), "seconds": time.perf_counter() - t, "peak_mb": _peak_mb()}
+
+
+def _wsi_extract(tiff: str, n_side: int, pitch: int, um_per_px: float, batch_size: int) -> dict:
+    import anndata as ad
+    import pandas as pd
+
+    from stimpute.data import Section
+    from stimpute.image import SectionImage
+    from stimpute.patches import iter_patches, padding_report
+
+    xy = _wsi_spots(n_side, pitch)
+    adata = ad.AnnData(obs=pd.DataFrame(index=[f"s{i}" for i in range(len(xy))]))
+    adata.obsm["spatial"] = xy
+    section = Section("wsi", adata, SectionImage.open(tiff), um_per_px=um_per_px)
+    t = time.perf_counter()
+    n = sum(b.patches.shape[0] * b.patches.shape[1] for b in iter_patches(section, batch_size=batch_size))
+    return {"spots": len(xy), "patches": n, "seconds": time.perf_counter() - t, "peak_mb": _peak_mb(),
+            "padded": padding_report(section)}
+
+
+def _wsi_spots(n_side: int, pitch: int) -> np.ndarray:
+    g = (np.arange(n_side) + 1.0) * pitch
+    gx, gy = np.meshgrid(g, g)
+    return np.c_[gx.ravel(), gy.ravel()]
+
+
+# -- parts -----------------------------------------------------------------------------
+def part_extract(data: Path, figs: Path) -> list[str]:
+    rows = ["## Patch extraction, HER2-ST C3 (all spots × 3 scales → 224 px)", "",
+            "| batch size | patches | seconds | patches/s | peak RSS MB |", "|---|---|---|---|---|"]
+    for bs in (8, 32, 128):
+        r = _in_child(_extract, str(data / "C3"), bs)
+        rows.append(f"| {bs} | {r['patches']} | {r['seconds']:.1f} | {r['patches'] / r['seconds']:.0f} | {r['peak_mb']:.0f} |")
+    montage = write_montage(data / "C3", figs / "patches_montage_C3.png")
+    rows += ["", f"JPEG decoded once before timing (~1 s). Montage: `{montage}`.", ""]
+    return rows
+
+
+def write_montage(section_path: Path, png: Path, n_spots: int = 5) -> Path:
+    """A few spots (rows) at the three scales (columns), spot outline drawn at the centre."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stimpute.io import read_section
+    from stimpute.patches import SCALE_NAMES, SCALES_UM, iter_patches
+
+    section = read_section(section_path)
+    picks = np.linspace(0, section.n_spots - 1, n_spots).astype(int)
+    batch = next(iter_patches(section, batch_size=section.n_spots)).patches[picks]
+    fig, axes = plt.subplots(n_spots, 3, figsize=(7.5, 2.5 * n_spots))
+    for r, spot in enumerate(picks):
+        for s in range(3):
+            ax = axes[r, s]
+            ax.imshow(batch[r, s])
+            radius = section.spot_diameter_um / 2 / SCALES_UM[s] * batch.shape[2]
+            ax.add_patch(plt.Circle((111.5, 111.5), radius, fill=False, color="lime", lw=1))
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{SCALE_NAMES[s]} ({SCALES_UM[s]:g} µm)", fontsize=9)
+        axes[r, 0].set_ylabel(section.spot_ids[spot], fontsize=8)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
+
+
+def part_encoders(data: Path, work: Path) -> list[str]:
+    from stimpute.io import read_section
+    from stimpute.patches import iter_patches
+
+    patches_file = work / "c3_patches.npy"
+    if not patches_file.exists():
+        section = read_section(data / "C3")
+        p = next(iter_patches(section, batch_size=64)).patches
+        np.save(patches_file, p.reshape(-1, *p.shape[2:]))  # 192 patches, the 3 scales mixed
+    rows = ["## Encoders at 224 px (2 threads; networks randomly initialised)", "",
+            "| encoder | dim | batch size | patches | patches/s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    from stimpute.features import ENCODERS
+
+    for name, sizes in ENCODER_BATCHES.items():
+        for bs in sizes:
+            r = _in_child(_encode, name, bs, ENCODER_PATCHES[name], str(patches_file))
+            rows.append(f"| {name} | {ENCODERS[name].dim} | {bs} | {r['patches']} | "
+                        f"{r['patches'] / r['seconds']:.1f} | {r['peak_mb']:.0f} |")
+    return rows + [""]
+
+
+def write_synthetic_wsi(path: Path, size: int, tile: int = 512, seed: int = 0) -> Path:
+    """A pyramidal, tiled, JPEG-compressed RGB TIFF of H&E-like texture, written tile by tile."""
+    import cv2
+    import tifffile
+
+    def render(x0: int, y0: int, side: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, x0, y0, side])
+        img = np.empty((side, side, 3), np.uint8)
+        img[:] = (235, 170, 205)
+        for cx, cy in rng.integers(0, side, (side * side // 400, 2)):  # nuclei
+            cv2.circle(img, (int(cx), int(cy)), int(rng.integers(3, 7)), (80, 45, 125), -1)
+        return img
+
+    def tiles(level: int):
+        ds = 2**level
+        n = -(-size // ds // tile)
+        for ty in range(n):
+            for tx in range(n):
+                full = render(tx * tile * ds, ty * tile * ds, tile * ds)
+                yield full if ds == 1 else cv2.resize(full, (tile, tile), interpolation=cv2.INTER_AREA)
+
+    levels = 3
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for level in range(levels):
+            side = -(-size // 2**level // tile) * tile
+            tif.write(tiles(level), shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                      compression="jpeg", subifds=levels - 1 if level == 0 else None,
+                      subfiletype=1 if level else 0)
+    return path
+
+
+def part_wsi(work: Path, n_side: int = 100, pitch: int = 160, um_per_px: float = 0.5) -> list[str]:
+    size = (n_side + 1) * pitch
+    tiff = work / "synthetic_wsi.tif"
+    t = time.perf_counter()
+    if not tiff.exists():
+        write_synthetic_wsi(tiff, size)
+    made = time.perf_counter() - t
+    rows = [f"## Synthetic WSI: {n_side * n_side} spots, {size}×{size} px pyramidal TIFF "
+            f"({size * size * 3 / 2**30:.2f} GiB as raw RGB, {tiff.stat().st_size / 2**20:.0f} MiB on disk, "
+            f"written in {made:.0f} s), {um_per_px} µm/px", "",
+            "| batch size | spots | patches | seconds | patches/s | peak RSS MB | padded spots |", "|---|---|---|---|---|---|---|"]
+    for bs in (32, 128):
+        r = _in_child(_wsi_extract, str(tiff), n_side, pitch, um_per_px, bs)
+        rows.append(f"| {bs} | {r['spots']} | {r['patches']} | {r['seconds']:.0f} | {r['patches'] / r['seconds']:.0f} | "
+                    f"{r['peak_mb']:.0f} | {r['padded']} |")
+    return rows + [""]
+
+
+def _cache_run(data: str, cache_dir: str, weights: str) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    from stimpute.features import spot_features
+    from stimpute.io import read_section
+
+    out = {}
+    for name in SECTIONS:
+        runs = []
+        t = time.perf_counter()
+        section = read_section(Path(data) / name)
+        spot_features(section, "resnet18", weights=weights, cache_dir=cache_dir, runs=runs)
+        out[name] = (time.perf_counter() - t, runs[-1].cached, runs[-1].n_patches)
+    return out
+
+
+def part_cache(data: Path, work: Path) -> list[str]:
+    import shutil
+
+    import torch
+
+    from stimpute.features.resnet import resnet18
+
+    weights = work / "resnet18_random_torchvision.pth"
+    torch.manual_seed(0)
+    state = resnet18().state_dict()
+    torch.save({**state, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, weights)
+    cache_dir = work / "cache_resnet18"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    first = _in_child(_cache_run, str(data), str(cache_dir), str(weights))
+    second = _in_child(_cache_run, str(data), str(cache_dir), str(weights))
+    rows = ["## ResNet-18 features of C2, C3, C4 (random weights in a torchvision-layout file), cache", "",
+            "| section | patches | first run s | cached | second run s | cached |", "|---|---|---|---|---|---|"]
+    for name in SECTIONS:
+        a, b = first[name], second[name]
+        rows.append(f"| {name} | {a[2]} | {a[0]:.1f} | {a[1]} | {b[0]:.1f} | {b[1]} |")
+    rows.append(f"| total | | {sum(v[0] for v in first.values()):.1f} | | {sum(v[0] for v in second.values()):.1f} | |")
+    return rows + ["", "Times include reading each section (counts table ~1 s).", ""]
+
+
+def _pcc_genes(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    y, p = y - y.mean(0), p - p.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (y * p).sum(0) / np.sqrt((y**2).sum(0) * (p**2).sum(0))
+
+
+def ridge_scores(train_x, train_y, tests: dict, top: np.ndarray) -> dict:
+    """Mean per-gene PCC (all panel genes, top variable genes) of a standardised RidgeCV."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 25))).fit(flat(train_x), train_y)
+    out = {}
+    for name, (x, y) in tests.items():
+        r = _pcc_genes(y, model.predict(flat(x)))
+        out[name] = (np.nanmean(r), np.nanmean(r[top]))
+    return out
+
+
+def _colour_baseline(section) -> np.ndarray:
+    """RGB and rgb2hed mean/sd of the spot patch: the 'colour statistics' baseline."""
+    from skimage.color import rgb2hed
+
+    from stimpute.patches import iter_patches
+
+    rows = []
+    for batch in iter_patches(section, batch_size=64):
+        for p in batch.patches[:, 0]:
+            hed, rgb = rgb2hed(p).reshape(-1, 3), p.reshape(-1, 3).astype(float)
+            rows.append(np.r_[rgb.mean(0), rgb.std(0), hed.mean(0), hed.std(0)])
+    return np.array(rows)[:, None]
+
+
+def part_ridge(data: Path, work: Path) -> list[str]:
+    from stimpute.datasets import synthetic_stack
+    from stimpute.expression import panel_expression, select_panel
+    from stimpute.features import spot_features
+    from stimpute.io import read_section
+
+    sections = {n: read_section(data / n) for n in SECTIONS}
+    panel = select_panel([sections["C3"].adata])
+    ys = {n: panel_expression(s, panel) for n, s in sections.items()}
+    top = np.argsort(-ys["C3"].var(0))[:50]
+    cache_dir = work / "cache_handcrafted"
+    variants = {
+        "colour/H&E statistics (spot, baseline)": {n: _colour_baseline(s) for n, s in sections.items()},
+        "handcrafted, 3 scales": {n: spot_features(s, cache_dir=cache_dir) for n, s in sections.items()},
+        "handcrafted, 3 scales, Macenko": {n: spot_features(s, cache_dir=cache_dir, stain_normalize=True)
+                                           for n, s in sections.items()},
+    }
+    rows = ["## Ridge, trained on C3, tested on C2 and C4 (mean per-gene PCC)", "",
+            f"Panel: {len(panel)} Pearson-residual HVGs of C3 (`select_panel`); top-50 = most variable in C3.", "",
+            "| features | C2 (250) | C4 (250) | C2 (top 50) | C4 (top 50) |", "|---|---|---|---|---|"]
+    for label, feats in variants.items():
+        s = ridge_scores(feats["C3"], ys["C3"], {n: (feats[n], ys[n]) for n in ("C2", "C4")}, top)
+        rows.append(f"| {label} | {s['C2'][0]:.3f} | {s['C4'][0]:.3f} | {s['C2'][1]:.3f} | {s['C4'][1]:.3f} |")
+    stack = synthetic_stack(3, seed=0)
+    genes = list(stack[0].genes)
+    feats = [spot_features(s) for s in stack]
+    ys = [panel_expression(s, genes) for s in stack]
+    top = np.argsort(-ys[0].var(0))[:50]
+    s = ridge_scores(feats[0], ys[0], {i: (feats[i], ys[i]) for i in (1, 2)}, top)
+    rows += ["", "## Synthetic stack (seed 0): handcrafted → ridge, trained on section 0", "",
+             f"| test section | mean PCC ({len(genes)} genes) | top 50 |", "|---|---|---|"]
+    rows += [f"| {stack[i].name} | {s[i][0]:.3f} | {s[i][1]:.3f} |" for i in (1, 2)]
+    return rows + [""]
+
+
+PARTS = {"extract": part_extract, "encoders": part_encoders, "wsi": part_wsi, "cache": part_cache, "ridge": part_ridge}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--figs", type=Path, default=None, help="where the montage PNG goes (default: OUT)")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    work = args.out / "features_work"
+    work.mkdir(parents=True, exist_ok=True)
+    lines = ["# Features benchmark (issue 4)", "", f"{os.cpu_count()} CPU cores visible; torch threads 2.", ""]
+    for part in args.parts.split(","):
+        t = time.perf_counter()
+        if part == "extract":
+            lines += part_extract(args.data, args.figs or args.out)
+        elif part in ("wsi",):
+            lines += PARTS[part](work)
+        else:
+            lines += PARTS[part](args.data, work)
+        print(f"[{part}: {time.perf_counter() - t:.0f} s]", flush=True)
+    text = "\n".join(lines) + "\n"
+    (args.out / "bench_features.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
