@@ -26,7 +26,9 @@ from stimpute.models.base import PreparedStack
 from stimpute.models.moe3d import (
     FourierEncoding,
     MoE3D,
+    MoE3DConfig,
     TopKRouter,
+    cross_validate,
     fourier_frequencies,
     load_balance_loss,
     nb_log_likelihood,
@@ -163,7 +165,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_moe3d_fit_predict_on_synthetic_stack(prepared, one_thread):
+def test_moe3d_fit_predict_on_synthetic_stack(prepared, one_thread, tmp_path):
     method = MoE3D(epochs=80, n_experts=4, top_k=2)
     pred = method.fit_predict(prepared, train=[1], targets=[0, 2], seed=0)
     assert set(pred) == {0, 2}
@@ -172,6 +174,17 @@ def test_moe3d_fit_predict_on_synthetic_stack(prepared, one_thread):
         summary = summarise_pcc(gene_metrics(pred[i], prepared.expression[i], prepared.panel).pcc)
         assert summary.mean > 0.3, summary
     assert ((method.routing_[0] > 0).sum(axis=1) == 2).all()
+    loaded = MoE3D.load(method.save(tmp_path / "moe3d.pt"))
+    again = loaded.predict(prepared, [0, 2])
+    np.testing.assert_allclose(again[0], pred[0], rtol=1e-5, atol=1e-6)
+
+
+def test_moe3d_cross_validation_by_section(prepared, one_thread):
+    rows = cross_validate(prepared, [0, 1, 2], n_folds=3, config=MoE3DConfig(epochs=20, n_experts=3, top_k=1))
+    assert sorted(rows.section.unique()) == ["S0", "S1", "S2"] and sorted(rows.fold.unique()) == [0, 1, 2]
+    assert len(rows) == 3 * len(prepared.panel) and rows.pcc.notna().all()
+    with pytest.raises(StimputeError, match="folds"):
+        cross_validate(prepared, [0, 1, 2], n_folds=4)
 
 
 def test_prepared_stack_to_moest_h5(prepared, tmp_path):

@@ -24,17 +24,22 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import cv2
 import lightning
 import numpy as np
+import pandas as pd
 import torch
 from scipy import sparse
 from scipy.spatial import cKDTree
 from torch import nn
 
+from stimpute.errors import InputError, StimputeError
+from stimpute.evaluate import gene_metrics
 from stimpute.expression import TARGET_SUM
+from stimpute.io.anndata_io import _atomic_write
 from stimpute.io.moest_h5 import coords_3d
 from stimpute.models.base import Method, PreparedStack, register_method
 from stimpute.patches import SCALES_UM, iter_patches
@@ -241,10 +246,47 @@ class _RepeatedBatch(torch.utils.data.Dataset):
 
 
 # -- the method ------------------------------------------------------------------------------
+@dataclass
+class SpotScaler:
+    """Training-spot statistics that turn features and Sobel statistics into model inputs:
+    visual features standardised, projected on `pca_dim` principal axes (not whitened, so
+    noise directions stay small) and scaled to unit mean variance; statistics standardised."""
+
+    v_mean: np.ndarray
+    v_sd: np.ndarray
+    axes: np.ndarray  # (k, D) principal axes, or (0, D) for no projection
+    axes_mean: np.ndarray
+    v_scale: float
+    s_mean: np.ndarray
+    s_sd: np.ndarray
+
+    @classmethod
+    def fit(cls, visual: np.ndarray, stats: np.ndarray, pca_dim: int, seed: int) -> "SpotScaler":
+        from sklearn.decomposition import PCA
+
+        v_mean, v_sd = visual.mean(axis=0), visual.std(axis=0) + 1e-6
+        z = (visual - v_mean) / v_sd
+        k = min(pca_dim, len(z) - 1, z.shape[1])
+        axes, axes_mean = np.zeros((0, z.shape[1])), np.zeros(z.shape[1])
+        if pca_dim and k < z.shape[1]:
+            pca = PCA(k, random_state=seed).fit(z)
+            axes, axes_mean = pca.components_, pca.mean_
+        scaler = cls(v_mean, v_sd, axes, axes_mean, 1.0, stats.mean(axis=0), stats.std(axis=0) + 1e-6)
+        scaler.v_scale = float(np.sqrt(scaler.visual(visual).var(axis=0).mean()) + 1e-6)
+        return scaler
+
+    def visual(self, v: np.ndarray) -> np.ndarray:
+        z = (v - self.v_mean) / self.v_sd
+        return ((z - self.axes_mean) @ self.axes.T if len(self.axes) else z) / self.v_scale
+
+    def stats(self, s: np.ndarray) -> np.ndarray:
+        return (s - self.s_mean) / self.s_sd
+
+
 @register_method
 class MoE3D(Method):
-    """3DMoEST (see module docstring). After `fit_predict`, `routing_[i]` holds the gates
-    (n_i, n_experts) of every section it saw, for routing maps."""
+    """3DMoEST (see module docstring). After `fit_predict`/`predict`, `routing_[i]` holds
+    the gates (n_i, n_experts) of every section it saw, for routing maps."""
 
     name = "moe3d"
 
@@ -252,40 +294,107 @@ class MoE3D(Method):
         self.config = replace(config or MoE3DConfig(), **options)
         self.routing_: dict[int, np.ndarray] = {}
         self.net_: MoE3DNet | None = None
+        self.scaler_: SpotScaler | None = None
+        self.panel_: list[str] = []
+        self.use_coords_ = False
 
     def fit_predict(self, prepared: PreparedStack, train: list[int], targets: list[int], seed: int = 0) -> dict[int, np.ndarray]:
+        self.fit(prepared, train, seed)
+        predictions = self.predict(prepared, sorted(set(train) | set(targets)))
+        return {i: predictions[i] for i in targets}
+
+    def fit(self, prepared: PreparedStack, train: list[int], seed: int = 0) -> "MoE3D":
+        """Train on the measured sections `train` of `prepared` (full batch, seeded)."""
         c = self.config
         lightning.seed_everything(seed, workers=True, verbose=False)
         use_coords = c.use_coords if c.use_coords is not None else (prepared.coords_ref is not None and len(prepared.stack) > 1)
-        sections = sorted(set(train) | set(targets))
-        inputs = _spot_inputs(prepared, sections, train, c, use_coords, seed)
+        self.use_coords_ = use_coords
+        raw = {i: _raw_inputs(prepared, i) for i in train}
+        self.scaler_ = SpotScaler.fit(np.concatenate([raw[i][0] for i in train]), np.concatenate([raw[i][1] for i in train]), c.pca_dim, seed)
+        self.panel_ = list(prepared.panel)
+        inputs = self._inputs(prepared, train, raw)
         counts, library = zip(*(_counts(prepared, i) for i in train))
-        batch = {
-            "visual": torch.cat([inputs[i]["visual"] for i in train]),
-            "stats": torch.cat([inputs[i]["stats"] for i in train]),
-            "counts": torch.as_tensor(np.concatenate(counts)),
-            "library": torch.as_tensor(np.concatenate(library)),
-            "log1p": torch.as_tensor(np.concatenate([prepared.known_expression(i) for i in train]), dtype=torch.float32),
-        }
-        if use_coords:
-            batch["xyz"] = torch.cat([inputs[i]["xyz"] for i in train])
+        batch = {key: torch.cat([inputs[i][key] for i in train]) for key in inputs[train[0]]}
+        batch.update(
+            counts=torch.as_tensor(np.concatenate(counts)),
+            library=torch.as_tensor(np.concatenate(library)),
+            log1p=torch.as_tensor(np.concatenate([prepared.known_expression(i) for i in train]), dtype=torch.float32),
+        )
         edges, weight = _train_edges(prepared, train, batch["stats"].numpy())
-        net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(prepared.panel) + 1, c, use_coords)
+        net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(self.panel_) + 1, c, use_coords)
         module = MoE3DModule(net, c, torch.as_tensor(edges), torch.as_tensor(weight))
-        trainer = _trainer(c.epochs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
-            trainer.fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
+            _trainer(c.epochs).fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
         self.net_ = net.eval().cpu()
+        return self
+
+    def predict(self, prepared: PreparedStack, targets: list[int]) -> dict[int, np.ndarray]:
+        """log1p(1e4 × predicted share) of every panel gene for the sections `targets`."""
+        if self.net_ is None:
+            raise StimputeError(None, "moe3d: the model is not trained (call fit or load a saved model)")
+        if list(prepared.panel) != self.panel_:
+            raise StimputeError(None, "moe3d: the prepared stack's gene panel differs from the model's")
+        inputs = self._inputs(prepared, targets)
         predictions = {}
         with torch.inference_mode():
-            for i in sections:
-                logits, gates, _ = net(inputs[i]["visual"], inputs[i]["stats"], inputs[i].get("xyz"))
+            for i in targets:
+                logits, gates, _ = self.net_(inputs[i]["visual"], inputs[i]["stats"], inputs[i].get("xyz"))
                 self.routing_[i] = gates.numpy()
-                if i in targets:
-                    share = logits.softmax(dim=1)[:, :-1]
-                    predictions[i] = torch.log1p(TARGET_SUM * share).numpy().astype(np.float32)
+                predictions[i] = torch.log1p(TARGET_SUM * logits.softmax(dim=1)[:, :-1]).numpy().astype(np.float32)
         return predictions
+
+    def save(self, path: str | Path) -> Path:
+        """Write the trained model (weights, input scaling, panel, settings) to one file."""
+        path = Path(path)
+        state = {"config": asdict(replace(self.config, use_coords=self.use_coords_)), "panel": self.panel_, "scaler": asdict(self.scaler_),
+                 "dims": (self.net_.visual[0].in_features, self.net_.router.net[0].in_features),
+                 "state_dict": self.net_.state_dict()}
+        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MoE3D":
+        """A model written by `save`, ready to `predict`."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            method = cls(MoE3DConfig(**state["config"]))
+            method.panel_, method.scaler_ = list(state["panel"]), SpotScaler(**state["scaler"])
+            method.use_coords_ = bool(method.config.use_coords)
+            net = MoE3DNet(*state["dims"], len(method.panel_) + 1, method.config, method.use_coords_)
+            net.load_state_dict(state["state_dict"])
+        except (OSError, KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(path, f"not a moe3d model file ({type(exc).__name__}: {exc})") from None
+        method.net_ = net.eval()
+        return method
+
+    def _inputs(self, prepared: PreparedStack, sections: list[int], raw: dict | None = None) -> dict[int, dict]:
+        """Model inputs per section: scaled visual features and statistics, µm coordinates."""
+        if self.use_coords_ and prepared.coords_ref is None:
+            raise StimputeError(None, "moe3d: this model uses 3D coordinates; the stack has no registration")
+        xyz = coords_3d(prepared.stack, prepared.coords_ref, self.config.thickness_um) if self.use_coords_ else None
+        out = {}
+        for i in sections:
+            visual, stats = raw[i] if raw else _raw_inputs(prepared, i)
+            out[i] = {"visual": torch.as_tensor(self.scaler_.visual(visual), dtype=torch.float32),
+                      "stats": torch.as_tensor(self.scaler_.stats(stats), dtype=torch.float32)}
+            if xyz is not None:
+                out[i]["xyz"] = torch.as_tensor(xyz[i], dtype=torch.float32)
+        return out
+
+
+def cross_validate(prepared: PreparedStack, sections: list[int], n_folds: int, seed: int = 0,
+                   config: MoE3DConfig | None = None) -> pd.DataFrame:
+    """k-fold cross-validation by section: each fold's sections are predicted by a model
+    trained on the others. Per-gene rows `fold, section, gene, pcc, mse, mae`."""
+    if not 2 <= n_folds <= len(sections):
+        raise StimputeError("--folds", f"need 2 ≤ folds ≤ {len(sections)} measured sections, got {n_folds}")
+    rows = []
+    for k, held in enumerate(np.array_split(np.array(sections), n_folds)):
+        train = [i for i in sections if i not in held]
+        for i, pred in MoE3D(config).fit_predict(prepared, train, [int(h) for h in held], seed).items():
+            rows.append(gene_metrics(pred, prepared.known_expression(i), prepared.panel).assign(fold=k, section=prepared.stack[i].name))
+    return pd.concat(rows, ignore_index=True)[["fold", "section", "gene", "pcc", "mse", "mae"]]
 
 
 def _trainer(steps: int) -> lightning.Trainer:
@@ -297,36 +406,11 @@ def _trainer(steps: int) -> lightning.Trainer:
                              log_every_n_steps=max(1, steps))
 
 
-def _spot_inputs(prepared, sections, train, c: MoE3DConfig, use_coords: bool, seed: int) -> dict[int, dict]:
-    """Per section: visual features (PCA + standardised on the training spots), standardised
-    Sobel statistics and, if used, 3D coordinates in µm."""
-    from sklearn.decomposition import PCA
-
-    visual = {i: np.asarray(prepared.features[i], np.float32).reshape(prepared.stack[i].n_spots, -1) for i in sections}
-    stats = {i: sobel_summary(sobel_gradients(prepared.stack[i])) for i in sections}
-    v_mu, v_sd = _moments(np.concatenate([visual[i] for i in train]))
-    visual = {i: (v - v_mu) / v_sd for i, v in visual.items()}
-    fit_rows = np.concatenate([visual[i] for i in train])
-    n_components = min(c.pca_dim, fit_rows.shape[0] - 1, fit_rows.shape[1])
-    if c.pca_dim and n_components < fit_rows.shape[1]:
-        pca = PCA(n_components, random_state=seed).fit(fit_rows)  # not whitened: noise stays small
-        visual = {i: pca.transform(v) for i, v in visual.items()}
-    v_scale = np.sqrt(np.concatenate([visual[i] for i in train]).var(axis=0).mean()) + 1e-6
-    s_mu, s_sd = _moments(np.concatenate([stats[i] for i in train]))
-    xyz = coords_3d(prepared.stack, prepared.coords_ref, c.thickness_um) if use_coords else None
-    out = {}
-    for i in sections:
-        out[i] = {
-            "visual": torch.as_tensor(visual[i] / v_scale, dtype=torch.float32),
-            "stats": torch.as_tensor((stats[i] - s_mu) / s_sd, dtype=torch.float32),
-        }
-        if use_coords:
-            out[i]["xyz"] = torch.as_tensor(xyz[i], dtype=torch.float32)
-    return out
-
-
-def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return x.mean(axis=0), x.std(axis=0) + 1e-6
+def _raw_inputs(prepared: PreparedStack, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened patch features (all scales) and Sobel statistics of section i."""
+    section = prepared.stack[i]
+    visual = np.asarray(prepared.features[i], np.float32).reshape(section.n_spots, -1)
+    return visual, sobel_summary(sobel_gradients(section))
 
 
 def _counts(prepared: PreparedStack, i: int) -> tuple[np.ndarray, np.ndarray]:
