@@ -196,3 +196,24 @@ def test_prepared_stack_to_moest_h5(prepared, tmp_path):
     expected = prepared.stack[2].adata[:, prepared.panel].X.toarray()
     np.testing.assert_array_equal(s2.expression, expected)
     assert back.gene_names == prepared.panel and s2.sobel_gradients.shape == (prepared.stack[2].n_spots, 32, 32)
+
+
+def test_cli_convert_moest_h5_and_read_section(tmp_path):
+    from typer.testing import CliRunner
+
+    from stimpute.cli import app
+    from stimpute.io import read_section
+
+    data = _random_moest(np.random.default_rng(4))
+    path = write_moest_h5(data, tmp_path / "stack.h5")
+    result = CliRunner().invoke(app, ["convert", "moest-h5", str(path), str(tmp_path / "sections")])
+    assert result.exit_code == 0, result.output
+    a1 = read_section(tmp_path / "sections" / "A1")
+    np.testing.assert_array_equal(a1.adata.X.toarray(), data.sections[0].expression)
+    np.testing.assert_array_equal(a1.adata.obsm["uni_features"], data.sections[0].uni_features)
+    again = CliRunner().invoke(app, ["convert", "moest-h5", str(path), str(tmp_path / "sections")])
+    assert again.exit_code == 2 and "already exists" in again.output
+    with pytest.raises(InputError, match="holds 2 sections"):
+        read_section(path)
+    single = MoestData([data.sections[0]], data.gene_names, data.attrs)
+    assert read_section(write_moest_h5(single, tmp_path / "one.h5")).spot_ids == data.sections[0].spot_ids

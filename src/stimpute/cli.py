@@ -146,6 +146,54 @@ def convert_h5ad(
     console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}")
 
 
+@convert_app.command("moest-h5")
+@guarded
+def convert_moest_h5(
+    h5: Annotated[Path, typer.Argument(help="A 3DMoEST H5 file: one group per section (uni_features, coords_3d, sobel_gradients, expression, patches) + gene_names.")],
+    out: Annotated[Path, typer.Argument(help="Output folder; one section folder per group is written in it.")],
+    um_per_px: Annotated[Optional[float], typer.Option(help="Pixel size of the image rebuilt from the stored patches (default: at most 3000 px a side).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite existing section folders.")] = False,
+):
+    """Convert a 3DMoEST H5 file to section folders (spots in the file's shared µm frame).
+
+    Example: [bold]stimpute convert moest-h5 her2st_3d.h5 sections/[/]
+    """
+    from stimpute.io import write_section
+    from stimpute.io.moest_h5 import moest_to_stack, read_moest_h5
+
+    for section in moest_to_stack(read_moest_h5(h5), source=h5, um_per_px=um_per_px):
+        target = write_section(section, out, force=force)
+        console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}", highlight=False)
+
+
+@convert_app.command("to-moest-h5")
+@guarded
+def convert_to_moest_h5(
+    sections: Sections,
+    out: Annotated[Path, typer.Option(help="The 3DMoEST H5 file to write.")],
+    encoder: Annotated[str, typer.Option(help="Feature encoder for uni_features: uni (with --weights), handcrafted, resnet18, ...")] = "handcrafted",
+    genes: Annotated[Optional[Path], typer.Option(help="Genes whose counts are written (default: top 250 HVGs of the measured sections).")] = None,
+    thickness_um: Annotated[Optional[float], typer.Option(help="Section spacing for coords_3d z = index × thickness.")] = None,
+    patches: Annotated[bool, typer.Option(help="Also store the 224 px spot patches.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+):
+    """Write sections (in stack order) as one 3DMoEST H5 file (registered coords_3d, features, Sobel maps, counts).
+
+    Example: [bold]stimpute convert to-moest-h5 ../shared/data/her2st/C2 ../shared/data/her2st/C3 --out her2st_3d.h5[/]
+    """
+    from stimpute.io import read_stack
+    from stimpute.io.moest_h5 import prepared_to_moest, write_moest_h5
+    from stimpute.prepare import prepare_stack
+
+    if out.exists() and not force:
+        raise StimputeError(out, "already exists; pass --force to overwrite")
+    stack = read_stack(sections) if thickness_um is None else read_stack(sections, thickness_um=thickness_um)
+    prepared = prepare_stack(stack, panel=genes, encoder=encoder, progress=True)
+    data = prepared_to_moest(prepared, thickness_um=thickness_um, with_patches=patches)
+    write_moest_h5(data, out, force=force)
+    console.print(f"wrote {len(data.sections)} sections × {len(data.gene_names)} genes to {out}", highlight=False)
+
+
 @app.command()
 @guarded
 def panel(
