@@ -58,11 +58,13 @@ def tissue_mask(
     Pieces smaller than `min_piece_fraction` of the largest are dust; holes smaller than
     `max_hole_um2` (tears, lumina) are filled so masks of serial sections compare well.
     """
-    density = filters.gaussian(relative_density(rgb), sigma=max(smooth_um / um_per_px, 0.5))
+    sigma = max(smooth_um / um_per_px, 0.5)
+    density = filters.gaussian(relative_density(rgb), sigma=sigma)
     if density.max() <= MIN_OD:
         return np.zeros(density.shape, bool)
     threshold = max(filters.threshold_otsu(density), MIN_OD)
-    mask = (density > threshold) & ~pen_marks(rgb)
+    ink = ndimage.binary_dilation(pen_marks(rgb), iterations=int(np.ceil(2 * sigma)))  # and its blurred fringe
+    mask = (density > threshold) & ~ink
     radius = max(int(round(close_um / um_per_px)), 1)
     mask = ndimage.binary_closing(np.pad(mask, radius), structure=morphology.disk(radius))[radius:-radius, radius:-radius]
     mask = morphology.remove_small_holes(mask, max_size=int(max_hole_um2 / um_per_px**2))
