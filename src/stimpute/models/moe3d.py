@@ -65,7 +65,7 @@ class MoE3DConfig:
     router_noise: float = 0.5  # std of the noise added to router logits in training
     balance_weight: float = 0.01
     gradient_weight: float = 0.1
-    dropout: float = 0.1
+    dropout: float = 0.5
     epochs: int = 200  # full-batch optimisation steps
     lr: float = 3e-3
     weight_decay: float = 1e-3
