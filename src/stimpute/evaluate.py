@@ -263,13 +263,18 @@ def run_benchmark(
     (the ASIGN paper's per-spot PCC), `splits.json` (to rerun), `summary.md`.
 
     `settings` (e.g. the command line) are recorded in `splits.json` and `summary.md`.
+    The files are rewritten after every split, so an interrupted run keeps what it finished.
     """
     out_dir = Path(out_dir)
     methods, protocols = check_benchmark(out_dir, methods, protocols, force)
     grid = [(name, view, split) for protocol in protocols
             for view in [prepared if protocol == "3d" else image_only(prepared)]
             for split in protocol_splits(prepared, protocol) for name in methods]
-    gene_parts, spot_parts = [], []
+    hvg = top_hvg_genes(prepared)
+    record = {**(settings or {}), "seed": seed, "sections": prepared.stack.names, "methods": methods,
+              "protocols": {p: [_split_json(prepared, s) for s in protocol_splits(prepared, p)] for p in protocols},
+              "panel": list(prepared.panel), "top_hvg": hvg, "prepared": prepared.settings}
+    gene_parts, spot_parts, result = [], [], None
     with _progress(progress) as bar:
         task = bar.add_task("benchmark", total=len(grid)) if bar else None
         for name, view, split in grid:
@@ -278,18 +283,23 @@ def run_benchmark(
             genes, spots = run_split(view, name, split, seed)
             gene_parts.append(genes)
             spot_parts.append(spots)
+            result = write_benchmark(out_dir, gene_parts, spot_parts, hvg, record)  # a killed run keeps its splits
             if bar:
                 bar.advance(task)
+    return result
+
+
+def write_benchmark(out_dir: Path, gene_parts: list[pd.DataFrame], spot_parts: list[pd.DataFrame],
+                    hvg: Sequence[str], record: dict) -> BenchmarkResult:
+    """Summarise the splits run so far and (re)write every output file atomically."""
     results = pd.concat(gene_parts, ignore_index=True)
-    spots = pd.concat([s for s in spot_parts if len(s)] or [pd.DataFrame(columns=["method", "protocol", "known", "target", "spot", "pcc"])], ignore_index=True)
-    hvg = top_hvg_genes(prepared)
+    spot_columns = ["method", "protocol", "known", "target", "spot", "pcc"]
+    spots = pd.concat([s[spot_columns] for s in spot_parts if len(s)] or [pd.DataFrame(columns=spot_columns)],
+                      ignore_index=True)
     summary = summarise_benchmark(results, spots, hvg)
-    record = {**(settings or {}), "seed": seed, "sections": prepared.stack.names, "methods": methods,
-              "protocols": {p: [_split_json(prepared, s) for s in protocol_splits(prepared, p)] for p in protocols},
-              "panel": list(prepared.panel), "top_hvg": hvg, "prepared": prepared.settings}
     files = {
         "results": _write_csv(out_dir / "results.csv", results),
-        "spots": _write_csv(out_dir / "spots.csv", spots[["method", "protocol", "known", "target", "spot", "pcc"]]),
+        "spots": _write_csv(out_dir / "spots.csv", spots),
         "splits": write_text_atomic(out_dir / "splits.json", json.dumps(record, indent=1, default=str) + "\n"),
         "summary": write_text_atomic(out_dir / "summary.md", summary_markdown(summary, record)),
     }
