@@ -64,7 +64,7 @@ def test_expression_is_driven_by_programmes_that_drive_texture(synthetic):
     darkness = np.array([255 - s.image.read_region(x - r, y - r, 2 * r, 2 * r).mean() for x, y in s.xy])
     prog = truth.programmes[0]
     # the tumour programme (dense large nuclei) darkens the tissue, adipose lightens it
-    assert np.corrcoef(darkness, prog[:, 0])[0, 1] > 0.4
+    assert np.corrcoef(darkness, prog[:, 0])[0, 1] > 0.3
     assert np.corrcoef(darkness, prog[:, 3])[0, 1] < -0.3
     # and the same programmes explain expression: a linear fit from programmes to genes
     X = np.c_[prog, np.ones(len(prog))]

@@ -38,6 +38,7 @@ _PROGRAMME_LOOK = [
     ((245, 215, 225), 0.8, 3.0, 1.0),  # adipose: pale with fat holes
 ]
 _NUCLEUS_RGB = np.array([70, 40, 120], float)
+_FAT_RADIUS_UM = 30.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def synthetic_stack(
     `synthetic_truth(stack)`. Deterministic for a given `seed`; about a second a section.
     """
     rng = np.random.default_rng(seed)
-    block = _TissueBlock(rng, n_sections, n_programmes, tissue_radius_um, image_size, um_per_px)
+    block = _TissueBlock(rng, n_sections, n_programmes, tissue_radius_um, image_size, um_per_px, thickness_um)
     loadings, baseline, dispersion = _gene_model(rng, n_programmes, n_genes)
     genes = [f"GENE{g:03d}" for g in range(n_genes)]
     lattice = _hex_lattice(image_size, spot_pitch_um / um_per_px)
@@ -126,8 +127,8 @@ def synthetic_truth(stack: Stack) -> SyntheticTruth:
 class _TissueBlock:
     """Latent programme fields and tissue outline of one block, in block-frame pixels."""
 
-    def __init__(self, rng, n_sections, n_programmes, radius_um, size, um_per_px):
-        self.size, self.um_per_px = size, um_per_px
+    def __init__(self, rng, n_sections, n_programmes, radius_um, size, um_per_px, thickness_um):
+        self.size, self.um_per_px, self.thickness_um = size, um_per_px, thickness_um
         self.radius_px = radius_um / um_per_px
         self.n_programmes = n_programmes
         coarse = 48  # field grid: ~83 µm cells at the defaults
@@ -141,6 +142,33 @@ class _TissueBlock:
         harmonics = rng.normal(0, 0.08, size=(4, 2))
         self.outline = harmonics  # low-frequency lobes shared by all sections of the block
         self.extent_px = self.radius_px * (1 + np.abs(harmonics).sum())
+        self.fat_cells = self._adipocytes(rng, n_sections)
+
+    def _adipocytes(self, rng, n_sections):
+        """Fat cells as spheres (x, y px; z µm; radius µm) placed where adipose programmes are
+        strong: ~30 µm cells cross several 10 µm sections, so neighbouring sections share
+        them, as real serial sections share their larger structures."""
+        S, coarse = self.size, self.fields.shape[-1]
+        weights = self.fields.mean(axis=1) ** 2
+        weights /= weights.sum(0, keepdims=True)
+        cell_px = S / coarse
+        yy, xx = (np.mgrid[0:coarse, 0:coarse] + 0.5) * cell_px
+        inside = np.hypot(xx - S / 2, yy - S / 2) < self.radius_px * 1.3
+        z_lo, z_hi = -40.0, (n_sections - 1) * self.thickness_um + 40.0
+        cells = []
+        for k in range(self.n_programmes):
+            fat = _look(k)[3]
+            if fat <= 0:
+                continue
+            # 2D profile density fat·0.25 per 1,000 µm² over a mean chord of ~1.5 R in z
+            per_um3 = fat * 0.25 / 1000.0 / (1.5 * _FAT_RADIUS_UM)
+            expected = weights[k] * inside * (cell_px * self.um_per_px) ** 2 * (z_hi - z_lo) * per_um3
+            n = rng.poisson(expected.sum())
+            idx = rng.choice(expected.size, size=n, p=expected.ravel() / expected.sum())
+            cy, cx = np.divmod(idx, coarse)
+            cells.append(np.c_[(cx + rng.random(n)) * cell_px, (cy + rng.random(n)) * cell_px,
+                               rng.uniform(z_lo, z_hi, n), rng.normal(_FAT_RADIUS_UM, 0.2 * _FAT_RADIUS_UM, n)])
+        return np.concatenate(cells) if cells else np.zeros((0, 4))
 
     def render(self, i, rng):
         """(canvas RGB uint8, tissue mask, programme fields at full size) of section i."""
@@ -150,7 +178,7 @@ class _TissueBlock:
         dx, dy = xx - S / 2, yy - S / 2
         angle = np.arctan2(dy, dx)
         radius = self.radius_px * (1 + sum(a * np.cos((k + 2) * angle + b) for k, (a, b) in enumerate(self.outline)))
-        mask = np.hypot(dx, dy) < radius * (1 + 0.01 * i)
+        mask = np.hypot(dx, dy) < radius
         weights = np.stack(fields) ** 2
         weights /= weights.sum(0, keepdims=True)
         colour = np.zeros((S, S, 3), np.float32)
@@ -160,28 +188,32 @@ class _TissueBlock:
         colour += rng.normal(0, 6, colour.shape).astype(np.float32)
         canvas = np.where(mask[..., None], np.clip(colour, 0, 255), 255.0).astype(np.uint8)
         for k in range(self.n_programmes):
-            _, density, radius_um, fat = _look(k)
-            self._draw_objects(canvas, rng, weights[k] * mask, density, radius_um, fat)
+            _, density, radius_um, _ = _look(k)
+            self._draw_nuclei(canvas, rng, weights[k] * mask, density, radius_um)
+        self._draw_fat(canvas, mask, i * self.thickness_um)
         canvas = cv2.GaussianBlur(canvas, (3, 3), 0.7)
         return canvas, mask, fields
 
-    def _draw_objects(self, canvas, rng, intensity, density, radius_um, fat):
-        """Nuclei (dark discs) and fat holes (white discs) as Poisson processes."""
-        px_area_um2 = self.um_per_px**2
-        for per_1000um2, colour, r_um in ((density, None, radius_um), (fat * 0.25, (250, 248, 250), 22.0)):
-            if per_1000um2 <= 0:
-                continue
-            expected = intensity * per_1000um2 * px_area_um2 / 1000.0
-            n = rng.poisson(expected.sum())
-            if n == 0:
-                continue
-            p = expected.ravel() / expected.sum()
-            idx = rng.choice(p.size, size=n, p=p)
-            ys, xs = np.divmod(idx, self.size)
-            radii = np.maximum(1, rng.normal(r_um, 0.2 * r_um, n) / self.um_per_px)
-            for x, y, r in zip(xs, ys, radii):
-                rgb = colour or tuple(int(v) for v in np.clip(_NUCLEUS_RGB + rng.normal(0, 12, 3), 0, 255))
-                cv2.circle(canvas, (int(x), int(y)), int(round(r)), rgb, -1, lineType=cv2.LINE_AA)
+    def _draw_nuclei(self, canvas, rng, intensity, density, radius_um):
+        """Nuclei (dark discs) as a Poisson process: new cells in every section."""
+        expected = intensity * density * self.um_per_px**2 / 1000.0
+        n = rng.poisson(expected.sum())
+        if n == 0:
+            return
+        idx = rng.choice(expected.size, size=n, p=expected.ravel() / expected.sum())
+        ys, xs = np.divmod(idx, self.size)
+        radii = np.maximum(1, rng.normal(radius_um, 0.2 * radius_um, n) / self.um_per_px)
+        colours = np.clip(_NUCLEUS_RGB + rng.normal(0, 12, (n, 3)), 0, 255).astype(int)
+        for x, y, r, rgb in zip(xs, ys, radii, colours):
+            cv2.circle(canvas, (int(x), int(y)), int(round(r)), tuple(int(v) for v in rgb), -1, lineType=cv2.LINE_AA)
+
+    def _draw_fat(self, canvas, mask, z_um):
+        """The profile of each fat cell that this section cuts: a white disc."""
+        x, y, zc, R = self.fat_cells.T
+        r_um = np.sqrt(np.clip(R**2 - (z_um - zc) ** 2, 0, None))
+        for cx, cy, r in zip(x[r_um > 2], y[r_um > 2], r_um[r_um > 2] / self.um_per_px):
+            if mask[min(int(cy), self.size - 1), min(int(cx), self.size - 1)]:
+                cv2.circle(canvas, (int(cx), int(cy)), int(round(r)), (250, 248, 250), -1, lineType=cv2.LINE_AA)
 
 
 def _look(k: int):
