@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import h5py
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ from stimpute.models.moe3d import (
     MoE3DConfig,
     TopKRouter,
     cross_validate,
+    expected_log1p,
     fourier_frequencies,
     load_balance_loss,
     nb_log_likelihood,
@@ -177,6 +180,9 @@ def test_moe3d_fit_predict_on_synthetic_stack(prepared, one_thread, tmp_path):
     loaded = MoE3D.load(method.save(tmp_path / "moe3d.pt"))
     again = loaded.predict(prepared, [0, 2])
     np.testing.assert_allclose(again[0], pred[0], rtol=1e-5, atol=1e-6)
+    loaded.config = replace(loaded.config, prediction="expected")
+    expected = loaded.predict(prepared, [0])[0]
+    assert np.isfinite(expected).all() and (expected <= pred[0] + 1e-5).all()  # E[log1p] ≤ log1p(E)
 
 
 def test_moe3d_cross_validation_by_section(prepared, one_thread):
@@ -217,3 +223,13 @@ def test_cli_convert_moest_h5_and_read_section(tmp_path):
         read_section(path)
     single = MoestData([data.sections[0]], data.gene_names, data.attrs)
     assert read_section(write_moest_h5(single, tmp_path / "one.h5")).spot_ids == data.sections[0].spot_ids
+
+
+def test_expected_log1p_matches_a_direct_sum():
+    mean = torch.tensor([[0.3, 5.0, 200.0]], dtype=torch.float64)
+    theta = torch.tensor([0.5, 2.0, 10.0], dtype=torch.float64)
+    ours = expected_log1p(mean, theta, library=5000.0).numpy()[0]
+    y = np.arange(20000)
+    direct = [(stats.nbinom.pmf(y, t, t / (t + m)) * np.log1p(1e4 * y / 5000.0)).sum() for m, t in zip(mean[0].numpy(), theta.numpy())]
+    np.testing.assert_allclose(ours, direct, rtol=1e-6)
+    assert (ours < np.log1p(1e4 * mean.numpy()[0] / 5000.0)).all()  # Jensen: below log1p of the mean

@@ -69,6 +69,10 @@ class MoE3DConfig:
     epochs: int = 200  # full-batch optimisation steps
     lr: float = 3e-3
     weight_decay: float = 1e-3
+    prediction: str = "mean"  # "mean": log1p(1e4 × share); "expected": E[log1p] under the fitted NB
+
+
+PREDICTIONS = ("mean", "expected")
 
 
 # -- morphology ------------------------------------------------------------------------------
@@ -164,6 +168,24 @@ def nb_log_likelihood(counts: torch.Tensor, mean: torch.Tensor, dispersion: torc
         + dispersion * (torch.log(dispersion + eps) - log_total)
         + counts * (torch.log(mean + eps) - log_total)
     )
+
+
+def expected_log1p(mean: torch.Tensor, dispersion: torch.Tensor, library: float, max_count: int = 3000,
+                   chunk: int = 16) -> torch.Tensor:
+    """E[log1p(1e4 × Y / library)] for Y ~ NB(mean, dispersion), (n, G) from (n, G) means.
+
+    log1p of the mean overstates the expected log1p (Jensen), most for sparse genes; this
+    sums over counts 0..K (K covers mean + 8 sd, at most `max_count`), `chunk` spots at a time.
+    """
+    sd = (mean + mean**2 / dispersion).sqrt()
+    k = int(min(max_count, float((mean + 8 * sd).max().ceil())))
+    y = torch.arange(k + 1, dtype=mean.dtype)
+    value = torch.log1p(TARGET_SUM * y / library)
+    out = torch.empty_like(mean)
+    for a in range(0, len(mean), chunk):
+        m = mean[a : a + chunk, :, None]
+        out[a : a + chunk] = (nb_log_likelihood(y, m, dispersion[:, None]).exp() * value).sum(dim=-1)
+    return out
 
 
 def coupled_gradient_loss(pred: torch.Tensor, truth: torch.Tensor, edges: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -297,6 +319,7 @@ class MoE3D(Method):
         self.scaler_: SpotScaler | None = None
         self.panel_: list[str] = []
         self.use_coords_ = False
+        self.library_ = TARGET_SUM  # median training library size, for "expected" predictions
 
     def fit_predict(self, prepared: PreparedStack, train: list[int], targets: list[int], seed: int = 0) -> dict[int, np.ndarray]:
         self.fit(prepared, train, seed)
@@ -306,6 +329,8 @@ class MoE3D(Method):
     def fit(self, prepared: PreparedStack, train: list[int], seed: int = 0) -> "MoE3D":
         """Train on the measured sections `train` of `prepared` (full batch, seeded)."""
         c = self.config
+        if c.prediction not in PREDICTIONS:
+            raise StimputeError("moe3d", f"prediction must be one of {', '.join(PREDICTIONS)}, got {c.prediction!r}")
         lightning.seed_everything(seed, workers=True, verbose=False)
         use_coords = c.use_coords if c.use_coords is not None else (prepared.coords_ref is not None and len(prepared.stack) > 1)
         self.use_coords_ = use_coords
@@ -320,6 +345,7 @@ class MoE3D(Method):
             library=torch.as_tensor(np.concatenate(library)),
             log1p=torch.as_tensor(np.concatenate([prepared.known_expression(i) for i in train]), dtype=torch.float32),
         )
+        self.library_ = float(batch["library"].median())
         edges, weight = _train_edges(prepared, train, batch["stats"].numpy())
         net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(self.panel_) + 1, c, use_coords)
         module = MoE3DModule(net, c, torch.as_tensor(edges), torch.as_tensor(weight))
@@ -341,13 +367,19 @@ class MoE3D(Method):
             for i in targets:
                 logits, gates, _ = self.net_(inputs[i]["visual"], inputs[i]["stats"], inputs[i].get("xyz"))
                 self.routing_[i] = gates.numpy()
-                predictions[i] = torch.log1p(TARGET_SUM * logits.softmax(dim=1)[:, :-1]).numpy().astype(np.float32)
+                share = logits.softmax(dim=1)[:, :-1].double()
+                if self.config.prediction == "expected":
+                    dispersion = self.net_.log_dispersion.exp()[:-1].double()
+                    predictions[i] = expected_log1p(self.library_ * share, dispersion, self.library_).numpy().astype(np.float32)
+                else:
+                    predictions[i] = torch.log1p(TARGET_SUM * share).numpy().astype(np.float32)
         return predictions
 
     def save(self, path: str | Path) -> Path:
         """Write the trained model (weights, input scaling, panel, settings) to one file."""
         path = Path(path)
-        state = {"config": asdict(replace(self.config, use_coords=self.use_coords_)), "panel": self.panel_, "scaler": asdict(self.scaler_),
+        state = {"config": asdict(replace(self.config, use_coords=self.use_coords_)), "panel": self.panel_,
+                 "scaler": asdict(self.scaler_), "library": self.library_,
                  "dims": (self.net_.visual[0].in_features, self.net_.router.net[0].in_features),
                  "state_dict": self.net_.state_dict()}
         _atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -360,6 +392,7 @@ class MoE3D(Method):
             state = torch.load(path, map_location="cpu", weights_only=False)
             method = cls(MoE3DConfig(**state["config"]))
             method.panel_, method.scaler_ = list(state["panel"]), SpotScaler(**state["scaler"])
+            method.library_ = float(state["library"])
             method.use_coords_ = bool(method.config.use_coords)
             net = MoE3DNet(*state["dims"], len(method.panel_) + 1, method.config, method.use_coords_)
             net.load_state_dict(state["state_dict"])
