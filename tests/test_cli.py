@@ -89,8 +89,12 @@ def test_info_on_shared_her2st(her2st_root):
         assert row in result.output
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_impute_on_the_mini_stack_and_never_overwrites(tmp_path):
+    """The demo is `stimpute impute` on HER2-ST mini (minutes; run end to end in test_impute on
+    synthetic data): here its wiring and the refusal to overwrite earlier results."""
+    assert "impute" in _run("demo", "--help").output
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "C2.h5ad").write_text("earlier result")
     result = _run("demo", "--out", tmp_path / "demo")
-    assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["S0", "S1", "S2"]
-    assert "gene panel" in result.output
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (tmp_path / "demo" / "C2.h5ad").read_text() == "earlier result"

@@ -28,7 +28,7 @@ import torch
 from scipy import sparse
 
 from stimpute.models.base import Method, PreparedStack, register_method
-from stimpute.train import GraphBatch, TrainConfig, fit, split_known
+from stimpute.train import GraphBatch, TrainConfig, fit, split_known, torch_threads
 
 PROPAGATION_STEPS = 20
 FUSION_STEPS = 300
@@ -58,7 +58,7 @@ class ImputeResult:
     reach: dict[int, np.ndarray]
     fusion: FusionWeights
     config: TrainConfig
-    calibration: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # held-out known spots: propagated, model, truth, reach
 
 
 def adjacency(graph, n_nodes: int, nodes: np.ndarray | None = None) -> sparse.csr_matrix:
@@ -142,7 +142,7 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     config = config or TrainConfig(seed=seed)
     batch, known_nodes = graph_batch(prepared, known, config.seed, config.val_fraction)
     module = fit(batch, config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(config.threads):
         model = module(batch).numpy()
     n = int(prepared.offsets[-1])
     values = batch.y.numpy()[known_nodes]
@@ -151,11 +151,12 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     held = batch.val_mask.numpy()
     seeds = batch.train_mask.numpy()
     cal_prop, cal_reach = propagate(adjacency(prepared.graph, n, known_nodes), np.flatnonzero(seeds), batch.y.numpy()[seeds])
-    fusion = fit_fusion(cal_prop[held], model[held], batch.y.numpy()[held], cal_reach[held], per_spot=per_spot)
+    calibration = {"propagated": cal_prop[held], "model": model[held], "truth": batch.y.numpy()[held],
+                   "reach": cal_reach[held]}
+    fusion = fit_fusion(*calibration.values(), per_spot=per_spot)
 
     off = prepared.offsets
-    result = ImputeResult({}, {}, {}, {}, {}, fusion, config,
-                          calibration={"held_out_spots": int(held.sum()), "reach_slope": fusion.reach_slope})
+    result = ImputeResult({}, {}, {}, {}, {}, fusion, config, calibration)
     for i in range(len(prepared.stack)):
         if i in known:
             continue

@@ -21,12 +21,14 @@ from stimpute.models.base import PreparedStack
 
 
 def known_indices(stack: Stack, known: str | Sequence[str] | None) -> list[int]:
-    """Stack positions of the known sections (default: every section with counts)."""
+    """Stack positions of the known sections (default: every section with counts; [] for none)."""
     if known is None:
         found = [i for i, s in enumerate(stack) if s.has_counts]
     else:
         names = [known] if isinstance(known, str) else list(known)
         found = [stack.index(n) for n in names]
+        if not names:  # explicitly none: prediction from images only
+            return []
     for i in found:
         if not stack[i].has_counts:
             s = stack[i]
@@ -44,11 +46,14 @@ def prepare_stack(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     n_top: int = DEFAULT_PANEL_SIZE,
+    register: bool = True,
 ) -> PreparedStack:
     """Panel, expression, features, registration and 3D graph of `stack` (see module doc).
 
     `panel`: a gene list or a file of genes (checked against the known sections), else the
     top `n_top` HVGs of the known sections. `cache_dir`: feature cache folder.
+    `register=False` (sections of different samples, 2D use): each section keeps its own
+    pixel frame, and only the graph's within-section edges are meaningful.
     """
     from stimpute.features import spot_features
     from stimpute.register import register_stack
@@ -59,11 +64,16 @@ def prepare_stack(
         build_graph = _interim_graph
 
     known_idx = known_indices(stack, known)
-    genes = select_panel([stack[i].adata for i in known_idx], n_top=n_top, genes=panel)
+    if known_idx:
+        genes = select_panel([stack[i].adata for i in known_idx], n_top=n_top, genes=panel)
+    elif isinstance(panel, (list, tuple)) and panel:  # prediction only: the trained model's panel
+        genes = list(panel)
+    else:
+        raise StimputeError(None, "no known section: give a gene panel to predict")
     expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
     features = [spot_features(s, encoder=encoder, cache_dir=cache_dir, progress=progress) for s in stack]
-    registration = register_stack(stack, progress=progress) if len(stack) > 1 else None
-    coords_ref = registration.coords_ref if registration else [stack[0].xy]
+    registration = register_stack(stack, progress=progress) if register and len(stack) > 1 else None
+    coords_ref = registration.coords_ref if registration else [s.xy for s in stack]
     graph = build_graph(stack, coords_ref, features=features)
     for s in stack:
         s.image.release()
@@ -89,6 +99,7 @@ def _interim_graph(stack: Stack, coords_ref: list[np.ndarray], features=None, k_
     import torch
     from scipy.spatial import cKDTree
     from torch_geometric.data import Data
+    from torch_geometric.utils import coalesce
 
     offsets = np.concatenate([[0], np.cumsum([s.n_spots for s in stack])])
     spot_feats = [None if features is None else _unit_rows(f[:, 0]) for f in (features or [None] * len(stack))]
@@ -114,13 +125,15 @@ def _interim_graph(stack: Stack, coords_ref: list[np.ndarray], features=None, k_
         a, b, d = rows[found], nbr[found], dist[found]
         sim = 0.0 if spot_feats[i] is None else np.clip((spot_feats[i][a] * spot_feats[i - 1][b]).sum(1), 0, None)
         add(a + offsets[i], b + offsets[i - 1], 1, _disc_iou(d, radius) + sim)
+    edge_index, (edge_type, edge_weight) = coalesce(  # pairs found from both ends: keep one edge
+        torch.as_tensor(np.stack([np.concatenate(src), np.concatenate(dst)]), dtype=torch.long),
+        [torch.as_tensor(np.concatenate(etype)), torch.as_tensor(np.concatenate(weight), dtype=torch.float32)],
+        num_nodes=int(offsets[-1]), reduce="max")
     section = np.repeat(np.arange(len(stack)), np.diff(offsets))
     spot = np.concatenate([np.arange(s.n_spots) for s in stack])
     z = np.concatenate([np.full(s.n_spots, float(s.z_um)) for s in stack])
     return Data(
-        edge_index=torch.as_tensor(np.stack([np.concatenate(src), np.concatenate(dst)]), dtype=torch.long),
-        edge_type=torch.as_tensor(np.concatenate(etype), dtype=torch.long),
-        edge_weight=torch.as_tensor(np.concatenate(weight), dtype=torch.float32),
+        edge_index=edge_index, edge_type=edge_type, edge_weight=edge_weight,
         section=torch.as_tensor(section), spot=torch.as_tensor(spot),
         pos=torch.as_tensor(np.column_stack([np.concatenate(coords_ref), z]), dtype=torch.float32),
         num_nodes=int(offsets[-1]),

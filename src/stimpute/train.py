@@ -11,8 +11,10 @@ as an uninterrupted run would.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,14 +31,15 @@ from stimpute.models.msagnet import MSAGNet, MSAGNetConfig, spot_loss
 class TrainConfig:
     """Training settings; saved as YAML beside every result (`to_yaml`)."""
 
-    max_epochs: int = 300
-    patience: int = 30
+    max_epochs: int = 200
+    patience: int = 20
     lr: float = 1e-3
     weight_decay: float = 1e-2
     val_fraction: float = 0.25
     seed: int = 0
     accelerator: str = "cpu"
     devices: int | str = 1
+    threads: int = 1  # CPU intra-op threads: full-graph steps are small; more threads thrash on a busy machine
     model: MSAGNetConfig = field(default_factory=MSAGNetConfig)
 
     def to_dict(self) -> dict:
@@ -101,6 +104,17 @@ class MSAGNetModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` torch intra-op threads, restoring the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = None,
         resume: str | Path | None = None, progress: bool = False) -> MSAGNetModule:
     """Train on `batch` and return the module with the best validation weights loaded.
@@ -108,7 +122,14 @@ def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = No
     `ckpt_dir`: where `best.ckpt` and `last.ckpt` go (a temporary folder if None);
     `resume`: a checkpoint to continue from (same batch and config).
     """
+    with torch_threads(config.threads):
+        return _fit(batch, config, ckpt_dir, resume, progress)
+
+
+def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
     L.seed_everything(config.seed, workers=True, verbose=False)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every run
     n, s, d = batch.x.shape
     module = MSAGNetModule(d, batch.y.shape[1], s, asdict(config.model), config.lr, config.weight_decay, config.seed)
     module.model.set_feature_scaling(batch.x)
@@ -117,7 +138,7 @@ def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = No
         best = ModelCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True)
         callbacks = [EarlyStopping("val_loss", patience=config.patience), best]
         if progress:
-            callbacks.append(RichProgressBar(leave=True))
+            callbacks.append(RichProgressBar())
         trainer = L.Trainer(
             max_epochs=config.max_epochs, accelerator=config.accelerator, devices=config.devices,
             deterministic=True if config.accelerator == "cpu" else "warn", callbacks=callbacks, logger=False,
@@ -127,6 +148,8 @@ def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = No
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(module, loader, loader, ckpt_path=resume)
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)

@@ -17,7 +17,7 @@ levels of attention mix them, then a head regresses the gene panel:
    with a learned position embedding, mean-pooled.
 4. **Head** — LayerNorm + Linear to the genes.
 
-Defaults are scaled down for CPUs: width 256 and 4 heads (reference: 1024 and 8), two
+Defaults are scaled down for CPUs: width 128 and 4 heads (reference: 1024 and 8), two
 transformer layers (reference: 3). The reference's coarse-to-fine cascade of three
 transformers and its region-level heads are not reproduced: regions here are windows
 centred on each spot (`stimpute.patches`), so there is no separate region graph.
@@ -38,7 +38,7 @@ WITHIN, CROSS = 0, 1  # edge types of the 3D graph
 class MSAGNetConfig:
     """Model sizes. `variant`: "3d" (cross-layer edges) or "2d" (within-section edges only)."""
 
-    width: int = 256
+    width: int = 128
     heads: int = 4
     dropout: float = 0.2
     transformer_layers: int = 2

@@ -1,0 +1,225 @@
+"""The `impute`, `train` and `predict` commands as Python functions that write result folders.
+
+`run_impute` is ASIGN end to end: read sections, prepare (panel, features, registration,
+3D graph), train MSAGNet on the known section, propagate and fuse (`stimpute.impute`),
+then write one `.h5ad` per imputed section, `config.yaml`, heatmaps and, where targets
+carry counts, `metrics.csv`. `run_train`/`run_predict` are the image-only (2D) route for
+stacks without any measured section. Existing results are never overwritten without `force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from stimpute import __version__
+from stimpute.errors import StimputeError
+from stimpute.evaluate import Summary, gene_metrics, spot_pcc, summarise_pcc
+from stimpute.expression import top_variable
+from stimpute.impute import ImputeResult, graph_batch, impute_stack
+from stimpute.io import read_stack
+from stimpute.io.anndata_io import add_thumbnail, write_h5ad_atomic, write_text_atomic
+from stimpute.models.msagnet import MSAGNetConfig
+from stimpute.prepare import known_indices, prepare_stack
+from stimpute.train import MSAGNetModule, TrainConfig, fit, torch_threads
+
+MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
+N_TOP_FIGURE_GENES = 4
+N_TOP_SUMMARY = 50
+MODEL_FILE = "checkpoints/best.ckpt"
+
+
+@dataclass
+class RunSummary:
+    """Per-gene PCC summaries (panel, top-50 HVGs) and the paper's per-spot PCC, per target."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, label: str, panel: Summary, top: Summary, spot: float) -> None:
+        self.rows.append({"targets": label, "panel": panel, "top50": top, "spot_pcc": spot})
+
+
+@dataclass
+class ImputeRun:
+    out: Path
+    files: list[Path]
+    metrics: pd.DataFrame | None
+    summary: RunSummary
+    result: ImputeResult
+
+
+def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
+               seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
+               encoder: str = "handcrafted") -> ImputeRun:
+    """Impute every non-known section of the stack `sections` (stack order) into `out`."""
+    out = Path(out)
+    stack = read_stack(sections)
+    k = known_indices(stack, known)
+    targets = [i for i in range(len(stack)) if i not in k]
+    if not targets:
+        raise StimputeError(None, "nothing to impute: every section is --known")
+    _refuse_overwrite(out, [f"{stack[i].name}.h5ad" for i in targets] + ["config.yaml", "metrics.csv"], force)
+    prepared = prepare_stack(stack, known=known, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress)
+    config = config or TrainConfig(seed=seed)
+    result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress)
+
+    files = []
+    panel = prepared.panel
+    known_expr = np.concatenate([prepared.known_expression(i) for i in k])
+    figure_genes = [g for g in MARKER_GENES if g in panel]
+    figure_genes += [panel[j] for j in top_variable(known_expr, N_TOP_FIGURE_GENES) if panel[j] not in figure_genes]
+    for i in targets:
+        section = stack[i]
+        layers = {"model": result.model[i], "propagated": result.propagated[i], "propagated_weight": result.weight[i]}
+        obs = {"cli_reach": result.reach[i]}
+        files.append(write_prediction(section, panel, result.fused[i], out, layers, obs, force=force))
+        files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out))
+        section.image.release()
+
+    metrics, summary = evaluate_targets(prepared, targets, result.fused, top_variable(known_expr, N_TOP_SUMMARY))
+    if metrics is not None:
+        files.append(write_text_atomic(out / "metrics.csv", metrics.to_csv(index=False)))
+    settings = {
+        "command": "stimpute " + " ".join(sys.argv[1:]) if sys.argv and "stimpute" in Path(sys.argv[0]).name else None,
+        "stimpute_version": __version__, "seed": seed, "known": known,
+        "targets": [stack[i].name for i in targets], "encoder": encoder,
+        "inputs": [{"section": s.name, "path": str(p), "sha256": input_hash(p)} for s, p in zip(stack, sections)],
+        "panel": {"source": prepared.settings["panel_source"], "genes": list(panel)},
+        "train": config.to_dict(),
+        "fusion": {"rule": "w = sigmoid(gene_logit + reach_slope * logit(reach)); X = w*propagated + (1-w)*model",
+                   "reach_slope": result.fusion.reach_slope, "gene_logit": [round(float(a), 4) for a in result.fusion.gene_logit]},
+        "registration": prepared.settings.get("registration"),
+    }
+    files.append(write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False)))
+    return ImputeRun(out, files, metrics, summary, result)
+
+
+def evaluate_targets(prepared, targets: list[int], predictions: dict, top: np.ndarray) -> tuple[pd.DataFrame | None, RunSummary]:
+    """`section,gene,pcc,mse,mae` rows for targets that carry counts, and their summaries."""
+    frames, summary = [], RunSummary()
+    measured = [i for i in targets if prepared.expression[i] is not None]
+    for i in measured:
+        frame = gene_metrics(predictions[i], prepared.expression[i], prepared.panel)
+        frame.insert(0, "section", prepared.stack[i].name)
+        frames.append(frame)
+        spot = float(np.nanmean(spot_pcc(predictions[i], prepared.expression[i])))
+        summary.add(prepared.stack[i].name, summarise_pcc(frame.pcc), summarise_pcc(frame.pcc.to_numpy()[top]), spot)
+    if not frames:
+        return None, summary
+    if len(frames) > 1:
+        pooled = np.concatenate([f.pcc.to_numpy() for f in frames])
+        pooled_top = np.concatenate([f.pcc.to_numpy()[top] for f in frames])
+        spots = np.concatenate([spot_pcc(predictions[i], prepared.expression[i]) for i in measured])
+        summary.add("all", summarise_pcc(pooled), summarise_pcc(pooled_top), float(np.nanmean(spots)))
+    return pd.concat(frames, ignore_index=True), summary
+
+
+def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, layers: dict | None = None,
+                     obs: dict | None = None, force: bool = False) -> Path:
+    """`out/<section>.h5ad`: the section's spot ids, var = panel, X and layers on the log1p scale."""
+    adata = ad.AnnData(X=np.asarray(X, np.float32), obs=section.adata.obs.copy(), var=pd.DataFrame(index=pd.Index(list(panel), name="gene")))
+    for name, values in (layers or {}).items():
+        adata.layers[name] = np.asarray(values, np.float32)
+    for name, values in (obs or {}).items():
+        adata.obs[name] = np.asarray(values)
+    adata.obsm["spatial"] = section.xy
+    adata.uns["stimpute"] = {"section": section.name, "scale": "normalize_total(1e4) + log1p",
+                             "um_per_px": float(section.um_per_px), "spot_diameter_um": float(section.spot_diameter_um)}
+    add_thumbnail(adata, section)
+    return write_h5ad_atomic(adata, out / f"{section.name}.h5ad", force=force)
+
+
+def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
+              force: bool = False, progress: bool = False, config: TrainConfig | None = None,
+              encoder: str = "handcrafted") -> Path:
+    """Train the 2D MSAGNet on every measured section (images only, no registration)."""
+    out = Path(out)
+    _refuse_overwrite(out, [MODEL_FILE, "config.yaml"], force)
+    stack = read_stack(sections)
+    prepared = prepare_stack(stack, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress, register=False)
+    config = config or TrainConfig(seed=seed, model=MSAGNetConfig(variant="2d"))
+    batch, _ = graph_batch(prepared, known_indices(stack, None), config.seed, config.val_fraction)
+    if force:
+        for old in (out / "checkpoints").glob("*.ckpt"):
+            old.unlink()
+    fit(batch, config, ckpt_dir=out / "checkpoints", progress=progress)
+    settings = {"stimpute_version": __version__, "seed": seed, "encoder": encoder, "panel": list(prepared.panel),
+                "inputs": [{"section": s.name, "path": str(p), "sha256": input_hash(p)} for s, p in zip(stack, sections)],
+                "train": config.to_dict()}
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False))
+    return out / MODEL_FILE
+
+
+def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
+                progress: bool = False) -> list[Path]:
+    """Predict each section from its image alone with a model written by `run_train`."""
+    model_dir, out = Path(model_dir), Path(out)
+    ckpt, cfg_file = model_dir / MODEL_FILE, model_dir / "config.yaml"
+    if not ckpt.is_file() or not cfg_file.is_file():
+        raise StimputeError(model_dir, f"not a trained model folder: expected {MODEL_FILE} and config.yaml (from `stimpute train`)")
+    settings = yaml.safe_load(cfg_file.read_text())
+    module = MSAGNetModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    stack = read_stack(sections)
+    _refuse_overwrite(out, [f"{s.name}.h5ad" for s in stack], force)
+    files = []
+    for section in stack:
+        from stimpute.data import Stack
+
+        one = prepare_stack(Stack([section]), known=[], panel=settings["panel"], encoder=settings["encoder"],
+                            cache_dir=out / "cache", progress=progress, register=False)
+        g = one.graph
+        with torch.no_grad(), torch_threads(1):
+            pred = module.model(torch.as_tensor(one.features[0]), g.edge_index, g.edge_type, g.edge_weight.float()).numpy()
+        files.append(write_prediction(section, one.panel, pred, out, force=force))
+        files.append(_heatmaps(section, one.panel, [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES], pred, None, out))
+        section.image.release()
+    return files
+
+
+def input_hash(path: str | Path) -> str:
+    """SHA-256 over an input file, or over every file of an input folder (names and bytes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        h.update(f.relative_to(path.parent if path.is_file() else path).as_posix().encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _heatmaps(section, panel, genes, predicted, measured, out: Path) -> Path:
+    from stimpute.plot import expression_heatmaps
+
+    cols = [list(panel).index(g) for g in genes]
+    thumb, scale = section.image.thumbnail(800)
+    return expression_heatmaps(thumb, section.xy * scale, genes, predicted[:, cols], out / "figures" / f"{section.name}.png",
+                               None if measured is None else measured[:, cols], title=f"{section.name}: imputed vs measured")
+
+
+def _refuse_overwrite(out: Path, names: list[str], force: bool) -> None:
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not force:
+        raise StimputeError(out, f"already holds results ({', '.join(existing)}); pass --force to overwrite them")
+
+
+def _plain(value):
+    """YAML-safe plain types (numpy scalars, paths, tuples) recursively."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
