@@ -13,8 +13,8 @@ from stimpute.evaluate import pearson_columns
 from stimpute.expression import panel_expression
 from stimpute.image import SectionImage
 from stimpute.models import PreparedStack, get_method
-from stimpute.models.nh2st import (NH2STConfig, NH2STNet, cross_validate_nh2st, info_nce, load_nh2st, neighbour_grid,
-                                   predict_nh2st, train_nh2st)
+from stimpute.models.nh2st import (NH2STConfig, NH2STNet, info_nce, load_nh2st, neighbour_grid,
+                                   predict_nh2st, train_folder, train_nh2st)
 from stimpute.plot import expression_heatmaps
 
 
@@ -122,9 +122,12 @@ def test_fit_predict_small_synthetic_stack_and_checkpoint(prepared, synthetic, t
 
 
 def test_cross_validation_by_section(prepared, tmp_path):
-    table = cross_validate_nh2st(prepared, [0, 1, 2], n_folds=2, cfg=NH2STConfig(**{**TINY, "max_epochs": 2}), out_dir=tmp_path)
+    cfg = NH2STConfig(**{**TINY, "max_epochs": 2})
+    files = train_folder(prepared, tmp_path, mode="cv", folds=2, cfg=cfg)
+    assert [f.name for f in files] == ["fold0.ckpt", "fold1.ckpt", "cv_metrics.csv"]
+    table = pd.read_csv(tmp_path / "cv_metrics.csv")
     assert sorted(set(table.section)) == ["S0", "S1", "S2"] and len(table) == 3 * len(prepared.panel)
-    assert (tmp_path / "fold0.ckpt").is_file() and (tmp_path / "fold1.ckpt").is_file()
+    assert set(table.fold) == {0, 1}
 
 
 def test_expression_heatmaps_figure(synthetic, tmp_path):

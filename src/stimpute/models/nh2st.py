@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from stimpute.data import Section
 from stimpute.errors import StimputeError
 from stimpute.evaluate import gene_metrics, pearson_columns
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import _atomic_write, write_text_atomic
 from stimpute.models.base import Method, PreparedStack, register_method
 
 SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)
@@ -371,3 +371,26 @@ class NH2ST(Method):
 
     def fit_predict(self, prepared: PreparedStack, train: list[int], targets: list[int], seed: int = 0) -> dict[int, np.ndarray]:
         return predict_nh2st(train_nh2st(prepared, train, seed, self.cfg), prepared, targets)
+
+
+CHECKPOINT = "checkpoints/nh2st.ckpt"
+
+
+def train_folder(prepared: PreparedStack, out: str | Path, mode: str = "train", folds: int | None = None, seed: int = 0,
+                 cfg: NH2STConfig | None = None) -> list[Path]:
+    """`stimpute train --method nh2st`: mode `train` fits every measured section and writes
+    `out/checkpoints/nh2st.ckpt`; mode `cv` runs k-fold cross-validation by section
+    (`--folds`, default one fold per section), writing `checkpoints/fold<k>.ckpt` and
+    `cv_metrics.csv` (per fold, section and gene: pcc, mse, mae)."""
+    out = Path(out)
+    measured = [i for i, e in enumerate(prepared.expression) if e is not None]
+    if mode == "train":
+        if not measured:
+            raise StimputeError(out, "no section with measured counts to train on")
+        train_nh2st(prepared, measured, seed, cfg, out / CHECKPOINT)
+        return [out / CHECKPOINT]
+    if mode != "cv":
+        raise StimputeError("--mode", f"unknown mode {mode!r} (train or cv)")
+    table = cross_validate_nh2st(prepared, measured, folds or len(measured), seed, cfg, out / "checkpoints")
+    metrics = write_text_atomic(out / "cv_metrics.csv", table.to_csv(index=False))
+    return sorted((out / "checkpoints").glob("fold*.ckpt")) + [metrics]
