@@ -140,9 +140,12 @@ def test_stain_normalisation_changes_the_cache_key(tmp_path):
 def test_her2st_handcrafted_features(her2st_root, tmp_path):
     from stimpute.io import read_section
 
-    section = read_section(her2st_root / "C3")
+    from dataclasses import replace
+
+    full = read_section(her2st_root / "C3")
+    section = replace(full, adata=full.adata[::6].copy())  # 30 spots spread over the section
     feats = spot_features(section, cache_dir=tmp_path)
-    assert feats.shape == (section.n_spots, 3, HANDCRAFTED_DIM) and np.isfinite(feats).all()
+    assert feats.shape == (30, 3, HANDCRAFTED_DIM) and np.isfinite(feats).all()
     assert (feats.std(axis=0) > 0).mean() > 0.9  # descriptors vary across spots
 
 

@@ -56,7 +56,7 @@ def _blocks(rgb: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def describe_batch(patches: np.ndarray, workers: int | None = None) -> np.ndarray:
-    """Descriptors (N, dim) of N patches (N, H, W, 3), computed on a thread pool."""
+    """Descriptors (..., dim) of patches (..., H, W, 3), computed on a thread pool."""
     flat = patches.reshape(-1, *patches.shape[-3:])
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(flat) == 1:
