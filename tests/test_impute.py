@@ -115,3 +115,22 @@ def test_impute_command_end_to_end_on_a_synthetic_stack(tmp_path):
     assert "ASIGN paper's metric (PCC per spot across genes" in result.output
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_train_then_predict_from_images_alone(tmp_path):
+    import anndata as ad
+
+    from stimpute.datasets import synthetic_stack
+    from stimpute.evaluate import gene_metrics
+    from stimpute.expression import panel_expression
+    from stimpute.pipeline import run_predict, run_train
+
+    stack = synthetic_stack(3, seed=0, n_genes=30, tissue_radius_um=350.0, image_size=800)
+    folders = [write_section(s, tmp_path / "in") for s in stack]
+    config = TrainConfig(max_epochs=30, model=MSAGNetConfig(width=32, variant="2d"))
+    run_train(folders[:2], tmp_path / "model", config=config)
+    (h5ad, figure) = run_predict(folders[2:], tmp_path / "model", tmp_path / "pred")
+    adata = ad.read_h5ad(h5ad)
+    assert list(adata.obs_names) == list(stack[2].adata.obs_names) and figure.is_file()
+    truth = panel_expression(stack[2], list(adata.var_names))
+    assert np.nanmean(gene_metrics(adata.X, truth, adata.var_names).pcc) > 0.3

@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from stimpute.data import Stack
 from stimpute.errors import StimputeError
 from stimpute.expression import DEFAULT_PANEL_SIZE, panel_expression, select_panel
@@ -56,12 +54,8 @@ def prepare_stack(
     pixel frame, and only the graph's within-section edges are meaningful.
     """
     from stimpute.features import spot_features
+    from stimpute.graph import WITHIN, build_graph, build_graph_2d
     from stimpute.register import register_stack
-
-    try:
-        from stimpute.graph import build_graph
-    except ImportError:  # issue 5's graph module not merged yet: same contract, simple version
-        build_graph = _interim_graph
 
     known_idx = known_indices(stack, known)
     if known_idx:
@@ -74,7 +68,10 @@ def prepare_stack(
     features = [spot_features(s, encoder=encoder, cache_dir=cache_dir, progress=progress) for s in stack]
     registration = register_stack(stack, progress=progress) if register and len(stack) > 1 else None
     coords_ref = registration.coords_ref if registration else [s.xy for s in stack]
-    graph = build_graph(stack, coords_ref, features=features)
+    graph = build_graph(stack, coords_ref, features=features) if len(stack) > 1 else build_graph_2d(stack[0])
+    if registration is None:  # unregistered sections: cross-layer matches would be meaningless
+        keep = graph.edge_type == WITHIN
+        graph.edge_index, graph.edge_type, graph.edge_weight = graph.edge_index[:, keep], graph.edge_type[keep], graph.edge_weight[keep]
     for s in stack:
         s.image.release()
     settings = {
@@ -90,63 +87,3 @@ def prepare_stack(
 def _has_panel(section, genes: Sequence[str]) -> bool:
     return section.has_counts and all(g in section.adata.var_names for g in genes)
 
-
-def _interim_graph(stack: Stack, coords_ref: list[np.ndarray], features=None, k_within: int = 8, k_cross: int = 6):
-    """The `stimpute.graph.build_graph` contract, minimally: within-section edges to the
-    adjacent ring (k ≤ 8 within 1.5 pitches) and cross-layer edges between adjacent
-    sections scored by disc IoU + cosine feature similarity (top `k_cross`, within 2 pitches).
-    """
-    import torch
-    from scipy.spatial import cKDTree
-    from torch_geometric.data import Data
-    from torch_geometric.utils import coalesce
-
-    offsets = np.concatenate([[0], np.cumsum([s.n_spots for s in stack])])
-    spot_feats = [None if features is None else _unit_rows(f[:, 0]) for f in (features or [None] * len(stack))]
-    src, dst, etype, weight = [], [], [], []
-
-    def add(a, b, t, w):
-        src.extend([a, b]), dst.extend([b, a]), etype.extend([np.full(len(a), t)] * 2), weight.extend([w, w])
-
-    for i, s in enumerate(stack):
-        xy = coords_ref[i]
-        dist, nbr = cKDTree(xy).query(xy, k=min(k_within + 1, len(xy)))
-        pitch = np.median(dist[:, 1]) if len(xy) > 1 else 1.0
-        keep = (nbr != np.arange(len(xy))[:, None]) & (dist <= 1.5 * pitch)
-        rows = np.repeat(np.arange(len(xy))[:, None], nbr.shape[1], axis=1)
-        add(rows[keep] + offsets[i], nbr[keep] + offsets[i], 0, np.ones(keep.sum()))
-        if i == 0:
-            continue
-        prev = coords_ref[i - 1]
-        radius = stack[i].spot_diameter_um / stack[0].um_per_px / 2
-        dist, nbr = cKDTree(prev).query(xy, k=min(k_cross, len(prev)), distance_upper_bound=2 * pitch)
-        found = np.isfinite(dist)
-        rows = np.repeat(np.arange(len(xy))[:, None], nbr.shape[1], axis=1)
-        a, b, d = rows[found], nbr[found], dist[found]
-        sim = 0.0 if spot_feats[i] is None else np.clip((spot_feats[i][a] * spot_feats[i - 1][b]).sum(1), 0, None)
-        add(a + offsets[i], b + offsets[i - 1], 1, _disc_iou(d, radius) + sim)
-    edge_index, (edge_type, edge_weight) = coalesce(  # pairs found from both ends: keep one edge
-        torch.as_tensor(np.stack([np.concatenate(src), np.concatenate(dst)]), dtype=torch.long),
-        [torch.as_tensor(np.concatenate(etype)), torch.as_tensor(np.concatenate(weight), dtype=torch.float32)],
-        num_nodes=int(offsets[-1]), reduce="max")
-    section = np.repeat(np.arange(len(stack)), np.diff(offsets))
-    spot = np.concatenate([np.arange(s.n_spots) for s in stack])
-    z = np.concatenate([np.full(s.n_spots, float(s.z_um)) for s in stack])
-    return Data(
-        edge_index=edge_index, edge_type=edge_type, edge_weight=edge_weight,
-        section=torch.as_tensor(section), spot=torch.as_tensor(spot),
-        pos=torch.as_tensor(np.column_stack([np.concatenate(coords_ref), z]), dtype=torch.float32),
-        num_nodes=int(offsets[-1]),
-    )
-
-
-def _disc_iou(d: np.ndarray, r: float) -> np.ndarray:
-    """Intersection over union of two discs of radius r whose centres are d apart."""
-    d = np.minimum(np.asarray(d, float), 2 * r)
-    inter = 2 * r**2 * np.arccos(d / (2 * r)) - d / 2 * np.sqrt(4 * r**2 - d**2)
-    return inter / (2 * np.pi * r**2 - inter)
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-9)
