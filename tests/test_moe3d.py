@@ -159,16 +159,7 @@ def prepared(synthetic):
     return PreparedStack(synthetic, panel, [panel_expression(s, panel) for s in synthetic], features, coords)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny full-batch training is fastest single-threaded (and the CI machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_moe3d_fit_predict_on_synthetic_stack(prepared, one_thread, tmp_path):
+def test_moe3d_fit_predict_on_synthetic_stack(prepared, tmp_path):
     method = MoE3D(epochs=80, n_experts=4, top_k=2)
     pred = method.fit_predict(prepared, train=[1], targets=[0, 2], seed=0)
     assert set(pred) == {0, 2}
@@ -185,7 +176,7 @@ def test_moe3d_fit_predict_on_synthetic_stack(prepared, one_thread, tmp_path):
     assert np.isfinite(expected).all() and (expected <= pred[0] + 1e-5).all()  # E[log1p] ≤ log1p(E)
 
 
-def test_moe3d_cross_validation_by_section(prepared, one_thread):
+def test_moe3d_cross_validation_by_section(prepared):
     rows = cross_validate(prepared, [0, 1, 2], n_folds=3, config=MoE3DConfig(epochs=20, n_experts=3, top_k=1))
     assert sorted(rows.section.unique()) == ["S0", "S1", "S2"] and sorted(rows.fold.unique()) == [0, 1, 2]
     assert len(rows) == 3 * len(prepared.panel) and rows.pcc.notna().all()

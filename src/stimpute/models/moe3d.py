@@ -349,7 +349,9 @@ class MoE3D(Method):
         edges, weight = _train_edges(prepared, train, batch["stats"].numpy())
         net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(self.panel_) + 1, c, use_coords)
         module = MoE3DModule(net, c, torch.as_tensor(edges), torch.as_tensor(weight))
-        with warnings.catch_warnings():
+        from stimpute.train import torch_threads
+
+        with warnings.catch_warnings(), torch_threads(1):  # tiny full-batch steps: threads only add overhead
             warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
             _trainer(c.epochs).fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
         self.net_ = net.eval().cpu()
