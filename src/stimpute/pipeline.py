@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +36,7 @@ MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the
 N_TOP_FIGURE_GENES = 4
 N_TOP_SUMMARY = 50
 MODEL_FILE = "checkpoints/best.ckpt"
+MODEL_FILES = {"msagnet": MODEL_FILE, "moe3d": "moe3d.pt"}  # what `stimpute train --method` writes
 
 
 @dataclass
@@ -140,34 +141,57 @@ def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, la
 
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
               force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-              encoder: str = "handcrafted") -> Path:
-    """Train the 2D MSAGNet on every measured section (images only, no registration)."""
+              encoder: str = "handcrafted", method: str = "msagnet") -> Path:
+    """Train a 2D model (`msagnet`, or `moe3d` without coordinates) on every measured
+    section (images only, no registration)."""
     out = Path(out)
-    _refuse_overwrite(out, [MODEL_FILE, "config.yaml"], force)
+    model_file = MODEL_FILES.get(method)
+    if model_file is None:
+        raise StimputeError("--method", f"cannot train {method!r} for `stimpute predict` (use {' or '.join(MODEL_FILES)})")
+    _refuse_overwrite(out, [model_file, "config.yaml"], force)
     stack = read_stack(sections)
     prepared = prepare_stack(stack, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress, register=False)
-    config = config or TrainConfig(seed=seed, model=MSAGNetConfig(variant="2d"))
-    batch, _ = graph_batch(prepared, known_indices(stack, None), config.seed, config.val_fraction)
-    if force:
-        for old in (out / "checkpoints").glob("*.ckpt"):
-            old.unlink()
-    fit(batch, config, ckpt_dir=out / "checkpoints", progress=progress)
-    settings = {"stimpute_version": __version__, "seed": seed, "encoder": encoder, "panel": list(prepared.panel),
+    if method == "moe3d":
+        from stimpute.models.moe3d import MoE3D
+
+        model = MoE3D(use_coords=False).fit(prepared, known_indices(stack, None), seed)
+        model.save(out / model_file)
+        train_settings = asdict(model.config)
+    else:
+        config = config or TrainConfig(seed=seed, model=MSAGNetConfig(variant="2d"))
+        batch, _ = graph_batch(prepared, known_indices(stack, None), config.seed, config.val_fraction)
+        if force:
+            for old in (out / "checkpoints").glob("*.ckpt"):
+                old.unlink()
+        fit(batch, config, ckpt_dir=out / "checkpoints", progress=progress)
+        train_settings = config.to_dict()
+    settings = {"stimpute_version": __version__, "method": method, "seed": seed, "encoder": encoder, "panel": list(prepared.panel),
                 "inputs": [{"section": s.name, "path": str(p), "sha256": input_hash(p)} for s, p in zip(stack, sections)],
-                "train": config.to_dict()}
+                "train": train_settings}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False))
-    return out / MODEL_FILE
+    return out / model_file
 
 
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
-                progress: bool = False) -> list[Path]:
-    """Predict each section from its image alone with a model written by `run_train`."""
+                progress: bool = False, method: str | None = None) -> list[Path]:
+    """Predict each section from its image alone with a model written by `run_train`
+    (`method`, if given, must be the model's)."""
     model_dir, out = Path(model_dir), Path(out)
-    ckpt, cfg_file = model_dir / MODEL_FILE, model_dir / "config.yaml"
+    cfg_file = model_dir / "config.yaml"
+    settings = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+    trained = settings.get("method", "msagnet")
+    ckpt = model_dir / MODEL_FILES.get(trained, MODEL_FILE)
     if not ckpt.is_file() or not cfg_file.is_file():
-        raise StimputeError(model_dir, f"not a trained model folder: expected {MODEL_FILE} and config.yaml (from `stimpute train`)")
-    settings = yaml.safe_load(cfg_file.read_text())
-    module = MSAGNetModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+        raise StimputeError(model_dir, f"not a trained model folder: expected {ckpt.relative_to(model_dir)} and config.yaml (from `stimpute train`)")
+    if method is not None and method != trained:
+        raise StimputeError(cfg_file, f"this model was trained with --method {trained}, not {method}")
+    method = trained
+    if method == "moe3d":
+        from stimpute.models.moe3d import MoE3D
+
+        model = MoE3D.load(ckpt)
+    else:
+        module = MSAGNetModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     stack = read_stack(sections)
     _refuse_overwrite(out, [f"{s.name}.h5ad" for s in stack], force)
     files = []
@@ -178,7 +202,10 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
                             cache_dir=out / "cache", progress=progress, register=False)
         g = one.graph
         with torch.no_grad(), torch_threads(1):
-            pred = module.model(torch.as_tensor(one.features[0]), g.edge_index, g.edge_type, g.edge_weight.float()).numpy()
+            if method == "moe3d":
+                pred = model.predict(one, [0])[0]
+            else:
+                pred = module.model(torch.as_tensor(one.features[0]), g.edge_index, g.edge_type, g.edge_weight.float()).numpy()
         files.append(write_prediction(section, one.panel, pred, out, force=force))
         files.append(_heatmaps(section, one.panel, [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES], pred, None, out))
         section.image.release()
