@@ -32,6 +32,7 @@ from stimpute.errors import StimputeError
 from stimpute.evaluate import gene_metrics, pearson_columns
 from stimpute.io.anndata_io import _atomic_write, write_text_atomic
 from stimpute.models.base import Method, PreparedStack, register_method
+from stimpute.train import split_known, torch_threads
 
 SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)
 
@@ -282,13 +283,6 @@ class _KeepBest(L.Callback):
             module.load_state_dict(self.state)
 
 
-def split_spots(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random (train, validation) spot indices; validation drives early stopping."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = min(n - 1, max(2, int(round(fraction * n))))
-    return order[n_val:].sort().values, order[:n_val].sort().values
-
-
 def _loader(idx: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(idx), batch_size=batch_size, shuffle=shuffle,
@@ -308,7 +302,7 @@ def fit_nh2st(table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, 
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[L.pytorch.callbacks.EarlyStopping("val_pcc", mode="max", patience=cfg.patience), _KeepBest()],
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch_threads(1):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer.fit(module, _loader(train_idx, cfg.batch_size, True, seed), _loader(val_idx, 1024, False, seed))
     if checkpoint is not None:
@@ -321,7 +315,10 @@ def train_nh2st(prepared: PreparedStack, train: list[int], seed: int = 0, cfg: N
     """Train on the measured sections `train` (a seeded share of their spots validates)."""
     cfg = cfg or NH2STConfig()
     table = spot_table(prepared, train, cfg.res_neighbor, cfg.lattice)
-    train_idx, val_idx = split_spots(len(table.features), cfg.val_fraction, seed)
+    held = split_known(len(table.features), cfg.val_fraction, seed)
+    if held.all() or not held.any():
+        raise StimputeError(prepared.stack[train[0]].name, f"too few spots ({len(held)}) to hold some out for early stopping")
+    train_idx, val_idx = (torch.as_tensor(np.flatnonzero(m)) for m in (~held, held))
     return fit_nh2st(table, train_idx, val_idx, prepared.panel, seed, cfg, checkpoint)
 
 
