@@ -322,19 +322,23 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on held-out spots).", min=1)] = 300,
     force: Annotated[bool, typer.Option(help="Overwrite an earlier model in OUT.")] = False,
-    method: Annotated[str, typer.Option(help="msagnet (2D MSAGNet) or moe3d (3DMoEST without coordinates).")] = "msagnet",
+    method: Annotated[str, typer.Option(help="msagnet (2D MSAGNet), nh2st (NH²2ST) or moe3d (3DMoEST without coordinates).")] = "msagnet",
+    mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section (nh2st), writing cv_metrics.csv.")] = "train",
+    folds: Annotated[Optional[int], typer.Option(help="Folds of --mode cv (default: one per section).", min=2)] = None,
 ):
-    """Train an image-only model (2D MSAGNet, or 3DMoEST with --method moe3d) on measured sections, for `stimpute predict`.
+    """Train an image-only model (2D MSAGNet, NH²2ST or 3DMoEST) on measured sections, for `stimpute predict`.
 
     Example: [bold]stimpute train ../shared/data/her2st/C2 ../shared/data/her2st/C4 --out model/ --method moe3d[/]
+    Example: [bold]stimpute train ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --out cv/ --method nh2st --mode cv[/]
     """
     from stimpute.models.msagnet import MSAGNetConfig
     from stimpute.pipeline import run_train
     from stimpute.train import TrainConfig
 
     config = TrainConfig(seed=seed, max_epochs=epochs, model=MSAGNetConfig(variant="2d"))
-    ckpt = run_train(sections, out, genes=genes, seed=seed, force=force, progress=True, config=config, method=method)
-    console.print(f"model written to {ckpt}", highlight=False)
+    ckpt = run_train(sections, out, genes=genes, seed=seed, force=force, progress=True, config=config, method=method,
+                     mode=mode, folds=folds)
+    console.print(f"{'cross-validation by section' if mode == 'cv' else 'model'} written to {ckpt}", highlight=False)
 
 
 @app.command()
@@ -344,7 +348,7 @@ def predict(
     model: Annotated[Path, typer.Option(help="Model folder written by `stimpute train`.")],
     out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per section, figures/.")],
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT.")] = False,
-    method: Annotated[Optional[str], typer.Option(help="The model's method (msagnet or moe3d); read from the model folder, checked when given.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="The model's method (msagnet, nh2st or moe3d); read from the model folder, checked when given.")] = None,
 ):
     """Predict expression from the H&E image alone (2D MSAGNet), for stacks without measured ST.
 

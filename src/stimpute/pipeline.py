@@ -36,7 +36,7 @@ MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the
 N_TOP_FIGURE_GENES = 4
 N_TOP_SUMMARY = 50
 MODEL_FILE = "checkpoints/best.ckpt"
-MODEL_FILES = {"msagnet": MODEL_FILE, "moe3d": "moe3d.pt"}  # what `stimpute train --method` writes
+MODEL_FILES = {"msagnet": MODEL_FILE, "moe3d": "moe3d.pt", "nh2st": "checkpoints/nh2st.ckpt"}  # what `stimpute train --method` writes
 
 
 @dataclass
@@ -141,14 +141,17 @@ def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, la
 
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
               force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-              encoder: str = "handcrafted", method: str = "msagnet") -> Path:
-    """Train a 2D model (`msagnet`, or `moe3d` without coordinates) on every measured
-    section (images only, no registration)."""
+              encoder: str = "handcrafted", method: str = "msagnet", mode: str = "train", folds: int | None = None) -> Path:
+    """Train a 2D model (`msagnet`, `nh2st`, or `moe3d` without coordinates) on every measured
+    section (images only, no registration). `mode="cv"` (nh2st): k-fold cross-validation
+    by section instead, writing one checkpoint per fold and `cv_metrics.csv`."""
     out = Path(out)
     model_file = MODEL_FILES.get(method)
     if model_file is None:
         raise StimputeError("--method", f"cannot train {method!r} for `stimpute predict` (use {' or '.join(MODEL_FILES)})")
-    _refuse_overwrite(out, [model_file, "config.yaml"], force)
+    if mode != "train" and method != "nh2st":
+        raise StimputeError("--mode", f"--mode {mode} is available for --method nh2st only")
+    _refuse_overwrite(out, ["cv_metrics.csv" if mode == "cv" else model_file, "config.yaml"], force)
     stack = read_stack(sections)
     prepared = prepare_stack(stack, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress, register=False)
     if method == "moe3d":
@@ -157,6 +160,12 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
         model = MoE3D(use_coords=False).fit(prepared, known_indices(stack, None), seed)
         model.save(out / model_file)
         train_settings = asdict(model.config)
+    elif method == "nh2st":
+        from stimpute.models.nh2st import NH2STConfig, train_folder
+
+        nh2st_config = NH2STConfig(max_epochs=config.max_epochs) if config else NH2STConfig()
+        model_file = train_folder(prepared, out, mode, folds, seed, nh2st_config)[-1].relative_to(out)
+        train_settings = {"mode": mode, "folds": folds, **asdict(nh2st_config)}
     else:
         config = config or TrainConfig(seed=seed, model=MSAGNetConfig(variant="2d"))
         batch, _ = graph_batch(prepared, known_indices(stack, None), config.seed, config.val_fraction)
@@ -190,6 +199,10 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
         from stimpute.models.moe3d import MoE3D
 
         model = MoE3D.load(ckpt)
+    elif method == "nh2st":
+        from stimpute.models.nh2st import load_nh2st, predict_nh2st
+
+        module = load_nh2st(ckpt)
     else:
         module = MSAGNetModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     stack = read_stack(sections)
@@ -204,10 +217,12 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
         with torch.no_grad(), torch_threads(1):
             if method == "moe3d":
                 pred = model.predict(one, [0])[0]
+            elif method == "nh2st":
+                pred = predict_nh2st(module, one, [0])[0]
             else:
                 pred = module.model(torch.as_tensor(one.features[0]), g.edge_index, g.edge_type, g.edge_weight.float()).numpy()
         files.append(write_prediction(section, one.panel, pred, out, force=force))
-        files.append(_heatmaps(section, one.panel, [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES], pred, None, out))
+        files.append(_heatmaps(section, one.panel, [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES], pred, one.expression[0], out))
         section.image.release()
     return files
 
