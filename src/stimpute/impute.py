@@ -186,10 +186,10 @@ _LAST: dict = {}  # one-entry memo: `asign` and `msagnet` on the same inputs tra
 
 
 def _impute_once(prepared: PreparedStack, train: list[int], seed: int, config: TrainConfig | None) -> ImputeResult:
-    key = (id(prepared), tuple(train), seed, None if config is None else config.to_yaml())
-    if _LAST.get("key") != key:
+    key = (tuple(train), seed, None if config is None else config.to_yaml())
+    if _LAST.get("prepared") is not prepared or _LAST.get("key") != key:
         _LAST.clear()
-        _LAST.update(key=key, result=impute_stack(prepared, list(train), seed=seed, config=config))
+        _LAST.update(prepared=prepared, key=key, result=impute_stack(prepared, list(train), seed=seed, config=config))
     return _LAST["result"]
 
 
