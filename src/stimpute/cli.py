@@ -323,7 +323,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on held-out spots).", min=1)] = 300,
     force: Annotated[bool, typer.Option(help="Overwrite an earlier model in OUT.")] = False,
     method: Annotated[str, typer.Option(help="msagnet (2D MSAGNet), nh2st (NH²2ST) or moe3d (3DMoEST without coordinates).")] = "msagnet",
-    mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section (nh2st), writing cv_metrics.csv.")] = "train",
+    mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section (nh2st, moe3d), writing cv_metrics.csv.")] = "train",
     folds: Annotated[Optional[int], typer.Option(help="Folds of --mode cv (default: one per section).", min=2)] = None,
 ):
     """Train an image-only model (2D MSAGNet, NH²2ST or 3DMoEST) on measured sections, for `stimpute predict`.

@@ -143,18 +143,25 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
               force: bool = False, progress: bool = False, config: TrainConfig | None = None,
               encoder: str = "handcrafted", method: str = "msagnet", mode: str = "train", folds: int | None = None) -> Path:
     """Train a 2D model (`msagnet`, `nh2st`, or `moe3d` without coordinates) on every measured
-    section (images only, no registration). `mode="cv"` (nh2st): k-fold cross-validation
-    by section instead, writing one checkpoint per fold and `cv_metrics.csv`."""
+    section (images only, no registration). `mode="cv"` (nh2st, moe3d): k-fold cross-validation
+    by section instead, writing `cv_metrics.csv` (nh2st: and one checkpoint per fold)."""
     out = Path(out)
     model_file = MODEL_FILES.get(method)
     if model_file is None:
         raise StimputeError("--method", f"cannot train {method!r} for `stimpute predict` (use {' or '.join(MODEL_FILES)})")
-    if mode != "train" and method != "nh2st":
-        raise StimputeError("--mode", f"--mode {mode} is available for --method nh2st only")
+    if mode not in ("train", "cv") or (mode == "cv" and method not in ("nh2st", "moe3d")):
+        raise StimputeError("--mode", f"--mode {mode}: use train, or cv with --method nh2st or moe3d")
     _refuse_overwrite(out, ["cv_metrics.csv" if mode == "cv" else model_file, "config.yaml"], force)
     stack = read_stack(sections)
     prepared = prepare_stack(stack, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress, register=False)
-    if method == "moe3d":
+    if method == "moe3d" and mode == "cv":
+        from stimpute.models.moe3d import MoE3DConfig, cross_validate
+
+        known, moe3d_config = known_indices(stack, None), MoE3DConfig(use_coords=False)
+        rows = cross_validate(prepared, known, folds or len(known), seed, moe3d_config)
+        model_file = write_text_atomic(out / "cv_metrics.csv", rows.to_csv(index=False)).relative_to(out)
+        train_settings = {"mode": mode, "folds": folds or len(known), **asdict(moe3d_config)}
+    elif method == "moe3d":
         from stimpute.models.moe3d import MoE3D
 
         model = MoE3D(use_coords=False).fit(prepared, known_indices(stack, None), seed)
