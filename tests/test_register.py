@@ -46,8 +46,8 @@ def _errors(stack: Stack) -> np.ndarray:
 
 def test_synthetic_stacks_recover_known_transforms():
     """Acceptance (benchmarks/bench_register.py runs all 20 seeds): rotation anywhere in
-    [0, 360), translation up to 30 % of the image, seed 4 has a mirrored section."""
-    stack = synthetic_stack(n_sections=2, seed=4)
+    [0, 360), translation up to 30 % of the image, seed 7 has a mirrored section."""
+    stack = synthetic_stack(n_sections=2, seed=7)
     assert np.linalg.det(synthetic_truth(stack).to_reference(1)[:2, :2]) < 0  # a flip is covered
     errors = _errors(stack)
     assert np.median(errors) <= 0.25
