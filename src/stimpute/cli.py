@@ -282,15 +282,18 @@ def impute(
     out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per imputed section, config.yaml, figures/, metrics.csv.")],
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file, one symbol per line (default: top 250 HVGs of the known section).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the training split, initialisation and dropout.")] = 0,
-    force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT.")] = False,
+    epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,
+    force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
 ):
     """Impute the expression of every section from one measured section (ASIGN: MSAGNet 3D + cross-layer imputation).
 
     Example: [bold]stimpute impute ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --known C3 --out imputed/[/]
     """
     from stimpute.pipeline import run_impute
+    from stimpute.train import TrainConfig
 
-    run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True)
+    config = TrainConfig(seed=seed, max_epochs=epochs)
+    run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config)
     _report_impute(run)
 
 
@@ -350,7 +353,7 @@ def predict(
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT.")] = False,
     method: Annotated[Optional[str], typer.Option(help="The model's method (msagnet, nh2st or moe3d); read from the model folder, checked when given.")] = None,
 ):
-    """Predict expression from the H&E image alone (2D MSAGNet), for stacks without measured ST.
+    """Predict expression from the H&E image alone with a trained model (2D MSAGNet, NH²2ST or 3DMoEST).
 
     Example: [bold]stimpute predict ../shared/data/her2st/C3 --model model/ --out predicted/[/]
     """
