@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import h5py
 
 import anndata as ad
 import numpy as np
@@ -14,6 +21,17 @@ from stimpute.pipeline import run_impute
 from stimpute.train import TrainConfig
 
 EPOCHS = 40  # short training: a few seconds, long enough to be killed part-way
+KILL_ON_WRITE = """
+import os, signal, sys
+import anndata
+write = anndata.AnnData.write_h5ad
+def write_then_die(self, *args, **kwargs):  # the temporary file is complete, the rename never happens
+    write(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+anndata.AnnData.write_h5ad = write_then_die
+from stimpute.cli import app
+app(sys.argv[1:], prog_name="stimpute")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +65,46 @@ def assert_same_results(a: Path, b: Path) -> None:
 def test_impute_is_bit_identical_on_rerun(folders, reference, tmp_path):
     run_impute(folders, "S0", tmp_path / "again", seed=0, config=TrainConfig(seed=0, max_epochs=EPOCHS))
     assert_same_results(reference, tmp_path / "again")
+
+
+def _impute_process(args: list[str], out: Path, log: Path, prefix: list[str], kill_when=None) -> int:
+    """Run `stimpute impute` in a subprocess, SIGKILL it once `kill_when()` holds, and check at
+    every poll that each `.h5ad` visible in `out` is a complete file."""
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([sys.executable, *prefix, "impute", *args], stdout=fh, stderr=fh)
+        while proc.poll() is None:
+            for f in out.glob("*.h5ad"):
+                with h5py.File(f, "r") as h5:  # raises on a half-written file
+                    assert "X" in h5 and "layers" in h5, f
+            if kill_when is not None and kill_when():
+                os.kill(proc.pid, signal.SIGKILL)
+            time.sleep(0.02)
+        return proc.wait()
+
+
+def test_impute_killed_during_training_and_writing_then_rerun_equals_an_uninterrupted_run(folders, reference, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
+    last = out / "checkpoints" / "last.ckpt"
+    rc = _impute_process(args, out, log, ["-m", "stimpute"], kill_when=last.exists)
+    assert rc == -signal.SIGKILL, log.read_text()
+    assert not list(out.glob("*.h5ad")) and not (out / "config.yaml").exists()  # killed while training
+    cache = {f: f.stat().st_mtime_ns for f in (out / "cache").glob("*.features.h5")}
+    assert len(cache) == 2
+
+    rc = _impute_process(args, out, log, ["-c", KILL_ON_WRITE])  # resumes training, dies inside the first write
+    assert rc == -signal.SIGKILL, log.read_text()
+    assert list(out.glob(".S1.h5ad.*.part")) and not (out / "S1.h5ad").exists()
+
+    rc = _impute_process(args, out, log, ["-m", "stimpute"])  # no --force needed: the earlier run never finished
+    assert rc == 0, log.read_text()
+    assert_same_results(reference, out)
+    assert not list(out.rglob("*.part")) and (out / "config.yaml").is_file()
+    assert {f: f.stat().st_mtime_ns for f in cache} == cache  # features came from the cache
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_force_rerun_replaces_checkpoints_in_place(folders, reference, tmp_path):
+    """`--force` into the same folder with other settings: no `best-v1.ckpt` beside the old file."""
+    run_impute(folders, "S0", reference, seed=1, force=True, config=TrainConfig(seed=1, max_epochs=3))
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]

@@ -2,8 +2,9 @@
 
 `run_impute` is ASIGN end to end: read sections, prepare (panel, features, registration,
 3D graph), train MSAGNet on the known section, propagate and fuse (`stimpute.impute`),
-then write one `.h5ad` per imputed section, `config.yaml`, heatmaps and, where targets
-carry counts, `metrics.csv`. `run_train`/`run_predict` are the image-only (2D) route for
+then write one `.h5ad` per imputed section, heatmaps, `metrics.csv` where targets carry
+counts and, last, `config.yaml`. A run killed before `config.yaml` is unfinished: rerunning
+it resumes (feature cache, training checkpoint) and replaces its partial outputs. `run_train`/`run_predict` are the image-only (2D) route for
 stacks without any measured section. Existing results are never overwritten without `force`.
 """
 
@@ -68,7 +69,10 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
     targets = [i for i in range(len(stack)) if i not in k]
     if not targets:
         raise StimputeError(None, "nothing to impute: every section is --known")
+    force = force or _unfinished(out)  # a killed run's partial outputs are replaced, its cache and checkpoints reused
     _refuse_overwrite(out, [f"{stack[i].name}.h5ad" for i in targets] + ["config.yaml", "metrics.csv"], force)
+    for stale in out.glob(".*.part"):  # temporary files of a killed run's writes
+        stale.unlink()
     prepared = prepare_stack(stack, known=known, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress)
     config = config or TrainConfig(seed=seed)
     result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress)
@@ -253,6 +257,11 @@ def _heatmaps(section, panel, genes, predicted, measured, out: Path) -> Path:
     thumb, scale = section.image.thumbnail(800)
     return expression_heatmaps(thumb, section.xy * scale, genes, predicted[:, cols], out / "figures" / f"{section.name}.png",
                                None if measured is None else measured[:, cols], title=f"{section.name}: imputed vs measured")
+
+
+def _unfinished(out: Path) -> bool:
+    """An impute run was started in `out` (checkpoints) but never wrote its last file, config.yaml."""
+    return (out / "checkpoints").is_dir() and not (out / "config.yaml").exists()
 
 
 def _refuse_overwrite(out: Path, names: list[str], force: bool) -> None:

@@ -6,11 +6,14 @@ known spots is held out for validation (early stopping, best checkpoint) and, la
 fitting the Cross-layer Imputation weights (`stimpute.impute`). Lightning decides the
 hardware (`accelerator`, `devices`); nothing here assumes CUDA. Randomness inside a step
 (dropout) is seeded from the step number, so resuming from a checkpoint continues exactly
-as an uninterrupted run would.
+as an uninterrupted run would. Checkpoints carry a key (SHA-256 of the batch and the
+settings): a rerun into the same folder resumes a matching `last.ckpt`, reuses a finished
+one, and replaces stale ones in place (no `best-v1.ckpt` beside the old file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import warnings
@@ -24,6 +27,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
+from stimpute.io.anndata_io import _atomic_write
 from stimpute.models.msagnet import MSAGNet, MSAGNetConfig, spot_loss
 
 
@@ -79,7 +83,8 @@ def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:
 class MSAGNetModule(L.LightningModule):
     """Lightning wrapper: full-graph steps, spot loss on train / validation masks."""
 
-    def __init__(self, in_dim: int, n_genes: int, n_scales: int, model: dict, lr: float, weight_decay: float, seed: int):
+    def __init__(self, in_dim: int, n_genes: int, n_scales: int, model: dict, lr: float, weight_decay: float, seed: int,
+                 key: str = ""):
         super().__init__()
         self.save_hyperparameters()
         self.model = MSAGNet(in_dim, n_genes, n_scales, MSAGNetConfig(**model))
@@ -119,8 +124,9 @@ def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = No
         resume: str | Path | None = None, progress: bool = False) -> MSAGNetModule:
     """Train on `batch` and return the module with the best validation weights loaded.
 
-    `ckpt_dir`: where `best.ckpt` and `last.ckpt` go (a temporary folder if None);
-    `resume`: a checkpoint to continue from (same batch and config).
+    `ckpt_dir`: where `best.ckpt` and `last.ckpt` go (a temporary folder if None); a
+    `last.ckpt` there with this batch's and config's key is resumed (or, if finished, reused);
+    `resume`: a checkpoint to continue from instead (same batch and config).
     """
     with torch_threads(config.threads):
         return _fit(batch, config, ckpt_dir, resume, progress)
@@ -131,11 +137,17 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every run
     n, s, d = batch.x.shape
-    module = MSAGNetModule(d, batch.y.shape[1], s, asdict(config.model), config.lr, config.weight_decay, config.seed)
+    key = training_key(batch, config)
+    module = MSAGNetModule(d, batch.y.shape[1], s, asdict(config.model), config.lr, config.weight_decay, config.seed, key)
     module.model.set_feature_scaling(batch.x)
     module.model.set_gene_means(batch.y[batch.train_mask].mean(0))
+    if ckpt_dir is not None and resume is None:
+        resume, finished = _previous_run(Path(ckpt_dir), key, config)
+        if finished:
+            return _load_best(module, Path(ckpt_dir) / "best.ckpt")
     with tempfile.TemporaryDirectory() as tmp:
-        best = ModelCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True)
+        best = ModelCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True,
+                               enable_version_counter=False)
         callbacks = [EarlyStopping("val_loss", patience=config.patience), best]
         if progress:
             callbacks.append(RichProgressBar())
@@ -151,8 +163,38 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(module, loader, loader, ckpt_path=resume)
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state)
+        if ckpt_dir is not None:  # the final state (early stopping recorded): a rerun sees a finished run
+            _atomic_write(Path(ckpt_dir) / "last.ckpt", trainer.save_checkpoint)
+        return _load_best(module, best.best_model_path)
+
+
+def training_key(batch: GraphBatch, config: TrainConfig) -> str:
+    """SHA-256 of everything training depends on: the batch tensors and the settings."""
+    h = hashlib.sha256(config.to_yaml().encode())
+    for tensor in (batch.x, batch.edge_index, batch.edge_type, batch.edge_weight, batch.y, batch.train_mask, batch.val_mask):
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _previous_run(ckpt_dir: Path, key: str, config: TrainConfig) -> tuple[Path | None, bool]:
+    """(`last.ckpt` to resume, whether it is finished) for a matching key; stale checkpoints are deleted."""
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file() and (ckpt_dir / "best.ckpt").is_file():
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+        except Exception:  # cut short by a kill while Lightning wrote it: start afresh
+            state = {}
+        if state.get("hyper_parameters", {}).get("key") == key:
+            stopped = any(v.get("stopped_epoch", 0) > 0 for k, v in state.get("callbacks", {}).items() if k.startswith("EarlyStopping"))
+            return last, stopped or state["epoch"] + 1 >= config.max_epochs
+    for old in [*ckpt_dir.glob("best*.ckpt"), *ckpt_dir.glob("last*.ckpt")]:
+        old.unlink()
+    return None, False
+
+
+def _load_best(module: MSAGNetModule, path: str | Path) -> MSAGNetModule:
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
     module.eval()
     return module
 
