@@ -157,6 +157,7 @@ def test_benchmark_writes_files_and_keeps_other_rows_when_a_split_fails(prepared
     splits = json.loads((tmp_path / "splits.json").read_text())
     assert splits["protocols"]["2d"][0] == {"known": ["S1", "S2"], "targets": ["S0"]}
     assert len(splits["top_hvg"]) == 50 and splits["seed"] == 0
+    assert splits["stimpute_version"] == __import__("stimpute").__version__
 
     summary = (tmp_path / "summary.md").read_text()
     assert "per-spot PCC (ASIGN paper)" in summary and "| ridge | 3d |" in summary.replace("**", "")

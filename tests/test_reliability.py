@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import h5py
 import anndata as ad
 import numpy as np
 import pytest
+import yaml
 
 from stimpute.datasets import synthetic_stack
 from stimpute.io import write_section
@@ -106,5 +108,28 @@ def test_impute_killed_during_training_and_writing_then_rerun_equals_an_uninterr
 
 def test_force_rerun_replaces_checkpoints_in_place(folders, reference, tmp_path):
     """`--force` into the same folder with other settings: no `best-v1.ckpt` beside the old file."""
-    run_impute(folders, "S0", reference, seed=1, force=True, config=TrainConfig(seed=1, max_epochs=3))
-    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    out = shutil.copytree(reference, tmp_path / "out")
+    run_impute(folders, "S0", out, seed=1, force=True, config=TrainConfig(seed=1, max_epochs=3))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def _assert_provenance(config: Path, folders, seed: int) -> None:
+    from stimpute import __version__
+    from stimpute.pipeline import input_hash
+
+    record = yaml.safe_load(config.read_text())
+    assert record["stimpute_version"] == __version__ and record["seed"] == seed and record["encoder"] == "handcrafted"
+    assert [(i["path"], i["sha256"]) for i in record["inputs"]] == [(str(f), input_hash(f)) for f in folders]
+    assert record["train"]["seed"] == seed and record["panel"]
+
+
+def test_every_output_records_version_settings_seed_and_input_hashes(folders, reference, tmp_path):
+    from stimpute.models.msagnet import MSAGNetConfig
+    from stimpute.pipeline import run_predict, run_train
+
+    _assert_provenance(reference / "config.yaml", folders, 0)
+    assert yaml.safe_load((reference / "config.yaml").read_text())["train"]["max_epochs"] == EPOCHS
+    run_train(folders[:1], tmp_path / "model", seed=2, config=TrainConfig(seed=2, max_epochs=2, model=MSAGNetConfig(width=16, variant="2d")))
+    _assert_provenance(tmp_path / "model" / "config.yaml", folders[:1], 2)
+    run_predict(folders[1:], tmp_path / "model", tmp_path / "pred")
+    _assert_provenance(tmp_path / "pred" / "config.yaml", folders[1:], 2)

@@ -349,7 +349,7 @@ def train(
 def predict(
     sections: Sections,
     model: Annotated[Path, typer.Option(help="Model folder written by `stimpute train`.")],
-    out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per section, figures/.")],
+    out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per section, figures/, config.yaml.")],
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT.")] = False,
     method: Annotated[Optional[str], typer.Option(help="The model's method (msagnet, nh2st or moe3d); read from the model folder, checked when given.")] = None,
 ):
@@ -404,6 +404,7 @@ def benchmark(
 
     from stimpute.evaluate import check_benchmark, run_benchmark
     from stimpute.io import read_stack
+    from stimpute.pipeline import input_records
     from stimpute.plot import pcc_boxplot
     from stimpute.prepare import prepare_stack
 
@@ -412,7 +413,8 @@ def benchmark(
     console.print(f"preparing {', '.join(stack.names)}: panel, {encoder} features (cached in {out / 'features'}), registration, graph")
     prepared = prepare_stack(stack, encoder=encoder, cache_dir=out / "features", progress=True)
     settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
-                "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", "encoder": encoder}
+                "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", "encoder": encoder,
+                "inputs": input_records(stack, sections)}
     result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings)
     plot = pcc_boxplot(result.results, out / "pcc_boxplot.png", names)
     console.print(benchmark_table(result.summary))

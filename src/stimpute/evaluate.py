@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from scipy import stats
 
+from stimpute import __version__
 from stimpute.errors import StimputeError
 from stimpute.expression import top_variable
 from stimpute.io.anndata_io import _atomic_write, write_text_atomic
@@ -271,7 +272,7 @@ def run_benchmark(
             for view in [prepared if protocol == "3d" else image_only(prepared)]
             for split in protocol_splits(prepared, protocol) for name in methods]
     hvg = top_hvg_genes(prepared)
-    record = {**(settings or {}), "seed": seed, "sections": prepared.stack.names, "methods": methods,
+    record = {"stimpute_version": __version__, **(settings or {}), "seed": seed, "sections": prepared.stack.names, "methods": methods,
               "protocols": {p: [_split_json(prepared, s) for s in protocol_splits(prepared, p)] for p in protocols},
               "panel": list(prepared.panel), "top_hvg": hvg, "prepared": prepared.settings}
     gene_parts, spot_parts, result = [], [], None

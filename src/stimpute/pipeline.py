@@ -97,7 +97,7 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
         "command": "stimpute " + " ".join(sys.argv[1:]) if sys.argv and "stimpute" in Path(sys.argv[0]).name else None,
         "stimpute_version": __version__, "seed": seed, "known": known,
         "targets": [stack[i].name for i in targets], "encoder": encoder,
-        "inputs": [{"section": s.name, "path": str(p), "sha256": input_hash(p)} for s, p in zip(stack, sections)],
+        "inputs": input_records(stack, sections),
         "panel": {"source": prepared.settings["panel_source"], "genes": list(panel)},
         "train": config.to_dict(),
         "fusion": {"rule": "w = sigmoid(gene_logit + reach_slope * logit(reach)); X = w*propagated + (1-w)*model",
@@ -186,7 +186,7 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
         fit(batch, config, ckpt_dir=out / "checkpoints", progress=progress)
         train_settings = config.to_dict()
     settings = {"stimpute_version": __version__, "method": method, "seed": seed, "encoder": encoder, "panel": list(prepared.panel),
-                "inputs": [{"section": s.name, "path": str(p), "sha256": input_hash(p)} for s, p in zip(stack, sections)],
+                "inputs": input_records(stack, sections),
                 "train": train_settings}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False))
     return out / model_file
@@ -217,7 +217,7 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
     else:
         module = MSAGNetModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     stack = read_stack(sections)
-    _refuse_overwrite(out, [f"{s.name}.h5ad" for s in stack], force)
+    _refuse_overwrite(out, [f"{s.name}.h5ad" for s in stack] + ["config.yaml"], force)
     files = []
     for section in stack:
         from stimpute.data import Stack
@@ -235,7 +235,16 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
         files.append(write_prediction(section, one.panel, pred, out, force=force))
         files.append(_heatmaps(section, one.panel, [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES], pred, one.expression[0], out))
         section.image.release()
+    record = {"stimpute_version": __version__, "method": method, "model": str(model_dir), "model_sha256": input_hash(ckpt),
+              "seed": settings.get("seed"), "encoder": settings["encoder"], "panel": settings["panel"],
+              "inputs": input_records(stack, sections), "train": settings.get("train")}
+    files.append(write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(record), sort_keys=False)))
     return files
+
+
+def input_records(stack, sections: Sequence[str | Path]) -> list[dict]:
+    """Each section's name, input path and content hash: the inputs recorded beside every output."""
+    return [{"section": s.name, "path": str(p), "sha256": input_hash(p)} for s, p in zip(stack, sections)]
 
 
 def input_hash(path: str | Path) -> str:
