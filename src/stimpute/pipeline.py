@@ -195,7 +195,8 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
                 progress: bool = False, method: str | None = None) -> list[Path]:
     """Predict each section from its image alone with a model written by `run_train`
-    (`method`, if given, must be the model's)."""
+    (`method`, if given, must be the model's); returns the `.h5ad` and figure of each section,
+    and records the model, inputs and version in `out/config.yaml`."""
     model_dir, out = Path(model_dir), Path(out)
     cfg_file = model_dir / "config.yaml"
     settings = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
@@ -238,7 +239,7 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
     record = {"stimpute_version": __version__, "method": method, "model": str(model_dir), "model_sha256": input_hash(ckpt),
               "seed": settings.get("seed"), "encoder": settings["encoder"], "panel": settings["panel"],
               "inputs": input_records(stack, sections), "train": settings.get("train")}
-    files.append(write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(record), sort_keys=False)))
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(record), sort_keys=False))
     return files
 
 
