@@ -98,3 +98,15 @@ def test_demo_runs_impute_on_the_mini_stack_and_never_overwrites(tmp_path):
     result = _run("demo", "--out", tmp_path / "demo")
     assert result.exit_code == 2 and "--force" in result.output
     assert (tmp_path / "demo" / "C2.h5ad").read_text() == "earlier result"
+
+@pytest.mark.parametrize(
+    "names,known,message",
+    [(("C2", "C3"), "C9", "section 'C9' is not in the stack (sections: C2, C3)"), (("C2",), "C2", "nothing to impute")],
+)
+def test_impute_rejects_a_bad_stack_before_any_work(tmp_path, names, known, message):
+    from stimpute.datasets import her2st_mini_path
+
+    out = tmp_path / "out"
+    result = _run("impute", *(her2st_mini_path() / n for n in names), "--known", known, "--out", out)
+    _one_error_line(result, message)
+    assert not out.exists()
