@@ -18,7 +18,8 @@ from stimpute.evaluate import RESULT_COLUMNS, image_only, protocol_splits, run_b
 from stimpute.errors import StimputeError
 from stimpute.expression import panel_expression
 from stimpute.models import METHODS, Method, NotApplicable, PreparedStack, get_method, register_method
-from stimpute.models.baselines import disc_iou, overlap_weights
+from stimpute.models.baselines import overlap_weights
+from stimpute.register.matching import disc_iou
 from stimpute.plot import pcc_boxplot
 
 FIRST_COLUMNS = ["method", "protocol", "known", "target", "gene", "pcc", "mse", "mae"]
@@ -72,11 +73,11 @@ def mean_pcc(rows: pd.DataFrame) -> float:
 
 
 def test_disc_iou_by_hand():
-    assert disc_iou(0.0, 5.0) == pytest.approx(1.0)
-    assert disc_iou(10.0, 5.0) == pytest.approx(0.0)
+    assert disc_iou(np.array([0.0]), 5.0, 5.0)[0] == pytest.approx(1.0)
+    assert disc_iou(np.array([10.0]), 5.0, 5.0)[0] == pytest.approx(0.0)
     # centres one radius apart: lens area 2r²(π/3 − √3/4), union 2πr² − lens
     lens = 2 * (np.pi / 3 - np.sqrt(3) / 4)
-    assert disc_iou(1.0, 1.0) == pytest.approx(lens / (2 * np.pi - lens))
+    assert disc_iou(np.array([1.0]), 1.0, 1.0)[0] == pytest.approx(lens / (2 * np.pi - lens))
 
 
 def test_overlap_weights_fall_back_to_nearest_spot():

@@ -22,6 +22,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from stimpute.models.base import Method, NotApplicable, PreparedStack, register_method
+from stimpute.register.matching import disc_iou
 
 PCA_DIMS = 256  # HEST-Benchmark: patch embeddings reduced to 256 principal components
 RIDGE_ALPHAS = np.logspace(-1, 5, 13)  # chosen by efficient leave-one-out, one alpha for all genes
@@ -52,20 +53,13 @@ def nearest_measured(prepared: PreparedStack, target: int, train: list[int]) -> 
     return [i for i, g in zip(train, gap) if g <= gap.min() + 1e-9]
 
 
-def disc_iou(distance: np.ndarray, radius: float) -> np.ndarray:
-    """Intersection over union of two discs of equal `radius` whose centres are `distance` apart."""
-    d = np.clip(np.asarray(distance, np.float64) / (2 * radius), 0.0, 1.0)
-    inter = 2 * radius**2 * (np.arccos(d) - d * np.sqrt(1 - d**2))
-    return inter / (2 * np.pi * radius**2 - inter)
-
-
 def overlap_weights(target_xy: np.ndarray, known_xy: np.ndarray, radius: float) -> np.ndarray:
     """Row-stochastic (n_target, n_known) weights: disc IoU with every overlapping known
     spot; a target spot that overlaps none takes its nearest known spot."""
     tree = cKDTree(known_xy)
     pairs = cKDTree(target_xy).sparse_distance_matrix(tree, 2 * radius, output_type="coo_matrix")
     weights = np.zeros((len(target_xy), len(known_xy)))
-    weights[pairs.row, pairs.col] = disc_iou(pairs.data, radius)
+    weights[pairs.row, pairs.col] = disc_iou(pairs.data, radius, radius)
     lonely = weights.sum(axis=1) <= 0
     if lonely.any():
         weights[np.flatnonzero(lonely), tree.query(target_xy[lonely])[1]] = 1.0
