@@ -135,3 +135,24 @@ def test_prediction_h5ad_is_written_atomically(tmp_path):
     assert ad.read_h5ad(path).shape == (2, 2) and not list(tmp_path.glob("*.part"))
     with pytest.raises(StimputeError, match="already exists"):
         write_h5ad_atomic(adata, path)
+
+
+def test_large_single_level_tiff_is_read_tile_by_tile(tmp_path, monkeypatch):
+    """A TIFF above the decode limit stays with tiffslide even without a pyramid, and its
+    thumbnail is built band by band; both agree with the pixels."""
+    import cv2
+    import tifffile
+
+    import stimpute.image as image_module
+
+    rng = np.random.default_rng(0)
+    pixels = cv2.GaussianBlur(rng.integers(0, 255, (500, 640, 3), dtype=np.uint8), (15, 15), 5)
+    tifffile.imwrite(tmp_path / "big.tif", pixels, tile=(128, 128), photometric="rgb")
+    monkeypatch.setattr(image_module, "MAX_DECODED_PIXELS", 100 * 100)
+    img = image_module.SectionImage.open(tmp_path / "big.tif")
+    assert img._open_slide() is not None and img._array is None
+    assert np.array_equal(img.read_region(100, 50, 64, 32), pixels[50:82, 100:164])
+    thumb, scale = img.thumbnail(64)
+    assert thumb.shape == (50, 64, 3) and scale == pytest.approx(0.1)
+    assert np.abs(thumb.astype(float).mean() - pixels.astype(float).mean()) < 2
+    assert img._array is None  # never decoded whole

@@ -22,6 +22,7 @@ WSI_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".qpt
 FLAT_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 IMAGE_SUFFIXES = WSI_SUFFIXES | FLAT_SUFFIXES
 FILL = 255  # padding outside the image: white, like glass
+MAX_DECODED_PIXELS = 8192 * 8192  # a larger TIFF is read tile by tile even without a pyramid
 
 
 class SectionImage:
@@ -33,6 +34,7 @@ class SectionImage:
         self.path = None if path is None else Path(path)
         self._array = None if array is None else _as_rgb(array)
         self._slide = None
+        self._flat = False  # a TIFF that Pillow reads whole (small and single-level)
         self._size: tuple[int, int] | None = None
         if self._array is not None:
             self._size = (self._array.shape[1], self._array.shape[0])
@@ -49,18 +51,28 @@ class SectionImage:
         return img
 
     def _open_slide(self):
-        if self._slide is None and self.path.suffix.lower() in WSI_SUFFIXES:
+        """The tiffslide handle of a TIFF-family file, or None where Pillow reads it whole.
+
+        Pyramids and any image over `MAX_DECODED_PIXELS` stay with tiffslide, which reads
+        only the tiles a region touches; small flat TIFFs are simpler and faster in Pillow.
+        """
+        suffix = self.path.suffix.lower()
+        if self._slide is None and not self._flat and suffix in WSI_SUFFIXES:
             import tiffslide
 
             try:
                 slide = tiffslide.TiffSlide(str(self.path))
-                if slide.level_count > 1 or self.path.suffix.lower() not in FLAT_SUFFIXES:
-                    self._slide = slide
-                else:  # a flat TIFF: Pillow is simpler and faster
-                    slide.close()
             except Exception:
-                if self.path.suffix.lower() not in FLAT_SUFFIXES:
+                if suffix not in FLAT_SUFFIXES:
                     raise
+                self._flat = True
+                return None
+            width, height = slide.dimensions
+            if slide.level_count > 1 or suffix not in FLAT_SUFFIXES or width * height > MAX_DECODED_PIXELS:
+                self._slide = slide
+            else:
+                slide.close()
+                self._flat = True
         return self._slide
 
     @property
@@ -159,8 +171,7 @@ class SectionImage:
         if self._array is not None:
             im = Image.fromarray(self._array)
         elif (slide := self._open_slide()) is not None:
-            thumb = np.asarray(slide.get_thumbnail((tw, th)).convert("RGB"))
-            return thumb, thumb.shape[1] / W
+            return _slide_thumbnail(slide, tw, th), tw / W
         else:
             try:
                 im = Image.open(self.path)
@@ -174,6 +185,25 @@ class SectionImage:
     def __repr__(self) -> str:
         src = self.path if self.path is not None else "array"
         return f"SectionImage({src})"
+
+
+def _slide_thumbnail(slide, tw: int, th: int) -> np.ndarray:
+    """Downscale the pyramid level closest to (tw, th) band by band, so a huge
+    single-level slide never sits in memory whole."""
+    import cv2
+
+    W, H = slide.dimensions
+    level = slide.get_best_level_for_downsample(max(W / tw, H / th))
+    lw, lh = slide.level_dimensions[level]
+    ds = slide.level_downsamples[level]
+    band_rows = max(1, MAX_DECODED_PIXELS // (4 * lw) * th // lh)  # output rows per band
+    bands = []
+    for r0 in range(0, th, band_rows):
+        r1 = min(th, r0 + band_rows)
+        y0, y1 = round(r0 * lh / th), max(round(r0 * lh / th) + 1, round(r1 * lh / th))
+        band = np.asarray(slide.read_region((0, round(y0 * ds)), level, (lw, y1 - y0), as_array=True))[..., :3]
+        bands.append(cv2.resize(np.ascontiguousarray(band), (tw, r1 - r0), interpolation=cv2.INTER_AREA))
+    return np.concatenate(bands, axis=0)
 
 
 def _as_rgb(array: np.ndarray) -> np.ndarray:
