@@ -26,6 +26,7 @@ from stimpute import __version__
 from stimpute.errors import StimputeError
 from stimpute.evaluate import Summary, gene_metrics, spot_pcc, summarise_pcc
 from stimpute.expression import top_variable
+from stimpute.features.checkpoint import file_digest
 from stimpute.impute import ImputeResult, graph_batch, impute_stack
 from stimpute.io import read_stack
 from stimpute.io.anndata_io import add_thumbnail, write_h5ad_atomic, write_text_atomic
@@ -249,14 +250,12 @@ def input_records(stack, sections: Sequence[str | Path]) -> list[dict]:
 
 
 def input_hash(path: str | Path) -> str:
-    """SHA-256 over an input file, or over every file of an input folder (names and bytes)."""
+    """SHA-256 over an input file, or over every file of an input folder (names and contents)."""
     path = Path(path)
     h = hashlib.sha256()
     for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
         h.update(f.relative_to(path.parent if path.is_file() else path).as_posix().encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(file_digest(f).encode())
     return h.hexdigest()
 
 

@@ -120,6 +120,20 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, checkpointing: bool = False,
+                  accelerator: str = "cpu", devices: int = 1, deterministic=True, **options) -> L.Trainer:
+    """The Lightning trainer every stimpute model trains with: deterministic, no logger or
+    model summary, no sanity validation, and without Lightning's per-fit banner. Lightning
+    decides devices and precision, so multi-GPU runs need no code of ours."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every fit
+    return L.Trainer(
+        max_epochs=max_epochs, accelerator=accelerator, devices=devices, deterministic=deterministic,
+        callbacks=list(callbacks), logger=False, enable_checkpointing=checkpointing, enable_progress_bar=progress,
+        enable_model_summary=False, num_sanity_val_steps=0, **options,
+    )
+
+
 def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = None,
         resume: str | Path | None = None, progress: bool = False) -> MSAGNetModule:
     """Train on `batch` and return the module with the best validation weights loaded.
@@ -134,8 +148,6 @@ def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = No
 
 def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
     L.seed_everything(config.seed, workers=True, verbose=False)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every run
     n, s, d = batch.x.shape
     key = training_key(batch, config)
     module = MSAGNetModule(d, batch.y.shape[1], s, asdict(config.model), config.lr, config.weight_decay, config.seed, key)
@@ -151,10 +163,9 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
         callbacks = [EarlyStopping("val_loss", patience=config.patience), best]
         if progress:
             callbacks.append(RichProgressBar())
-        trainer = L.Trainer(
-            max_epochs=config.max_epochs, accelerator=config.accelerator, devices=config.devices,
-            deterministic=True if config.accelerator == "cpu" else "warn", callbacks=callbacks, logger=False,
-            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        trainer = quiet_trainer(
+            config.max_epochs, callbacks, progress=progress, checkpointing=True, accelerator=config.accelerator,
+            devices=config.devices, deterministic=True if config.accelerator == "cpu" else "warn",
         )
         loader = torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=_identity)
         with warnings.catch_warnings():

@@ -22,7 +22,6 @@ also learn from position alone.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -434,11 +433,9 @@ def cross_validate(prepared: PreparedStack, sections: list[int], n_folds: int, s
 
 def _trainer(steps: int) -> lightning.Trainer:
     """A seeded, deterministic, quiet trainer for one epoch of `steps` full-batch steps."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every fit
-    return lightning.Trainer(accelerator="auto", devices=1, max_epochs=1, deterministic=True, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             log_every_n_steps=max(1, steps))
+    from stimpute.train import quiet_trainer
+
+    return quiet_trainer(1, accelerator="auto", log_every_n_steps=max(1, steps))
 
 
 def _raw_inputs(prepared: PreparedStack, i: int) -> tuple[np.ndarray, np.ndarray]:

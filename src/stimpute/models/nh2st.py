@@ -32,7 +32,7 @@ from stimpute.errors import StimputeError
 from stimpute.evaluate import gene_metrics, pearson_columns
 from stimpute.io.anndata_io import _atomic_write, write_text_atomic
 from stimpute.models.base import Method, PreparedStack, register_method
-from stimpute.train import split_known, torch_threads
+from stimpute.train import quiet_trainer, split_known, torch_threads
 
 SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)
 
@@ -297,11 +297,7 @@ def fit_nh2st(table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, 
     L.seed_everything(seed, workers=True, verbose=False)
     module = NH2STModule(*table.features.shape[1:], table.expression.shape[1], panel=list(panel), **asdict(cfg))
     module.attach(table, train_idx)
-    trainer = L.Trainer(
-        max_epochs=cfg.max_epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[L.pytorch.callbacks.EarlyStopping("val_pcc", mode="max", patience=cfg.patience), _KeepBest()],
-    )
+    trainer = quiet_trainer(cfg.max_epochs, [L.pytorch.callbacks.EarlyStopping("val_pcc", mode="max", patience=cfg.patience), _KeepBest()])
     with warnings.catch_warnings(), torch_threads(1):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer.fit(module, _loader(train_idx, cfg.batch_size, True, seed), _loader(val_idx, 1024, False, seed))
