@@ -12,6 +12,7 @@ a real slide, so spots of different sections do not coincide.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, map_coordinates
 
 from stimpute.data import Section, Stack
 from stimpute.image import SectionImage
@@ -127,11 +128,11 @@ def synthetic_truth(stack: Stack) -> SyntheticTruth:
 class _TissueBlock:
     """Latent programme fields and tissue outline of one block, in block-frame pixels."""
 
-    def __init__(self, rng, n_sections, n_programmes, radius_um, size, um_per_px, thickness_um):
+    def __init__(self, rng, n_sections, n_programmes, radius_um, size, um_per_px, thickness_um, coarse=48):
         self.size, self.um_per_px, self.thickness_um = size, um_per_px, thickness_um
         self.radius_px = radius_um / um_per_px
         self.n_programmes = n_programmes
-        coarse = 48  # field grid: ~83 µm cells at the defaults
+        # coarse: side of the field grid (48: ~83 µm cells at `synthetic_stack`'s defaults)
         pad = 6  # extra slices so that smoothing in z has no edge effect
         noise = rng.standard_normal((n_programmes, n_sections + 2 * pad, coarse, coarse))
         cell_um = size * um_per_px / coarse
@@ -175,10 +176,7 @@ class _TissueBlock:
         S = self.size
         fields = [cv2.resize(f[i].astype(np.float32), (S, S), interpolation=cv2.INTER_CUBIC) for f in self.fields]
         yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
-        dx, dy = xx - S / 2, yy - S / 2
-        angle = np.arctan2(dy, dx)
-        radius = self.radius_px * (1 + sum(a * np.cos((k + 2) * angle + b) for k, (a, b) in enumerate(self.outline)))
-        mask = np.hypot(dx, dy) < radius
+        mask = self.inside_distance(xx, yy) > 0
         weights = np.stack(fields) ** 2
         weights /= weights.sum(0, keepdims=True)
         colour = np.zeros((S, S, 3), np.float32)
@@ -193,6 +191,20 @@ class _TissueBlock:
         self._draw_fat(canvas, mask, i * self.thickness_um)
         canvas = cv2.GaussianBlur(canvas, (3, 3), 0.7)
         return canvas, mask, fields
+
+    def inside_distance(self, bx, by):
+        """Signed distance (block px) of block-frame points inside the tissue outline (> 0: tissue)."""
+        dx, dy = bx - self.size / 2, by - self.size / 2
+        angle = np.arctan2(dy, dx)
+        radius = self.radius_px * (1 + sum(a * np.cos((k + 2) * angle + b) for k, (a, b) in enumerate(self.outline)))
+        return radius - np.hypot(dx, dy)
+
+    def fields_at(self, i, bx, by):
+        """(n_programmes, *bx.shape) programme values of section i at block-frame points, cubic
+        interpolation of the field grid (as `render`'s resize, without a full-size image)."""
+        scale = self.fields.shape[-1] / self.size
+        coords = np.stack([(np.asarray(by) + 0.5) * scale - 0.5, (np.asarray(bx) + 0.5) * scale - 0.5])
+        return np.stack([map_coordinates(f[i], coords, order=3, mode="nearest") for f in self.fields])
 
     def _draw_nuclei(self, canvas, rng, intensity, density, radius_um):
         """Nuclei (dark discs) as a Poisson process: new cells in every section."""
@@ -286,6 +298,204 @@ def _sample(field, xy):
     x = np.clip(np.round(xy[:, 0]).astype(int), 0, field.shape[1] - 1)
     y = np.clip(np.round(xy[:, 1]).astype(int), 0, field.shape[0] - 1)
     return field[y, x]
+
+
+# -- a Visium-size block written as HEST-1k files with pyramidal whole-slide images -----
+
+VISIUM_UM_PER_PX = 0.5
+VISIUM_PITCH_UM = 100.0
+VISIUM_SPOT_UM = 55.0
+TRUTH_FILE = "truth.json"
+_PLAN_STEP_PX = 16  # grid of a section's colour and outline maps: smooth at 8 µm, the tiles interpolate them
+
+
+@dataclass(frozen=True)
+class BlockFiles:
+    """A synthetic block on disk: `sections` (st/<id>.h5ad, cutting order) and `truth.json`."""
+
+    root: Path
+    sections: list[Path]
+    truth: Path
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.stem for p in self.sections]
+
+
+def write_visium_block(
+    out: str | Path,
+    n_sections: int = 10,
+    spots_per_section: int = 4000,
+    seed: int = 0,
+    n_genes: int = 60,
+    n_programmes: int = 4,
+    um_per_px: float = VISIUM_UM_PER_PX,
+    thickness_um: float = 10.0,
+    tile: int = 512,
+    progress: bool = False,
+) -> BlockFiles:
+    """Write a Visium-like block as HEST-1k files: `st/<id>.h5ad`, `wsis/<id>.tif`, `metadata/<id>.json`.
+
+    The tissue model of `synthetic_stack` at Visium geometry (hexagonal 100 µm pitch, 55 µm
+    spots, `um_per_px` ≈ 0.5): the tissue is sized so that about `spots_per_section` spots
+    fall on it, which makes slides of ~21,000 px a side at 4,000 spots. Each slide is
+    rendered tile by tile into a pyramidal JPEG TIFF (`stimpute.io.wsi`), never whole.
+    Every section carries counts (`obsm["spatial"]` in full-resolution pixels, latent
+    programmes in `obsm["synthetic_programmes"]`); `truth.json` holds each section's
+    block→slide transform and the gene model, so noise-free expression can be computed
+    (`block_expected_expression`). Deterministic for a given seed.
+    """
+    from rich.progress import Progress
+
+    from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
+    from stimpute.io.wsi import write_pyramid_tiff
+
+    root = Path(out)
+    rng = np.random.default_rng(seed)
+    pitch_px = VISIUM_PITCH_UM / um_per_px
+    radius_um = np.sqrt(spots_per_section * VISIUM_PITCH_UM**2 * np.sqrt(3) / 2 / np.pi)
+    size = int(np.ceil(2 * 1.6 * radius_um / um_per_px / tile)) * tile
+    block = _TissueBlock(rng, n_sections, n_programmes, radius_um, size, um_per_px, thickness_um,
+                         coarse=max(48, round(size * um_per_px / 83.0)))
+    loadings, baseline, dispersion = _gene_model(rng, n_programmes, n_genes)
+    genes = pd.Index([f"GENE{g:03d}" for g in range(n_genes)], name="gene")
+    lattice_xy, lattice_grid = _hex_lattice(size, pitch_px)
+    ids = [f"SYNV{i:02d}" for i in range(n_sections)]
+    transforms = []
+    n_tiles = -(-size // tile) ** 2
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("writing synthetic Visium block", total=n_sections * n_tiles)
+        for i, sid in enumerate(ids):
+            T = _random_rigid(rng, size, block.extent_px, 0.3, 0.3, True)
+            transforms.append(T)
+            margin = VISIUM_SPOT_UM / um_per_px / 2
+            keep = np.all((lattice_xy >= margin) & (lattice_xy < size - margin), axis=1)
+            bx, by = _apply(np.linalg.inv(T), lattice_xy[keep]).T
+            on = block.inside_distance(bx, by) > 0
+            xy, grid = lattice_xy[keep][on], lattice_grid[keep][on]
+            prog = block.fields_at(i, bx[on], by[on]).T
+            counts = _negative_binomial_counts(rng, prog, loadings, baseline, dispersion, 3000.0)
+            painter = _SlidePainter(block, i, T, rng)
+            tiles = painter.tiles(size, tile, lambda: bar.advance(task))
+            write_pyramid_tiff(root / "wsis" / f"{sid}.tif", size, size, tiles, um_per_px, tile)
+            adata = ad.AnnData(
+                X=sparse.csr_matrix(counts.astype(np.float32)),
+                obs=pd.DataFrame({"in_tissue": 1, "array_row": grid[:, 1], "array_col": grid[:, 0],
+                                  "pxl_col_in_fullres": xy[:, 0], "pxl_row_in_fullres": xy[:, 1]},
+                                 index=pd.Index([f"{c}x{r}" for c, r in grid], name="spot")),
+                var=pd.DataFrame(index=genes),
+            )
+            adata.obsm["spatial"] = xy
+            adata.obsm[PROGRAMMES_KEY] = prog.astype(np.float32)
+            adata.uns["spatial"] = {sid: {"scalefactors": {"spot_diameter_fullres": VISIUM_SPOT_UM / um_per_px}}}
+            write_h5ad_atomic(adata, root / "st" / f"{sid}.h5ad", force=True)
+            meta = {"id": sid, "st_technology": "Visium", "species": "synthetic", "pixel_size_um_estimated": um_per_px,
+                    "pixel_size_um_embedded": um_per_px, "spot_diameter": VISIUM_SPOT_UM,
+                    "inter_spot_dist": VISIUM_PITCH_UM, "spots_under_tissue": len(xy), "fullres_px_width": size,
+                    "fullres_px_height": size, "z_um": i * thickness_um}
+            write_text_atomic(root / "metadata" / f"{sid}.json", json.dumps(meta, indent=1))
+    truth = {"generator": block_settings(n_sections, spots_per_section, seed, n_genes, n_programmes, um_per_px,
+                                         thickness_um, tile),
+             "genes": list(genes), "loadings": loadings.tolist(), "baseline": baseline.tolist(),
+             "sections": [{"id": sid, "slide_from_block": T.tolist()} for sid, T in zip(ids, transforms)]}
+    write_text_atomic(root / TRUTH_FILE, json.dumps(truth))
+    return BlockFiles(root, [root / "st" / f"{sid}.h5ad" for sid in ids], root / TRUTH_FILE)
+
+
+def block_settings(n_sections, spots_per_section, seed, n_genes, n_programmes, um_per_px, thickness_um, tile) -> dict:
+    """The settings a written block records in `truth.json` (to decide whether it can be reused)."""
+    return {"n_sections": n_sections, "spots_per_section": spots_per_section, "seed": seed, "n_genes": n_genes,
+            "n_programmes": n_programmes, "um_per_px": um_per_px, "thickness_um": thickness_um, "tile": tile,
+            "version": 1}
+
+
+def block_expected_expression(truth_file: str | Path, programmes: np.ndarray, genes) -> np.ndarray:
+    """Noise-free expression (spots × `genes`) on stimpute's scale, log1p(normalize_total 1e4),
+    of spots with latent `programmes` in a block written by `write_visium_block`."""
+    truth = json.loads(Path(truth_file).read_text())
+    rates = np.exp(np.asarray(truth["baseline"]) + np.asarray(programmes, float) @ np.asarray(truth["loadings"]))
+    rates /= rates.sum(axis=1, keepdims=True)
+    columns = [truth["genes"].index(g) for g in genes]
+    return np.log1p(1e4 * rates[:, columns])
+
+
+class _SlidePainter:
+    """Renders one section's slide tile by tile (the look of `_TissueBlock.render`).
+
+    Colour and tissue outline are smooth: they are computed once on a grid of
+    `_PLAN_STEP_PX` px in slide pixels and interpolated into each tile. Nuclei (a Poisson
+    process per grid cell, new in each section) and the fat-cell profiles this section
+    cuts are listed for the whole slide, sorted by y, and each tile draws those it touches.
+    """
+
+    def __init__(self, block: _TissueBlock, i: int, slide_from_block: np.ndarray, rng):
+        self.rng, self.um_per_px = rng, block.um_per_px
+        g, S = _PLAN_STEP_PX, block.size
+        n = -(-S // g)
+        centres = np.arange(n) * g + (g - 1) / 2
+        sx, sy = np.meshgrid(centres, centres)
+        inv = np.linalg.inv(slide_from_block)
+        bx, by = _apply(inv, np.c_[sx.ravel(), sy.ravel()]).T
+        inside = block.inside_distance(bx, by).reshape(n, n)
+        weights = block.fields_at(i, bx, by).reshape(-1, n, n).astype(np.float64) ** 2
+        weights /= weights.sum(0, keepdims=True)
+        colour = sum(weights[k][..., None] * np.asarray(_look(k)[0], float) for k in range(block.n_programmes))
+        self.plan = np.dstack([colour, inside]).astype(np.float32)  # (n, n, 4): RGB and signed distance
+        tissue = inside > 0
+        nuclei = []
+        for k in range(block.n_programmes):
+            _, density, radius_um, _ = _look(k)
+            counts = rng.poisson(weights[k] * tissue * density * (g * block.um_per_px) ** 2 / 1000.0).ravel()
+            cell = np.repeat(np.arange(counts.size), counts)
+            cy, cx = np.divmod(cell, n)
+            radii = np.maximum(1, rng.normal(radius_um, 0.2 * radius_um, len(cell)) / block.um_per_px)
+            rgb = np.clip(_NUCLEUS_RGB + rng.normal(0, 12, (len(cell), 3)), 0, 255)
+            nuclei.append(np.c_[(cx + rng.random(len(cell))) * g, (cy + rng.random(len(cell))) * g, radii, rgb])
+        self.nuclei = _sorted_by_y(np.concatenate(nuclei))
+        x, y, zc, R = block.fat_cells.T
+        r_um = np.sqrt(np.clip(R**2 - (i * block.thickness_um - zc) ** 2, 0, None))
+        cut = (r_um > 2) & (block.inside_distance(x, y) > 0)
+        fat_xy = _apply(slide_from_block, np.c_[x, y][cut])
+        self.fat = _sorted_by_y(np.c_[fat_xy, r_um[cut] / block.um_per_px, np.tile([250.0, 248.0, 250.0], (cut.sum(), 1))])
+        self.noise = rng.normal(0, 6, (1024, 1024, 3)).astype(np.float32)
+
+    def tiles(self, size: int, tile: int, done=None):
+        """Row-major (tile, tile, 3) uint8 tiles of the (size × size) slide."""
+        for y0 in range(0, size, tile):
+            for x0 in range(0, size, tile):
+                yield self.tile(x0, y0, tile)
+                if done is not None:
+                    done()
+
+    def tile(self, x0: int, y0: int, side: int, pad: int = 2) -> np.ndarray:
+        g, n = _PLAN_STEP_PX, side + 2 * pad
+        u = ((np.arange(n) + x0 - pad) - (g - 1) / 2) / g
+        v = ((np.arange(n) + y0 - pad) - (g - 1) / 2) / g
+        maps = cv2.remap(self.plan, *np.meshgrid(u.astype(np.float32), v.astype(np.float32)), cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+        oy, ox = self.rng.integers(0, self.noise.shape[0] - n, 2)
+        colour = np.clip(maps[..., :3] + self.noise[oy:oy + n, ox:ox + n], 0, 255)
+        canvas = np.where(maps[..., 3:] > 0, colour, 255.0).astype(np.uint8)
+        for items in (self.nuclei, self.fat):
+            for x, y, r, *rgb in _touching(items, x0 - pad, y0 - pad, n):
+                cv2.circle(canvas, (int((x - x0 + pad) * 16), int((y - y0 + pad) * 16)), int(r * 16),
+                           tuple(int(c) for c in rgb), -1, lineType=cv2.LINE_AA, shift=4)
+        return cv2.GaussianBlur(canvas, (3, 3), 0.7)[pad:-pad, pad:-pad]
+
+
+def _sorted_by_y(items: np.ndarray) -> np.ndarray:
+    return items[np.argsort(items[:, 1], kind="stable")] if len(items) else np.zeros((0, 6))
+
+
+def _touching(items: np.ndarray, x0: float, y0: float, side: int) -> np.ndarray:
+    """Rows (x, y, r, ...) of y-sorted discs that reach into the square [x0, x0+side)²."""
+    if not len(items):
+        return items
+    r_max = items[:, 2].max()
+    lo, hi = np.searchsorted(items[:, 1], [y0 - r_max, y0 + side + r_max])
+    rows = items[lo:hi]
+    x, y, r = rows[:, 0], rows[:, 1], rows[:, 2]
+    return rows[(x + r >= x0) & (x - r < x0 + side) & (y + r >= y0) & (y - r < y0 + side)]
 
 
 # -- built-in real data ----------------------------------------------------------------

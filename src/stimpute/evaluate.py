@@ -32,6 +32,7 @@ from stimpute.errors import StimputeError
 from stimpute.expression import top_variable
 from stimpute.io.anndata_io import _atomic_write, write_text_atomic
 from stimpute.models import METHODS, NotApplicable, PreparedStack, get_method, load_methods
+from stimpute.timing import proc_status_mib, reset_peak_rss
 
 
 def pearson_columns(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -169,32 +170,15 @@ class ResourceMeter:
     def __enter__(self) -> "ResourceMeter":
         self.seconds = float("nan")
         self.peak_mib = float("nan")
-        self._resettable = _reset_peak_rss()
-        self._base = _proc_status_mib("VmRSS")
+        self._resettable = reset_peak_rss()
+        self._base = proc_status_mib("VmRSS")
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self._start
         if self._resettable:
-            self.peak_mib = max(0.0, _proc_status_mib("VmHWM") - self._base)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _proc_status_mib(field_name: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+            self.peak_mib = max(0.0, proc_status_mib("VmHWM") - self._base)
 
 
 # --------------------------------------------------------------------------- running

@@ -21,6 +21,7 @@ from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError
 from stimpute.io.anndata_io import _atomic_write
 from stimpute.register.matching import K_CROSS, match_stack
+from stimpute.timing import timed
 
 WITHIN, CROSS = 0, 1  # edge_type values
 K_WITHIN = 8
@@ -58,11 +59,13 @@ def _pitch(xy: np.ndarray) -> float:
     return float(np.median(dist[:, 1]))
 
 
+@timed("graph")
 def build_graph_2d(section: Section, **within) -> Data:
     """Graph of one section: within-section edges only; `pos` is (x, y, z) in its own pixels."""
     return _assemble([section], [section.xy], [within_edges(section, **within)], np.zeros((2, 0), np.int64), np.zeros(0))
 
 
+@timed("graph")
 def build_graph(
     stack: Stack,
     coords_ref: list[np.ndarray],

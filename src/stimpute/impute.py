@@ -32,6 +32,7 @@ import torch
 from scipy import sparse
 
 from stimpute.models.base import Method, PreparedStack, register_method
+from stimpute.timing import timed
 from stimpute.train import GraphBatch, TrainConfig, fit, split_known, torch_threads
 
 PROPAGATION_STEPS = 20
@@ -80,6 +81,7 @@ def adjacency(graph, n_nodes: int, nodes: np.ndarray | None = None) -> sparse.cs
     return sparse.diags(np.where(rows > 0, 1.0 / np.maximum(rows, 1e-12), 0.0)) @ A
 
 
+@timed("propagation")
 def propagate(A: sparse.csr_matrix, known: np.ndarray, values: np.ndarray,
               steps: int = PROPAGATION_STEPS) -> tuple[np.ndarray, np.ndarray]:
     """Label propagation with reset: (expected measured value (N, G), reach (N,)).
@@ -99,6 +101,7 @@ def propagate(A: sparse.csr_matrix, known: np.ndarray, values: np.ndarray,
     return out.astype(np.float32), np.clip(reach, 0.0, 1.0)
 
 
+@timed("fusion")
 def fit_fusion(propagated: np.ndarray, model: np.ndarray, truth: np.ndarray, reach: np.ndarray,
                per_spot: bool = True, steps: int = FUSION_STEPS, shrink: float = FUSION_SHRINK) -> FusionWeights:
     """α (per gene) and β (per-spot reach slope) minimising the fused MSE on held-out spots,

@@ -3,7 +3,7 @@
 `run_impute` is ASIGN end to end: read sections, prepare (panel, features, registration,
 3D graph), train MSAGNet on the known section, propagate and fuse (`stimpute.impute`),
 then write one `.h5ad` per imputed section, heatmaps, `metrics.csv` where targets carry
-counts and, last, `config.yaml`. A run killed before `config.yaml` is unfinished: rerunning
+counts and, last, `config.yaml` (then `timings.json`: seconds and peak RSS per stage). A run killed before `config.yaml` is unfinished: rerunning
 it resumes (feature cache, training checkpoint) and replaces its partial outputs. `run_train`/`run_predict` are the image-only (2D) route for
 stacks without any measured section. Existing results are never overwritten without `force`.
 """
@@ -32,6 +32,7 @@ from stimpute.io import read_stack
 from stimpute.io.anndata_io import add_thumbnail, write_h5ad_atomic, write_text_atomic
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.prepare import known_indices, prepare_stack
+from stimpute.timing import records_stages, timed
 from stimpute.train import MSAGNetModule, TrainConfig, fit, torch_threads
 
 MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
@@ -60,6 +61,7 @@ class ImputeRun:
     result: ImputeResult
 
 
+@records_stages
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
                encoder: str = "handcrafted") -> ImputeRun:
@@ -129,6 +131,7 @@ def evaluate_targets(prepared, targets: list[int], predictions: dict, top: np.nd
     return pd.concat(frames, ignore_index=True), summary
 
 
+@timed("writing")
 def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, layers: dict | None = None,
                      obs: dict | None = None, force: bool = False) -> Path:
     """`out/<section>.h5ad`: the section's spot ids, var = panel, X and layers on the log1p scale."""
@@ -259,6 +262,7 @@ def input_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@timed("writing")
 def _heatmaps(section, panel, genes, predicted, measured, out: Path) -> Path:
     from stimpute.plot import expression_heatmaps
 

@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 
 from stimpute.io.anndata_io import _atomic_write
 from stimpute.models.msagnet import MSAGNet, MSAGNetConfig, spot_loss
+from stimpute.timing import timed
 
 
 @dataclass
@@ -134,6 +135,7 @@ def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, chec
     )
 
 
+@timed("training")
 def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = None,
         resume: str | Path | None = None, progress: bool = False) -> MSAGNetModule:
     """Train on `batch` and return the module with the best validation weights loaded.

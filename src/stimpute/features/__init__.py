@@ -23,6 +23,7 @@ from stimpute.features import cache
 from stimpute.features.encoders import ENCODERS, Encoder, get_spec, load_encoder, weights_id
 from stimpute.patches import DEFAULT_BATCH_SIZE, DEFAULT_OUT_SIZE, SCALES_UM, iter_patches, padding_report, scale_names
 from stimpute.stain import MacenkoNormalizer
+from stimpute.timing import timed
 
 
 @dataclass
@@ -38,6 +39,7 @@ class FeatureRun:
     padded: dict = field(default_factory=dict)
 
 
+@timed("features")
 def spot_features(
     section: Section,
     encoder: str = "handcrafted",

@@ -25,6 +25,7 @@ from stimpute.io.anndata_io import (
 from stimpute.io.her2st import is_her2st_folder, read_her2st
 from stimpute.io.moest_h5 import is_moest_h5, read_moest_section
 from stimpute.io.validate import validate_section
+from stimpute.timing import timed
 
 
 def read_section(path: str | Path, image: str | Path | None = None, um_per_px: float | None = None) -> Section:
@@ -52,6 +53,7 @@ def read_section(path: str | Path, image: str | Path | None = None, um_per_px: f
     )
 
 
+@timed("read")
 def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None) -> Stack:
     """Read sections given in cutting order into a Stack."""
     sections = [read_section(p) for p in paths]

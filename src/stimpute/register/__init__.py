@@ -27,6 +27,7 @@ from stimpute.errors import StimputeError
 from stimpute.register.masks import View, section_view, tissue_mask
 from stimpute.register.refine import pair_quality, refine_ecc
 from stimpute.register.rigid import Candidate, rotation_search
+from stimpute.timing import timed
 
 COARSE_SIDE = 256  # px of the largest image's side in the rotation-search views
 FINE_SIDE = 1024  # px of the largest image's side in the refinement views
@@ -65,6 +66,7 @@ def apply_transform(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
 
+@timed("registration")
 def register_stack(
     stack: Stack,
     progress: bool = False,
