@@ -91,3 +91,48 @@ def test_her2st_mini_is_packaged_and_small():
     size = sum(p.stat().st_size for p in her2st_mini_path().rglob("*") if p.is_file())
     assert size < 8 * 2**20
     assert "Andersson" in (her2st_mini_path() / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def visium_block(tmp_path_factory):
+    from stimpute.datasets import write_visium_block
+
+    return write_visium_block(tmp_path_factory.mktemp("visium"), n_sections=2, spots_per_section=150, seed=3, n_genes=12)
+
+
+def test_visium_block_is_hest_style_files_with_pyramidal_slides(visium_block):
+    """st/<id>.h5ad + wsis/<id>.tif (a tiled pyramid) + metadata/<id>.json, read as sections
+    at Visium geometry, spots on tissue, about the requested number per section."""
+    import json
+
+    import tiffslide
+
+    from stimpute.io import read_stack
+
+    root = visium_block.root
+    stack = read_stack(visium_block.sections)
+    assert stack.names == visium_block.ids == ["SYNV00", "SYNV01"]
+    for s in stack:
+        meta = json.loads((root / "metadata" / f"{s.name}.json").read_text())
+        assert meta["pixel_size_um_estimated"] == s.um_per_px == 0.5 and meta["spot_diameter"] == 55.0
+        assert s.spot_diameter_px == pytest.approx(110) and 110 < s.n_spots < 200 and s.adata.n_vars == 12
+        slide = tiffslide.TiffSlide(root / "wsis" / f"{s.name}.tif")
+        assert slide.level_count >= 3 and slide.level_downsamples[1] == pytest.approx(2.0)
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.5)
+        # hexagonal 100 µm pitch: nearest neighbours 200 px apart
+        d = np.sqrt(((s.xy[:, None] - s.xy[None]) ** 2).sum(-1)) + np.eye(s.n_spots) * 1e9
+        assert np.median(d.min(1)) == pytest.approx(200, abs=1)
+        # spots sit on tissue: their windows are darker than the glass corner of the slide
+        spot = np.mean([s.image.read_region(x - 20, y - 20, 40, 40).mean() for x, y in s.xy[:20]])
+        assert spot < 230 and s.image.read_region(0, 0, 40, 40).mean() > 250
+
+
+def test_visium_block_truth_gives_noise_free_expression(visium_block):
+    from stimpute.datasets import PROGRAMMES_KEY, block_expected_expression
+    from stimpute.io import read_section
+
+    s = read_section(visium_block.sections[0])
+    expected = block_expected_expression(visium_block.truth, s.adata.obsm[PROGRAMMES_KEY], s.genes)
+    measured = normalize_log1p(s.adata)
+    r = [np.corrcoef(expected[:, g], measured[:, g])[0, 1] for g in range(s.adata.n_vars)]
+    assert np.nanmedian(r) > 0.5

@@ -394,19 +394,13 @@ def write_visium_block(
                     "inter_spot_dist": VISIUM_PITCH_UM, "spots_under_tissue": len(xy), "fullres_px_width": size,
                     "fullres_px_height": size, "z_um": i * thickness_um}
             write_text_atomic(root / "metadata" / f"{sid}.json", json.dumps(meta, indent=1))
-    truth = {"generator": block_settings(n_sections, spots_per_section, seed, n_genes, n_programmes, um_per_px,
-                                         thickness_um, tile),
+    truth = {"generator": {"n_sections": n_sections, "spots_per_section": spots_per_section, "seed": seed,
+                           "n_genes": n_genes, "n_programmes": n_programmes, "um_per_px": um_per_px,
+                           "thickness_um": thickness_um, "tile": tile},
              "genes": list(genes), "loadings": loadings.tolist(), "baseline": baseline.tolist(),
              "sections": [{"id": sid, "slide_from_block": T.tolist()} for sid, T in zip(ids, transforms)]}
     write_text_atomic(root / TRUTH_FILE, json.dumps(truth))
     return BlockFiles(root, [root / "st" / f"{sid}.h5ad" for sid in ids], root / TRUTH_FILE)
-
-
-def block_settings(n_sections, spots_per_section, seed, n_genes, n_programmes, um_per_px, thickness_um, tile) -> dict:
-    """The settings a written block records in `truth.json` (to decide whether it can be reused)."""
-    return {"n_sections": n_sections, "spots_per_section": spots_per_section, "seed": seed, "n_genes": n_genes,
-            "n_programmes": n_programmes, "um_per_px": um_per_px, "thickness_um": thickness_um, "tile": tile,
-            "version": 1}
 
 
 def block_expected_expression(truth_file: str | Path, programmes: np.ndarray, genes) -> np.ndarray:

@@ -1,7 +1,10 @@
 """Lazy access to a section's H&E image: regions and thumbnails, never a whole WSI in memory.
 
-Pyramidal whole-slide images (.svs, .tif, .ndpi, ...) are read through tiffslide, region by
-region, from the pyramid level that best fits the requested output size. Flat images (JPEG,
+Pyramidal whole-slide images (.svs, .tif, .ndpi, ...) are opened with tiffslide and read
+region by region from the pyramid level that best fits the requested output size. Tiled
+levels are read tile by tile straight from tifffile with a bounded cache of decoded tiles
+(`TILE_CACHE_MIB`): neighbouring spot windows share tiles, and one region read costs
+microseconds instead of tiffslide's per-call overhead of several milliseconds. Flat images (JPEG,
 PNG, small TIFFs) are read with Pillow; they are decoded once on the first region read and
 kept until `release()`. In-memory arrays (synthetic data, tests) use the same interface.
 """
@@ -9,6 +12,7 @@ kept until `release()`. In-memory arrays (synthetic data, tests) use the same in
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ FLAT_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 IMAGE_SUFFIXES = WSI_SUFFIXES | FLAT_SUFFIXES
 FILL = 255  # padding outside the image: white, like glass
 MAX_DECODED_PIXELS = 8192 * 8192  # a larger TIFF is read tile by tile even without a pyramid
+TILE_CACHE_MIB = 192  # decoded tiles kept per open slide (~250 tiles of 512², a few tile rows of a 40k px slide)
 
 
 class SectionImage:
@@ -34,6 +39,7 @@ class SectionImage:
         self.path = None if path is None else Path(path)
         self._array = None if array is None else _as_rgb(array)
         self._slide = None
+        self._tiles: _TileCache | None = None
         self._flat = False  # a TIFF that Pillow reads whole (small and single-level)
         self._size: tuple[int, int] | None = None
         if self._array is not None:
@@ -70,6 +76,7 @@ class SectionImage:
             width, height = slide.dimensions
             if slide.level_count > 1 or suffix not in FLAT_SUFFIXES or width * height > MAX_DECODED_PIXELS:
                 self._slide = slide
+                self._tiles = _TileCache.open(slide)
             else:
                 slide.close()
                 self._flat = True
@@ -127,6 +134,7 @@ class SectionImage:
         if self._slide is not None:
             self._slide.close()
             self._slide = None
+            self._tiles = None
 
     # -- reading ---------------------------------------------------------------------
     def read_region(self, x: int, y: int, w: int, h: int, out_size: int | None = None) -> np.ndarray:
@@ -151,6 +159,8 @@ class SectionImage:
             level = slide.get_best_level_for_downsample(max(w, h) / out_size)
         ds = slide.level_downsamples[level]
         lw, lh = max(1, math.ceil(w / ds)), max(1, math.ceil(h / ds))
+        if self._tiles is not None:
+            return self._tiles.read(level, int(x / ds), int(y / ds), lw, lh)
         region = np.asarray(slide.read_region((x, y), level, (lw, lh), as_array=True))[..., :3]
         # tiffslide pads outside the slide with zeros (black); paint it white like glass
         W, H = self.size
@@ -171,7 +181,7 @@ class SectionImage:
         if self._array is not None:
             im = Image.fromarray(self._array)
         elif (slide := self._open_slide()) is not None:
-            return _slide_thumbnail(slide, tw, th), tw / W
+            return _slide_thumbnail(slide, tw, th, self._tiles), tw / W
         else:
             try:
                 im = Image.open(self.path)
@@ -187,7 +197,7 @@ class SectionImage:
         return f"SectionImage({src})"
 
 
-def _slide_thumbnail(slide, tw: int, th: int) -> np.ndarray:
+def _slide_thumbnail(slide, tw: int, th: int, tiles: "_TileCache | None" = None) -> np.ndarray:
     """Downscale the pyramid level closest to (tw, th) band by band, so a huge
     single-level slide never sits in memory whole."""
     import cv2
@@ -201,9 +211,77 @@ def _slide_thumbnail(slide, tw: int, th: int) -> np.ndarray:
     for r0 in range(0, th, band_rows):
         r1 = min(th, r0 + band_rows)
         y0, y1 = round(r0 * lh / th), max(round(r0 * lh / th) + 1, round(r1 * lh / th))
-        band = np.asarray(slide.read_region((0, round(y0 * ds)), level, (lw, y1 - y0), as_array=True))[..., :3]
+        if tiles is not None:
+            band = tiles.read(level, 0, y0, lw, y1 - y0)
+        else:
+            band = np.asarray(slide.read_region((0, round(y0 * ds)), level, (lw, y1 - y0), as_array=True))[..., :3]
         bands.append(cv2.resize(np.ascontiguousarray(band), (tw, r1 - r0), interpolation=cv2.INTER_AREA))
     return np.concatenate(bands, axis=0)
+
+
+class _TileCache:
+    """Regions of a tiled TIFF pyramid assembled from decoded tiles, the most recent kept.
+
+    Used where every level tiffslide exposes is a tiled, chunky (Y, X, samples) uint8 page
+    of the slide's main series; anything else stays with tiffslide's own reader.
+    """
+
+    def __init__(self, tif, pages: list, max_bytes: int):
+        self.handle, self.pages, self.max_bytes = tif.filehandle, pages, max_bytes
+        self.tiles: OrderedDict = OrderedDict()
+        self.bytes = 0
+
+    @classmethod
+    def open(cls, slide) -> "_TileCache | None":
+        try:
+            tif = slide.ts_tifffile
+            levels = tif.series[slide.properties["tiffslide.series-index"]].levels
+            pages = [level.keyframe for level in levels]
+        except Exception:
+            return None
+        dims = [(p.imagewidth, p.imagelength) for p in pages]
+        usable = all(p.is_tiled and p.dtype == np.uint8 and p.samplesperpixel in (3, 4) and p.imagedepth == 1
+                     and p.planarconfig == 1 and len(level.pages) == 1 for p, level in zip(pages, levels))
+        if not usable or dims != [tuple(d) for d in slide.level_dimensions]:
+            return None
+        return cls(tif, pages, TILE_CACHE_MIB << 20)
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Pixels [y, y+h) × [x, x+w) of `level` (its own pixels), white outside the level."""
+        page = self.pages[level]
+        tw, th, W, H = page.tilewidth, page.tilelength, page.imagewidth, page.imagelength
+        out = np.full((h, w, 3), FILL, np.uint8)
+        n_x = -(-W // tw)
+        for ty in range(max(y, 0) // th, min(y + h, H) // th + 1):
+            for tx in range(max(x, 0) // tw, min(x + w, W) // tw + 1):
+                if ty * th >= min(y + h, H) or tx * tw >= min(x + w, W):
+                    continue
+                tile = self._tile(level, ty * n_x + tx)
+                x0, y0 = max(x, tx * tw), max(y, ty * th)
+                x1, y1 = min(x + w, (tx + 1) * tw, W), min(y + h, (ty + 1) * th, H)
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
+        return out
+
+    def _tile(self, level: int, index: int) -> np.ndarray:
+        key = (level, index)
+        tile = self.tiles.get(key)
+        if tile is not None:
+            self.tiles.move_to_end(key)
+            return tile
+        page = self.pages[level]
+        offset, size = page.dataoffsets[index], page.databytecounts[index]
+        if size:
+            decode = page.decode  # built on first use, which itself reads the file: before the seek
+            self.handle.seek(offset)
+            tile = decode(self.handle.read(size), index, jpegtables=page.jpegtables)[0]
+        if not size or tile is None:  # a tile the writer left out (sparse slides): nothing scanned there
+            tile = np.full((page.tilelength, page.tilewidth, 3), FILL, np.uint8)
+        tile = np.ascontiguousarray(np.asarray(tile).reshape(page.tilelength, page.tilewidth, -1)[..., :3])
+        self.tiles[key] = tile
+        self.bytes += tile.nbytes
+        while self.bytes > self.max_bytes and len(self.tiles) > 1:
+            self.bytes -= self.tiles.popitem(last=False)[1].nbytes
+        return tile
 
 
 def _as_rgb(array: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ DEFAULT_BATCH_SIZE = 32
 
 @dataclass
 class PatchBatch:
-    """Patches of consecutive spots: `patches[b, s]` is spot `index[b]` at scale `s`."""
+    """Patches of a batch of spots: `patches[b, s]` is spot `index[b]` at scale `s`."""
 
     index: np.ndarray  # (B,) spot positions in section.adata order
     patches: np.ndarray  # (B, n_scales, out_size, out_size, 3) uint8
@@ -69,8 +69,13 @@ def iter_patches(
     out_size: int = DEFAULT_OUT_SIZE,
     batch_size: int = DEFAULT_BATCH_SIZE,
     stain_normalizer=None,
+    raster_order: bool = False,
 ) -> Iterator[PatchBatch]:
     """Yield `PatchBatch`es of all spots (adata order), `batch_size` spots at a time.
+
+    `raster_order`: visit spots row by row across the slide instead, so consecutive windows
+    share the image tiles the reader has cached (a whole-slide image's spots are often
+    stored in barcode order, scattered over the slide); each batch still names its spots.
 
     Memory stays bounded by one batch (B × scales × out_size² × 3 bytes) plus what the
     image reader holds (a flat JPEG is decoded once; pyramidal slides are read by region).
@@ -80,8 +85,9 @@ def iter_patches(
         raise ValueError("batch_size must be >= 1")
     sides = window_sizes_px(section, scales_um)
     origins = [window_origins(section.xy, side) for side in sides]
+    order = raster_spot_order(section) if raster_order else np.arange(section.n_spots)
     for start in range(0, section.n_spots, batch_size):
-        index = np.arange(start, min(start + batch_size, section.n_spots))
+        index = order[start:start + batch_size]
         batch = np.empty((len(index), len(sides), out_size, out_size, 3), np.uint8)
         for b, i in enumerate(index):
             for s, side in enumerate(sides):
@@ -89,6 +95,13 @@ def iter_patches(
                 patch = section.image.read_region(x, y, side, side, out_size=out_size)
                 batch[b, s] = patch if stain_normalizer is None else stain_normalizer(patch)
         yield PatchBatch(index=index, patches=batch)
+
+
+def raster_spot_order(section: Section) -> np.ndarray:
+    """Spot indices sorted into rows one spot diameter high, left to right within a row."""
+    xy = section.xy
+    row = np.floor(xy[:, 1] / max(section.spot_diameter_px, 1.0))
+    return np.lexsort((xy[:, 0], row))
 
 
 def scale_names(scales_um: Sequence[float] = SCALES_UM) -> list[str]:

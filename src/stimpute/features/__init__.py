@@ -73,7 +73,7 @@ def spot_features(
         n_total = section.n_spots * len(names)
         with _progress(progress) as bar:
             task = bar.add_task(f"{section.name} · {spec.name}", total=n_total) if bar else None
-            for batch in iter_patches(section, scales_um, DEFAULT_OUT_SIZE, batch_size, normalizer):
+            for batch in iter_patches(section, scales_um, DEFAULT_OUT_SIZE, batch_size, normalizer, raster_order=True):
                 b, s = batch.patches.shape[:2]
                 feats[batch.index] = model(batch.patches.reshape(b * s, *batch.patches.shape[2:])).reshape(b, s, -1)
                 if bar:
