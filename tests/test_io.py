@@ -164,22 +164,15 @@ def test_pyramid_tiff_written_by_tiles_reads_back_through_the_tile_cache(tmp_pat
     import tiffslide
 
     from stimpute.image import SectionImage
-    from stimpute.io.wsi import write_pyramid_tiff
+    from stimpute.io.wsi import _tiles_of, write_pyramid_tiff
 
     rng = np.random.default_rng(0)
     W, H, tile = 1000, 700, 128
     blocks = rng.integers(60, 200, (H // 25 + 1, W // 25 + 1, 1), dtype=np.uint8) + np.array([40, 0, 30], np.uint8)
     pixels = np.kron(blocks, np.ones((25, 25, 1), np.uint8))  # H&E-like pink-purple blocks
 
-    def tiles():
-        for y in range(0, H, tile):
-            for x in range(0, W, tile):
-                t = np.full((tile, tile, 3), 255, np.uint8)
-                part = pixels[y:y + tile, x:x + tile]
-                t[:part.shape[0], :part.shape[1]] = part
-                yield t
-
-    path = write_pyramid_tiff(tmp_path / "p.tif", W, H, tiles(), um_per_px=0.5, tile=tile, min_side=200)
+    path = write_pyramid_tiff(tmp_path / "p.tif", W, H, _tiles_of(pixels[:H, :W], tile), um_per_px=0.5, tile=tile,
+                              min_side=200)
     slide = tiffslide.TiffSlide(path)
     assert slide.level_dimensions == ((1000, 700), (500, 350), (250, 175), (125, 88))
     assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.5)
