@@ -278,12 +278,13 @@ def features(
 @guarded
 def impute(
     sections: Sections,
-    known: Annotated[str, typer.Option(help="Name of the section with measured ST (e.g. C3).")],
+    known: Annotated[str, typer.Option(help="Name of the section with measured ST (e.g. C3), or several joined by commas (C2,C4): all are used for training, transfer and calibration.")],
     out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per imputed section, config.yaml, figures/, metrics.csv.")],
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file, one symbol per line (default: top 250 HVGs of the known section).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the training split, initialisation and dropout.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
+    fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts: 'even' (half each, scaled by each spot's reach) or 'calibrated' (per-gene shares fitted on held-out known spots).")] = "even",
 ):
     """Impute the expression of every section from one measured section (ASIGN: MSAGNet 3D + cross-layer imputation).
 
@@ -293,13 +294,15 @@ def impute(
     from stimpute.train import TrainConfig
 
     config = TrainConfig(seed=seed, max_epochs=epochs)
-    run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config)
+    if fusion not in ("even", "calibrated"):
+        raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use even or calibrated)")
+    run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config, fusion=fusion)
     _report_impute(run)
 
 
 def _report_impute(run) -> None:
     """Files written, then per-gene PCC summaries and the ASIGN paper's per-spot PCC."""
-    console.print(f"wrote {len(run.files)} files to {run.out} (fusion reach slope {run.result.fusion.reach_slope:+.3f})", highlight=False)
+    console.print(f"wrote {len(run.files)} files to {run.out} (mean propagated share {float(run.result.fusion.gene_share.mean()):.2f})", highlight=False)
     if not run.summary.rows:
         console.print("targets carry no measured counts: no metrics")
         return

@@ -1,26 +1,25 @@
-"""Cross-layer Imputation (CLI): propagate measured expression through the 3D graph and
-fuse it with MSAGNet's prediction by self-adaptive weights.
+"""Cross-layer Imputation (CLI): what the measured sections say about a spot (propagation),
+what its image says (the model), and a fusion of the two that knows how far the spot is
+from measured tissue.
 
-**Propagation.** The known layer's expression diffuses over the row-normalised adjacency
-of the 3D graph (edge weights = match scores; within-section and cross-layer edges) for
-20 steps, known spots reset after each step (ASIGN). A second, scalar diffusion of the
-indicator "is known" gives each spot its *reach* r ∈ [0, 1]: the probability that a
-20-step random walk from it meets a measured spot. Dividing by r turns the diffused sum
-into the expected measured value at the first hit, so far layers are not shrunk towards
-zero; r itself says how strongly (well-matched, near) a spot is tied to measured spots.
+**Propagation** (`stimpute.evidence.transfer`). Every spot is linked directly to the spots
+of every known section through the registration, by a Gaussian kernel in µm whose scale
+is the spot pitch, times a morphology term (standardised image features). One hop, no
+diffusion: on HER2-ST, smoothing over the spot graph lowers per-gene PCC, since tumour
+structure changes from one spot to the next. A spot's *reach* r ∈ [0, 1) is how much
+kernel weight it has: 0 far from measured tissue, ~0.95 on top of a measured spot.
 
-**Fusion.** final = w · propagated + (1 − w) · model, with
-w[spot, gene] = σ(α_gene + β · logit(r_spot)). α (per gene, as in the paper) and β (the
-per-spot term stimpute adds: match quality and distance from the measured layer, both
-summarised by the reach) are fitted on held-out known spots, the way the paper hides 25 %
-of the known labels: the validation spots of training are hidden, expression is
-propagated to them from the other known spots within the known layer(s), and α, β
-minimise the squared error of the fused value there, with α shrunk towards the even
-split (a few dozen held-out spots give noisy per-gene weights). The model's prediction on
-those spots is honest: they were not trained on. Both raw parts are returned. On HER2-ST
-the per-spot term is neutral (top-50 PCC within ±0.003 of per-gene-only weights; the fitted
-β is slightly negative), likely because within-layer calibration cannot show how
-cross-layer match quality matters; it is kept, and reported.
+**Model.** The image models (`members`: MSAGNet on the 3D graph, trained with a per-gene
+correlation loss, and a ridge probe on the same features) are fitted on the known
+sections and averaged: on HER2-ST each alone is noisy and their errors differ.
+
+**Fusion.** X = w · propagated + (1 − w) · model with w[spot, gene] = g_gene · r_spot: the
+propagated part counts in proportion to the spot's reach, by a per-gene share g. The
+default share is the even split g = ½ ("even"); "calibrated" fits g on held-out known
+spots (a proxy of the real task: with two or more known sections each one's held-out
+spots are propagated from the *other* sections; with one, from the rest of its own
+section), shrunk towards ½. Both raw parts stay in the result. The held-out spots also
+give each gene's confidence: the PCC of the fused value there.
 """
 
 from __future__ import annotations
@@ -29,33 +28,36 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import sparse
 
+from stimpute.evaluate import pearson_columns
+from stimpute.evidence import transfer
 from stimpute.models.base import Method, PreparedStack, register_method
 from stimpute.timing import timed
 from stimpute.train import GraphBatch, TrainConfig, fit, split_known, torch_threads
 
-PROPAGATION_STEPS = 20
 FUSION_STEPS = 300
-FUSION_SHRINK = 0.01  # chosen on HER2-ST (0.003-0.1 all help; see bench_impute)
+FUSION_SHRINK = 0.01
+MEMBERS = ("msagnet", "ridge")
+FUSIONS = ("even", "calibrated")
 
 
 @dataclass
 class FusionWeights:
-    """Fitted fusion parameters: per-gene logit α and the slope β on the spot's logit reach."""
+    """Per-gene share g ∈ (0, 1) of the propagated part, scaled per spot by its reach."""
 
-    gene_logit: np.ndarray
-    reach_slope: float = 0.0
+    gene_share: np.ndarray
 
     def weights(self, reach: np.ndarray) -> np.ndarray:
-        """(n_spots, n_genes) weight of the propagated part."""
-        z = self.gene_logit[None, :] + self.reach_slope * _logit(reach)[:, None]
-        return 1.0 / (1.0 + np.exp(-z))
+        """(n_spots, n_genes) weight of the propagated part: g_gene · r_spot."""
+        return np.asarray(reach, np.float64)[:, None] * self.gene_share[None, :]
 
 
 @dataclass
 class ImputeResult:
-    """Per target section (stack index): fused, model and propagated expression, weights, reach."""
+    """Per target section (stack index): fused, model and propagated expression, weights,
+    reach; `members` holds each image model's own prediction; `calibration` the held-out
+    known spots (propagated, model and each member's prediction, truth, reach, fused) and `gene_confidence` their
+    per-gene PCC of the fused value."""
 
     fused: dict[int, np.ndarray]
     model: dict[int, np.ndarray]
@@ -64,63 +66,28 @@ class ImputeResult:
     reach: dict[int, np.ndarray]
     fusion: FusionWeights
     config: TrainConfig
-    calibration: dict = field(default_factory=dict)  # held-out known spots: propagated, model, truth, reach
-
-
-def adjacency(graph, n_nodes: int, nodes: np.ndarray | None = None) -> sparse.csr_matrix:
-    """Row-normalised weighted adjacency of the graph (restricted to `nodes` if given)."""
-    src, dst = (t.cpu().numpy() for t in graph.edge_index)
-    w = graph.edge_weight.cpu().numpy().astype(np.float64)
-    if nodes is not None:
-        inside = np.zeros(n_nodes, bool)
-        inside[nodes] = True
-        keep = inside[src] & inside[dst]
-        src, dst, w = src[keep], dst[keep], w[keep]
-    A = sparse.csr_matrix((np.clip(w, 0, None), (dst, src)), shape=(n_nodes, n_nodes))
-    rows = np.asarray(A.sum(axis=1)).ravel()
-    return sparse.diags(np.where(rows > 0, 1.0 / np.maximum(rows, 1e-12), 0.0)) @ A
-
-
-@timed("propagation")
-def propagate(A: sparse.csr_matrix, known: np.ndarray, values: np.ndarray,
-              steps: int = PROPAGATION_STEPS) -> tuple[np.ndarray, np.ndarray]:
-    """Label propagation with reset: (expected measured value (N, G), reach (N,)).
-
-    Spots never reached get the known spots' mean expression (reach 0).
-    """
-    n = A.shape[0]
-    F = np.zeros((n, values.shape[1]))
-    reach = np.zeros(n)
-    F[known], reach[known] = values, 1.0
-    for _ in range(steps):
-        F, reach = A @ F, A @ reach
-        F[known], reach[known] = values, 1.0
-    reached = reach > 1e-9
-    out = np.tile(values.mean(0), (n, 1))
-    out[reached] = F[reached] / reach[reached, None]
-    return out.astype(np.float32), np.clip(reach, 0.0, 1.0)
+    calibration: dict = field(default_factory=dict)
+    members: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    gene_confidence: np.ndarray | None = None
 
 
 @timed("fusion")
 def fit_fusion(propagated: np.ndarray, model: np.ndarray, truth: np.ndarray, reach: np.ndarray,
-               per_spot: bool = True, steps: int = FUSION_STEPS, shrink: float = FUSION_SHRINK) -> FusionWeights:
-    """α (per gene) and β (per-spot reach slope) minimising the fused MSE on held-out spots,
-    plus `shrink` · mean(α²): a few dozen held-out spots per gene are noisy, so each gene's
-    weight is pulled towards the even split unless its data clearly say otherwise.
-    """
+               steps: int = FUSION_STEPS, shrink: float = FUSION_SHRINK) -> FusionWeights:
+    """Per-gene shares g = σ(α) minimising the fused MSE on held-out spots, plus
+    `shrink` · mean(α²): a few dozen held-out spots per gene are noisy, so each share is
+    pulled towards the even split unless its data clearly say otherwise."""
     P, M, Y = (torch.as_tensor(a, dtype=torch.float64) for a in (propagated, model, truth))
-    r = torch.as_tensor(_logit(reach), dtype=torch.float64)[:, None]
+    r = torch.as_tensor(np.asarray(reach), dtype=torch.float64)[:, None]
     alpha = torch.zeros(P.shape[1], dtype=torch.float64, requires_grad=True)
-    beta = torch.zeros((), dtype=torch.float64, requires_grad=per_spot)
-    params = [alpha, beta] if per_spot else [alpha]
-    opt = torch.optim.Adam(params, lr=0.05)
+    opt = torch.optim.Adam([alpha], lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
-        w = torch.sigmoid(alpha[None] + beta * r)
+        w = r * torch.sigmoid(alpha)[None]
         loss = ((w * P + (1 - w) * M - Y) ** 2).mean() + shrink * (alpha**2).mean()
         loss.backward()
         opt.step()
-    return FusionWeights(alpha.detach().numpy(), float(beta.detach()))
+    return FusionWeights(torch.sigmoid(alpha).detach().numpy())
 
 
 def graph_batch(prepared: PreparedStack, known: list[int], seed: int, val_fraction: float) -> tuple[GraphBatch, np.ndarray]:
@@ -146,46 +113,90 @@ def graph_batch(prepared: PreparedStack, known: list[int], seed: int, val_fracti
 
 
 def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, config: TrainConfig | None = None,
-                 ckpt_dir=None, resume=None, progress: bool = False, per_spot: bool = True) -> ImputeResult:
-    """ASIGN end to end on a prepared stack: train MSAGNet on the `known` sections, propagate
-    their expression, fit and apply the fusion (module docstring). Targets: all other sections.
+                 ckpt_dir=None, resume=None, progress: bool = False, members: tuple[str, ...] = MEMBERS,
+                 fusion: str = "even", morphology: bool = True) -> ImputeResult:
+    """ASIGN end to end on a prepared stack (module docstring): fit the image models on the
+    `known` sections, propagate their expression, fuse. Targets: every other section.
+
+    `members`: image models averaged into the model part (`msagnet`, `ridge`); `fusion`:
+    "even" or "calibrated"; `morphology`: feature term in the propagation kernel.
     """
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     config = config or TrainConfig(seed=seed)
+    targets = [i for i in range(len(prepared.stack)) if i not in known]
     batch, known_nodes = graph_batch(prepared, known, config.seed, config.val_fraction)
-    module = fit(batch, config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
-    with torch.no_grad(), torch_threads(config.threads):
-        model = module(batch).numpy()
-    n = int(prepared.offsets[-1])
-    values = batch.y.numpy()[known_nodes]
-    propagated, reach = propagate(adjacency(prepared.graph, n), known_nodes, values)
+    held = {i: batch.val_mask.numpy()[prepared.offsets[i]:prepared.offsets[i + 1]] for i in known}
 
-    held = batch.val_mask.numpy()
-    seeds = batch.train_mask.numpy()
-    cal_prop, cal_reach = propagate(adjacency(prepared.graph, n, known_nodes), np.flatnonzero(seeds), batch.y.numpy()[seeds])
-    calibration = {"propagated": cal_prop[held], "model": model[held], "truth": batch.y.numpy()[held],
-                   "reach": cal_reach[held]}
-    fusion = fit_fusion(*calibration.values(), per_spot=per_spot)
+    predictions = {name: _MEMBERS[name](prepared, known, targets, held, batch, config, ckpt_dir, resume, progress)
+                   for name in members}
+    model = {i: np.mean([predictions[m][i] for m in members], axis=0).astype(np.float32) for i in targets}
+    propagated, reach = transfer(prepared, known, targets, features=morphology)
 
-    off = prepared.offsets
-    result = ImputeResult({}, {}, {}, {}, {}, fusion, config, calibration)
-    for i in range(len(prepared.stack)):
-        if i in known:
-            continue
-        rows = slice(off[i], off[i + 1])
-        w = fusion.weights(reach[rows]).astype(np.float32)
-        result.model[i], result.propagated[i], result.reach[i], result.weight[i] = model[rows], propagated[rows], reach[rows], w
-        result.fused[i] = w * propagated[rows] + (1 - w) * model[rows]
+    calibration = _calibration(prepared, known, held, {m: predictions[m]["held"] for m in members}, morphology)
+    shares = (fit_fusion(calibration["propagated"], calibration["model"], calibration["truth"], calibration["reach"])
+              if fusion == "calibrated" else FusionWeights(np.full(len(prepared.panel), 0.5)))
+    w_held = shares.weights(calibration["reach"])
+    calibration["fused"] = w_held * calibration["propagated"] + (1 - w_held) * calibration["model"]
+
+    result = ImputeResult({}, model, propagated, {}, reach, shares, config, calibration,
+                          members={m: {i: predictions[m][i] for i in targets} for m in members},
+                          gene_confidence=np.nan_to_num(pearson_columns(calibration["fused"], calibration["truth"])))
+    for i in targets:
+        w = shares.weights(reach[i]).astype(np.float32)
+        result.weight[i] = w
+        result.fused[i] = w * propagated[i] + (1 - w) * model[i]
     return result
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), 1e-3, 1 - 1e-3)
-    return np.log(p / (1 - p))
+def _calibration(prepared, known, held, member_held, morphology) -> dict:
+    """Held-out known spots: truth, the model's honest prediction and a propagated value
+    from other sections (two or more known) or from the rest of their own section (one)."""
+    parts = {"propagated": [], "reach": [], "truth": []}
+    for i in known:
+        sources = [k for k in known if k != i] or [i]
+        exclude = None if len(known) > 1 else {i: held[i]}
+        prop, reach = transfer(prepared, sources, [i], features=morphology, exclude=exclude)
+        parts["propagated"].append(prop[i][held[i]])
+        parts["reach"].append(reach[i][held[i]])
+        parts["truth"].append(prepared.known_expression(i)[held[i]])
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["members"] = member_held
+    out["model"] = np.mean(list(member_held.values()), axis=0)
+    return out
 
 
-# -- registry: the fused output and its two parts, as benchmarkable methods -------------
+def _msagnet_member(prepared, known, targets, held, batch, config, ckpt_dir, resume, progress) -> dict:
+    """MSAGNet on the 3D graph: trained on the known spots outside the hold-out."""
+    module = fit(batch, config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
+    with torch.no_grad(), torch_threads(config.threads):
+        out = module(batch).numpy()
+    off = prepared.offsets
+    preds = {i: out[off[i]:off[i + 1]] for i in targets}
+    preds["held"] = np.concatenate([out[off[i]:off[i + 1]][held[i]] for i in known])
+    return preds
 
-_LAST: dict = {}  # one-entry memo: `asign` and `msagnet` on the same inputs train once
+
+def _ridge_member(prepared, known, targets, held, batch, config, ckpt_dir, resume, progress) -> dict:
+    """The ridge probe: fitted on every known spot for the targets, and once more without
+    the hold-out for its honest prediction there."""
+    from stimpute.models.baselines import Ridge, flat_features
+
+    probe = Ridge()
+    preds = probe.fit_predict(prepared, known, targets, seed=config.seed)
+    x = np.concatenate([flat_features(prepared, [i])[~held[i]] for i in known])
+    y = np.concatenate([prepared.known_expression(i)[~held[i]] for i in known])
+    honest = probe.model(*x.shape, config.seed).fit(x, y)
+    preds["held"] = np.concatenate([honest.predict(flat_features(prepared, [i])[held[i]]) for i in known])
+    return preds
+
+
+_MEMBERS = {"msagnet": _msagnet_member, "ridge": _ridge_member}
+
+
+# -- registry: the fused output and its parts, as benchmarkable methods -------------------
+
+_LAST: dict = {}  # one-entry memo: `asign` and its parts on the same inputs train once
 
 
 def _impute_once(prepared: PreparedStack, train: list[int], seed: int, config: TrainConfig | None) -> ImputeResult:
@@ -198,21 +209,33 @@ def _impute_once(prepared: PreparedStack, train: list[int], seed: int, config: T
 
 class _Asign(Method):
     needs_3d = True
-    part = "fused"
 
     def __init__(self, config: TrainConfig | None = None):
         self.config = config
 
+    def part(self, result: ImputeResult) -> dict:
+        return result.fused
+
     def fit_predict(self, prepared, train, targets, seed=0):
-        parts = getattr(_impute_once(prepared, train, seed, self.config), self.part)
+        parts = self.part(_impute_once(prepared, train, seed, self.config))
         return {i: parts[i] for i in targets}
 
 
 @register_method
 class AsignMethod(_Asign):
-    """ASIGN: MSAGNet (3D) fused with cross-layer propagation by self-adaptive weights."""
+    """ASIGN: image models fused with cross-layer propagation by reach-aware weights."""
 
     name = "asign"
+
+
+@register_method
+class AsignModelMethod(_Asign):
+    """ASIGN's model part alone (`layers["model"]`: MSAGNet and ridge averaged)."""
+
+    name = "asign_model"
+
+    def part(self, result):
+        return result.model
 
 
 @register_method
@@ -220,18 +243,18 @@ class MSAGNetMethod(_Asign):
     """MSAGNet (3D graph) prediction alone, without propagation."""
 
     name = "msagnet"
-    part = "model"
+
+    def part(self, result):
+        return result.members["msagnet"]
 
 
 @register_method
 class PropagationMethod(Method):
-    """Cross-layer label propagation alone (no image model)."""
+    """Cross-layer propagation alone (`layers["propagated"]`): distance and morphology
+    kernel from every known section, no image model."""
 
     name = "propagation"
     needs_3d = True
 
     def fit_predict(self, prepared, train, targets, seed=0):
-        known_nodes = np.concatenate([np.arange(prepared.offsets[i], prepared.offsets[i + 1]) for i in train])
-        values = np.concatenate([prepared.known_expression(i) for i in train])
-        out, _ = propagate(adjacency(prepared.graph, int(prepared.offsets[-1])), known_nodes, values)
-        return {i: out[prepared.offsets[i]:prepared.offsets[i + 1]] for i in targets}
+        return transfer(prepared, train, targets)[0]

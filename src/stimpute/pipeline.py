@@ -27,7 +27,7 @@ from stimpute.errors import StimputeError
 from stimpute.evaluate import Summary, gene_metrics, spot_pcc, summarise_pcc
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
-from stimpute.impute import ImputeResult, graph_batch, impute_stack
+from stimpute.impute import MEMBERS, ImputeResult, graph_batch, impute_stack
 from stimpute.io import read_stack
 from stimpute.io.anndata_io import add_thumbnail, write_h5ad_atomic, write_text_atomic
 from stimpute.models.msagnet import MSAGNetConfig
@@ -64,8 +64,11 @@ class ImputeRun:
 @records_stages
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-               encoder: str = "handcrafted") -> ImputeRun:
-    """Impute every non-known section of the stack `sections` (stack order) into `out`."""
+               encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "even") -> ImputeRun:
+    """Impute every non-known section of the stack `sections` (stack order) into `out`.
+
+    `known`: the measured section's name, or several joined by commas ("C2,C4").
+    """
     out = Path(out)
     stack = read_stack(sections)
     k = known_indices(stack, known)
@@ -78,7 +81,8 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
         stale.unlink()
     prepared = prepare_stack(stack, known=known, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress)
     config = config or TrainConfig(seed=seed)
-    result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress)
+    result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress,
+                          members=members, fusion=fusion)
 
     files = []
     panel = prepared.panel
@@ -103,8 +107,8 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
         "inputs": input_records(stack, sections),
         "panel": {"source": prepared.settings["panel_source"], "genes": list(panel)},
         "train": config.to_dict(),
-        "fusion": {"rule": "w = sigmoid(gene_logit + reach_slope * logit(reach)); X = w*propagated + (1-w)*model",
-                   "reach_slope": result.fusion.reach_slope, "gene_logit": [round(float(a), 4) for a in result.fusion.gene_logit]},
+        "fusion": {"rule": "w = gene_share * reach; X = w*propagated + (1-w)*model", "mode": fusion,
+                   "members": list(members), "gene_share": [round(float(a), 4) for a in result.fusion.gene_share]},
         "registration": prepared.settings.get("registration"),
     }
     files.append(write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False)))

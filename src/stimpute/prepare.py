@@ -19,11 +19,12 @@ from stimpute.models.base import PreparedStack
 
 
 def known_indices(stack: Stack, known: str | Sequence[str] | None) -> list[int]:
-    """Stack positions of the known sections (default: every section with counts; [] for none)."""
+    """Stack positions of the known sections: names, or one string of names joined by commas
+    ("C2,C4"); default: every section with counts; [] for none."""
     if known is None:
         found = [i for i, s in enumerate(stack) if s.has_counts]
     else:
-        names = [known] if isinstance(known, str) else list(known)
+        names = [n.strip() for n in known.split(",") if n.strip()] if isinstance(known, str) else list(known)
         found = [stack.index(n) for n in names]
         if not names:  # explicitly none: prediction from images only
             return []

@@ -28,7 +28,7 @@ import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
 from stimpute.io.anndata_io import _atomic_write
-from stimpute.models.msagnet import MSAGNet, MSAGNetConfig, spot_loss
+from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
 from stimpute.timing import timed
 
 
@@ -45,6 +45,7 @@ class TrainConfig:
     accelerator: str = "cpu"
     devices: int | str = 1
     threads: int = 1  # CPU intra-op threads: full-graph steps are small; more threads thrash on a busy machine
+    loss: str = "gene_pcc"  # or "spot_pcc", the reference's (stimpute.models.msagnet.LOSSES)
     model: MSAGNetConfig = field(default_factory=MSAGNetConfig)
 
     def to_dict(self) -> dict:
@@ -85,25 +86,26 @@ class MSAGNetModule(L.LightningModule):
     """Lightning wrapper: full-graph steps, spot loss on train / validation masks."""
 
     def __init__(self, in_dim: int, n_genes: int, n_scales: int, model: dict, lr: float, weight_decay: float, seed: int,
-                 key: str = ""):
+                 key: str = "", loss: str = "gene_pcc"):
         super().__init__()
         self.save_hyperparameters()
         self.model = MSAGNet(in_dim, n_genes, n_scales, MSAGNetConfig(**model))
+        self.loss = LOSSES[loss]
 
     def forward(self, batch: GraphBatch) -> torch.Tensor:
         return self.model(batch.x, batch.edge_index, batch.edge_type, batch.edge_weight)
 
     def training_step(self, batch: GraphBatch, _idx: int) -> torch.Tensor:
         torch.manual_seed(self.hparams.seed * 100_003 + self.global_step)  # dropout: a function of the step
-        loss = spot_loss(self(batch)[batch.train_mask], batch.y[batch.train_mask])
+        loss = self.loss(self(batch)[batch.train_mask], batch.y[batch.train_mask])
         self.log("loss", loss, prog_bar=True, batch_size=1)
         return loss
 
     def validation_step(self, batch: GraphBatch, _idx: int) -> None:
         if batch.val_mask.any():
-            loss = spot_loss(self(batch)[batch.val_mask], batch.y[batch.val_mask])
+            loss = self.loss(self(batch)[batch.val_mask], batch.y[batch.val_mask])
         else:  # no held-out spots: monitor the training loss
-            loss = spot_loss(self(batch)[batch.train_mask], batch.y[batch.train_mask])
+            loss = self.loss(self(batch)[batch.train_mask], batch.y[batch.train_mask])
         self.log("val_loss", loss, prog_bar=True, batch_size=1)
 
     def configure_optimizers(self):
@@ -152,7 +154,8 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
     L.seed_everything(config.seed, workers=True, verbose=False)
     n, s, d = batch.x.shape
     key = training_key(batch, config)
-    module = MSAGNetModule(d, batch.y.shape[1], s, asdict(config.model), config.lr, config.weight_decay, config.seed, key)
+    module = MSAGNetModule(d, batch.y.shape[1], s, asdict(config.model), config.lr, config.weight_decay, config.seed, key,
+                           config.loss)
     module.model.set_feature_scaling(batch.x)
     module.model.set_gene_means(batch.y[batch.train_mask].mean(0))
     if ckpt_dir is not None and resume is None:

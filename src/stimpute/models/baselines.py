@@ -179,3 +179,21 @@ class Mean(Method):
     def fit_predict(self, prepared, train, targets, seed=0):
         mean = train_expression(prepared, train).mean(axis=0)
         return {t: np.tile(mean, (prepared.stack[t].n_spots, 1)).astype(np.float32) for t in targets}
+
+
+@register_method
+class Transfer(Method):
+    """Register, then copy: each target spot gets the Gaussian-weighted mean (σ = one spot
+    pitch, k = 4, nothing farther than two pitches) of the measured spots of every known
+    section, linked directly through the registration. The rival 3D methods must beat."""
+
+    name = "transfer"
+    needs_3d = True
+
+    def fit_predict(self, prepared, train, targets, seed=0):
+        from stimpute.evidence import transfer
+
+        require_train(train)
+        if prepared.coords_ref is None:
+            raise NotApplicable("transfer needs registered spot coordinates (a 3D stack)")
+        return transfer(prepared, train, targets, features=False, k=4, cutoff=2.0)[0]

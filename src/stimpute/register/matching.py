@@ -130,3 +130,61 @@ def matched_fraction(stack, matches: pd.DataFrame) -> dict[str, float]:
         )
         out[section.name] = len(linked) / max(section.n_spots, 1)
     return out
+
+
+# -- distance-kernel evidence: every spot linked to the spots of every known section ----
+
+KERNEL_SIGMA = 1.0  # Gaussian kernel width, in spot pitches
+KERNEL_CUTOFF = 3.0  # links longer than this many pitches are dropped
+KERNEL_K = 24  # candidate known spots per query spot
+SIMILARITY_TAU = 1.0  # feature-distance temperature (distances scaled by their median)
+SIMILARITY_DIMS = 20  # principal components of the standardised known features
+
+
+def spot_pitch_um(xy_um: np.ndarray) -> float:
+    """Typical centre-to-centre spot distance (µm): the median nearest-neighbour distance."""
+    if len(xy_um) < 2:
+        raise ValueError("a spot pitch needs at least two spots")
+    dist, _ = cKDTree(xy_um).query(xy_um, k=2)
+    return float(np.median(dist[:, 1]))
+
+
+def kernel_links(query_um: np.ndarray, known_um: np.ndarray, pitch_um: float, *, k: int = KERNEL_K,
+                 sigma: float = KERNEL_SIGMA, cutoff: float = KERNEL_CUTOFF,
+                 query_features: np.ndarray | None = None, known_features: np.ndarray | None = None,
+                 tau: float = SIMILARITY_TAU):
+    """Sparse (n_query, n_known) link weights from registered positions in µm (2D or 3D).
+
+    weight = exp(-d² / 2(σ·pitch)²) for the `k` nearest known spots within `cutoff`
+    pitches, times, when features are given, a morphology term exp(-f² / τ): f is the
+    distance between the two spots' features after standardising them and keeping the
+    leading principal components of the known spots (raw features are all nearly
+    parallel, so their cosine says nothing), divided by its median over the candidates.
+    Unnormalised: a row's sum says how much evidence the spot has.
+    """
+    from scipy import sparse
+
+    known_um, query_um = np.asarray(known_um, float), np.asarray(query_um, float)
+    k = min(k, len(known_um))
+    dist, idx = cKDTree(known_um).query(query_um, k=k)
+    dist, idx = dist.reshape(len(query_um), k), idx.reshape(len(query_um), k)
+    inside = dist <= cutoff * pitch_um
+    idx = np.where(inside, idx, 0)
+    weight = np.exp(-0.5 * (dist / (sigma * pitch_um)) ** 2) * inside
+    if query_features is not None and known_features is not None:
+        fq, fk = _similarity_space(np.asarray(query_features, float), np.asarray(known_features, float))
+        fdist = np.linalg.norm(fq[:, None, :] - fk[idx], axis=2)
+        scale = np.median(fdist[inside]) if inside.any() else 1.0
+        weight *= np.exp(-((fdist / max(scale, 1e-12)) ** 2) / tau)
+    rows = np.repeat(np.arange(len(query_um)), k)
+    return sparse.csr_matrix((weight.ravel(), (rows, idx.ravel())), shape=(len(query_um), len(known_um)))
+
+
+def _similarity_space(query: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened features of both sets, standardised and projected on the known set's PCs."""
+    query, known = query.reshape(len(query), -1), known.reshape(len(known), -1)
+    mean, sd = known.mean(0), known.std(0) + 1e-9
+    q, kn = (query - mean) / sd, (known - mean) / sd
+    dims = max(1, min(SIMILARITY_DIMS, len(known) - 1, kn.shape[1]))
+    _, _, vt = np.linalg.svd(kn, full_matrices=False)
+    return q @ vt[:dims].T, kn @ vt[:dims].T
