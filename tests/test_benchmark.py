@@ -16,6 +16,7 @@ from stimpute.data import Stack
 from stimpute.datasets import synthetic_truth
 from stimpute.evaluate import RESULT_COLUMNS, image_only, protocol_splits, run_benchmark, run_split
 from stimpute.errors import StimputeError
+from stimpute.expression import select_panel
 from stimpute.expression import panel_expression
 from stimpute.models import METHODS, Method, NotApplicable, PreparedStack, get_method, register_method
 from stimpute.models.baselines import overlap_weights
@@ -147,17 +148,21 @@ def test_benchmark_writes_files_and_keeps_other_rows_when_a_split_fails(prepared
     failed = results[results.status == "failed"]
     assert set(failed.method) == {"flaky"} and set(failed.known) == {"S1"} and set(failed.target) == {"S0", "S2"}
     assert failed.error.str.contains("RuntimeError: boom on S1").all()
-    n_genes = len(prepared.panel)
     ridge = results[(results.method == "ridge") & (results.status == "ok")]
-    assert len(ridge) == (3 * 2 + 3) * n_genes  # 3d: 3 splits × 2 targets; 2d: 3 × 1
+    assert ridge.groupby(["protocol", "known", "target"]).size().shape[0] == 3 * 2 + 3  # 3d: 3 splits × 2 targets; 2d: 3 × 1
     flaky_ok = results[(results.method == "flaky") & (results.protocol == "3d") & (results.status == "ok")]
     assert set(flaky_ok.known) == {"S0", "S2"}
     assert (results[(results.method == "overlap") & (results.protocol == "2d")].status == "not_applicable").all()
     assert (results.seconds >= 0).all()
 
     splits = json.loads((tmp_path / "splits.json").read_text())
-    assert splits["protocols"]["2d"][0] == {"known": ["S1", "S2"], "targets": ["S0"]}
-    assert len(splits["top_hvg"]) == 50 and splits["seed"] == 0
+    first_2d = splits["protocols"]["2d"][0]
+    assert (first_2d["known"], first_2d["targets"]) == (["S1", "S2"], ["S0"])
+    assert len(first_2d["top_hvg"]) == 50 and set(first_2d["top_hvg"]) <= set(first_2d["panel"]) and splits["seed"] == 0
+    for split in splits["protocols"]["3d"]:  # each split's genes come from its known section only
+        known = prepared.stack[split["known"][0]]
+        assert split["panel"] == select_panel([known.adata])
+    assert (results[results.method == "ridge"].groupby(["protocol", "known", "target"]).top50.sum() == 50).all()
     assert splits["stimpute_version"] == __import__("stimpute").__version__
 
     summary = (tmp_path / "summary.md").read_text()

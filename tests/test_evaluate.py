@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from stimpute.evaluate import gene_metrics, pearson_columns, spot_pcc, summarise_pcc, welch_test
+from stimpute.evaluate import gene_metrics, paired_test, pearson_columns, spot_pcc, summarise_pcc
 
 
 def test_per_gene_pcc_mse_mae_by_hand():
@@ -40,8 +40,13 @@ def test_summary_counts_undefined_as_zero():
     assert "1 undefined counted as 0" in str(s)
 
 
-def test_welch_matches_scipy():
-    a, b = [0.1, 0.4, 0.35, 0.8], [0.2, np.nan, 0.1, 0.3]
-    t, p = welch_test(a, b)
-    ref = stats.ttest_ind(a, [0.2, 0.0, 0.1, 0.3], equal_var=False)
-    assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+def test_paired_test_pairs_on_split_target_and_gene():
+    import pandas as pd
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(0)
+    keys = pd.DataFrame({"known": "A", "target": "B", "gene": [f"g{i}" for i in range(30)]})
+    a = keys.assign(pcc=rng.normal(size=30))
+    b = keys.assign(pcc=a.pcc - 0.1 + rng.normal(scale=0.01, size=30)).sample(frac=1, random_state=0)  # shuffled rows
+    assert paired_test(a, b) == pytest.approx(wilcoxon(a.pcc - b.sort_index().pcc).pvalue)
+    assert paired_test(a, b) < 1e-5 and paired_test(a, a) == 1.0

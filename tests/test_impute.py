@@ -4,44 +4,74 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy import sparse
 from typer.testing import CliRunner
 
 from stimpute.cli import app
-from stimpute.impute import FusionWeights, fit_fusion, propagate
+from stimpute.impute import FusionWeights, fit_fusion
 from stimpute.io import write_section
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.train import GraphBatch, TrainConfig, fit
 
 
-def _chain(n):
-    """Row-normalised adjacency of a path graph 0 - 1 - ... - n-1."""
-    i = np.arange(n - 1)
-    A = sparse.csr_matrix((np.ones(2 * (n - 1)), (np.r_[i, i + 1], np.r_[i + 1, i])), shape=(n, n))
-    return sparse.diags(1 / np.asarray(A.sum(1)).ravel()) @ A
+def _grid(n_side, z, pitch=100.0, shift=0.0):
+    g = np.stack(np.meshgrid(np.arange(n_side), np.arange(n_side)), -1).reshape(-1, 2) * pitch + shift
+    return g
 
 
-def test_propagation_resets_known_spots_and_keeps_the_measured_scale():
-    values = np.array([[2.0, 5.0]])
-    out, reach = propagate(_chain(4), np.array([0]), values, steps=20)
-    assert np.allclose(out, values)  # one source: every reached spot gets its value, not a shrunk one
-    assert reach[0] == 1.0 and 1.0 > reach[1] >= reach[2] >= reach[3] > 0.0  # farther = weaker tie
+class _Stub:
+    """A prepared stack's surface as `stimpute.evidence` reads it: positions, z, features, expression."""
+
+    def __init__(self, coords, z, features, expression):
+        from types import SimpleNamespace
+
+        self.coords_ref, self.features, self.expression = coords, features, expression
+        self.stack = [SimpleNamespace(um_per_px=1.0, z_um=zz) for zz in z]
+
+    def known_expression(self, i):
+        return self.expression[i]
 
 
-def test_propagation_averages_two_sources_and_leaves_unreached_spots_at_the_mean():
-    A = sparse.block_diag([_chain(3), sparse.csr_matrix((1, 1))]).tocsr()  # node 3 isolated
-    out, reach = propagate(A, np.array([0, 2]), np.array([[0.0], [4.0]]))
-    assert out[1, 0] == pytest.approx(2.0)
-    assert reach[3] == 0.0 and out[3, 0] == pytest.approx(2.0)
+def test_kernel_links_weight_by_distance_in_pitches_and_drop_far_spots():
+    from stimpute.register.matching import kernel_links, spot_pitch_um
+
+    known = _grid(5, 0)
+    assert spot_pitch_um(known) == pytest.approx(100.0)
+    w = kernel_links(np.array([[0.0, 0.0], [50.0, 0.0], [2000.0, 0.0]]), known, 100.0, k=4).toarray()
+    assert w[0].max() == pytest.approx(1.0) and w[0, 1] == pytest.approx(np.exp(-0.5))  # on a spot; one pitch away
+    assert w[1, 0] == pytest.approx(w[1, 1]) == pytest.approx(np.exp(-0.125))  # halfway between two spots
+    assert w[2].sum() == 0.0  # beyond the cutoff: no evidence
 
 
-def test_fusion_weight_formula_on_hand_made_cases():
-    w = FusionWeights(gene_logit=np.array([0.0, np.log(3.0)]), reach_slope=0.0).weights(np.array([0.2, 0.9]))
-    assert np.allclose(w, [[0.5, 0.75], [0.5, 0.75]])  # σ(α): per gene, spot-blind
-    w = FusionWeights(gene_logit=np.zeros(1), reach_slope=1.0).weights(np.array([0.5, 0.8]))
-    assert np.allclose(w[:, 0], [0.5, 0.8])  # σ(logit r) = r: weight follows the reach
-    fused = w * np.array([[4.0], [4.0]]) + (1 - w) * np.array([[0.0], [0.0]])
-    assert np.allclose(fused[:, 0], [2.0, 3.2])
+def test_morphology_term_prefers_known_spots_that_look_alike():
+    from stimpute.register.matching import kernel_links
+
+    rng = np.random.default_rng(0)
+    known = np.array([[0.0, 0.0], [10.0, 0.0]])
+    kf = np.array([[5.0, 0.0], [-5.0, 0.0]]) + rng.normal(scale=0.01, size=(2, 2))
+    kf = np.vstack([kf, rng.normal(size=(8, 2))])  # more known spots so the feature space is defined
+    known = np.vstack([known, rng.uniform(500, 900, size=(8, 2))])
+    w = kernel_links(np.array([[5.0, 0.0]]), known, 100.0, k=2, query_features=np.array([[-5.0, 0.0]]),
+                     known_features=kf).toarray()
+    assert w[0, 1] > 5 * w[0, 0]  # equally near, but spot 1 looks like the query
+
+
+def test_transfer_links_every_known_section_directly_and_reports_reach():
+    from stimpute.evidence import transfer
+
+    coords = [_grid(6, 0), _grid(6, 0, shift=20.0), _grid(6, 0, shift=3000.0)]  # section 2 lies off the tissue
+    expr = [np.full((36, 2), 1.0), None, None]
+    expr[0][:, 1] = np.arange(36)
+    feats = [np.ones((36, 3, 4))] * 3
+    prepared = _Stub(coords, [0.0, 10.0, 20.0], feats, expr)
+    out, reach = transfer(prepared, [0], [1, 2], features=False)
+    assert np.allclose(out[1][:, 0], 1.0) and np.corrcoef(out[1][:, 1], expr[0][:, 1])[0, 1] > 0.95
+    assert reach[1].min() > 0.9 and np.all(reach[2] == 0.0)  # far spots: no reach, the known mean
+    assert np.allclose(out[2], expr[0].mean(0))
+
+
+def test_fusion_weight_is_the_gene_share_times_the_spot_reach():
+    w = FusionWeights(gene_share=np.array([0.5, 0.75])).weights(np.array([0.2, 1.0]))
+    assert np.allclose(w, [[0.1, 0.15], [0.5, 0.75]])
 
 
 def test_fit_fusion_trusts_the_part_that_is_right():
@@ -50,21 +80,8 @@ def test_fit_fusion_trusts_the_part_that_is_right():
     noise = rng.normal(size=(60, 2))
     prop = np.column_stack([truth[:, 0], noise[:, 1]])  # gene 0: propagation right; gene 1: model right
     model = np.column_stack([noise[:, 0], truth[:, 1]])
-    w = fit_fusion(prop, model, truth, np.full(60, 0.9), per_spot=False).weights(np.full(3, 0.9))
+    w = fit_fusion(prop, model, truth, np.full(60, 1.0)).weights(np.full(3, 1.0))
     assert w[0, 0] > 0.85 and w[0, 1] < 0.15
-
-
-def test_fit_fusion_learns_a_per_spot_reach_term():
-    rng = np.random.default_rng(1)
-    truth = rng.normal(size=(200, 3))
-    reach = rng.uniform(0.05, 0.95, 200)
-    good = reach > 0.5  # propagation is right only where the spot is well tied to measured spots
-    prop = np.where(good[:, None], truth, rng.normal(size=truth.shape))
-    model = truth + rng.normal(scale=0.7, size=truth.shape)
-    fitted = fit_fusion(prop, model, truth, reach)
-    assert fitted.reach_slope > 0.5
-    w = fitted.weights(np.array([0.1, 0.9]))
-    assert (w[1] > w[0]).all()
 
 
 def _tiny_batch():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stimpute.models.msagnet import CROSS, MSAGNet, MSAGNetConfig, spot_loss
+from stimpute.models.msagnet import CROSS, MSAGNet, MSAGNetConfig, gene_loss, spot_loss
 
 N, S, D, G = 30, 3, 16, 7
 
@@ -73,3 +73,12 @@ def test_config_is_checked():
         MSAGNet(D, G, S, MSAGNetConfig(variant="4d"))
     with pytest.raises(ValueError):
         MSAGNet(D, G, S, MSAGNetConfig(width=30, heads=4))
+
+
+def test_gene_loss_rewards_correlation_across_spots_per_gene():
+    truth = torch.tensor([[1.0, 5.0], [2.0, 4.0], [3.0, 3.0]])
+    assert float(gene_loss(truth, truth)) == pytest.approx(0.0, abs=1e-6)
+    shifted = truth + 1.0  # every gene's map right, its level off by one: only the MSE term
+    assert float(gene_loss(shifted, truth)) == pytest.approx(0.5, rel=1e-5)
+    flat = truth.mean(0, keepdim=True).expand_as(truth)  # a constant map scores no correlation
+    assert float(gene_loss(flat, truth)) > 0.5

@@ -32,6 +32,7 @@ from stimpute.errors import StimputeError
 from stimpute.expression import top_variable
 from stimpute.io.anndata_io import _atomic_write, write_text_atomic
 from stimpute.models import METHODS, NotApplicable, PreparedStack, get_method, load_methods
+from stimpute.prepare import with_known_panel
 from stimpute.timing import proc_status_mib, reset_peak_rss
 
 
@@ -99,20 +100,12 @@ def summarise_pcc(pcc) -> Summary:
     )
 
 
-def welch_test(a, b) -> tuple[float, float]:
-    """Welch's unequal-variance t-test between two methods' per-gene values (NaN → 0)."""
-    a = np.nan_to_num(np.asarray(a, np.float64), nan=0.0)
-    b = np.nan_to_num(np.asarray(b, np.float64), nan=0.0)
-    result = stats.ttest_ind(a, b, equal_var=False)
-    return float(result.statistic), float(result.pvalue)
-
-
 # --------------------------------------------------------------------------- protocols
 
 PROTOCOLS = ("3d", "2d")
-METHOD_ORDER = ("asign", "msagnet", "propagation", "overlap", "similarity", "ridge", "knn", "mean")
+METHOD_ORDER = ("asign", "asign_model", "msagnet", "propagation", "transfer", "overlap", "similarity", "ridge", "knn", "mean")
 RESULT_COLUMNS = ["method", "protocol", "known", "target", "gene", "pcc", "mse", "mae",
-                  "status", "error", "seconds", "peak_mib"]
+                  "status", "error", "seconds", "peak_mib", "top50"]
 TOP_HVG = 50
 
 
@@ -229,6 +222,7 @@ def run_split(prepared: PreparedStack, name: str, split: Split, seed: int = 0) -
         gene_rows.append(rows.assign(target=names[t], status=target_status, error=target_error))
     meta = {"method": name, "protocol": split.protocol, "known": known}
     genes = pd.concat(gene_rows, ignore_index=True).assign(**meta, seconds=meter.seconds, peak_mib=meter.peak_mib)
+    genes["top50"] = genes.gene.isin(top_hvg_genes(prepared, split.known))
     spots = pd.concat(spot_rows, ignore_index=True).assign(**meta) if spot_rows else pd.DataFrame()
     return genes[RESULT_COLUMNS], spots
 
@@ -252,13 +246,13 @@ def run_benchmark(
     """
     out_dir = Path(out_dir)
     methods, protocols = check_benchmark(out_dir, methods, protocols, force)
-    grid = [(name, view, split) for protocol in protocols
-            for view in [prepared if protocol == "3d" else image_only(prepared)]
-            for split in protocol_splits(prepared, protocol) for name in methods]
-    hvg = top_hvg_genes(prepared)
+    views = {(protocol, split): with_known_panel(prepared if protocol == "3d" else image_only(prepared), split.known)
+             for protocol in protocols for split in protocol_splits(prepared, protocol)}
+    grid = [(name, view, split) for (_, split), view in views.items() for name in methods]
     record = {"stimpute_version": __version__, **(settings or {}), "seed": seed, "sections": prepared.stack.names, "methods": methods,
-              "protocols": {p: [_split_json(prepared, s) for s in protocol_splits(prepared, p)] for p in protocols},
-              "panel": list(prepared.panel), "top_hvg": hvg, "prepared": prepared.settings}
+              "protocols": {p: [_split_json(views[p, s], s) for s in protocol_splits(prepared, p)] for p in protocols},
+              "panel_rule": "per split: top HVGs of its known sections; top-50: their most variable panel genes",
+              "prepared": prepared.settings}
     gene_parts, spot_parts, result = [], [], None
     with _progress(progress) as bar:
         task = bar.add_task("benchmark", total=len(grid)) if bar else None
@@ -268,20 +262,20 @@ def run_benchmark(
             genes, spots = run_split(view, name, split, seed)
             gene_parts.append(genes)
             spot_parts.append(spots)
-            result = write_benchmark(out_dir, gene_parts, spot_parts, hvg, record)  # a killed run keeps its splits
+            result = write_benchmark(out_dir, gene_parts, spot_parts, record)  # a killed run keeps its splits
             if bar:
                 bar.advance(task)
     return result
 
 
 def write_benchmark(out_dir: Path, gene_parts: list[pd.DataFrame], spot_parts: list[pd.DataFrame],
-                    hvg: Sequence[str], record: dict) -> BenchmarkResult:
+                    record: dict) -> BenchmarkResult:
     """Summarise the splits run so far and (re)write every output file atomically."""
     results = pd.concat(gene_parts, ignore_index=True)
     spot_columns = ["method", "protocol", "known", "target", "spot", "pcc"]
     spots = pd.concat([s[spot_columns] for s in spot_parts if len(s)] or [pd.DataFrame(columns=spot_columns)],
                       ignore_index=True)
-    summary = summarise_benchmark(results, spots, hvg)
+    summary = summarise_benchmark(results, spots)
     files = {
         "results": _write_csv(out_dir / "results.csv", results),
         "spots": _write_csv(out_dir / "spots.csv", spots),
@@ -308,23 +302,23 @@ def check_benchmark(out_dir: Path, methods: Sequence[str] | None, protocols: Seq
     return methods, list(protocols)
 
 
-def top_hvg_genes(prepared: PreparedStack, n: int = TOP_HVG) -> list[str]:
-    """The panel's `n` most variable genes over all measured spots (the top-50 HVG summary)."""
-    pooled = np.concatenate([e for e in prepared.expression if e is not None])
+def top_hvg_genes(prepared: PreparedStack, known: Sequence[int], n: int = TOP_HVG) -> list[str]:
+    """The panel's `n` most variable genes over the `known` sections' spots (the top-50 summary)."""
+    pooled = np.concatenate([prepared.expression[i] for i in known])
     return [prepared.panel[i] for i in top_variable(pooled, n)]
 
 
 # --------------------------------------------------------------------------- summarising
 
 
-def summarise_benchmark(results: pd.DataFrame, spots: pd.DataFrame, hvg: Sequence[str]) -> pd.DataFrame:
-    """One row per method × protocol: per-gene PCC (panel, top HVGs), per-spot PCC, MSE,
-    MAE, Welch p against the protocol's best method, seconds and peak memory."""
+def summarise_benchmark(results: pd.DataFrame, spots: pd.DataFrame) -> pd.DataFrame:
+    """One row per method × protocol: per-gene PCC (panel, top HVGs of each split), per-spot
+    PCC, MSE, MAE, paired Wilcoxon p against the protocol's best method, seconds, peak memory."""
     rows = []
     for (protocol, method), group in results.groupby(["protocol", "method"], sort=False):
         ok = group[group.status == "ok"]
         runs = group.drop_duplicates(["known"])
-        pcc, top = summarise_pcc(ok.pcc), summarise_pcc(ok.pcc[ok.gene.isin(hvg)])
+        pcc, top = summarise_pcc(ok.pcc), summarise_pcc(ok.pcc[ok.top50.astype(bool)])
         spot = summarise_pcc(spots.pcc[(spots.method == method) & (spots.protocol == protocol)]) if len(spots) else None
         n_bad = int((group.status != "ok").sum())
         rows.append({
@@ -338,17 +332,27 @@ def summarise_benchmark(results: pd.DataFrame, spots: pd.DataFrame, hvg: Sequenc
             "status": "ok" if not n_bad else _status_note(group),  # e.g. "failed on 2/6 targets: <error>"
         })
     summary = pd.DataFrame(rows)
-    summary["welch_p"], summary["best"] = np.nan, False
+    summary["wilcoxon_p"], summary["best"] = np.nan, False
     for protocol, part in summary[summary.n_values > 0].groupby("protocol"):
         best = part.loc[part.pcc.idxmax(), "method"]
-        values = {m: results.pcc[(results.protocol == protocol) & (results.method == m) & (results.status == "ok")]
-                  for m in part.method}
+        ok = results[(results.protocol == protocol) & (results.status == "ok")]
         for idx, method in part.method.items():
             if method == best:
                 summary.loc[idx, "best"] = True
             else:
-                summary.loc[idx, "welch_p"] = welch_test(values[method], values[best])[1]
+                summary.loc[idx, "wilcoxon_p"] = paired_test(ok[ok.method == method], ok[ok.method == best])
     return summary
+
+
+def paired_test(a: pd.DataFrame, b: pd.DataFrame) -> float:
+    """Wilcoxon signed-rank p of two methods' per-gene PCCs, paired on (known, target, gene):
+    the same genes of the same spots, so the comparison is not blurred by gene difficulty."""
+    keys = ["known", "target", "gene"]
+    both = a[keys + ["pcc"]].merge(b[keys + ["pcc"]], on=keys, suffixes=("_a", "_b"))
+    diff = np.nan_to_num(both.pcc_a.to_numpy()) - np.nan_to_num(both.pcc_b.to_numpy())
+    if len(diff) == 0 or not np.any(diff):
+        return 1.0
+    return float(stats.wilcoxon(diff).pvalue)
 
 
 def _status_note(group: pd.DataFrame) -> str:
@@ -363,7 +367,7 @@ def summary_markdown(summary: pd.DataFrame, record: dict) -> str:
     lines = [
         "# stimpute benchmark",
         "",
-        f"Sections {', '.join(record['sections'])}; seed {record['seed']}; {len(record['panel'])} genes; "
+        f"Sections {', '.join(record['sections'])}; seed {record['seed']}; "
         + (f"command `{record['command']}`; " if record.get("command") else "")
         + (f"{record['date']}; " if record.get("date") else "")
         + (f"{record['machine']}." if record.get("machine") else ""),
@@ -373,15 +377,16 @@ def summary_markdown(summary: pd.DataFrame, record: dict) -> str:
         "or truth, counted as 0 — count in *undef.*). *top-50 HVG*: the same over the 50 most variable panel genes.",
         "- **per-spot PCC (ASIGN paper's metric)**: Pearson r across genes for each spot, mean ± sd over spots; "
         "runs far higher than per-gene PCC because genes differ in level.",
-        "- **MSE / MAE**: per gene over spots (log1p scale), averaged. **Welch p**: Welch's t-test of the "
-        "per-gene PCCs against the protocol's best method (**bold**).",
+        "- **MSE / MAE**: per gene over spots (log1p scale), averaged. **Wilcoxon p**: signed-rank test of the "
+        "per-gene PCCs against the protocol's best method (**bold**), paired on split, target and gene.",
+        "- Each split's panel and top-50 genes come from its known sections only.",
         "- **s**: wall-clock seconds of fit + predict summed over splits. **peak MiB**: largest growth of "
         "resident memory (Linux peak RSS) during one split.",
         "- Protocols: **3d** = each measured section in turn known, the others imputed (ASIGN's setting); "
         "**2d** = leave-one-section-out, images only.",
         "",
         "| method | protocol | per-gene PCC | per-gene PCC top-50 HVG | per-spot PCC (ASIGN paper) | MSE | MAE "
-        "| Welch p vs best | undef. | s | peak MiB | status |",
+        "| Wilcoxon p vs best | undef. | s | peak MiB | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary.itertuples():
@@ -389,7 +394,7 @@ def summary_markdown(summary: pd.DataFrame, record: dict) -> str:
             lines.append(f"| {row.method} | {row.protocol} | – | – | – | – | – | – | – | {row.seconds:.1f} | – | {_md(row.status)} |")
             continue
         name = f"**{row.method}**" if row.best else row.method
-        p = "best" if row.best else (f"{row.welch_p:.2g}" if row.welch_p > 1e-300 else "<1e-300")
+        p = "best" if row.best else (f"{row.wilcoxon_p:.2g}" if row.wilcoxon_p > 1e-300 else "<1e-300")
         lines.append(
             f"| {name} | {row.protocol} | {row.pcc:.3f} ± {row.pcc_sd:.3f} | {row.pcc_hvg:.3f} ± {row.pcc_hvg_sd:.3f} "
             f"| {row.spot_pcc:.3f} ± {row.spot_pcc_sd:.3f} | {row.mse:.3f} | {row.mae:.3f} | {p} "
@@ -409,7 +414,8 @@ def _split_label(prepared: PreparedStack, split: Split) -> str:
 
 def _split_json(prepared: PreparedStack, split: Split) -> dict:
     names = prepared.stack.names
-    return {"known": [names[i] for i in split.known], "targets": [names[i] for i in split.targets]}
+    return {"known": [names[i] for i in split.known], "targets": [names[i] for i in split.targets],
+            "panel": list(prepared.panel), "top_hvg": top_hvg_genes(prepared, split.known)}
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> Path:

@@ -9,6 +9,7 @@ are registered and joined into one 3D spot graph.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -88,3 +89,13 @@ def prepare_stack(
 def _has_panel(section, genes: Sequence[str]) -> bool:
     return section.has_counts and all(g in section.adata.var_names for g in genes)
 
+
+
+def with_known_panel(prepared: PreparedStack, known: Sequence[int], n_top: int = DEFAULT_PANEL_SIZE) -> PreparedStack:
+    """The same stack scored on the panel of its `known` sections only (top `n_top` HVGs):
+    a benchmark split must not choose its genes from the sections it is tested on."""
+    stack = prepared.stack
+    genes = select_panel([stack[i].adata for i in known], n_top=n_top)
+    expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
+    return replace(prepared, panel=genes, expression=expression,
+                   settings={**prepared.settings, "n_genes": len(genes), "panel_source": f"top {n_top} HVGs of the known sections"})
