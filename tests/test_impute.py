@@ -151,3 +151,30 @@ def test_train_then_predict_from_images_alone(tmp_path):
     assert list(adata.obs_names) == list(stack[2].adata.obs_names) and figure.is_file()
     truth = panel_expression(stack[2], list(adata.var_names))
     assert np.nanmean(gene_metrics(adata.X, truth, adata.var_names).pcc) > 0.3
+
+
+@pytest.mark.her2st
+def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_root, tmp_path):
+    """Guards the product: with C3 known, X beats the model part, the propagated part and
+    register-then-copy on C2 and C4, paired over (target, gene) of the known section's panel."""
+    from scipy.stats import wilcoxon
+
+    from stimpute.evaluate import pearson_columns
+    from stimpute.impute import impute_stack
+    from stimpute.io import read_stack
+    from stimpute.models import get_method, load_methods
+    from stimpute.prepare import prepare_stack
+
+    load_methods()
+    stack = read_stack([her2st_root / n for n in ("C2", "C3", "C4")])
+    prepared = prepare_stack(stack, known="C3", cache_dir=tmp_path / "cache")
+    result = impute_stack(prepared, [1], seed=0)
+    rival = get_method("transfer").fit_predict(prepared, [1], [0, 2])
+
+    def pcc(parts):
+        return np.concatenate([np.nan_to_num(pearson_columns(parts[t], prepared.expression[t])) for t in (0, 2)])
+
+    fused = pcc(result.fused)
+    for name, other in {"model": pcc(result.model), "propagated": pcc(result.propagated), "transfer": pcc(rival)}.items():
+        assert fused.mean() > other.mean() + 0.01, name
+        assert wilcoxon(fused, other, alternative="greater").pvalue < 1e-3, name
