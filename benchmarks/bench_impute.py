@@ -10,7 +10,8 @@ panel (top 250 HVGs) and the top-50 genes come from the known section(s) only. M
   (½ · z(ridge) + ½ · z(transfer), z-scored per gene within the section);
 - ablations, each one change against the default: MSAGNet with the reference's spot loss,
   the model part without ridge / without MSAGNet, propagation without the morphology
-  term (distance kernel only), calibrated fusion, fusion without the reach factor.
+  term (distance kernel only), even fusion, fusion without the reach factor. Ablations
+  that swap a member reuse the default's fitted fusion shares.
 
 Statistics: mean per-gene PCC over the panel and over its top-50 genes; a Wilcoxon
 signed-rank test of asign against each rival, paired over (gene, target) of the split.
@@ -34,15 +35,17 @@ from scipy.stats import wilcoxon
 SECTIONS = ("C2", "C3", "C4")
 DEV_SPLIT = ("C4", "C3")
 SPLITS = [("C2",), ("C3",), ("C4",), ("C2", "C4")]
-MAIN = ["asign", "model", "propagated", "transfer", "ridge", "½ ridge + ½ transfer"]
+MAIN = ["asign", "model", "propagated", "transfer", "ridge", "kernel ridge", "½ ridge + ½ transfer"]
 ABLATIONS = {
-    "asign": "default: model (MSAGNet gene-PCC loss + ridge) ⊕ propagated (distance × morphology), even fusion × reach",
+    "asign": "default: model (MSAGNet with gene-PCC loss + kernel ridge) ⊕ propagated (distance × morphology), "
+             "calibrated fusion × reach",
     "msagnet spot loss": "MSAGNet trained with the reference's per-spot loss (in the model part)",
-    "model w/o ridge": "model part = MSAGNet alone",
-    "model w/o msagnet": "model part = ridge alone",
+    "model w/o kernel ridge": "model part = MSAGNet alone",
+    "model w/o msagnet": "model part = kernel ridge alone",
+    "linear ridge member": "model part = MSAGNet + linear ridge (instead of kernel ridge)",
     "propagation w/o morphology": "propagated with the distance kernel only",
-    "calibrated fusion": "per-gene shares fitted on held-out known spots",
-    "fusion w/o reach": "w = ½ everywhere (no distance awareness)",
+    "even fusion": "per-gene share ½ instead of calibrated shares",
+    "fusion w/o reach": "w = the calibrated share everywhere (no distance awareness)",
 }
 
 
@@ -54,7 +57,7 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
     """{variant: {target: prediction}}, {target: truth}, the panel and its top-50 columns."""
     from stimpute.evidence import transfer
     from stimpute.expression import top_variable
-    from stimpute.impute import FusionWeights, fit_fusion, impute_stack
+    from stimpute.impute import FusionWeights, impute_stack
     from stimpute.models import get_method, load_methods
     from stimpute.prepare import known_indices, prepare_stack
     from stimpute.train import TrainConfig
@@ -69,25 +72,27 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
     plain, _ = transfer(prepared, k, targets, features=False)
     ridge = get_method("ridge").fit_predict(prepared, k, targets)
     rival = get_method("transfer").fit_predict(prepared, k, targets)
-    calibrated = fit_fusion(res.calibration["propagated"], res.calibration["model"], res.calibration["truth"], res.calibration["reach"])
+    shares = res.fusion
     even = FusionWeights(np.full(len(prepared.panel), 0.5))
 
-    def fuse(t, prop=None, model=None, shares=even, reach=None):
+    def fuse(t, prop=None, model=None, shares=shares, reach=None):
         prop = res.propagated[t] if prop is None else prop
         model = res.model[t] if model is None else model
         w = shares.weights(res.reach[t] if reach is None else reach)
         return w * prop + (1 - w) * model
 
-    old_model = {t: (old.members["msagnet"][t] + res.members["ridge"][t]) / 2 for t in targets}
+    old_model = {t: (old.members["msagnet"][t] + res.members["kernel_ridge"][t]) / 2 for t in targets}
     out = {
         "asign": res.fused, "model": res.model, "propagated": res.propagated, "transfer": rival, "ridge": ridge,
         "½ ridge + ½ transfer": {t: 0.5 * z(ridge[t]) + 0.5 * z(rival[t]) for t in targets},
+        "kernel ridge": res.members["kernel_ridge"],
         "msagnet (alone)": res.members["msagnet"],
         "msagnet spot loss": {t: fuse(t, model=old_model[t]) for t in targets},
-        "model w/o ridge": {t: fuse(t, model=res.members["msagnet"][t]) for t in targets},
-        "model w/o msagnet": {t: fuse(t, model=res.members["ridge"][t]) for t in targets},
+        "model w/o kernel ridge": {t: fuse(t, model=res.members["msagnet"][t]) for t in targets},
+        "model w/o msagnet": {t: fuse(t, model=res.members["kernel_ridge"][t]) for t in targets},
+        "linear ridge member": {t: fuse(t, model=(res.members["msagnet"][t] + ridge[t]) / 2) for t in targets},
         "propagation w/o morphology": {t: fuse(t, prop=plain[t]) for t in targets},
-        "calibrated fusion": {t: fuse(t, shares=calibrated) for t in targets},
+        "even fusion": {t: fuse(t, shares=even) for t in targets},
         "fusion w/o reach": {t: fuse(t, reach=np.ones_like(res.reach[t])) for t in targets},
     }
     truth = {t: prepared.expression[t] for t in targets}

@@ -236,3 +236,37 @@ def test_a_prediction_of_the_wrong_shape_is_a_failed_row(prepared):
         METHODS.pop("short")
     assert list(genes.status) == ["failed", "failed"]
     assert "shape (3, 60)" in genes.error.iloc[0] and "shape None" in genes.error.iloc[1]
+
+
+def test_kernel_ridge_picks_its_penalty_by_exact_leave_one_out():
+    from sklearn.kernel_ridge import KernelRidge as SkKernelRidge
+
+    from stimpute.models.baselines import KernelRidgeLOO
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = np.c_[np.sin(x[:, 0]), x[:, 1] ** 2] + rng.normal(scale=0.1, size=(60, 2))
+    model = KernelRidgeLOO(alphas=np.array([0.01, 0.1, 1.0])).fit(x, y)
+    gamma = model.gamma_
+    loo = []
+    for alpha in (0.01, 0.1, 1.0):  # brute-force leave-one-out with scikit-learn's kernel ridge
+        errors = []
+        for i in range(60):
+            keep = np.arange(60) != i
+            mean = y[keep].mean(0)
+            fit = SkKernelRidge(alpha=alpha, kernel="rbf", gamma=gamma).fit(x[keep], y[keep] - mean)
+            errors.append(((fit.predict(x[i:i + 1]) + mean - y[i]) ** 2).mean())
+        loo.append(np.mean(errors))
+    sk = SkKernelRidge(alpha=model.alpha_, kernel="rbf", gamma=gamma).fit(x, y - y.mean(0))
+    assert np.allclose(model.predict(x[:5]), sk.predict(x[:5]) + y.mean(0), atol=1e-8)
+    assert model.alpha_ == [0.01, 0.1, 1.0][int(np.argmin(loo))]
+
+
+def test_transfer_copies_the_registered_known_layer(prepared):
+    from stimpute.evaluate import pearson_columns
+    from stimpute.models import get_method
+
+    out = get_method("transfer").fit_predict(prepared, [1], [0, 2])
+    for t in (0, 2):
+        assert out[t].shape == prepared.expression[t].shape and np.isfinite(out[t]).all()
+        assert np.nanmean(pearson_columns(out[t], prepared.expression[t])) > 0.3

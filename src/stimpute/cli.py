@@ -284,7 +284,7 @@ def impute(
     seed: Annotated[int, typer.Option(help="Seed of the training split, initialisation and dropout.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
-    fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts: 'even' (half each, scaled by each spot's reach) or 'calibrated' (per-gene shares fitted on held-out known spots).")] = "even",
+    fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts, each spot's propagated share scaled by its reach: 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "calibrated",
 ):
     """Impute the expression of every section from one measured section (ASIGN: MSAGNet 3D + cross-layer imputation).
 
@@ -294,8 +294,8 @@ def impute(
     from stimpute.train import TrainConfig
 
     config = TrainConfig(seed=seed, max_epochs=epochs)
-    if fusion not in ("even", "calibrated"):
-        raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use even or calibrated)")
+    if fusion not in ("calibrated", "even"):
+        raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use calibrated or even)")
     run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config, fusion=fusion)
     _report_impute(run)
 

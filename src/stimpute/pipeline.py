@@ -64,7 +64,7 @@ class ImputeRun:
 @records_stages
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-               encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "even") -> ImputeRun:
+               encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated") -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
 
     `known`: the measured section's name, or several joined by commas ("C2,C4").
