@@ -17,7 +17,11 @@ Statistics: mean per-gene PCC over the panel and over its top-50 genes; a Wilcox
 signed-rank test of asign against each rival, paired over (gene, target) of the split.
 Default settings were chosen on the development split, known C4 → target C3, only.
 
-Run: `python benchmarks/bench_impute.py [--data ../shared/data/her2st] [--out bench-impute] [--epochs 200]`
+Cost: `--cost` times `stimpute impute` of a five-section stack from scratch (C2, C3, C4
+and copies of C2 and C4 renamed C5, C6; C3 known), pinned to two cores: wall seconds and
+peak RSS (target: under 5 minutes and 4 GB).
+
+Run: `python benchmarks/bench_impute.py [--data ../shared/data/her2st] [--out bench-impute] [--epochs 200] [--cost]`
 Writes `OUT/bench_impute.md` (the tables in benchmarks/README.md) and `OUT/bench_impute.csv`.
 """
 
@@ -25,6 +29,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -137,16 +144,49 @@ def table(scores: pd.DataFrame, variants: list[str], against: str = "asign") -> 
     return "\n".join(lines)
 
 
+def five_sections(data: Path, folder: Path) -> list[Path]:
+    """C2, C3, C4 and renamed copies of C2 and C4 (C5, C6) as HER2-ST raw folders."""
+    folders = []
+    for name, source in (("C2", "C2"), ("C3", "C3"), ("C4", "C4"), ("C5", "C2"), ("C6", "C4")):
+        target = folder / name
+        if not target.is_dir():
+            target.mkdir(parents=True)
+            for f in (data / source).iterdir():
+                shutil.copy(f, target / f.name.replace(source, name))
+        folders.append(target)
+    return folders
+
+
+def cost(data: Path, out: Path) -> str:
+    """`stimpute impute` of five sections from scratch on two cores: a markdown line."""
+    sections = five_sections(data, out / "five")
+    target = out / "impute_five"
+    shutil.rmtree(target, ignore_errors=True)
+    pin = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []
+    cmd = [*pin, shutil.which("stimpute") or "stimpute", "impute", *map(str, sections), "--known", "C3", "--out", str(target)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    return f"`stimpute impute` of five sections (C3 known, from scratch, 2 cores): {seconds:.0f} s, peak RSS {peak_gb:.2f} GB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     root = Path(__file__).resolve().parents[1]
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("STIMPUTE_HER2ST", root.parent / "shared/data/her2st")))
     parser.add_argument("--out", type=Path, default=root / "benchmarks/results/impute")
     parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--cost", action="store_true", help="only time `stimpute impute` of five sections")
     args = parser.parse_args()
     from stimpute.io import read_stack
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.cost:
+        line = cost(args.data, args.out)
+        (args.out / "bench_impute_cost.md").write_text(line + "\n")
+        print(line)
+        return
     stack = read_stack([args.data / s for s in SECTIONS])
     parts = []
     for known in SPLITS:
