@@ -40,7 +40,7 @@ def test_info_and_convert_on_a_raw_folder(tmp_path):
     result = _run("convert", "her2st", tmp_path / "raw", tmp_path / "out")
     assert result.exit_code == 0 and (tmp_path / "out" / "X1" / "section.h5ad").is_file()
     again = _run("convert", "her2st", folder, tmp_path / "out")
-    _one_error_line(again, "section.h5ad", "already exists")
+    _one_error_line(again, "section.h5ad", "already holds results", "--force")
     assert _run("info", tmp_path / "out" / "X1").exit_code == 0
 
 

@@ -16,12 +16,16 @@ import anndata as ad
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from stimpute.datasets import synthetic_stack
+from stimpute.image import SectionImage
 from stimpute.io import write_section
 from stimpute.pipeline import run_impute
 from stimpute.train import TrainConfig
 
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}  # this checkout's code
 EPOCHS = 40  # short training: a few seconds, long enough to be killed part-way
 KILL_ON_WRITE = """
 import os, signal, sys
@@ -38,9 +42,15 @@ app(sys.argv[1:], prog_name="stimpute")
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> list[Path]:
-    """Two small synthetic sections written as section folders (S0 known, S1 imputed)."""
+    """Two small synthetic sections written as section folders (S0 known, S1 imputed), with
+    JPEG images: thumbnails are decoded at reduced scale, region reads in full."""
     root = tmp_path_factory.mktemp("in")
-    return [write_section(s, root) for s in synthetic_stack(2, seed=4, n_genes=20, tissue_radius_um=300.0, image_size=700)]
+    stack = synthetic_stack(2, seed=4, n_genes=20, tissue_radius_um=300.0, image_size=700)
+    for section in stack:
+        jpeg = root / f"{section.name}.jpg"
+        Image.fromarray(section.image.read_region(0, 0, *section.image.size)).save(jpeg, quality=90)
+        section.image = SectionImage.open(jpeg)
+    return [write_section(s, root) for s in stack]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +83,7 @@ def _impute_process(args: list[str], out: Path, log: Path, prefix: list[str], ki
     """Run `stimpute impute` in a subprocess, SIGKILL it once `kill_when()` holds, and check at
     every poll that each `.h5ad` visible in `out` is a complete file."""
     with open(log, "ab") as fh:
-        proc = subprocess.Popen([sys.executable, *prefix, "impute", *args], stdout=fh, stderr=fh)
+        proc = subprocess.Popen([sys.executable, *prefix, "impute", *args], stdout=fh, stderr=fh, env=ENV)
         while proc.poll() is None:
             for f in out.glob("*.h5ad"):
                 with h5py.File(f, "r") as h5:  # raises on a half-written file
@@ -133,3 +143,54 @@ def test_every_output_records_version_settings_seed_and_input_hashes(folders, re
     _assert_provenance(tmp_path / "model" / "config.yaml", folders[:1], 2)
     run_predict(folders[1:], tmp_path / "model", tmp_path / "pred")
     _assert_provenance(tmp_path / "pred" / "config.yaml", folders[1:], 2)
+
+
+def test_rerun_with_force_into_a_copy_of_a_finished_folder_is_bit_identical(folders, reference, tmp_path):
+    """The copy's feature cache and checkpoints are reused; registration sees the same thumbnails
+    as the first run, which decoded the images in full for the features first."""
+    out = shutil.copytree(reference, tmp_path / "copy")
+    run_impute(folders, "S0", out, seed=0, force=True, config=TrainConfig(seed=0, max_epochs=EPOCHS))
+    assert_same_results(reference, out)
+    transforms = [yaml.safe_load((f / "config.yaml").read_text())["registration"]["sections"] for f in (reference, out)]
+    assert transforms[0] == transforms[1]
+
+
+def test_a_second_run_on_the_same_out_is_refused_at_once_and_the_first_finishes(folders, reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from stimpute.cli import app
+    from stimpute.io.run import LOCK_FILE
+
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
+    with open(log, "wb") as fh:
+        first = subprocess.Popen([sys.executable, "-m", "stimpute", "impute", *args], stdout=fh, stderr=fh, env=ENV)
+        try:
+            while not (out / "checkpoints" / "last.ckpt").exists() and first.poll() is None:  # mid-training
+                time.sleep(0.02)
+            for force in ([], ["--force"]):
+                start = time.perf_counter()
+                second = CliRunner().invoke(app, ["impute", *args, *force])
+                lines = [ln for ln in second.output.splitlines() if ln.strip()]
+                assert second.exit_code == 2 and len(lines) == 1 and "in use by stimpute impute" in lines[0], second.output
+                assert time.perf_counter() - start < 5
+        finally:
+            rc = first.wait()
+    assert rc == 0, log.read_text()
+    assert_same_results(reference, out)
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_a_killed_train_is_resumed_without_force(folders, tmp_path):
+    out, log = tmp_path / "model", tmp_path / "log.txt"
+    args = [str(folders[0]), "--out", str(out), "--epochs", "60"]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "stimpute", "train", *args], stdout=fh, stderr=fh, env=ENV)
+        while proc.poll() is None:
+            if (out / "checkpoints" / "last.ckpt").exists():
+                os.kill(proc.pid, signal.SIGKILL)
+            time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL and not (out / "config.yaml").exists()
+    rc = subprocess.run([sys.executable, "-m", "stimpute", "train", *args], capture_output=True, text=True, env=ENV)
+    assert rc.returncode == 0, rc.stderr
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "best.ckpt").is_file()

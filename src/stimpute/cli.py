@@ -117,13 +117,16 @@ def convert_her2st(
     from stimpute.io import read_her2st, write_section
     from stimpute.io.her2st import is_her2st_folder
 
+    from stimpute.io.run import run_ownership
+
     folders = [src] if is_her2st_folder(src) else sorted(p for p in src.glob("*") if is_her2st_folder(p))
     if not folders:
         raise StimputeError(src, "no HER2-ST section folder (with a *_selection.tsv) found")
-    for folder in folders:
-        section = read_her2st(folder)
-        target = write_section(section, out, force=force)
-        console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}")
+    with run_ownership(out, "convert", [src], force) as run:
+        for folder in folders:
+            section = read_her2st(folder)
+            target = write_section(section, out, force=run.claim([f"{section.name}/"]))
+            console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}")
 
 
 @convert_app.command("h5ad")
@@ -140,9 +143,11 @@ def convert_h5ad(
     Example: [bold]stimpute convert h5ad hest/st/TENX95.h5ad sections/ --image hest/wsis/TENX95.tif[/]
     """
     from stimpute.io import read_h5ad_section, write_section
+    from stimpute.io.run import run_ownership
 
-    section = read_h5ad_section(h5ad, image=image, um_per_px=um_per_px)
-    target = write_section(section, out, force=force)
+    with run_ownership(out, "convert", [h5ad, image], force) as run:
+        section = read_h5ad_section(h5ad, image=image, um_per_px=um_per_px)
+        target = write_section(section, out, force=run.claim([f"{section.name}/"]))
     console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}")
 
 
@@ -160,10 +165,12 @@ def convert_moest_h5(
     """
     from stimpute.io import write_section
     from stimpute.io.moest_h5 import moest_to_stack, read_moest_h5
+    from stimpute.io.run import run_ownership
 
-    for section in moest_to_stack(read_moest_h5(h5), source=h5, um_per_px=um_per_px):
-        target = write_section(section, out, force=force)
-        console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}", highlight=False)
+    with run_ownership(out, "convert", [h5], force) as run:
+        for section in moest_to_stack(read_moest_h5(h5), source=h5, um_per_px=um_per_px):
+            target = write_section(section, out, force=run.claim([f"{section.name}/"]))
+            console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}", highlight=False)
 
 
 @convert_app.command("to-moest-h5")
@@ -185,6 +192,9 @@ def convert_to_moest_h5(
     from stimpute.io.moest_h5 import prepared_to_moest, write_moest_h5
     from stimpute.prepare import prepare_stack
 
+    from stimpute.io.run import check_inputs
+
+    check_inputs(out, [*sections, genes], folder=False)
     if out.exists() and not force:
         raise StimputeError(out, "already exists; pass --force to overwrite")
     stack = read_stack(sections) if thickness_um is None else read_stack(sections, thickness_um=thickness_um)
@@ -230,10 +240,13 @@ def register(
     """
     from stimpute.data import Stack
     from stimpute.io import read_section
-    from stimpute.register.outputs import write_registration
+    from stimpute.io.run import run_ownership
+    from stimpute.register.outputs import OUTPUT_NAMES, write_registration
 
-    stack = Stack([read_section(path) for path in sections])
-    result = write_registration(stack, out, force=force, progress=True)
+    with run_ownership(out, "register", sections, force) as run:
+        stack = Stack([read_section(path) for path in sections])
+        force = run.claim([name + "/" if name == "figures" else name for name in OUTPUT_NAMES])
+        result = write_registration(stack, out, force=force, progress=True)
     table = Table("pair", "Dice before", "Dice after", "stain NCC", "angle", "mirrored", "seconds")
     for row in result["registration"].pairs.itertuples():
         table.add_row(f"{row.moving} → {row.fixed}", f"{row.dice_before:.3f}", f"{row.dice_after:.3f}",
@@ -411,15 +424,19 @@ def benchmark(
     from stimpute.plot import pcc_boxplot
     from stimpute.prepare import prepare_stack
 
-    names, grid = check_benchmark(out, _csv(methods), _csv(protocols), force)
-    stack = read_stack(sections)
-    console.print(f"preparing {', '.join(stack.names)}: panel, {encoder} features (cached in {out / 'features'}), registration, graph")
-    prepared = prepare_stack(stack, encoder=encoder, cache_dir=out / "features", progress=True)
-    settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
-                "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", "encoder": encoder,
-                "inputs": input_records(stack, sections)}
-    result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings)
-    plot = pcc_boxplot(result.results, out / "pcc_boxplot.png", names)
+    from stimpute.io.run import run_ownership
+
+    with run_ownership(out, "benchmark", sections, force) as run:
+        names, grid = check_benchmark(out, _csv(methods), _csv(protocols), force=True)  # OUT is checked by claim
+        force = run.claim(["results.csv", "spots.csv", "splits.json", "summary.md", "pcc_boxplot.png"], caches=["features/"])
+        stack = read_stack(sections)
+        console.print(f"preparing {', '.join(stack.names)}: panel, {encoder} features (cached in {out / 'features'}), registration, graph")
+        prepared = prepare_stack(stack, encoder=encoder, cache_dir=out / "features", progress=True)
+        settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
+                    "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", "encoder": encoder,
+                    "inputs": input_records(stack, sections)}
+        result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings)
+        plot = pcc_boxplot(result.results, out / "pcc_boxplot.png", names)
     console.print(benchmark_table(result.summary))
     console.print(f"wrote {', '.join(str(p) for p in [*result.files.values(), plot])}", highlight=False)
 

@@ -110,10 +110,11 @@ class SectionImage:
         return self.size[1]
 
     def verify(self) -> None:
-        """Decode the image completely (flat images) to catch truncated or corrupt files."""
+        """Decode a flat image's whole file to catch truncated or corrupt files, at reduced
+        scale where the format allows (JPEG), so a large slide never sits in memory."""
         if self._array is not None or self._open_slide() is not None:
             return
-        self._full()
+        self.thumbnail()
 
     def _full(self) -> np.ndarray:
         if self._array is None:
@@ -174,15 +175,19 @@ class SectionImage:
         return np.ascontiguousarray(region)
 
     def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
-        """A downscaled RGB copy no larger than `max_side`, and its scale (thumb px / full px)."""
+        """A downscaled RGB copy no larger than `max_side`, and its scale (thumb px / full px).
+
+        Flat images are always decoded from the file (JPEG at reduced scale), never from
+        pixels a region read left in memory, so the result never depends on what was read before.
+        """
         W, H = self.size
         scale = min(1.0, max_side / max(W, H))
         tw, th = max(1, round(W * scale)), max(1, round(H * scale))
-        if self._array is not None:
+        if self.path is None:
             im = Image.fromarray(self._array)
         elif (slide := self._open_slide()) is not None:
             return _slide_thumbnail(slide, tw, th, self._tiles), tw / W
-        else:
+        else:  # always from the file, whether or not it was decoded in full: one answer per image
             try:
                 im = Image.open(self.path)
                 im.draft("RGB", (tw, th))  # JPEG: decode at 1/2..1/8 scale directly

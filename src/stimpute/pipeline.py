@@ -3,9 +3,11 @@
 `run_impute` is ASIGN end to end: read sections, prepare (panel, features, registration,
 3D graph), train MSAGNet on the known section, propagate and fuse (`stimpute.impute`),
 then write one `.h5ad` per imputed section, heatmaps, `metrics.csv` where targets carry
-counts and, last, `config.yaml` (then `timings.json`: seconds and peak RSS per stage). A run killed before `config.yaml` is unfinished: rerunning
-it resumes (feature cache, training checkpoint) and replaces its partial outputs. `run_train`/`run_predict` are the image-only (2D) route for
-stacks without any measured section. Existing results are never overwritten without `force`.
+counts and, last, `config.yaml` (then `timings.json`: seconds and peak RSS per stage). Every run
+owns its output folder (`stimpute.io.run`): a killed run is unfinished, and rerunning it resumes
+(feature cache, training checkpoint) and replaces its partial outputs. `run_train`/`run_predict`
+are the image-only (2D) route for stacks without any measured section. Earlier results are
+never overwritten without `force`, and files no stimpute run wrote never are.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from stimpute.features.checkpoint import file_digest
 from stimpute.impute import MEMBERS, ImputeResult, graph_batch, impute_stack
 from stimpute.io import read_stack
 from stimpute.io.anndata_io import add_thumbnail, write_h5ad_atomic, write_text_atomic
+from stimpute.io.run import Run, run_ownership
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.prepare import known_indices, prepare_stack
-from stimpute.timing import records_stages, timed
+from stimpute.timing import TIMINGS_FILE, records_stages, timed
 from stimpute.train import MSAGNetModule, TrainConfig, fit, torch_threads
 
 MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
@@ -61,7 +64,6 @@ class ImputeRun:
     result: ImputeResult
 
 
-@records_stages
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
                encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated") -> ImputeRun:
@@ -70,15 +72,20 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
     `known`: the measured section's name, or several joined by commas ("C2,C4").
     """
     out = Path(out)
+    with run_ownership(out, "impute", [*sections, genes], force) as run:
+        return _impute(run, out, sections, known, genes, seed, progress, config, encoder)
+
+
+@records_stages
+def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, encoder) -> ImputeRun:
     stack = read_stack(sections)
     k = known_indices(stack, known)
     targets = [i for i in range(len(stack)) if i not in k]
     if not targets:
         raise StimputeError(None, "nothing to impute: every section is --known")
-    force = force or _unfinished(out)  # a killed run's partial outputs are replaced, its cache and checkpoints reused
-    _refuse_overwrite(out, [f"{stack[i].name}.h5ad" for i in targets] + ["config.yaml", "metrics.csv"], force)
-    for stale in out.glob(".*.part"):  # temporary files of a killed run's writes
-        stale.unlink()
+    # a killed run's partial outputs are replaced, its cache and checkpoints reused
+    outputs = [f"{stack[i].name}.h5ad" for i in targets] + [f"figures/{stack[i].name}.png" for i in targets]
+    force = run.claim(outputs + ["config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
     prepared = prepare_stack(stack, known=known, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress)
     config = config or TrainConfig(seed=seed)
     result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress,
@@ -163,7 +170,15 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
         raise StimputeError("--method", f"cannot train {method!r} for `stimpute predict` (use {' or '.join(MODEL_FILES)})")
     if mode not in ("train", "cv") or (mode == "cv" and method not in ("nh2st", "moe3d")):
         raise StimputeError("--mode", f"--mode {mode}: use train, or cv with --method nh2st or moe3d")
-    _refuse_overwrite(out, ["cv_metrics.csv" if mode == "cv" else model_file, "config.yaml"], force)
+    with run_ownership(out, "train", [*sections, genes], force) as run:
+        return _train(run, sections, genes, seed, progress, config, encoder, method, mode, folds, model_file)
+
+
+def _train(run: Run, sections, genes, seed, progress, config, encoder, method, mode, folds, model_file) -> Path:
+    out = run.out
+    saved = "checkpoints/" if model_file.startswith("checkpoints/") else model_file
+    outputs = [saved, "cv_metrics.csv", "checkpoints/", "config.yaml"] if mode == "cv" else [saved, "config.yaml"]
+    force = run.claim(list(dict.fromkeys(outputs)), caches=["cache/"]) and not run.resuming  # a killed run is resumed
     stack = read_stack(sections)
     prepared = prepare_stack(stack, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress, register=False)
     if method == "moe3d" and mode == "cv":
@@ -206,6 +221,12 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
     (`method`, if given, must be the model's); returns the `.h5ad` and figure of each section,
     and records the model, inputs and version in `out/config.yaml`."""
     model_dir, out = Path(model_dir), Path(out)
+    with run_ownership(out, "predict", [*sections, model_dir], force) as run:
+        return _predict(run, sections, model_dir, progress, method)
+
+
+def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | None) -> list[Path]:
+    out = run.out
     cfg_file = model_dir / "config.yaml"
     settings = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
     trained = settings.get("method", "msagnet")
@@ -226,7 +247,8 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
     else:
         module = MSAGNetModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     stack = read_stack(sections)
-    _refuse_overwrite(out, [f"{s.name}.h5ad" for s in stack] + ["config.yaml"], force)
+    force = run.claim([f"{s.name}.h5ad" for s in stack] + [f"figures/{s.name}.png" for s in stack] + ["config.yaml"],
+                      caches=["cache/"])
     files = []
     for section in stack:
         from stimpute.data import Stack
@@ -274,17 +296,6 @@ def _heatmaps(section, panel, genes, predicted, measured, out: Path) -> Path:
     thumb, scale = section.image.thumbnail(800)
     return expression_heatmaps(thumb, section.xy * scale, genes, predicted[:, cols], out / "figures" / f"{section.name}.png",
                                None if measured is None else measured[:, cols], title=f"{section.name}: imputed vs measured")
-
-
-def _unfinished(out: Path) -> bool:
-    """An impute run was started in `out` (checkpoints) but never wrote its last file, config.yaml."""
-    return (out / "checkpoints").is_dir() and not (out / "config.yaml").exists()
-
-
-def _refuse_overwrite(out: Path, names: list[str], force: bool) -> None:
-    existing = [n for n in names if (out / n).exists()]
-    if existing and not force:
-        raise StimputeError(out, f"already holds results ({', '.join(existing)}); pass --force to overwrite them")
 
 
 def _plain(value):
