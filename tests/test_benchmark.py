@@ -204,6 +204,7 @@ def test_not_applicable_is_not_a_failure(prepared):
 def test_cli_benchmark_writes_every_file_and_guards_results(prepared, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    import stimpute.pipeline  # noqa: F401  (imported before the patches below, so it never binds them)
     from stimpute.cli import app
 
     prepare = pytest.importorskip("stimpute.prepare")
