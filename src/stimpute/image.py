@@ -189,9 +189,9 @@ class SectionImage:
             return _slide_thumbnail(slide, tw, th, self._tiles), tw / W
         else:  # always from the file, whether or not it was decoded in full: one answer per image
             try:
-                im = Image.open(self.path)
-                im.draft("RGB", (tw, th))  # JPEG: decode at 1/2..1/8 scale directly
-                im = im.convert("RGB")
+                with Image.open(self.path) as source:
+                    source.draft("RGB", (tw, th))  # JPEG: decode at 1/2..1/8 scale directly
+                    im = source.convert("RGB")
             except Exception as exc:
                 raise InputError(self.path, f"cannot decode image ({_reason(exc)})") from None
         thumb = np.asarray(im.resize((tw, th), Image.BILINEAR))
