@@ -73,11 +73,11 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
     """
     out = Path(out)
     with run_ownership(out, "impute", [*sections, genes], force) as run:
-        return _impute(run, out, sections, known, genes, seed, progress, config, encoder)
+        return _impute(run, out, sections, known, genes, seed, progress, config, encoder, members, fusion)
 
 
 @records_stages
-def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, encoder) -> ImputeRun:
+def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, encoder, members, fusion) -> ImputeRun:
     stack = read_stack(sections)
     k = known_indices(stack, known)
     targets = [i for i in range(len(stack)) if i not in k]
