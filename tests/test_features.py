@@ -164,3 +164,33 @@ def test_cli_features_computes_then_reads_cache(tmp_path):
     assert second.exit_code == 0 and "read from cache" in second.output
     refused = runner.invoke(app, ["features", str(folder), "--out", str(tmp_path / "c2"), "--encoder", "resnet18"])
     assert refused.exit_code == 2 and "--weights" in refused.output
+
+
+def test_read_ahead_keeps_order_passes_errors_and_stops_early():
+    from stimpute.features import read_ahead
+
+    assert list(read_ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad tile")
+
+    with pytest.raises(ValueError, match="bad tile"):
+        list(read_ahead(failing()))
+    produced = []
+
+    def counting():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    for item in read_ahead(counting(), depth=2):
+        if item == 3:
+            break
+    assert len(produced) < 10  # the reader thread stopped instead of running to the end
+
+
+def test_handcrafted_worker_processes_match_in_process():
+    rng = np.random.default_rng(1)
+    patches = np.stack([stained_image(rng, (64, 64)) for _ in range(6)])
+    assert np.array_equal(describe_batch(patches, workers=2), describe_batch(patches, workers=1))

@@ -8,11 +8,13 @@ and weights are unchanged (`stimpute.features.cache`).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -73,7 +75,7 @@ def spot_features(
         n_total = section.n_spots * len(names)
         with _progress(progress) as bar:
             task = bar.add_task(f"{section.name} · {spec.name}", total=n_total) if bar else None
-            for batch in iter_patches(section, scales_um, DEFAULT_OUT_SIZE, batch_size, normalizer, raster_order=True):
+            for batch in read_ahead(iter_patches(section, scales_um, DEFAULT_OUT_SIZE, batch_size, normalizer, raster_order=True)):
                 b, s = batch.patches.shape[:2]
                 feats[batch.index] = model(batch.patches.reshape(b * s, *batch.patches.shape[2:])).reshape(b, s, -1)
                 if bar:
@@ -84,6 +86,40 @@ def spot_features(
         runs.append(FeatureRun(section.name, spec.name, hit, time.perf_counter() - start,
                                 section.n_spots * len(names), path, padding_report(section, scales_um)))
     return feats
+
+
+def read_ahead(batches: Iterator, depth: int = 2) -> Iterator:
+    """Iterate `batches` from a background thread, up to `depth` items ahead, so reading
+    and resampling the next patches overlaps encoding the current ones."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            items.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _RateColumn(ProgressColumn):

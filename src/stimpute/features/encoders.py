@@ -8,6 +8,7 @@ randomly initialised network for tests and benchmarks only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -91,6 +92,8 @@ class Encoder:
         self.spec = spec
         self.weights_id = weights_id(spec, weights, random_init)
         self.model = None
+        if not spec.needs_weights and (os.cpu_count() or 1) > 1:
+            handcrafted.worker_pool(os.cpu_count())  # its processes start before any reader thread
         if spec.needs_weights:
             torch.manual_seed(RANDOM_SEED)
             model = spec.build()
