@@ -195,7 +195,8 @@ def main() -> None:
         print(table.to_string(index=False))
         return
     base = args.spots or 250
-    runs = [(SECTION_COUNTS[0], base * f) for f in SPOT_FACTORS] + [(n, base) for n in SECTION_COUNTS[1:]]
+    runs = sorted({(SECTION_COUNTS[0], base * f) for f in SPOT_FACTORS} | {(n, base) for n in SECTION_COUNTS},
+                  key=lambda r: r[0] * r[1])  # cheapest first: a cut-short sweep still has a table
     rows, accs = [], []
     for n_sections, spots in runs:
         build = SECTION_COUNTS[-1] if spots == base else n_sections
