@@ -67,7 +67,10 @@ def prepare_stack(
     else:
         raise StimputeError(None, "no known section: give a gene panel to predict")
     expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
-    features = [spot_features(s, encoder=encoder, cache_dir=cache_dir, progress=progress) for s in stack]
+    features = []
+    for s in stack:  # one section's image open at a time: memory does not grow with the stack
+        features.append(spot_features(s, encoder=encoder, cache_dir=cache_dir, progress=progress))
+        s.image.release()
     registration = register_stack(stack, progress=progress) if register and len(stack) > 1 else None
     coords_ref = registration.coords_ref if registration else [s.xy for s in stack]
     graph = build_graph(stack, coords_ref, features=features) if len(stack) > 1 else build_graph_2d(stack[0])

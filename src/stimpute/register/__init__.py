@@ -82,20 +82,21 @@ def register_stack(
     """
     _check_stack(stack)
     extent_um = max(max(s.image.size) * s.um_per_px for s in stack)
-    views = []
+    views = []  # the last two sections' views: memory does not grow with the stack
     transforms = [np.eye(3)]
     rows = []
     with _progress(progress) as bar:
         task = bar.add_task("registering sections", total=2 * len(stack) - 1)
-        for section in stack:
-            views.append((section_view(section, extent_um / coarse_side), section_view(section, extent_um / fine_side)))
+        for i, section in enumerate(stack):
+            views = views[-1:] + [(section_view(section, extent_um / coarse_side), section_view(section, extent_um / fine_side))]
+            section.image.release()
             bar.advance(task)
-            if len(views) == 1:
+            if i == 0:
                 continue
             start = time.perf_counter()
-            matrix, quality = _align_pair(views[-2], views[-1], step_deg, n_candidates, section, stack[len(views) - 2])
+            matrix, quality = _align_pair(views[-2], views[-1], step_deg, n_candidates, section, stack[i - 1])
             transforms.append(transforms[-1] @ matrix)
-            rows.append({"fixed": stack[len(views) - 2].name, "moving": section.name, **quality,
+            rows.append({"fixed": stack[i - 1].name, "moving": section.name, **quality,
                          "seconds": round(time.perf_counter() - start, 3)})
             bar.advance(task)
     coords = [apply_transform(t, s.xy) for t, s in zip(transforms, stack)]
