@@ -37,6 +37,21 @@ Sections = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from stimpute import __version__
+
+        console.print(f"stimpute {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
+):  # options before the command name; the help text is the app's
+    pass
+
+
 def guarded(command):
     """Turn user errors into clear lines on stderr (one per problem) and exit code 2;
     print stimpute's warnings (input it fixed) as one line each."""
@@ -222,9 +237,9 @@ def panel(
     from stimpute.io.anndata_io import write_text_atomic
 
     chosen = select_panel([read_section(p).adata for p in sections], n_top=n_top, genes=genes, rule=rule)
-    console.print(f"{len(chosen)} genes: {', '.join(chosen)}", highlight=False)
     if out is not None:
         write_text_atomic(out, "\n".join(chosen) + "\n")
+    console.print(f"{len(chosen)} genes: {', '.join(chosen)}", highlight=False)
 
 
 @app.command()

@@ -48,7 +48,15 @@ def read_gene_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "gene list file not found")
-    genes = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the first gene
+    except UnicodeDecodeError:
+        text = "\0"
+    except OSError as exc:
+        raise InputError(path, f"cannot read gene list ({exc.strerror or exc})") from None
+    if "\0" in text:
+        raise InputError(path, "not a text file: expected one gene symbol per line")
+    genes = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     genes = [g for g in genes if g]
     if not genes:
         raise InputError(path, "gene list is empty: expected one gene symbol per line")
@@ -70,6 +78,10 @@ def select_panel(
     Only genes measured in every given section are candidates, so the panel is defined
     everywhere it is evaluated.
     """
+    if genes is None and n_top < 1:
+        raise StimputeError("--n-top", f"the panel needs at least 1 gene, got --n-top {n_top}")
+    if rule not in ("hvg", "mean"):
+        raise StimputeError("--rule", f"unknown panel rule {rule!r} (use hvg or mean)")
     adatas = [adatas] if isinstance(adatas, ad.AnnData) else list(adatas)
     adatas = [a for a in adatas if a.n_vars > 0]
     if not adatas:
@@ -94,8 +106,6 @@ def select_panel(
     if rule == "mean":
         order = np.argsort(-normalize_log1p(pooled).mean(axis=0), kind="stable")[:n_top]
         return list(pooled.var_names[order])
-    if rule != "hvg":
-        raise StimputeError("--panel", f"unknown panel rule {rule!r} (use hvg or mean)")
     # Pearson-residual HVGs on raw counts: with a few hundred spots, dispersion-based
     # flavours rank near-empty genes first; residuals rank the tissue's real programmes.
     work = ad.AnnData(X=sparse.csr_matrix(pooled.X, dtype=np.float32), var=pooled.var[[]].copy())

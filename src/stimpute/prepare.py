@@ -9,14 +9,17 @@ are registered and joined into one 3D spot graph.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from stimpute.data import Stack
-from stimpute.errors import StimputeError
+from stimpute.errors import StimputeError, StimputeWarning
 from stimpute.expression import DEFAULT_PANEL_SIZE, panel_expression, select_panel
 from stimpute.models.base import PreparedStack
+
+MIN_KNOWN_SPOTS = 30  # fewer measured spots cannot train (or hold out validation for) a model
 
 
 def known_indices(stack: Stack, known: str | Sequence[str] | None) -> list[int]:
@@ -66,6 +69,7 @@ def prepare_stack(
         genes = list(panel)
     else:
         raise StimputeError(None, "no known section: give a gene panel to predict")
+    _warn_implausible(stack, known_idx, genes)
     expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
     features = []
     for s in stack:  # one section's image open at a time: memory does not grow with the stack
@@ -102,3 +106,21 @@ def with_known_panel(prepared: PreparedStack, known: Sequence[int], n_top: int =
     expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
     return replace(prepared, panel=genes, expression=expression,
                    settings={**prepared.settings, "n_genes": len(genes), "panel_source": f"top {n_top} HVGs of the known sections"})
+
+
+def _warn_implausible(stack: Stack, known_idx: list[int], genes: Sequence[str]) -> None:
+    """One warning line each: too few measured spots to learn from; a section with counts
+    that lacks panel genes (it is left out of the metrics)."""
+    n_known = sum(stack[i].n_spots for i in known_idx)
+    if known_idx and n_known < MIN_KNOWN_SPOTS:
+        names = ", ".join(stack[i].name for i in known_idx)
+        warnings.warn(f"only {n_known} measured spot(s) in {names}: too few to train on (at least {MIN_KNOWN_SPOTS} "
+                      "advised); expect accuracy near zero", StimputeWarning, stacklevel=3)
+    for i, section in enumerate(stack):
+        if i in known_idx or not section.has_counts:
+            continue
+        missing = [g for g in genes if g not in section.adata.var_names]
+        if missing:
+            warnings.warn(f"{section.source or section.name}: {len(missing)} of {len(genes)} panel genes are not measured "
+                          f"here (e.g. {', '.join(missing[:3])}); {section.name} is left out of the metrics",
+                          StimputeWarning, stacklevel=3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -166,6 +167,7 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
         best = ModelCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True,
                                enable_version_counter=False)
         callbacks = [EarlyStopping("val_loss", patience=config.patience), best]
+        progress = progress and sys.stdout.isatty()  # a live bar on a terminal; in a log, one line per refresh
         if progress:
             callbacks.append(RichProgressBar())
         trainer = quiet_trainer(
@@ -180,7 +182,7 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(module, loader, loader, ckpt_path=resume)
         if ckpt_dir is not None:  # the final state (early stopping recorded): a rerun sees a finished run
-            _atomic_write(Path(ckpt_dir) / "last.ckpt", trainer.save_checkpoint)
+            _atomic_write(Path(ckpt_dir) / "last.ckpt", lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
         return _load_best(module, best.best_model_path)
 
 

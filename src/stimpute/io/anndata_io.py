@@ -143,13 +143,19 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise StimputeError(path, f"cannot write ({exc.strerror or exc})") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, a folder in the way, no permission: the user's to fix
+        Path(tmp).unlink(missing_ok=True)
+        raise StimputeError(path, f"cannot write ({exc.strerror or exc})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -201,7 +207,8 @@ def _find_image(h5ad_path: Path, meta: dict) -> Path:
         for p in sorted((h5ad_path.parent.parent / sub).glob(h5ad_path.stem + ".*")):
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 return p
-    raise InputError(h5ad_path, "no image found for this section: pass --image PATH (looked for a sibling image with the same name and ../wsis/)")
+    raise InputError(h5ad_path, "no image found for this section (looked for a sibling image with the same name and in "
+                                "../wsis/): put it there, or make a section folder with `stimpute convert h5ad FILE OUT --image PATH`")
 
 
 def _hest_pixel_size(h5ad_path: Path) -> float | None:

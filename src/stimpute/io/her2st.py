@@ -6,6 +6,7 @@ A folder holds `<name>.tsv.gz` (counts: spot id `XxY`, one column per gene),
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -14,7 +15,7 @@ import pandas as pd
 from scipy import sparse
 
 from stimpute.data import Section
-from stimpute.errors import InputError
+from stimpute.errors import InputError, StimputeWarning
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
 from stimpute.io.validate import validate_section
 
@@ -22,6 +23,7 @@ SPOT_PITCH_UM = 200.0  # centre-to-centre distance of legacy ST array spots
 SPOT_DIAMETER_UM = 100.0
 SELECTION_COLUMNS = ("x", "y", "pixel_x", "pixel_y", "selected")
 MIN_MATCHED_FRACTION = 0.5  # below this, counts and spot table belong to different sections
+WARN_MATCHED_FRACTION = 0.9  # below this, they may not: a warning
 
 
 def is_her2st_folder(path: Path) -> bool:
@@ -56,7 +58,7 @@ def read_her2st(folder: str | Path) -> Section:
     spots, counts = spots.loc[matched], counts.loc[matched]
 
     adata = ad.AnnData(
-        X=sparse.csr_matrix(counts.to_numpy(dtype=np.float32)),
+        X=sparse.csr_matrix(_float32(counts.to_numpy())),
         obs=pd.DataFrame(
             {"array_col": spots["x"].astype(int).to_numpy(), "array_row": spots["y"].astype(int).to_numpy()},
             index=pd.Index(matched.astype(str), name="spot"),
@@ -64,6 +66,7 @@ def read_her2st(folder: str | Path) -> Section:
         var=pd.DataFrame(index=pd.Index(counts.columns.astype(str), name="gene")),
     )
     adata.obsm["spatial"] = spots[["pixel_x", "pixel_y"]].to_numpy(np.float64)
+    _check_join(spots, report, selection_path, counts_path)
     adata.var_names_make_unique()
     image = SectionImage.open(image_path)
     section = Section(
@@ -87,6 +90,27 @@ def array_um_per_px(spots: pd.DataFrame) -> float:
     return SPOT_PITCH_UM / px_per_step
 
 
+def _float32(values: np.ndarray) -> np.ndarray:
+    """Counts as float32; values beyond its range become inf, which validation reports."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32)
+
+
+def _check_join(spots: pd.DataFrame, report: dict, selection_path: Path, counts_path: Path) -> None:
+    """Warn where counts may be joined to the wrong spots: array x/y that do not follow
+    pixel x/y (swapped columns), or many selected spots without a counts row."""
+    A = np.c_[spots["x"].to_numpy(float), spots["y"].to_numpy(float), np.ones(len(spots))]
+    coef, *_ = np.linalg.lstsq(A, spots[["pixel_x", "pixel_y"]].to_numpy(float), rcond=None)
+    if len(spots) >= 3 and abs(coef[0, 1]) + abs(coef[1, 0]) > abs(coef[0, 0]) + abs(coef[1, 1]):
+        warnings.warn(f"{selection_path}: pixel_x follows array y and pixel_y array x: are columns x and y swapped? "
+                      f"Counts join on the ids 'XxY' of {counts_path.name}, so they may sit on the wrong spots",
+                      StimputeWarning, stacklevel=3)
+    if report["dropped_spots_without_counts"] > (1 - WARN_MATCHED_FRACTION) * report["spots_selected"]:
+        warnings.warn(f"{counts_path}: only {report['spots_kept']} of {report['spots_selected']} selected spots have a "
+                      f"counts row (ids of {selection_path.name} and the counts may not belong together)",
+                      StimputeWarning, stacklevel=3)
+
+
 def _read_selection(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, sep="\t")
@@ -95,9 +119,16 @@ def _read_selection(path: Path) -> pd.DataFrame:
     missing = [c for c in SELECTION_COLUMNS if c not in table.columns]
     if missing:
         raise InputError(path, f"spot table lacks columns {', '.join(missing)} (expected {' '.join(SELECTION_COLUMNS)})")
-    table = table[table["selected"] == 1]
+    table = table[pd.to_numeric(table["selected"], errors="coerce") == 1].copy()
     if table.empty:
         raise InputError(path, "no spots with selected == 1")
+    for column in SELECTION_COLUMNS[:4]:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(float))
+        if bad.any():
+            first = table[column].iloc[np.flatnonzero(bad)[0]]
+            raise InputError(path, f"column {column}: {int(bad.sum())} selected spot(s) without a number (e.g. {first!r})")
+        table[column] = values
     table.index = table["x"].astype(int).astype(str) + "x" + table["y"].astype(int).astype(str)
     if table.index.has_duplicates:
         raise InputError(path, f"duplicated spot positions: {', '.join(table.index[table.index.duplicated()][:5])}")

@@ -15,14 +15,27 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError, StimputeWarning
 
+MAX_COUNT = 1e9  # UMIs of one gene in one spot: real data stay below 1e5
+
 
 def validate_section(section: Section) -> Section:
     """Raise every problem of `section` at once; drop zero-count spots with a warning."""
     source = section.source or section.name
+    _unique_genes(section, source)
     problems = _spot_problems(section, source) + _count_problems(section, source)
     if problems:
         raise InputError.collect(problems)
     return _drop_empty_spots(section, source)
+
+
+def _unique_genes(section: Section, source: str) -> None:
+    """Duplicated gene names (several features under one symbol) are made unique, with a warning."""
+    names = section.adata.var_names
+    if names.has_duplicates:
+        dupes = ", ".join(map(str, names[names.duplicated()].unique()[:5]))
+        section.adata.var_names_make_unique()
+        section.report["renamed_duplicated_genes"] = int(names.duplicated().sum())
+        warnings.warn(f"{source}: duplicated gene names ({dupes}) made unique as NAME-1, NAME-2, ...", StimputeWarning, stacklevel=4)
 
 
 def _spot_problems(section: Section, source: str) -> list[InputError]:
@@ -59,7 +72,12 @@ def _count_problems(section: Section, source: str) -> list[InputError]:
     problems = []
     if np.isnan(values).any():
         problems.append(InputError(source, f"counts: {int(np.isnan(values).sum())} NaN value(s); raw counts are required"))
+    if np.isinf(values).any():
+        problems.append(InputError(source, f"counts: {int(np.isinf(values).sum())} infinite value(s) (beyond float32's range); raw counts are required"))
     finite = values[np.isfinite(values)]
+    if (finite > MAX_COUNT).any():
+        problems.append(InputError(source, f"counts: {int((finite > MAX_COUNT).sum())} value(s) above {MAX_COUNT:.0e} (largest "
+                                           f"{finite.max():.3g}): not a plausible UMI count per spot and gene"))
     if (finite < 0).any():
         problems.append(InputError(source, f"counts: {int((finite < 0).sum())} negative value(s); raw counts are required"))
     if (finite != np.round(finite)).any():

@@ -17,13 +17,16 @@ well under a spot radius.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
+from skimage import morphology
 
 from stimpute.data import Section, Stack
-from stimpute.errors import StimputeError
+from stimpute.errors import StimputeError, StimputeWarning
 from stimpute.register.masks import View, section_view, tissue_mask
 from stimpute.register.refine import pair_quality, refine_ecc
 from stimpute.register.rigid import Candidate, rotation_search
@@ -31,6 +34,10 @@ from stimpute.timing import timed
 
 COARSE_SIDE = 256  # px of the largest image's side in the rotation-search views
 FINE_SIDE = 1024  # px of the largest image's side in the refinement views
+MAX_OFF_TISSUE = 0.5  # share of spots on glass (spot disc off the tissue mask): coordinates are suspect
+SUSPECT_OFF_TISSUE = 0.15  # HER2-ST: 0-10 % as given, 17-39 % with pixel x and y swapped
+SWAP_MARGIN = 0.1  # ... and swapping them back would put clearly more spots on tissue
+MIN_DICE = 0.7  # tissue overlap after alignment: 0.95-0.98 on serial sections, 0.3-0.4 when it failed
 N_REFINED = 2  # rotation-search candidates (best by Dice + NCC) that get the ECC refinement
 
 __all__ = ["StackRegistration", "register_stack", "apply_transform", "tissue_mask", "section_view"]
@@ -100,7 +107,38 @@ def register_stack(
                          "seconds": round(time.perf_counter() - start, 3)})
             bar.advance(task)
     coords = [apply_transform(t, s.xy) for t, s in zip(transforms, stack)]
-    return StackRegistration(stack.names, transforms, coords, pd.DataFrame(rows))
+    registration = StackRegistration(stack.names, transforms, coords, pd.DataFrame(rows))
+    _warn_implausible(stack, [fine for _, fine in views], registration.pairs)
+    return registration
+
+
+def off_tissue(section: Section, view: View, xy: np.ndarray | None = None) -> np.ndarray:
+    """Spots (at `xy`, default the section's own) whose disc misses the tissue mask of `view`."""
+    radius = max(1, int(np.ceil(section.spot_diameter_px / 2 * view.scale)))
+    mask = ndimage.binary_dilation(view.mask, structure=morphology.disk(radius))
+    xy = np.rint(apply_transform(view.to_view, section.xy if xy is None else xy)).astype(int)
+    h, w = mask.shape
+    inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < w) & (xy[:, 1] < h)
+    on = np.zeros(len(xy), bool)
+    on[inside] = mask[xy[inside, 1], xy[inside, 0]]
+    return ~on
+
+
+def _warn_implausible(stack: Stack, views: list[View], pairs: pd.DataFrame) -> None:
+    """One warning line per section whose spots fall on glass (more so than with x and y
+    swapped) and per pair whose tissue overlaps poorly after alignment."""
+    for section, view in zip(stack, views):
+        off, off_swapped = off_tissue(section, view).mean(), off_tissue(section, view, section.xy[:, ::-1]).mean()
+        if off > MAX_OFF_TISSUE or (off > SUSPECT_OFF_TISSUE and off > off_swapped + SWAP_MARGIN):
+            hint = (f"with x and y swapped, only {off_swapped:.0%} would: are the pixel columns swapped?"
+                    if off > off_swapped + SWAP_MARGIN else "are these the coordinates of another image?")
+            warnings.warn(f"{section.source or section.name}: {off:.0%} of the spots lie on glass, not tissue; {hint}",
+                          StimputeWarning, stacklevel=3)
+    for pair in pairs.itertuples():
+        if pair.dice_after < MIN_DICE:
+            warnings.warn(f"registration of {pair.moving} onto {pair.fixed} is doubtful: tissue Dice {pair.dice_after:.2f} after "
+                          f"alignment (usually > 0.9); look at figures/overlay_{pair.fixed}_{pair.moving}.png of "
+                          "`stimpute register`", StimputeWarning, stacklevel=3)
 
 
 def _align_pair(fixed: tuple[View, View], moving: tuple[View, View], step_deg: float, n_candidates: int,
