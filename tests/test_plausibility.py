@@ -82,7 +82,7 @@ def test_swapped_array_columns_are_flagged(tmp_path):
 
 
 def test_spots_on_glass_and_a_poor_registration_are_flagged():
-    from stimpute.register import _warn_implausible
+    from stimpute.register import _warn_off_tissue, _warn_poor_overlap
 
     mask = np.zeros((100, 100), bool)
     mask[:60] = True  # tissue is the top 60 % of the slide
@@ -93,7 +93,9 @@ def test_spots_on_glass_and_a_poor_registration_are_flagged():
     pairs = pd.DataFrame({"fixed": ["S0"], "moving": ["S1"], "dice_after": [0.35]})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _warn_implausible([good, swapped, elsewhere], [view] * 3, pairs)
+        for section in (good, swapped, elsewhere):
+            _warn_off_tissue(section, view)
+        _warn_poor_overlap(pairs)
     lines = [str(w.message) for w in caught if issubclass(w.category, StimputeWarning)]
     assert len(lines) == 3, lines
     assert "pixel columns swapped" in lines[0] and "another image" in lines[1]

@@ -97,6 +97,7 @@ def register_stack(
         for i, section in enumerate(stack):
             views = views[-1:] + [(section_view(section, extent_um / coarse_side), section_view(section, extent_um / fine_side))]
             section.image.release()
+            _warn_off_tissue(section, views[-1][1])
             bar.advance(task)
             if i == 0:
                 continue
@@ -108,7 +109,7 @@ def register_stack(
             bar.advance(task)
     coords = [apply_transform(t, s.xy) for t, s in zip(transforms, stack)]
     registration = StackRegistration(stack.names, transforms, coords, pd.DataFrame(rows))
-    _warn_implausible(stack, [fine for _, fine in views], registration.pairs)
+    _warn_poor_overlap(registration.pairs)
     return registration
 
 
@@ -124,16 +125,18 @@ def off_tissue(section: Section, view: View, xy: np.ndarray | None = None) -> np
     return ~on
 
 
-def _warn_implausible(stack: Stack, views: list[View], pairs: pd.DataFrame) -> None:
-    """One warning line per section whose spots fall on glass (more so than with x and y
-    swapped) and per pair whose tissue overlaps poorly after alignment."""
-    for section, view in zip(stack, views):
-        off, off_swapped = off_tissue(section, view).mean(), off_tissue(section, view, section.xy[:, ::-1]).mean()
-        if off > MAX_OFF_TISSUE or (off > SUSPECT_OFF_TISSUE and off > off_swapped + SWAP_MARGIN):
-            hint = (f"with x and y swapped, only {off_swapped:.0%} would: are the pixel columns swapped?"
-                    if off > off_swapped + SWAP_MARGIN else "are these the coordinates of another image?")
-            warnings.warn(f"{section.source or section.name}: {off:.0%} of the spots lie on glass, not tissue; {hint}",
-                          StimputeWarning, stacklevel=3)
+def _warn_off_tissue(section: Section, view: View) -> None:
+    """One warning line where many spots fall on glass (more so than with x and y swapped)."""
+    off, off_swapped = off_tissue(section, view).mean(), off_tissue(section, view, section.xy[:, ::-1]).mean()
+    if off > MAX_OFF_TISSUE or (off > SUSPECT_OFF_TISSUE and off > off_swapped + SWAP_MARGIN):
+        hint = (f"with x and y swapped, only {off_swapped:.0%} would: are the pixel columns swapped?"
+                if off > off_swapped + SWAP_MARGIN else "are these the coordinates of another image?")
+        warnings.warn(f"{section.source or section.name}: {off:.0%} of the spots lie on glass, not tissue; {hint}",
+                      StimputeWarning, stacklevel=3)
+
+
+def _warn_poor_overlap(pairs: pd.DataFrame) -> None:
+    """One warning line per pair whose tissue overlaps poorly after alignment."""
     for pair in pairs.itertuples():
         if pair.dice_after < MIN_DICE:
             warnings.warn(f"registration of {pair.moving} onto {pair.fixed} is doubtful: tissue Dice {pair.dice_after:.2f} after "
