@@ -6,7 +6,9 @@ levels are read tile by tile straight from tifffile with a bounded cache of deco
 (`TILE_CACHE_MIB`): neighbouring spot windows share tiles, and one region read costs
 microseconds instead of tiffslide's per-call overhead of several milliseconds. Flat images (JPEG,
 PNG, small TIFFs) are read with Pillow; they are decoded once on the first region read and
-kept until `release()`. In-memory arrays (synthetic data, tests) use the same interface.
+kept until `release()`. In-memory arrays (synthetic data, AnnData images) use the same
+interface; an array may be a downscaled copy (`scale` = array px per full-resolution px,
+scanpy's `tissue_hires_scalef`), and is still addressed in full-resolution pixels.
 """
 
 from __future__ import annotations
@@ -33,17 +35,20 @@ TILE_CACHE_MIB = 192  # decoded tiles kept per open slide (~250 tiles of 512², 
 class SectionImage:
     """An RGB image addressed in full-resolution pixels (x to the right, y down)."""
 
-    def __init__(self, path: str | Path | None = None, array: np.ndarray | None = None):
+    def __init__(self, path: str | Path | None = None, array: np.ndarray | None = None, scale: float = 1.0):
         if (path is None) == (array is None):
             raise ValueError("give exactly one of path or array")
+        if not (np.isfinite(scale) and scale > 0) or (path is not None and scale != 1.0):
+            raise ValueError(f"scale (array px per full-resolution px) must be > 0 and only given with an array, got {scale}")
         self.path = None if path is None else Path(path)
+        self.scale = float(scale)
         self._array = None if array is None else _as_rgb(array)
         self._slide = None
         self._tiles: _TileCache | None = None
         self._flat = False  # a TIFF that Pillow reads whole (small and single-level)
         self._size: tuple[int, int] | None = None
         if self._array is not None:
-            self._size = (self._array.shape[1], self._array.shape[0])
+            self._size = (round(self._array.shape[1] / self.scale), round(self._array.shape[0] / self.scale))
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
@@ -148,11 +153,22 @@ class SectionImage:
         slide = self._open_slide() if self.path is not None and self._array is None else None
         if slide is not None:
             region = self._read_slide(slide, x, y, w, h, out_size)
+        elif self.scale != 1.0:
+            region = self._read_scaled(x, y, w, h, out_size)
         else:
             region = _crop_padded(self._full(), x, y, w, h)
         if out_size is not None and region.shape[:2] != (out_size, out_size):
             region = np.asarray(Image.fromarray(region).resize((out_size, out_size), Image.BILINEAR))
         return region
+
+    def _read_scaled(self, x, y, w, h, out_size):
+        """A full-resolution region of a downscaled array: its pixels resampled to (h, w) or out_size."""
+        s = self.scale
+        x0, y0 = math.floor(x * s), math.floor(y * s)
+        x1, y1 = max(x0 + 1, math.ceil((x + w) * s)), max(y0 + 1, math.ceil((y + h) * s))
+        region = _crop_padded(self._array, x0, y0, x1 - x0, y1 - y0)
+        size = (out_size, out_size) if out_size is not None else (w, h)
+        return np.asarray(Image.fromarray(region).resize(size, Image.BILINEAR))
 
     def _read_slide(self, slide, x, y, w, h, out_size):
         level = 0
@@ -196,6 +212,16 @@ class SectionImage:
                 raise InputError(self.path, f"cannot decode image ({_reason(exc)})") from None
         thumb = np.asarray(im.resize((tw, th), Image.BILINEAR))
         return thumb, tw / W
+
+    def array_digest(self) -> str | None:
+        """SHA-256 of an in-memory image's pixels and scale (cache identity); None for a file."""
+        if self.path is not None:
+            return None
+        import hashlib
+
+        h = hashlib.sha256(np.ascontiguousarray(self._array).tobytes())
+        h.update(f"{self._array.shape}:{self.scale}".encode())
+        return h.hexdigest()
 
     def __repr__(self) -> str:
         src = self.path if self.path is not None else "array"

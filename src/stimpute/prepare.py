@@ -46,6 +46,7 @@ def prepare_stack(
     known: str | Sequence[str] | None = None,
     panel: Sequence[str] | str | Path | None = None,
     encoder: str = "handcrafted",
+    weights: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = False,
     n_top: int = DEFAULT_PANEL_SIZE,
@@ -54,7 +55,8 @@ def prepare_stack(
     """Panel, expression, features, registration and 3D graph of `stack` (see module doc).
 
     `panel`: a gene list or a file of genes (checked against the known sections), else the
-    top `n_top` HVGs of the known sections. `cache_dir`: feature cache folder.
+    top `n_top` HVGs of the known sections. `encoder`, `weights`: the feature encoder and
+    its local weight file (network encoders). `cache_dir`: feature cache folder.
     `register=False` (sections of different samples, 2D use): each section keeps its own
     pixel frame, and only the graph's within-section edges are meaningful.
     """
@@ -73,7 +75,7 @@ def prepare_stack(
     expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
     features = []
     for s in stack:  # one section's image open at a time: memory does not grow with the stack
-        features.append(spot_features(s, encoder=encoder, cache_dir=cache_dir, progress=progress))
+        features.append(spot_features(s, encoder=encoder, weights=weights, cache_dir=cache_dir, progress=progress))
         s.image.release()
     registration = register_stack(stack, progress=progress) if register and len(stack) > 1 else None
     coords_ref = registration.coords_ref if registration else [s.xy for s in stack]

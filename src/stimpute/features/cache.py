@@ -33,10 +33,9 @@ SAMPLE_BYTES = 1 << 16
 def image_fingerprint(section: Section) -> str:
     """Cheap content identity of a section's image (no full read of a large slide)."""
     img = section.image
-    h = hashlib.sha256()
     if img.path is None:
-        h.update(np.ascontiguousarray(img.read_region(0, 0, *img.size)).tobytes())
-        return h.hexdigest()
+        return img.array_digest()
+    h = hashlib.sha256()
     st = os.stat(img.path)
     h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     with open(img.path, "rb") as fh:

@@ -68,7 +68,7 @@ def read_h5ad_section(
     spot_um = float(meta.get("spot_diameter_um", 0) or 0)
     if not scale:
         scale, spot_um = _visium_scale(h5ad_path, adata)
-    adata = _counts_in_x(adata)
+    adata = counts_as_x(adata)
     section = Section(
         name=name or meta.get("section") or h5ad_path.stem,
         adata=adata,
@@ -182,7 +182,7 @@ def _read_h5ad(path: Path) -> ad.AnnData:
         raise InputError(path, f"cannot read .h5ad ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
-def _counts_in_x(adata: ad.AnnData) -> ad.AnnData:
+def counts_as_x(adata: ad.AnnData) -> ad.AnnData:
     """Raw counts go to X (sparse float32); `layers["counts"]` wins over a normalised X."""
     X = adata.layers["counts"] if "counts" in adata.layers else adata.X
     if X is None:

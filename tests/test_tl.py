@@ -1,0 +1,139 @@
+"""`stimpute.tl` / `stimpute.pl` on in-memory AnnData, as a notebook user drives them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stimpute.datasets import synthetic_stack
+from stimpute.errors import StimputeError
+from stimpute.image import SectionImage
+from stimpute.io.inmemory import section_from_anndata, section_to_anndata
+
+SMALL = dict(n_genes=30, tissue_radius_um=350.0, image_size=800)
+
+
+@pytest.fixture(scope="module")
+def small_stack():
+    return synthetic_stack(3, seed=0, **SMALL)
+
+
+def _as_user_has_them(stack, measured=("S1",)):
+    """Each section as scanpy holds it: counts (only the measured ones), spots, hires image."""
+    return [section_to_anndata(s, hires_side=400, counts=s.name in measured) for s in stack]
+
+
+def test_notebook_impute_then_scanpy_and_plots(small_stack, tmp_path, monkeypatch):
+    import scanpy as sc
+
+    import stimpute
+
+    monkeypatch.chdir(tmp_path)  # whatever would be written relative to here would show
+    adatas = _as_user_has_them(small_stack)
+    inputs = [a.copy() for a in adatas]
+    result = stimpute.tl.impute(adatas, known="S1", key_added="imp", n_top=20, epochs=30)
+
+    assert len(result) == 3 and all(a.n_vars == 20 for a in result)
+    panel = result[0].uns["imp"]["panel"]
+    for a, given, section in zip(result, inputs, small_stack):
+        assert list(a.obs_names) == list(given.obs_names) and list(a.var_names) == panel
+        assert {"imp", "imp_model", "imp_propagated"} <= set(a.layers)
+        assert (a.layers["imp"] >= 0).all() and np.array_equal(a.X, a.layers["imp"])
+        assert a.obsm["spatial_3d"].shape == (a.n_obs, 3) and "spatial" in a.uns
+        np.testing.assert_allclose(a.obsm["spatial_3d"][:, 2], section.z_um)
+    for a, given in zip(adatas, inputs):  # the given objects are left as they were
+        assert a.n_vars == given.n_vars and "spatial_3d" not in a.obsm
+    known, target = result[1], result[0]
+    assert known.obs["imp_measured"].all() and (known.obs["imp_reach"] == 1).all()
+    assert not target.obs["imp_measured"].any() and 0 <= target.obs["imp_reach"].min() < target.obs["imp_reach"].max() < 1
+    assert target.var["imp_confidence"].shape == (20,) and target.uns["imp"]["known"] == ["S1"]
+    assert target.uns["imp"]["registration"]["matrix"].shape == (3, 3)
+
+    # accuracy against the counts the user did not give (same normalisation, panel genes)
+    truth = small_stack[0].adata[:, panel].copy()
+    sc.pp.normalize_total(truth, target_sum=1e4)
+    sc.pp.log1p(truth)
+    pcc = [np.corrcoef(target.X[:, j], truth.X.toarray()[:, j])[0, 1] for j in range(20)]
+    assert np.nanmean(pcc) > 0.5
+
+    # scanpy downstream on the imputed layer of the whole block
+    block = sc.concat(result, label="section", keys=["S0", "S1", "S2"], index_unique="-")
+    sc.pp.pca(block, n_comps=5, layer="imp")
+    assert block.obsm["X_pca"].shape == (block.n_obs, 5)
+    sc.pp.neighbors(block, use_rep="X_pca")
+    assert block.obsp["connectivities"].shape == (block.n_obs, block.n_obs)
+
+    fig = stimpute.pl.imputed(target, panel[:3], key="imp")
+    assert len([ax for ax in fig.axes if ax.get_title() in panel[:3]]) == 3
+    fig3d = stimpute.pl.block_3d(result, panel[0], key="imp")
+    assert len(fig3d.axes[0].collections) == 3
+    assert not any(tmp_path.iterdir())
+
+
+def test_register_and_features_fill_the_given_objects(small_stack):
+    import stimpute
+
+    adatas = {s.name: a for s, a in zip(small_stack, _as_user_has_them(small_stack, measured=()))}
+    same = stimpute.tl.register(adatas)
+    assert same is adatas
+    for name, a in adatas.items():
+        assert a.obsm["spatial_3d"].shape == (a.n_obs, 3)
+        assert a.uns["stimpute"]["registration"]["reference"] == "S0"
+    np.testing.assert_allclose(adatas["S0"].uns["stimpute"]["registration"]["matrix"], np.eye(3), atol=1e-9)
+    stimpute.tl.features(adatas, key_added="X_feat")
+    a = adatas["S2"]
+    assert a.obsm["X_feat"].shape[0] == a.n_obs and a.obsm["X_feat"].shape[1] == 3 * a.uns["X_feat"]["dim"]
+
+
+def test_hires_image_is_addressed_in_full_resolution_pixels(small_stack):
+    section = small_stack[0]
+    adata = section_to_anndata(section, hires_side=400)
+    rebuilt = section_from_anndata(adata, "S0")
+    assert rebuilt.image.size == section.image.size and rebuilt.um_per_px == section.um_per_px
+    x, y = section.xy[0].astype(int)
+    full = section.image.read_region(x - 40, y - 40, 80, 80, out_size=32).astype(float)
+    scaled = rebuilt.image.read_region(x - 40, y - 40, 80, 80, out_size=32).astype(float)
+    assert np.abs(full - scaled).mean() < 25  # the same place, at the hires copy's detail
+    assert np.abs(full - np.roll(scaled, 8, axis=0)).mean() > np.abs(full - scaled).mean()
+
+
+def test_image_sources_in_uns_highest_resolution_first(small_stack, tmp_path):
+    section = small_stack[0]
+    adata = section_to_anndata(section, hires_side=200)
+    library = adata.uns["spatial"]["S0"]
+    full = section.image.read_region(0, 0, *section.image.size)
+    library["images"]["fullres"] = full
+    assert section_from_anndata(adata, "S0").image.scale == 1.0
+    del library["images"]["fullres"]
+    from PIL import Image
+
+    Image.fromarray(full).save(tmp_path / "he.png")
+    library["metadata"] = {"source_image_path": str(tmp_path / "he.png")}
+    assert section_from_anndata(adata, "S0").image.path == tmp_path / "he.png"
+    del library["metadata"], library["images"]["hires"]
+    with pytest.raises(StimputeError, match="no H&E image"):
+        section_from_anndata(adata, "S0")
+
+
+def test_impute_rejects_bad_input_in_one_line(small_stack):
+    import stimpute
+
+    adatas = _as_user_has_them(small_stack)
+    with pytest.raises(StimputeError, match="not in the stack"):
+        stimpute.tl.impute(adatas, known="C9")
+    with pytest.raises(StimputeError, match="carries no measured counts"):
+        stimpute.tl.impute(adatas, known="S0")
+    with pytest.raises(StimputeError, match="expected an AnnData"):
+        stimpute.tl.impute([adatas[0], "S1.h5ad"], known="S1")
+
+
+def test_scaled_array_image_reads_like_its_source():
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    half = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(full).resize((48, 32)))
+    image = SectionImage(array=half, scale=0.5)
+    assert image.size == (96, 64)
+    assert image.read_region(10, 10, 20, 20).shape == (20, 20, 3)
+    assert image.thumbnail(48)[0].shape == (32, 48, 3)
+    with pytest.raises(ValueError):
+        SectionImage(array=half, scale=0.0)
