@@ -194,3 +194,18 @@ def test_a_killed_train_is_resumed_without_force(folders, tmp_path):
     rc = subprocess.run([sys.executable, "-m", "stimpute", "train", *args], capture_output=True, text=True, env=ENV)
     assert rc.returncode == 0, rc.stderr
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_impute_reuses_a_cache_filled_by_stimpute_features(folders, reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from stimpute.cli import app
+
+    out = tmp_path / "out"
+    filled = CliRunner().invoke(app, ["features", *map(str, folders), "--out", str(out / "cache")])
+    assert filled.exit_code == 0, filled.output
+    cache = {f: f.stat().st_mtime_ns for f in (out / "cache").glob("*.features.h5")}
+    assert len(cache) == 2
+    run_impute(folders, "S0", out, seed=0, config=TrainConfig(seed=0, max_epochs=EPOCHS))
+    assert_same_results(reference, out)
+    assert {f: f.stat().st_mtime_ns for f in cache} == cache

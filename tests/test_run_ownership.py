@@ -145,3 +145,16 @@ def test_manifest_names_exactly_the_files_written_and_a_failed_run_leaves_nothin
             run.claim(["x.h5ad"])
             raise StimputeError(None, "bad input")
     assert not fresh.exists()
+
+
+def test_a_cache_folder_written_by_another_run_is_owned_through_its_own_manifest(tmp_path):
+    out = tmp_path / "out"
+    with run_ownership(out / "cache", "features") as run:  # `stimpute features --out out/cache`
+        run.claim(caches=["S0.features.h5"])
+        (out / "cache" / "S0.features.h5").write_bytes(b"h5")
+    with run_ownership(out, "impute") as run:
+        run.claim(["S1.h5ad"], caches=["cache/"])
+    (out / "cache" / "mine.txt").write_text("the user's")
+    with pytest.raises(StimputeError, match="cache/mine.txt, which no stimpute run wrote"):
+        with run_ownership(out, "impute", force=True) as run:
+            run.claim(["S1.h5ad"], caches=["cache/"])

@@ -286,20 +286,24 @@ def features(
     Example: [bold]stimpute features ../shared/data/her2st/C2 ../shared/data/her2st/C3 --out features/[/]
     """
     from stimpute.features import spot_features
+    from stimpute.features.cache import cache_path
     from stimpute.io import read_section
+    from stimpute.io.run import run_ownership
 
-    for path in sections:
-        section = read_section(path)
-        runs = []
-        feats = spot_features(section, encoder=encoder, weights=weights, cache_dir=out, progress=True,
-                              batch_size=batch_size, stain_normalize=stain_normalize, runs=runs)
-        run = runs[-1]
-        how = "read from cache" if run.cached else f"computed ({run.n_patches / run.seconds:.1f} patches/s)"
-        padded = ", ".join(f"{k} {v}" for k, v in run.padded.items())
-        console.print(f"{section.name}: {encoder} features {feats.shape[0]}×{feats.shape[1]}×{feats.shape[2]} "
-                      f"{how} in {run.seconds:.1f} s → {run.cache_file}; spots padded at the border: {padded}",
-                      highlight=False)
-        section.image.release()
+    with run_ownership(out, "features", sections) as owner:
+        for path in sections:
+            section = read_section(path)
+            owner.claim(caches=[cache_path(out, section).name])
+            runs = []
+            feats = spot_features(section, encoder=encoder, weights=weights, cache_dir=out, progress=True,
+                                  batch_size=batch_size, stain_normalize=stain_normalize, runs=runs)
+            run = runs[-1]
+            how = "read from cache" if run.cached else f"computed ({run.n_patches / run.seconds:.1f} patches/s)"
+            padded = ", ".join(f"{k} {v}" for k, v in run.padded.items())
+            console.print(f"{section.name}: {encoder} features {feats.shape[0]}×{feats.shape[1]}×{feats.shape[2]} "
+                          f"{how} in {run.seconds:.1f} s → {run.cache_file}; spots padded at the border: {padded}",
+                          highlight=False)
+            section.image.release()
 
 
 @app.command()

@@ -87,7 +87,17 @@ class Run:
         return [name] if path.exists() or path.is_symlink() else []
 
     def _owns(self, rel: str) -> bool:
-        return rel in self.owned or any(rel.startswith(o) for o in self.owned if o.endswith("/"))
+        """Whether a stimpute run wrote `rel`: this folder's manifest says so, or that of a
+        subfolder that is itself a run's output (a feature cache from `stimpute features`)."""
+        if rel in self.owned or any(rel.startswith(o) for o in self.owned if o.endswith("/")):
+            return True
+        parts = rel.split("/")
+        for depth in range(len(parts) - 1, 0, -1):
+            inner = read_manifest(self.out.joinpath(*parts[:depth]))
+            if inner:
+                name = "/".join(parts[depth:])
+                return name == MANIFEST_FILE or name in inner.get("files", [])
+        return False
 
     def _save(self, status: str, owned: set[str]) -> None:
         _write_manifest(self.out, {"format": 1, "command": self.command, "status": status,
