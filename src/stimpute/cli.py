@@ -353,6 +353,30 @@ def _report_impute(run) -> None:
 
 @app.command()
 @guarded
+def advise(
+    sections: Sections,
+    budget: Annotated[int, typer.Option(help="How many sections you can afford to measure (the size of the known set).")],
+    out: Annotated[Path, typer.Option(help="Output folder: advice.csv (rank, known, expected_pcc), advice.md, advice.png, cache/.")],
+    encoder: Annotated[str, typer.Option(help="Feature encoder (the cache in OUT/cache is shared with `impute`).")] = "handcrafted",
+    force: Annotated[bool, typer.Option(help="Overwrite earlier advice in OUT.")] = False,
+):
+    """Which sections to measure: rank every known set of --budget sections by expected imputation accuracy, from H&E alone.
+
+    Counts, where present, are never read.
+    Example: [bold]stimpute advise ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --budget 1 --out advice/[/]
+    """
+    from stimpute.advise import run_advise
+
+    result, files = run_advise(sections, budget, out, encoder=encoder, force=force, progress=True)
+    table = Table("rank", "known", "expected PCC", title=f"known sets of {budget} ({result.search})")
+    for row in result.table.head(10).itertuples():
+        table.add_row(str(row.rank), row.known, f"{row.expected_pcc:.3f}")
+    console.print(table)
+    console.print(f"measure {result.table.known.iloc[0]}; reasoning in {files[1]}", highlight=False)
+
+
+@app.command()
+@guarded
 def train(
     sections: Sections,
     out: Annotated[Path, typer.Option(help="Model folder: checkpoints/best.ckpt and config.yaml.")],

@@ -1,0 +1,173 @@
+"""`stimpute advise`: count-free quantities, ranking, errors, and the CLI contract."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+from typer.testing import CliRunner
+
+from stimpute.advise import (StackDescription, advise, count_free, describe_stack, expected_target_pcc, load_model,
+                             term_values)
+from stimpute.cli import app
+from stimpute.data import SectionImage, Stack
+from stimpute.datasets import synthetic_stack
+from stimpute.errors import StimputeError
+from stimpute.io import write_section
+
+runner = CliRunner()
+PITCH = 100.0
+
+
+def small_stack(n: int = 3, seed: int = 0) -> Stack:
+    """~60 spots a section: fast to register and describe."""
+    return synthetic_stack(n, seed=seed, tissue_radius_um=400, image_size=900)
+
+
+@pytest.fixture(scope="module")
+def described(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("advise-cache")
+    return describe_stack(small_stack(), cache_dir=cache), cache
+
+
+def grid(n_side: int = 6, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    xs, ys = np.meshgrid(np.arange(n_side), np.arange(n_side))
+    return np.c_[xs.ravel(), ys.ravel()] * PITCH + np.asarray(shift)
+
+
+def description(xy: list[np.ndarray], embedding: list[np.ndarray], z=None) -> StackDescription:
+    names = [f"S{i}" for i in range(len(xy))]
+    z = np.arange(len(xy)) * 10.0 if z is None else np.asarray(z, float)
+    return StackDescription(names, z, xy, embedding, PITCH)
+
+
+def test_quantities_on_a_known_geometry():
+    """Coverage counts target spots within one pitch of a known spot; morphology counts target
+    spots no farther in feature space than the known spots' typical neighbour distance."""
+    rng = np.random.default_rng(0)
+    known_features = rng.normal(size=(36, 4))
+    far = known_features + 50.0  # a tissue the known section never shows
+    d = description([grid(), grid(shift=(40, 0)), grid(shift=(350, 0))],
+                    [known_features, known_features.copy(), far], z=[0, 10, 40])
+    q = d.quantities((0,)).set_index("section")
+    assert q.loc["S1", "coverage"] == 1.0 and q.loc["S1", "morphology"] == 1.0
+    assert q.loc["S2", "coverage"] == pytest.approx(0.5)  # 3 of its 6 columns lie over a pitch beyond the known grid
+    assert q.loc["S2", "morphology"] == 0.0
+    assert q.loc["S1", "z_distance_um"] == 10 and q.loc["S2", "z_distance_um"] == 40
+    assert q.loc["S2", "z_distance_pitches"] == pytest.approx(0.4)
+    both = d.quantities((0, 2)).set_index("section")  # the nearest known section counts
+    assert list(both.index) == ["S1"] and both.loc["S1", "z_distance_um"] == 10
+
+
+def test_model_terms_and_packaged_model():
+    q = pd.DataFrame({"coverage": [1.0, 0.5], "morphology": [0.4, 0.2], "z_distance_pitches": [0.1, 0.0]})
+    np.testing.assert_allclose(term_values(q, "coverage*morphology"), [0.4, 0.1])
+    np.testing.assert_allclose(term_values(q, "intercept"), [1.0, 1.0])
+    model = {"terms": {"intercept": 0.1, "coverage*morphology": 1.0}}
+    np.testing.assert_allclose(expected_target_pcc(q, model), [0.5, 0.2])
+    packaged = load_model()
+    assert packaged["terms"] and packaged["loso_rmse"] is not None and "bench_advise" in packaged["source"]
+
+
+def test_ranking_prefers_the_section_that_covers_the_others():
+    """Section S1 sits where S0 and S2 overlap and shows both tissues: it must rank first."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(36, 3)), rng.normal(size=(36, 3)) + 20
+    d = description([grid(), grid(shift=(200, 0)), grid(shift=(400, 0))],
+                    [a, np.r_[a[:18], b[:18]], b])
+    result = advise(d, 1)
+    assert list(result.table.columns) == ["rank", "known", "expected_pcc"]
+    assert result.table["known"].iloc[0] == "S1"
+    assert list(result.table["rank"]) == [1, 2, 3]
+    assert result.table["expected_pcc"].is_monotonic_decreasing
+    pairs = advise(d, 2).table
+    assert len(pairs) == math.comb(3, 2) and all(k.count("+") == 1 for k in pairs["known"])
+
+
+def test_beam_search_beyond_the_exhaustive_limit_finds_the_best_sets():
+    rng = np.random.default_rng(2)
+    n = 6
+    d = description([grid(shift=(60 * i, 0)) for i in range(n)], [rng.normal(size=(36, 3)) + i for i in range(n)])
+    exhaustive = advise(d, 2)
+    beam = advise(d, 2, max_exhaustive=0, beam_width=4)
+    assert "beam search" in beam.search and len(beam.table) == 4
+    assert beam.table["known"].iloc[0] == exhaustive.table["known"].iloc[0]
+
+
+@pytest.mark.parametrize("budget", [0, 3, -1])
+def test_budget_outside_the_stack_is_an_error(budget):
+    d = description([grid(), grid(), grid()], [np.zeros((36, 2))] * 3)
+    with pytest.raises(StimputeError, match="--budget: must be between 1 and 2"):
+        advise(d, budget)
+
+
+def test_counts_are_never_read(described):
+    """The advice of a stack with counts equals that of the same stack with its counts
+    shuffled and replaced: nothing downstream sees expression."""
+    first, cache = described
+    stack = small_stack()
+    rng = np.random.default_rng(3)
+    for s in stack:
+        s.adata.X = sparse.csr_matrix(rng.poisson(5.0, size=s.adata.shape).astype(np.float32))
+    assert all(not s.has_counts for s in count_free(stack))
+    second = describe_stack(stack, cache_dir=cache)
+    for a, b in zip(first.embedding, second.embedding):
+        np.testing.assert_array_equal(a, b)
+    for budget in (1, 2):
+        pd.testing.assert_frame_equal(advise(first, budget).table, advise(second, budget).table)
+
+
+def test_sections_that_do_not_register_name_the_pair_and_the_figure(tmp_path):
+    """A section whose tissue is a small scrap of the block (Dice far below 0.5)."""
+    stack = small_stack(2)
+    scrap = stack[1]
+    pixels = np.full((*scrap.image.size[::-1], 3), 255, np.uint8)
+    x, y = scrap.xy.mean(axis=0).astype(int) - 75
+    pixels[y:y + 150, x:x + 150] = scrap.image.read_region(x, y, 150, 150)
+    scrap.image = SectionImage(array=pixels)
+    with pytest.raises(StimputeError, match=r"sections S1 and S0 do not register: tissue overlap Dice 0\.\d\d < 0\.5") as err:
+        describe_stack(stack, qc_dir=tmp_path / "figures")
+    assert "overlay_S0_S1.png" in str(err.value) and (tmp_path / "figures" / "overlay_S0_S1.png").is_file()
+
+
+def test_cli_writes_the_ranked_advice(tmp_path):
+    folders = [write_section(s, tmp_path / "in") for s in small_stack()]
+    out = tmp_path / "advice"
+    result = runner.invoke(app, ["advise", *map(str, folders), "--budget", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "advice.csv")
+    assert list(table.columns) == ["rank", "known", "expected_pcc"]
+    assert list(table["rank"]) == [1, 2, 3] and table["expected_pcc"].is_monotonic_decreasing
+    assert set(table["known"]) == {"S0+S1", "S0+S2", "S1+S2"}
+    text = (out / "advice.md").read_text()
+    assert "coverage" in text and "morphology" in text and "advice.png" in text and table["known"][0] in text
+    assert (out / "advice.png").stat().st_size > 0 and any((out / "cache").iterdir())
+    again = runner.invoke(app, ["advise", *map(str, folders), "--budget", "2", "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+@pytest.mark.parametrize("budget,n_sections,message", [(3, 3, "--budget: must be between 1 and 2"),
+                                                       (0, 3, "--budget: must be between 1 and 2"),
+                                                       (1, 1, "at least two sections")])
+def test_cli_errors_before_any_work(tmp_path, budget, n_sections, message):
+    folders = [write_section(s, tmp_path / "in") for s in small_stack(n_sections)]
+    out = tmp_path / "advice"
+    result = runner.invoke(app, ["advise", *map(str, folders), "--budget", str(budget), "--out", str(out)])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists()
+
+
+@pytest.mark.her2st
+def test_advice_on_her2st_picks_the_middle_section(her2st_root, tmp_path):
+    """On C2/C3/C4 every measured split is known (benchmarks/bench_advise.py): C3 imputes
+    the other two best; the advisor must say so from the images alone."""
+    sections = [her2st_root / n for n in ("C2", "C3", "C4")]
+    result = runner.invoke(app, ["advise", *map(str, sections), "--budget", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "advice.csv")
+    assert list(table["known"]) == ["C3", "C4", "C2"]
