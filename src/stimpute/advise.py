@@ -248,20 +248,20 @@ def _beam(n: int, budget: int, score, width: int) -> dict[tuple[int, ...], float
 def run_advise(sections, budget: int, out: str | Path, encoder: str = "handcrafted", force: bool = False,
                progress: bool = False) -> tuple[Advice, list[Path]]:
     """`stimpute advise`: read the sections (stack order), check the budget, describe the
-    stack (features cached in OUT/cache, registration QC figures in OUT/figures when it
-    fails), rank the candidates and write OUT/advice.csv, advice.md and advice.png."""
+    stack (features cached in OUT/cache, shared with `impute`; registration QC figures in
+    OUT/figures when it fails), rank the candidates and write OUTPUT_NAMES into OUT."""
     from stimpute.io import read_stack
+    from stimpute.io.run import run_ownership
 
     out = Path(out)
-    existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
-    if existing and not force:
-        raise StimputeError(out, f"already holds advice ({', '.join(existing)}); pass --force to overwrite")
-    stack = read_stack(sections)
-    check_budget(stack.names, budget)
-    description = describe_stack(stack, cache_dir=out / "cache", encoder=encoder, progress=progress,
-                                 qc_dir=out / "figures")
-    result = advise(description, budget)
-    return result, write_advice(result, out)
+    with run_ownership(out, "advise", sections, force) as run:
+        stack = read_stack(sections)
+        check_budget(stack.names, budget)
+        run.claim([*OUTPUT_NAMES, "figures/"], caches=["cache/"])
+        description = describe_stack(stack, cache_dir=out / "cache", encoder=encoder, progress=progress,
+                                     qc_dir=out / "figures")
+        result = advise(description, budget)
+        return result, write_advice(result, out)
 
 
 OUTPUT_NAMES = ("advice.csv", "advice.md", "advice.png")
