@@ -171,3 +171,18 @@ def test_advice_on_her2st_picks_the_middle_section(her2st_root, tmp_path):
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "advice.csv")
     assert list(table["known"]) == ["C3", "C4", "C2"]
+
+
+def test_tl_advise_on_anndata_as_scanpy_holds_them():
+    import stimpute.tl
+    from stimpute.io.inmemory import section_to_anndata
+
+    adatas = [section_to_anndata(s, hires_side=450, counts=True) for s in small_stack(2)]
+    given = [a.copy() for a in adatas]
+    table = stimpute.tl.advise(adatas, budget=1)
+    assert list(table.columns) == ["rank", "known", "expected_pcc"] and sorted(table["known"]) == ["S0", "S1"]
+    assert set(table.attrs["details"]) == set(table["known"])
+    for a, b in zip(adatas, given):
+        assert a.obsm.keys() == b.obsm.keys() and a.uns.keys() == b.uns.keys()
+    with pytest.raises(StimputeError, match="--budget"):
+        stimpute.tl.advise(adatas, budget=2)

@@ -1,4 +1,4 @@
-"""Tools on AnnData, scanpy style: `register`, `features` and `impute` a stack of sections.
+"""Tools on AnnData, scanpy style: `register`, `features`, `impute` and `advise` a stack of sections.
 
 Each function takes the sections of one tissue block in cutting order, as a list of
 AnnData objects or a dict name -> AnnData (names are what `known` refers to; a list's
@@ -151,6 +151,27 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
     return dict(zip(names, out)) if isinstance(adatas, Mapping) else out
 
 
+def advise(adatas: Sections, budget: int, *, encoder: str = "handcrafted", um_per_px: float | None = None,
+           thickness_um: float = 10.0, cache_dir: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
+    """Which `budget` sections to measure: every candidate known set ranked by the expected
+    mean per-gene PCC of the other sections, from images and registration only (counts,
+    where present, are never read; see `stimpute.advise`).
+
+    Returns the table `rank, known, expected_pcc` (`known`: names joined by `+`); its
+    `attrs["details"]` holds, per top candidate, each target's coverage, z distance,
+    morphological coverage and expected PCC. The given objects are not changed.
+    """
+    from stimpute.advise import advise as rank
+    from stimpute.advise import check_budget, describe_stack
+
+    names, _, stack = _stack(adatas, um_per_px, thickness_um)
+    check_budget(names, budget)
+    result = rank(describe_stack(stack, cache_dir=cache_dir, encoder=encoder, progress=progress), budget)
+    table = result.table.copy()
+    table.attrs["details"] = result.details
+    return table
+
+
 def _stack(adatas: Sections, um_per_px: float | None, thickness_um: float = 10.0) -> tuple[list[str], list[ad.AnnData], Stack]:
     """Names, objects and the in-memory `Stack` of the given sections."""
     objects = list(adatas.values()) if isinstance(adatas, Mapping) else list(adatas)
@@ -186,4 +207,4 @@ def _uns(adata: ad.AnnData, key: str) -> dict:
     return adata.uns[key]
 
 
-__all__ = ["register", "features", "impute"]
+__all__ = ["register", "features", "impute", "advise"]
