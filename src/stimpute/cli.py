@@ -50,6 +50,8 @@ def main_options(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
 ):  # options before the command name; the help text is the app's
     pass
+EncoderOption = Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), resnet18, resnet50, uni or ciga (networks need --weights).")]
+WeightsOption = Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded): torchvision, timm or Lightning layout.")]
 
 
 def guarded(command):
@@ -194,6 +196,7 @@ def convert_to_moest_h5(
     sections: Sections,
     out: Annotated[Path, typer.Option(help="The 3DMoEST H5 file to write.")],
     encoder: Annotated[str, typer.Option(help="Feature encoder for uni_features: uni (with --weights), handcrafted, resnet18, ...")] = "handcrafted",
+    weights: WeightsOption = None,
     genes: Annotated[Optional[Path], typer.Option(help="Genes whose counts are written (default: top 250 HVGs of the measured sections).")] = None,
     thickness_um: Annotated[Optional[float], typer.Option(help="Section spacing for coords_3d z = index × thickness.")] = None,
     patches: Annotated[bool, typer.Option(help="Also store the 224 px spot patches.")] = False,
@@ -203,6 +206,7 @@ def convert_to_moest_h5(
 
     Example: [bold]stimpute convert to-moest-h5 ../shared/data/her2st/C2 ../shared/data/her2st/C3 --out her2st_3d.h5[/]
     """
+    from stimpute.features.encoders import encoder_record
     from stimpute.io import read_stack
     from stimpute.io.moest_h5 import prepared_to_moest, write_moest_h5
     from stimpute.prepare import prepare_stack
@@ -212,8 +216,9 @@ def convert_to_moest_h5(
     check_inputs(out, [*sections, genes], folder=False)
     if out.exists() and not force:
         raise StimputeError(out, "already exists; pass --force to overwrite")
+    encoder_record(encoder, weights)
     stack = read_stack(sections) if thickness_um is None else read_stack(sections, thickness_um=thickness_um)
-    prepared = prepare_stack(stack, panel=genes, encoder=encoder, progress=True)
+    prepared = prepare_stack(stack, panel=genes, encoder=encoder, weights=weights, progress=True)
     data = prepared_to_moest(prepared, thickness_um=thickness_um, with_patches=patches)
     write_moest_h5(data, out, force=force)
     console.print(f"wrote {len(data.sections)} sections × {len(data.gene_names)} genes to {out}", highlight=False)
@@ -276,8 +281,8 @@ def register(
 def features(
     sections: Sections,
     out: Annotated[Path, typer.Option(help="Cache folder: one <section>.features.h5 per section.")],
-    encoder: Annotated[str, typer.Option(help="handcrafted (offline default), resnet18, resnet50, uni or ciga.")] = "handcrafted",
-    weights: Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded).")] = None,
+    encoder: EncoderOption = "handcrafted",
+    weights: WeightsOption = None,
     batch_size: Annotated[int, typer.Option(help="Spots per batch (× 3 scales patches).", min=1)] = 32,
     stain_normalize: Annotated[bool, typer.Option(help="Macenko-normalise the H&E stain before encoding.")] = False,
 ):
@@ -317,6 +322,8 @@ def impute(
     epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
     fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts, each spot's propagated share scaled by its reach: 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "calibrated",
+    encoder: EncoderOption = "handcrafted",
+    weights: WeightsOption = None,
 ):
     """Impute the expression of every section from one measured section (ASIGN: MSAGNet 3D + cross-layer imputation).
 
@@ -328,7 +335,8 @@ def impute(
     config = TrainConfig(seed=seed, max_epochs=epochs)
     if fusion not in ("calibrated", "even"):
         raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use calibrated or even)")
-    run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config, fusion=fusion)
+    run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config, fusion=fusion,
+                     encoder=encoder, weights=weights)
     _report_impute(run)
 
 
@@ -387,6 +395,8 @@ def train(
     method: Annotated[str, typer.Option(help="msagnet (2D MSAGNet), nh2st (NH²2ST) or moe3d (3DMoEST without coordinates).")] = "msagnet",
     mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section (nh2st, moe3d), writing cv_metrics.csv.")] = "train",
     folds: Annotated[Optional[int], typer.Option(help="Folds of --mode cv (default: one per section).", min=2)] = None,
+    encoder: EncoderOption = "handcrafted",
+    weights: WeightsOption = None,
 ):
     """Train an image-only model (2D MSAGNet, NH²2ST or 3DMoEST) on measured sections, for `stimpute predict`.
 
@@ -399,7 +409,7 @@ def train(
 
     config = TrainConfig(seed=seed, max_epochs=epochs, model=MSAGNetConfig(variant="2d"))
     ckpt = run_train(sections, out, genes=genes, seed=seed, force=force, progress=True, config=config, method=method,
-                     mode=mode, folds=folds)
+                     mode=mode, folds=folds, encoder=encoder, weights=weights)
     console.print(f"{'cross-validation by section' if mode == 'cv' else 'model'} written to {ckpt}", highlight=False)
 
 
@@ -411,6 +421,8 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per section, figures/, config.yaml.")],
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT.")] = False,
     method: Annotated[Optional[str], typer.Option(help="The model's method (msagnet, nh2st or moe3d); read from the model folder, checked when given.")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="The model's feature encoder; read from the model folder, checked when given.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="The encoder's local weight file, checked against the one the model was trained with (default: the recorded path).")] = None,
 ):
     """Predict expression from the H&E image alone with a trained model (2D MSAGNet, NH²2ST or 3DMoEST).
 
@@ -418,7 +430,7 @@ def predict(
     """
     from stimpute.pipeline import run_predict
 
-    files = run_predict(sections, model, out, force=force, progress=True, method=method)
+    files = run_predict(sections, model, out, force=force, progress=True, method=method, encoder=encoder, weights=weights)
     console.print(f"wrote {len(files)} files to {out}", highlight=False)
 
 
@@ -449,8 +461,9 @@ def benchmark(
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names (default: every registered method).")] = None,
     protocols: Annotated[str, typer.Option(help="3d (each measured section known in turn) and/or 2d (leave-one-section-out, images only).")] = "3d,2d",
     seed: Annotated[int, typer.Option(help="Seed passed to every method.")] = 0,
-    encoder: Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), resnet18, resnet50, uni or ciga.")] = "handcrafted",
+    encoder: EncoderOption = "handcrafted",
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (the feature cache is always reused).")] = False,
+    weights: WeightsOption = None,
 ):
     """Run every method under the 3D and 2D protocols and write the comparison table.
 
@@ -462,6 +475,7 @@ def benchmark(
     from datetime import date
 
     from stimpute.evaluate import check_benchmark, run_benchmark
+    from stimpute.features.encoders import encoder_record
     from stimpute.io import read_stack
     from stimpute.pipeline import input_records
     from stimpute.plot import pcc_boxplot
@@ -469,14 +483,15 @@ def benchmark(
 
     from stimpute.io.run import run_ownership
 
-    with run_ownership(out, "benchmark", sections, force) as run:
+    features = encoder_record(encoder, weights)
+    with run_ownership(out, "benchmark", [*sections, weights], force) as run:
         names, grid = check_benchmark(out, _csv(methods), _csv(protocols), force=True)  # OUT is checked by claim
         force = run.claim(["results.csv", "spots.csv", "splits.json", "summary.md", "pcc_boxplot.png"], caches=["features/"])
         stack = read_stack(sections)
         console.print(f"preparing {', '.join(stack.names)}: panel, {encoder} features (cached in {out / 'features'}), registration, graph")
-        prepared = prepare_stack(stack, encoder=encoder, cache_dir=out / "features", progress=True)
+        prepared = prepare_stack(stack, encoder=encoder, weights=weights, cache_dir=out / "features", progress=True)
         settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
-                    "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", "encoder": encoder,
+                    "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", **features,
                     "inputs": input_records(stack, sections)}
         result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings)
         plot = pcc_boxplot(result.results, out / "pcc_boxplot.png", names)

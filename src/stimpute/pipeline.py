@@ -29,6 +29,7 @@ from stimpute.errors import StimputeError
 from stimpute.evaluate import Summary, gene_metrics, spot_pcc, summarise_pcc
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
+from stimpute.features.encoders import encoder_record, match_recorded
 from stimpute.impute import MEMBERS, ImputeResult, graph_batch, impute_stack
 from stimpute.io import read_stack
 from stimpute.io.anndata_io import add_thumbnail, write_h5ad_atomic, write_text_atomic
@@ -66,18 +67,21 @@ class ImputeRun:
 
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-               encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated") -> ImputeRun:
+               encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated",
+               weights: str | Path | None = None) -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
 
     `known`: the measured section's name, or several joined by commas ("C2,C4").
+    `encoder`, `weights`: the feature encoder and its local weight file (network encoders).
     """
     out = Path(out)
-    with run_ownership(out, "impute", [*sections, genes], force) as run:
-        return _impute(run, out, sections, known, genes, seed, progress, config, encoder, members, fusion)
+    features = encoder_record(encoder, weights)
+    with run_ownership(out, "impute", [*sections, genes, weights], force) as run:
+        return _impute(run, out, sections, known, genes, seed, progress, config, features, members, fusion)
 
 
 @records_stages
-def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, encoder, members, fusion) -> ImputeRun:
+def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, features, members, fusion) -> ImputeRun:
     stack = read_stack(sections)
     k = known_indices(stack, known)
     targets = [i for i in range(len(stack)) if i not in k]
@@ -86,7 +90,8 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     # a killed run's partial outputs are replaced, its cache and checkpoints reused
     outputs = [f"{stack[i].name}.h5ad" for i in targets] + [f"figures/{stack[i].name}.png" for i in targets]
     force = run.claim(outputs + ["config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
-    prepared = prepare_stack(stack, known=known, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress)
+    prepared = prepare_stack(stack, known=known, panel=genes, encoder=features["encoder"], weights=features["weights"],
+                             cache_dir=out / "cache", progress=progress)
     config = config or TrainConfig(seed=seed)
     result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress,
                           members=members, fusion=fusion)
@@ -110,7 +115,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     settings = {
         "command": "stimpute " + " ".join(sys.argv[1:]) if sys.argv and "stimpute" in Path(sys.argv[0]).name else None,
         "stimpute_version": __version__, "seed": seed, "known": known,
-        "targets": [stack[i].name for i in targets], "encoder": encoder,
+        "targets": [stack[i].name for i in targets], **features,
         "inputs": input_records(stack, sections),
         "panel": {"source": prepared.settings["panel_source"], "genes": list(panel)},
         "train": config.to_dict(),
@@ -160,7 +165,8 @@ def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, la
 
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
               force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-              encoder: str = "handcrafted", method: str = "msagnet", mode: str = "train", folds: int | None = None) -> Path:
+              encoder: str = "handcrafted", method: str = "msagnet", mode: str = "train", folds: int | None = None,
+              weights: str | Path | None = None) -> Path:
     """Train a 2D model (`msagnet`, `nh2st`, or `moe3d` without coordinates) on every measured
     section (images only, no registration). `mode="cv"` (nh2st, moe3d): k-fold cross-validation
     by section instead, writing `cv_metrics.csv` (nh2st: and one checkpoint per fold)."""
@@ -170,17 +176,19 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
         raise StimputeError("--method", f"cannot train {method!r} for `stimpute predict` (use {' or '.join(MODEL_FILES)})")
     if mode not in ("train", "cv") or (mode == "cv" and method not in ("nh2st", "moe3d")):
         raise StimputeError("--mode", f"--mode {mode}: use train, or cv with --method nh2st or moe3d")
-    with run_ownership(out, "train", [*sections, genes], force) as run:
-        return _train(run, sections, genes, seed, progress, config, encoder, method, mode, folds, model_file)
+    features = encoder_record(encoder, weights)
+    with run_ownership(out, "train", [*sections, genes, weights], force) as run:
+        return _train(run, sections, genes, seed, progress, config, features, method, mode, folds, model_file)
 
 
-def _train(run: Run, sections, genes, seed, progress, config, encoder, method, mode, folds, model_file) -> Path:
+def _train(run: Run, sections, genes, seed, progress, config, features, method, mode, folds, model_file) -> Path:
     out = run.out
     saved = "checkpoints/" if model_file.startswith("checkpoints/") else model_file
     outputs = [saved, "cv_metrics.csv", "checkpoints/", "config.yaml"] if mode == "cv" else [saved, "config.yaml"]
     force = run.claim(list(dict.fromkeys(outputs)), caches=["cache/"]) and not run.resuming  # a killed run is resumed
     stack = read_stack(sections)
-    prepared = prepare_stack(stack, panel=genes, encoder=encoder, cache_dir=out / "cache", progress=progress, register=False)
+    prepared = prepare_stack(stack, panel=genes, encoder=features["encoder"], weights=features["weights"],
+                             cache_dir=out / "cache", progress=progress, register=False)
     if method == "moe3d" and mode == "cv":
         from stimpute.models.moe3d import MoE3DConfig, cross_validate
 
@@ -208,7 +216,7 @@ def _train(run: Run, sections, genes, seed, progress, config, encoder, method, m
                 old.unlink()
         fit(batch, config, ckpt_dir=out / "checkpoints", progress=progress)
         train_settings = config.to_dict()
-    settings = {"stimpute_version": __version__, "method": method, "seed": seed, "encoder": encoder, "panel": list(prepared.panel),
+    settings = {"stimpute_version": __version__, "method": method, "seed": seed, **features, "panel": list(prepared.panel),
                 "inputs": input_records(stack, sections),
                 "train": train_settings}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False))
@@ -216,16 +224,17 @@ def _train(run: Run, sections, genes, seed, progress, config, encoder, method, m
 
 
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
-                progress: bool = False, method: str | None = None) -> list[Path]:
+                progress: bool = False, method: str | None = None, encoder: str | None = None,
+                weights: str | Path | None = None) -> list[Path]:
     """Predict each section from its image alone with a model written by `run_train`
-    (`method`, if given, must be the model's); returns the `.h5ad` and figure of each section,
-    and records the model, inputs and version in `out/config.yaml`."""
+    (`method`, `encoder` and `weights`, if given, must be the model's); returns the `.h5ad`
+    and figure of each section, and records the model, inputs and version in `out/config.yaml`."""
     model_dir, out = Path(model_dir), Path(out)
-    with run_ownership(out, "predict", [*sections, model_dir], force) as run:
-        return _predict(run, sections, model_dir, progress, method)
+    with run_ownership(out, "predict", [*sections, model_dir, weights], force) as run:
+        return _predict(run, sections, model_dir, progress, method, encoder, weights)
 
 
-def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | None) -> list[Path]:
+def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | None, encoder, weights) -> list[Path]:
     out = run.out
     cfg_file = model_dir / "config.yaml"
     settings = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
@@ -236,6 +245,7 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
     if method is not None and method != trained:
         raise StimputeError(cfg_file, f"this model was trained with --method {trained}, not {method}")
     method = trained
+    features = match_recorded(settings, encoder, weights, cfg_file)
     if method == "moe3d":
         from stimpute.models.moe3d import MoE3D
 
@@ -253,7 +263,8 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
     for section in stack:
         from stimpute.data import Stack
 
-        one = prepare_stack(Stack([section]), known=[], panel=settings["panel"], encoder=settings["encoder"],
+        one = prepare_stack(Stack([section]), known=[], panel=settings["panel"], encoder=features["encoder"],
+                            weights=features["weights"],
                             cache_dir=out / "cache", progress=progress, register=False)
         g = one.graph
         with torch.no_grad(), torch_threads(1):
@@ -267,7 +278,7 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
         files.append(_heatmaps(section, one.panel, [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES], pred, one.expression[0], out))
         section.image.release()
     record = {"stimpute_version": __version__, "method": method, "model": str(model_dir), "model_sha256": input_hash(ckpt),
-              "seed": settings.get("seed"), "encoder": settings["encoder"], "panel": settings["panel"],
+              "seed": settings.get("seed"), **features, "panel": settings["panel"],
               "inputs": input_records(stack, sections), "train": settings.get("train")}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(record), sort_keys=False))
     return files

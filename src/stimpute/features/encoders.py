@@ -85,6 +85,31 @@ def weights_id(spec: EncoderSpec, weights: str | Path | None, random_init: bool 
     return file_digest(path)
 
 
+def encoder_record(name: str, weights: str | Path | None = None) -> dict:
+    """What an output records about its features: `encoder`, `weights` (path) and
+    `weights_sha256`; checks first that the encoder exists and its weight file is usable."""
+    spec = get_spec(name)
+    digest = weights_id(spec, weights)
+    return {"encoder": spec.name, "weights": None if weights is None else str(weights),
+            "weights_sha256": None if weights is None else digest}
+
+
+def match_recorded(recorded: dict, name: str | None, weights: str | Path | None, source: str | Path) -> dict:
+    """The encoder a trained model needs (`recorded`: its `encoder_record`), checked against
+    what the user gave (`name`, `weights`; None: the recorded ones)."""
+    trained = recorded.get("encoder", "handcrafted")
+    if name is not None and name != trained:
+        raise StimputeError(source, f"this model was trained on {trained} features, not --encoder {name}")
+    if weights is None and recorded.get("weights") and get_spec(trained).needs_weights:
+        weights = recorded["weights"]
+        if not Path(weights).is_file():
+            raise StimputeError(source, f"the model's {trained} weights {weights} are gone; pass --weights PATH to the same file")
+    mine = encoder_record(trained, weights)
+    if recorded.get("weights_sha256") and mine["weights_sha256"] != recorded["weights_sha256"]:
+        raise StimputeError(weights, f"not the {trained} weights this model was trained with (sha256 {recorded['weights_sha256'][:12]}…)")
+    return mine
+
+
 class Encoder:
     """A ready encoder: call it on uint8 patches (N, H, W, 3) to get float32 (N, dim)."""
 
