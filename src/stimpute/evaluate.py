@@ -15,6 +15,7 @@ every split, records failures per split instead of stopping, and writes `results
 from __future__ import annotations
 
 import json
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -33,7 +34,6 @@ from stimpute.expression import top_variable
 from stimpute.io.anndata_io import _atomic_write, write_text_atomic
 from stimpute.models import METHODS, NotApplicable, PreparedStack, get_method, load_methods
 from stimpute.prepare import with_known_panel
-from stimpute.timing import proc_status_mib, reset_peak_rss
 
 
 def pearson_columns(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -103,7 +103,7 @@ def summarise_pcc(pcc) -> Summary:
 # --------------------------------------------------------------------------- protocols
 
 PROTOCOLS = ("3d", "2d")
-METHOD_ORDER = ("asign", "asign_model", "msagnet", "propagation", "transfer", "overlap", "similarity", "ridge", "knn", "mean")
+METHOD_ORDER = ("asign", "asign_model", "msagnet", "msagnet2d", "propagation", "transfer", "overlap", "similarity", "ridge", "knn", "mean")
 RESULT_COLUMNS = ["method", "protocol", "known", "target", "gene", "pcc", "mse", "mae",
                   "status", "error", "seconds", "peak_mib", "top50"]
 TOP_HVG = 50
@@ -155,23 +155,51 @@ def default_methods() -> list[str]:
 class ResourceMeter:
     """Wall-clock seconds and peak resident-memory growth (MiB) of a block.
 
-    Memory is the process's peak RSS (Linux VmHWM, reset on entry through
-    /proc/self/clear_refs) minus its RSS on entry, so it counts numpy and torch alike;
-    NaN where the kernel offers no resettable peak.
+    Memory is the largest RSS of the process seen while the block runs (psutil, sampled
+    every `interval` seconds by a background thread, and at both ends) minus its RSS on
+    entry, so it counts numpy and torch alike on any OS psutil supports; a peak shorter
+    than one interval can be missed. NaN where the process's memory cannot be read.
     """
 
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+
     def __enter__(self) -> "ResourceMeter":
+        import psutil
+
         self.seconds = float("nan")
-        self.peak_mib = float("nan")
-        self._resettable = reset_peak_rss()
-        self._base = proc_status_mib("VmRSS")
+        try:
+            self._process = psutil.Process()
+        except (psutil.Error, OSError):  # no /proc (or its equivalent) to read
+            self._process = None
+        self._base = self._peak = self._rss()
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
         self._start = time.perf_counter()
         return self
 
+    def _rss(self) -> float:
+        import psutil
+
+        try:
+            return float(self._process.memory_info().rss) if self._process else float("nan")
+        except (psutil.Error, OSError):
+            return float("nan")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._rss())
+
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self._start
-        if self._resettable:
-            self.peak_mib = max(0.0, proc_status_mib("VmHWM") - self._base)
+        self._stop.set()
+        self._sampler.join()
+        self._peak = max(self._peak, self._rss())
+
+    @property
+    def peak_mib(self) -> float:
+        return max(0.0, (self._peak - self._base) / 2**20) if np.isfinite(self._peak - self._base) else float("nan")
 
 
 # --------------------------------------------------------------------------- running

@@ -11,7 +11,7 @@ from stimpute.models.base import METHODS, Method, NotApplicable, PreparedStack, 
 from stimpute.models import baselines  # noqa: F401  (registers overlap, similarity, ridge, knn, mean)
 
 # Modules that register the built-in torch methods; imported on demand (torch/lightning are slow to import).
-METHOD_MODULES = ("stimpute.impute", "stimpute.models.nh2st", "stimpute.models.moe3d")
+METHOD_MODULES = ("stimpute.impute", "stimpute.models.msagnet2d", "stimpute.models.nh2st", "stimpute.models.moe3d")
 
 
 def load_methods() -> dict:
