@@ -1,4 +1,5 @@
-"""Small on-disk inputs for tests: HER2-ST-like raw folders and HEST-like .h5ad samples."""
+"""Small on-disk inputs for tests (HER2-ST-like raw folders, HEST-like .h5ad samples) and
+the command line run in-process."""
 
 from __future__ import annotations
 
@@ -29,3 +30,21 @@ def write_her2st_folder(folder: Path, name: str = "X1", n_side: int = 6, pitch: 
     size = int(pitch * (n_side + 1))
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"HE_{name}.jpg")
     return folder
+
+
+def run_cli(*args):
+    """`stimpute ARGS...` in-process (typer's CliRunner); returns its Result."""
+    from typer.testing import CliRunner
+
+    from stimpute.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result, *needles) -> None:
+    """Exit code 2 and exactly one line, an error containing every needle."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], result.output

@@ -5,24 +5,10 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from stimpute.cli import app
-from tests.helpers import write_her2st_folder
+from tests.helpers import one_error_line, run_cli, write_her2st_folder
 
-runner = CliRunner()
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for needle in needles:
-        assert needle in lines[0], result.output
+_run, _one_error_line = run_cli, one_error_line
 
 
 def test_help_lists_commands_with_examples():

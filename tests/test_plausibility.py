@@ -13,33 +13,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from typer.testing import CliRunner
 
 from stimpute import Section, SectionImage, StimputeError
-from stimpute.cli import app
 from stimpute.errors import StimputeWarning
 from stimpute.io import read_her2st
 from stimpute.io.validate import validate_section
 from stimpute.register.masks import View
-from tests.helpers import write_her2st_folder
+from tests.helpers import one_error_line, run_cli, write_her2st_folder
 
-runner = CliRunner()
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+_run, _one_error_line = run_cli, one_error_line
 
 
 def _lines(result):
     return [ln for ln in result.output.splitlines() if ln.strip()]
-
-
-def _one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = _lines(result)
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for needle in needles:
-        assert needle in lines[0], result.output
 
 
 def _section(X, xy=None, size=64, name="s", spot_um=2.0):

@@ -94,6 +94,22 @@ def _impute_process(args: list[str], out: Path, log: Path, prefix: list[str], ki
         return proc.wait()
 
 
+def _processes_writing(out: Path, wait_s: float) -> list[int]:
+    """Pids of live processes whose command line names `out`, after waiting up to `wait_s`."""
+    deadline = time.time() + wait_s
+    while True:
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if str(out).encode() in (proc / "cmdline").read_bytes() and "Z" not in (proc / "stat").read_text().split(")")[-1][:3]:
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        if not pids or time.time() > deadline:
+            return pids
+        time.sleep(0.1)
+
+
 def test_impute_killed_during_training_and_writing_then_rerun_equals_an_uninterrupted_run(folders, reference, tmp_path):
     out, log = tmp_path / "out", tmp_path / "log.txt"
     args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
@@ -209,3 +225,14 @@ def test_impute_reuses_a_cache_filled_by_stimpute_features(folders, reference, t
     run_impute(folders, "S0", out, seed=0, config=TrainConfig(seed=0, max_epochs=EPOCHS))
     assert_same_results(reference, out)
     assert {f: f.stat().st_mtime_ns for f in cache} == cache
+
+
+def test_impute_killed_after_the_first_features_then_rerun_equals_an_uninterrupted_run(folders, reference, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
+    rc = _impute_process(args, out, log, ["-m", "stimpute"], kill_when=lambda: any((out / "cache").glob("*.features.h5")))
+    assert rc == -signal.SIGKILL, log.read_text()
+    assert not (out / "checkpoints" / "best.ckpt").exists()  # killed before training
+    assert not _processes_writing(out, wait_s=5)  # no feature worker outlives the killed run
+    assert _impute_process(args, out, log, ["-m", "stimpute"]) == 0, log.read_text()
+    assert_same_results(reference, out)

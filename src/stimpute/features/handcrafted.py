@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 
 import cv2
@@ -83,10 +84,25 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     count there (`cv2.setNumThreads`) deadlocks, so it is left alone."""
     if workers not in _POOLS:
         method = "fork" if sys.platform.startswith("linux") else "spawn"
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_die_with_parent,
+                                   initargs=(os.getpid(), threading.current_thread() is threading.main_thread()))
         pool.submit(int).result()  # start the workers now, before callers start threads of their own
         _POOLS[workers] = pool
     return _POOLS[workers]
+
+
+def _die_with_parent(parent: int, from_main_thread: bool) -> None:
+    """Linux: a worker is killed with its parent, so a killed `stimpute` leaves no idle
+    workers behind (they would wait on the pool's queue for ever). Only for pools started
+    by the main thread: the kernel signals when the forking *thread* ends."""
+    if from_main_thread and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def _colour(rgb: np.ndarray, hed: np.ndarray, tissue: np.ndarray) -> np.ndarray:
