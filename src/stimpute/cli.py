@@ -33,7 +33,7 @@ err_console = Console(stderr=True)
 
 Sections = Annotated[
     list[Path],
-    typer.Argument(help="Sections in stack order: HER2-ST raw folders, section folders or .h5ad files."),
+    typer.Argument(help="Sections in stack order: HER2-ST raw folders, section folders, .h5ad files, or (impute) H&E images alone."),
 ]
 
 
@@ -85,15 +85,15 @@ def info(sections: Sections, verify: Annotated[bool, typer.Option(help="Decode e
 
     Example: [bold]stimpute info ../shared/data/her2st/C2 ../shared/data/her2st/C3[/]
     """
-    from stimpute.io import read_section
+    from stimpute.io import read_sections
 
     loaded = []
     for path in sections:
-        section = read_section(path)
-        if verify:
-            section.image.verify()
-            section.image.release()
-        loaded.append(section)
+        for section in read_sections(path):
+            if verify:
+                section.image.verify()
+                section.image.release()
+            loaded.append(section)
     console.print(sections_table(loaded))
 
 
@@ -111,7 +111,7 @@ def sections_table(sections) -> Table:
             section.name,
             str(section.n_spots),
             f"{dropped} (+{extra} counts rows)" if extra else str(dropped),
-            str(section.adata.n_vars),
+            f"{rep['imputed_genes']} imputed" if "imputed_genes" in rep else str(section.adata.n_vars),
             f"{W}×{H}",
             f"{section.um_per_px:.4g}",
             f"{section.spot_diameter_px:.0f}",
@@ -324,19 +324,30 @@ def impute(
     fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts, each spot's propagated share scaled by its reach: 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "calibrated",
     encoder: EncoderOption = "handcrafted",
     weights: WeightsOption = None,
+    um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per pixel of the H&E-only sections (image files; default: their metadata, else the measured sections').")] = None,
+    spot_diameter_um: Annotated[Optional[float], typer.Option(help="Virtual spot diameter in µm (default: the known section's).")] = None,
+    pitch_um: Annotated[Optional[float], typer.Option(help="Virtual spot centre-to-centre distance in µm (default: the known section's).")] = None,
+    grid_scale: Annotated[float, typer.Option(help="Virtual grid pitch as a multiple of --pitch-um: 0.5 lays a super-resolution grid at half the pitch (4x the spots on a square array).")] = 1.0,
 ):
     """Impute the expression of every section from one measured section (ASIGN: MSAGNet 3D + cross-layer imputation).
 
+    A section may be an H&E image alone (JPEG, PNG, TIFF, pyramidal WSI): it is named by its file name without
+    extension, and virtual spots are laid on its tissue with the known section's spot grid, registered so they lie
+    above the measured spots.
+
     Example: [bold]stimpute impute ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --known C3 --out imputed/[/]
+    Example: [bold]stimpute impute sec2.jpg ../shared/data/her2st/C3 sec4.tif --known C3 --out imputed/ --grid-scale 0.5[/]
     """
     from stimpute.pipeline import run_impute
+    from stimpute.register.grid import GridOptions
     from stimpute.train import TrainConfig
 
     config = TrainConfig(seed=seed, max_epochs=epochs)
     if fusion not in ("calibrated", "even"):
         raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use calibrated or even)")
+    grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um, grid_scale=grid_scale)
     run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config, fusion=fusion,
-                     encoder=encoder, weights=weights)
+                     encoder=encoder, weights=weights, um_per_px=um_per_px, grid=grid)
     _report_impute(run)
 
 

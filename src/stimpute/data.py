@@ -30,6 +30,7 @@ class Section:
     image: SectionImage
     um_per_px: float
     spot_diameter_um: float = 100.0
+    pitch_um: float | None = None  # centre-to-centre spot distance; None: estimated from the spots
     z_um: float | None = None
     source: str | None = None
     report: dict = field(default_factory=dict)  # what the reader dropped or assumed

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 import yaml
 
 from stimpute import __version__
+from stimpute.confidence import spot_confidence
 from stimpute.errors import StimputeError
 from stimpute.evaluate import Summary, gene_metrics, spot_pcc, summarise_pcc
 from stimpute.expression import top_variable
@@ -32,11 +32,13 @@ from stimpute.features.checkpoint import file_digest
 from stimpute.features.encoders import encoder_record, match_recorded
 from stimpute.impute import MEMBERS, ImputeResult, graph_batch, impute_stack
 from stimpute.io import read_stack
-from stimpute.io.anndata_io import add_thumbnail, write_h5ad_atomic, write_text_atomic
+from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
+from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
 from stimpute.io.run import Run, run_ownership
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.prepare import known_indices, prepare_stack
-from stimpute.timing import TIMINGS_FILE, records_stages, timed
+from stimpute.register.grid import GridOptions, place_virtual_spots
+from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.train import MSAGNetModule, TrainConfig, fit, torch_threads
 
 MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
@@ -68,30 +70,34 @@ class ImputeRun:
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
                encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated",
-               weights: str | Path | None = None) -> ImputeRun:
+               weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None) -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
 
     `known`: the measured section's name, or several joined by commas ("C2,C4").
     `encoder`, `weights`: the feature encoder and its local weight file (network encoders).
+    Image files among `sections` are H&E-only sections (scale `um_per_px` or their metadata)
+    that get a virtual spot grid (`grid`) in the known section's registered frame.
     """
     out = Path(out)
     features = encoder_record(encoder, weights)
     with run_ownership(out, "impute", [*sections, genes, weights], force) as run:
-        return _impute(run, out, sections, known, genes, seed, progress, config, features, members, fusion)
+        return _impute(run, out, sections, known, genes, seed, progress, config, features, members, fusion, um_per_px, grid)
 
 
 @records_stages
-def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, features, members, fusion) -> ImputeRun:
-    stack = read_stack(sections)
+def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, features, members, fusion,
+            um_per_px, grid) -> ImputeRun:
+    stack = read_stack(sections, um_per_px=um_per_px)
     k = known_indices(stack, known)
     targets = [i for i in range(len(stack)) if i not in k]
     if not targets:
         raise StimputeError(None, "nothing to impute: every section is --known")
     # a killed run's partial outputs are replaced, its cache and checkpoints reused
     outputs = [f"{stack[i].name}.h5ad" for i in targets] + [f"figures/{stack[i].name}.png" for i in targets]
-    force = run.claim(outputs + ["config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
+    force = run.claim(outputs + [BLOCK_FILE, "config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
+    registration = place_virtual_spots(stack, k, grid, progress=progress)
     prepared = prepare_stack(stack, known=known, panel=genes, encoder=features["encoder"], weights=features["weights"],
-                             cache_dir=out / "cache", progress=progress)
+                             cache_dir=out / "cache", progress=progress, registration=registration)
     config = config or TrainConfig(seed=seed)
     result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress,
                           members=members, fusion=fusion)
@@ -101,13 +107,23 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     known_expr = np.concatenate([prepared.known_expression(i) for i in k])
     figure_genes = [g for g in MARKER_GENES if g in panel]
     figure_genes += [panel[j] for j in top_variable(known_expr, N_TOP_FIGURE_GENES) if panel[j] not in figure_genes]
-    for i in targets:
-        section = stack[i]
-        layers = {"model": result.model[i], "propagated": result.propagated[i], "propagated_weight": result.weight[i]}
-        obs = {"cli_reach": result.reach[i]}
-        files.append(write_prediction(section, panel, result.fused[i], out, layers, obs, force=force))
-        files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out))
+    gene_conf = result.gene_confidence  # calibration hold-out PCC of the fused value, per gene
+    parts = []
+    for i, section in enumerate(stack):
+        xyz = spatial_3d(prepared.coords_ref[i], stack[0].um_per_px, section.z_um)
+        if i in targets:
+            layers = {"model": result.model[i], "propagated": result.propagated[i], "propagated_weight": result.weight[i]}
+            obs = {"cli_reach": result.reach[i], "confidence": spot_confidence(result.model[i], result.propagated[i])}
+            parts.append(section_result(section, panel, result.fused[i], xyz, False, layers, obs, gene_conf))
+            with stage("writing"):
+                files.append(write_h5ad_atomic(parts[-1], out / f"{section.name}.h5ad", force=force))
+            files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out))
+        else:
+            parts.append(section_result(section, panel, prepared.expression[i], xyz, True, gene_confidence=gene_conf))
         section.image.release()
+    with stage("writing"):
+        files.append(write_h5ad_atomic(block_result(parts), out / BLOCK_FILE, force=force))
+    del parts
 
     metrics, summary = evaluate_targets(prepared, targets, result.fused, top_variable(known_expr, N_TOP_SUMMARY))
     if metrics is not None:
@@ -148,19 +164,11 @@ def evaluate_targets(prepared, targets: list[int], predictions: dict, top: np.nd
 
 
 @timed("writing")
-def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, layers: dict | None = None,
-                     obs: dict | None = None, force: bool = False) -> Path:
-    """`out/<section>.h5ad`: the section's spot ids, var = panel, X and layers on the log1p scale."""
-    adata = ad.AnnData(X=np.asarray(X, np.float32), obs=section.adata.obs.copy(), var=pd.DataFrame(index=pd.Index(list(panel), name="gene")))
-    for name, values in (layers or {}).items():
-        adata.layers[name] = np.asarray(values, np.float32)
-    for name, values in (obs or {}).items():
-        adata.obs[name] = np.asarray(values)
-    adata.obsm["spatial"] = section.xy
-    adata.uns["stimpute"] = {"section": section.name, "scale": "normalize_total(1e4) + log1p",
-                             "um_per_px": float(section.um_per_px), "spot_diameter_um": float(section.spot_diameter_um)}
-    add_thumbnail(adata, section)
-    return write_h5ad_atomic(adata, out / f"{section.name}.h5ad", force=force)
+def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, force: bool = False) -> Path:
+    """`out/<section>.h5ad` of an image-only prediction (`io.results` layout, unregistered:
+    `spatial_3d` is the section's own frame in µm at its z)."""
+    xyz = spatial_3d(section.xy, section.um_per_px, section.z_um)
+    return write_h5ad_atomic(section_result(section, panel, X, xyz, measured=False), out / f"{section.name}.h5ad", force=force)
 
 
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,

@@ -51,6 +51,7 @@ def prepare_stack(
     progress: bool = False,
     n_top: int = DEFAULT_PANEL_SIZE,
     register: bool = True,
+    registration=None,
 ) -> PreparedStack:
     """Panel, expression, features, registration and 3D graph of `stack` (see module doc).
 
@@ -59,6 +60,7 @@ def prepare_stack(
     its local weight file (network encoders). `cache_dir`: feature cache folder.
     `register=False` (sections of different samples, 2D use): each section keeps its own
     pixel frame, and only the graph's within-section edges are meaningful.
+    `registration`: a `StackRegistration` already computed (e.g. with virtual spots placed).
     """
     from stimpute.features import spot_features
     from stimpute.graph import WITHIN, build_graph, build_graph_2d
@@ -77,7 +79,8 @@ def prepare_stack(
     for s in stack:  # one section's image open at a time: memory does not grow with the stack
         features.append(spot_features(s, encoder=encoder, weights=weights, cache_dir=cache_dir, progress=progress))
         s.image.release()
-    registration = register_stack(stack, progress=progress) if register and len(stack) > 1 else None
+    if registration is None and register and len(stack) > 1:
+        registration = register_stack(stack, progress=progress)
     coords_ref = registration.coords_ref if registration else [s.xy for s in stack]
     graph = build_graph(stack, coords_ref, features=features) if len(stack) > 1 else build_graph_2d(stack[0])
     if registration is None:  # unregistered sections: cross-layer matches would be meaningless

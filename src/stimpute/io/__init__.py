@@ -5,13 +5,17 @@
 - a project section folder (`section.h5ad` + `image.*`, written by `stimpute convert`),
 - an `.h5ad` file with `obsm["spatial"]` and an image (HEST-1k style),
 - a single-section 3DMoEST `.h5` file (`stimpute.io.moest_h5`; multi-section files are
-  converted with `stimpute convert moest-h5`).
+  converted with `stimpute convert moest-h5`),
+- an H&E image alone (JPEG/PNG/TIFF/WSI): an unmeasured section without spots yet
+  (`stimpute.io.image_section`; virtual spots come from `stimpute.register.grid`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from stimpute.data import Section, Stack
 from stimpute.errors import InputError
@@ -23,6 +27,7 @@ from stimpute.io.anndata_io import (
     write_section,
 )
 from stimpute.io.her2st import is_her2st_folder, read_her2st
+from stimpute.io.image_section import is_image_file, read_image_section
 from stimpute.io.moest_h5 import is_moest_h5, read_moest_section
 from stimpute.io.validate import validate_section
 from stimpute.timing import timed
@@ -36,8 +41,10 @@ def read_section(path: str | Path, image: str | Path | None = None, um_per_px: f
     if path.is_file():
         if path.suffix in (".h5", ".hdf5") and is_moest_h5(path):
             return read_moest_section(path, um_per_px=um_per_px)
+        if is_image_file(path):
+            return read_image_section(path, um_per_px=um_per_px)
         if path.suffix != ".h5ad":
-            raise InputError(path, "unsupported section file: expected an .h5ad or a section folder")
+            raise InputError(path, "unsupported section file: expected an .h5ad, an H&E image or a section folder")
         return read_h5ad_section(path, image=image, um_per_px=um_per_px)
     if is_section_folder(path):
         return read_section_folder(path)
@@ -53,10 +60,36 @@ def read_section(path: str | Path, image: str | Path | None = None, um_per_px: f
     )
 
 
+def read_sections(path: str | Path) -> list[Section]:
+    """Every section in `path`: all sections of a `block.h5ad`, else the one section."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".h5ad":
+        import anndata as ad
+
+        from stimpute.io.results import is_result, read_result
+
+        adata = ad.read_h5ad(path, backed="r")
+        if is_result(adata.uns) and adata.uns["stimpute"].get("block"):
+            adata = adata.to_memory()
+            return read_result(path, adata)
+    return [read_section(path)]
+
+
 @timed("read")
-def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None) -> Stack:
-    """Read sections given in cutting order into a Stack."""
-    sections = [read_section(p) for p in paths]
+def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None, um_per_px: float | None = None) -> Stack:
+    """Read sections given in cutting order into a Stack.
+
+    `um_per_px` is the scale of the H&E-only members (image files); without it and without
+    image metadata they take the measured sections' median scale, with a warning.
+    """
+    images = [is_image_file(Path(p)) for p in paths]
+    read = {i: read_section(p) for i, p in enumerate(paths) if not images[i]}
+    scales = [s.um_per_px for s in read.values() if s.has_counts]
+    default = float(np.median(scales)) if scales else None
+    for i, p in enumerate(paths):
+        if images[i]:
+            read[i] = read_image_section(p, um_per_px=um_per_px, default_um_per_px=default)
+    sections = [read[i] for i in range(len(paths))]
     return Stack(sections) if thickness_um is None else Stack(sections, thickness_um=thickness_um)
 
 
@@ -64,8 +97,10 @@ __all__ = [
     "read_section",
     "validate_section",
     "read_stack",
+    "read_sections",
     "read_her2st",
     "read_h5ad_section",
+    "read_image_section",
     "write_section",
     "write_h5ad_atomic",
 ]

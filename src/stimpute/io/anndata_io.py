@@ -24,10 +24,11 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError, StimputeError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
+from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, section_geometry, warn_default
+from stimpute.io.results import is_result, read_result
 from stimpute.io.validate import validate_section
 
 SECTION_FILE = "section.h5ad"
-VISIUM_SPOT_DIAMETER_UM = 55.0
 THUMBNAIL_SIDE = 1000
 
 
@@ -50,12 +51,18 @@ def read_h5ad_section(
 
     The image is `image` if given, else `uns["stimpute"]["image"]` (relative to the file),
     else a sibling image with the same stem, else HEST-1k's `../wsis/<stem>.tif`.
-    Micrometres per pixel: `um_per_px`, else `uns["stimpute"]`, else HEST-1k's
-    `../metadata/<stem>.json` (`pixel_size_um_estimated`), else Visium's
-    `spot_diameter_fullres` (55 µm spots).
+    Micrometres per pixel, spot diameter and pitch: `um_per_px`, else `uns["stimpute"]`,
+    else HEST-1k metadata, else Visium scale factors (`stimpute.io.geometry`); a 55 µm
+    (Visium) spot with a warning where nothing gives the diameter.
     """
     h5ad_path = Path(h5ad_path)
     adata = _read_h5ad(h5ad_path)
+    if is_result(adata.uns):  # stimpute's own output: log1p predictions, not counts
+        sections = read_result(h5ad_path, adata)
+        if len(sections) > 1:
+            raise InputError(h5ad_path, f"a block of {len(sections)} sections ({', '.join(s.name for s in sections)}); "
+                             "read it with stimpute.io.read_sections")
+        return sections[0]
     if "spatial" not in adata.obsm:
         raise InputError(h5ad_path, 'no obsm["spatial"]: spot pixel coordinates are required')
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
@@ -64,20 +71,23 @@ def read_h5ad_section(
     adata.obsm["spatial"] = xy[:, :2]
     meta = dict(adata.uns.get("stimpute", {}))
     image_path = Path(image) if image is not None else _find_image(h5ad_path, meta)
-    scale = um_per_px or meta.get("um_per_px") or _hest_pixel_size(h5ad_path)
-    spot_um = float(meta.get("spot_diameter_um", 0) or 0)
+    geometry = section_geometry(h5ad_path, dict(adata.uns))
+    scale = um_per_px or geometry.um_per_px
     if not scale:
-        scale, spot_um = _visium_scale(h5ad_path, adata)
+        raise InputError(h5ad_path, "image scale unknown: pass --um-per-px (no uns['stimpute'], HEST metadata or Visium scalefactors)")
+    if geometry.spot_diameter_um is None:
+        warn_default(h5ad_path, "spot diameter", VISIUM_SPOT_DIAMETER_UM, "µm, the Visium spot")
     adata = counts_as_x(adata)
     section = Section(
         name=name or meta.get("section") or h5ad_path.stem,
         adata=adata,
         image=SectionImage.open(image_path),
         um_per_px=float(scale),
-        spot_diameter_um=spot_um or VISIUM_SPOT_DIAMETER_UM,
+        spot_diameter_um=geometry.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM,
+        pitch_um=geometry.pitch_um,
         z_um=meta.get("z_um"),
         source=str(h5ad_path),
-        report=dict(meta.get("report", {})),
+        report={**dict(meta.get("report", {})), **({"geometry": geometry.sources} if geometry.sources else {})},
     )
     return validate_section(section)
 
@@ -104,6 +114,7 @@ def write_section(section: Section, out_dir: str | Path, force: bool = False, th
         "image": image_name,
         "um_per_px": float(section.um_per_px),
         "spot_diameter_um": float(section.spot_diameter_um),
+        **({"pitch_um": float(section.pitch_um)} if section.pitch_um else {}),
         "report": json.loads(json.dumps(section.report)),
         **({"z_um": float(section.z_um)} if section.z_um is not None else {}),
     }
@@ -209,23 +220,4 @@ def _find_image(h5ad_path: Path, meta: dict) -> Path:
                 return p
     raise InputError(h5ad_path, "no image found for this section (looked for a sibling image with the same name and in "
                                 "../wsis/): put it there, or make a section folder with `stimpute convert h5ad FILE OUT --image PATH`")
-
-
-def _hest_pixel_size(h5ad_path: Path) -> float | None:
-    meta_path = h5ad_path.parent.parent / "metadata" / f"{h5ad_path.stem}.json"
-    if meta_path.is_file():
-        try:
-            value = json.loads(meta_path.read_text()).get("pixel_size_um_estimated")
-            return float(value) if value else None
-        except (ValueError, OSError):
-            raise InputError(meta_path, "cannot read HEST metadata JSON") from None
-    return None
-
-
-def _visium_scale(h5ad_path: Path, adata: ad.AnnData) -> tuple[float, float]:
-    for lib in dict(adata.uns.get("spatial", {})).values():
-        diameter = dict(lib.get("scalefactors", {})).get("spot_diameter_fullres")
-        if diameter:
-            return VISIUM_SPOT_DIAMETER_UM / float(diameter), VISIUM_SPOT_DIAMETER_UM
-    raise InputError(h5ad_path, "image scale unknown: pass --um-per-px (no uns['stimpute'], HEST metadata or Visium scalefactors)")
 

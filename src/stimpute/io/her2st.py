@@ -75,6 +75,7 @@ def read_her2st(folder: str | Path) -> Section:
         image=image,
         um_per_px=array_um_per_px(spots),
         spot_diameter_um=SPOT_DIAMETER_UM,
+        pitch_um=SPOT_PITCH_UM,
         source=str(folder),
         report=report,
     )

@@ -1,0 +1,18 @@
+"""How far to trust an imputed spot: the agreement of the two independent estimates.
+
+The image model's prediction and the propagated expression come from different evidence
+(histology vs. measured neighbours through the 3D graph); where they agree across genes,
+the fused value is less likely to be wrong. Per-gene confidence is
+`ImputeResult.gene_confidence`, the calibration hold-out PCC of the fused value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stimpute.evaluate import pearson_columns
+
+
+def spot_confidence(model: np.ndarray, propagated: np.ndarray) -> np.ndarray:
+    """(n_spots,) PCC across genes between the model and propagated estimates of each spot."""
+    return np.nan_to_num(pearson_columns(np.asarray(model).T, np.asarray(propagated).T)).astype(np.float32)

@@ -1,0 +1,83 @@
+"""`stimpute impute` with an H&E-only section: per-section files, block.h5ad, plots, read-back."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from stimpute.cli import app
+from stimpute.datasets import synthetic_stack
+from stimpute.io import read_sections, write_section
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """S0 measured (known), S1 handed over as a PNG alone, S2 measured target."""
+    root = tmp_path_factory.mktemp("virtual")
+    stack = synthetic_stack(3, seed=0, n_genes=30, tissue_radius_um=350.0, image_size=800)
+    s1 = stack[1]
+    Image.fromarray(s1.image.read_region(0, 0, *s1.image.size)).save(root / "he_1.png")
+    inputs = [write_section(stack[0], root / "in"), root / "he_1.png", write_section(stack[2], root / "in")]
+    args = ["impute", *map(str, inputs), "--known", "S0", "--out", str(root / "out"), "--um-per-px", "2", "--epochs", "5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return root / "out", stack
+
+
+def test_image_section_output_contract(run):
+    out, stack = run
+    adata = ad.read_h5ad(out / "he_1.h5ad")
+    xy = adata.obsm["spatial"]
+    assert adata.n_obs > 20 and (xy >= 0).all() and (xy < 800).all()  # own full-resolution pixels
+    assert all("x" in name for name in adata.obs_names) and not adata.obs["measured"].any()
+    assert (adata.X >= 0).all() and all((adata.layers[k] >= 0).all() for k in ("model", "propagated"))
+    assert adata.obsm["spatial_3d"].shape == (adata.n_obs, 3) and np.allclose(adata.obsm["spatial_3d"][:, 2], 10.0)
+    assert adata.var["calibration_pcc"].notna().mean() > 0.9 and adata.obs["confidence"].between(-1, 1).all()
+    lib = adata.uns["spatial"]["he_1"]
+    assert max(lib["images"]["hires"].shape) <= 2000 and max(lib["images"]["lowres"].shape) <= 600
+    assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(55.0 / 2)
+    assert (out / "metrics.csv").is_file() and (out / "figures" / "he_1.png").is_file()
+
+
+def test_block_holds_every_section(run):
+    out, stack = run
+    block = ad.read_h5ad(out / "block.h5ad")
+    assert list(block.obs["section"].cat.categories) == ["S0", "he_1", "S2"]
+    assert block.obs.groupby("section", observed=True)["measured"].all().to_dict() == {"S0": True, "he_1": False, "S2": False}
+    assert (block.obs["section"] == "S0").sum() == stack[0].n_spots and block.obs_names.is_unique
+    z = block.obsm["spatial_3d"][:, 2]
+    assert sorted(set(np.round(z, 6))) == [0.0, 10.0, 20.0] and (block.X >= 0).all()
+    assert set(block.uns["spatial"]) == {"S0", "he_1", "S2"} and "calibration_pcc" in block.var
+
+
+def test_scanpy_and_squidpy_plot_the_outputs(run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    out, _ = run
+    adata = ad.read_h5ad(out / "he_1.h5ad")
+    gene = adata.var_names[0]
+    sc.pl.spatial(adata, color=gene, show=False)
+    squidpy = pytest.importorskip("squidpy")
+    squidpy.pl.spatial_scatter(adata, color=gene)
+    squidpy.pl.spatial_scatter(ad.read_h5ad(out / "block.h5ad"), color=gene, library_key="section")
+
+
+def test_info_reads_every_output_back(run, tmp_path):
+    out, _ = run
+    for name in ("he_1.h5ad", "S2.h5ad", "block.h5ad"):
+        result = CliRunner().invoke(app, ["info", str(out / name)])
+        assert result.exit_code == 0, result.output
+        assert "imputed" in result.output
+    moved = tmp_path / "he_1.h5ad"  # the source image is not where the file says: uns['spatial'] hires is used
+    adata = ad.read_h5ad(out / "he_1.h5ad")
+    adata.uns["stimpute"]["image_path"] = str(tmp_path / "gone.png")
+    adata.write_h5ad(moved)
+    (section,) = read_sections(moved)
+    assert "hires" in section.report["image"] and section.n_spots == adata.n_obs
+    assert section.spot_diameter_px == pytest.approx(55.0 / 2 * adata.uns["spatial"]["he_1"]["scalefactors"]["tissue_hires_scalef"])
