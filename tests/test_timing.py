@@ -40,3 +40,19 @@ def test_records_stages_writes_timings_json_into_out(tmp_path):
     assert command([1, 2], tmp_path / "run") == 2
     stages = json.loads((tmp_path / "run" / "timings.json").read_text())["stages"]
     assert set(stages) == {"total", "read"} and stages["total"]["seconds"] >= stages["read"]["seconds"]
+
+
+def test_a_stage_entered_again_while_running_is_counted_once():
+    @timed("training")
+    def fit():
+        time.sleep(0.02)
+
+    @timed("training")
+    def member():
+        fit()
+        time.sleep(0.02)
+
+    with recording() as timer:
+        member()
+    r = timer.to_dict()["training"]
+    assert r["calls"] == 1 and 0.04 <= r["seconds"] < 0.07

@@ -168,6 +168,7 @@ def _calibration(prepared, known, held, member_held, morphology) -> dict:
     return out
 
 
+@timed("training")
 def _msagnet_member(prepared, known, targets, held, batch, config, ckpt_dir, resume, progress) -> dict:
     """MSAGNet on the 3D graph: trained on the known spots outside the hold-out."""
     module = fit(batch, config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
@@ -185,6 +186,7 @@ def _probe_member(name: str):
     return functools.partial(_fit_probe, name)
 
 
+@timed("training")
 def _fit_probe(name, prepared, known, targets, held, batch, config, ckpt_dir, resume, progress) -> dict:
     from stimpute.models import get_method
     from stimpute.models.baselines import flat_features

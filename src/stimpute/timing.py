@@ -3,7 +3,8 @@
 Stages are marked in the code with `@timed("features")` on a function or
 `with stage("writing"):` around a block; both cost nothing unless a `recording()` is
 active, as it is during `stimpute impute` (which writes the result as `timings.json`).
-A stage entered several times (features of each section) accumulates its seconds.
+A stage entered several times (features of each section) accumulates its seconds; a
+stage entered again while it runs (a timed function calling another) is counted once.
 
 Peak memory is the process's peak resident set (Linux VmHWM), reset at the start of each
 stage through /proc/self/clear_refs, so each stage reports the largest RSS reached while
@@ -41,6 +42,9 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str):
+        if name in self._open:  # already inside this stage (a timed function calling another): counted once
+            yield
+            return
         self._credit_peak()  # what the enclosing stages reached so far, before the reset
         reset_peak_rss()
         self._open.append(name)
