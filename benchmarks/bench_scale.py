@@ -15,7 +15,8 @@ Sweep: `python benchmarks/bench_scale.py --sweep [--spots 250] --out DIR`
   runs 3 sections × 1, 4, 16 × M spots and 3, 6, 12 sections × M spots, and writes
   `DIR/sweep.csv` (same columns), `DIR/sweep_accuracy.csv`, `DIR/exponents.csv` (fitted
   growth exponent of each stage's seconds and peak MiB in spots and in sections: slope of
-  log cost on log size), `DIR/sweep.md` and the log-log plot `DIR/sweep.png`.
+  log cost on log size), `DIR/sweep.md` and the log-log plot `DIR/sweep.png`; `--report`
+  only summarises the rows a (cut-short) sweep left in DIR.
 
 Sections of one spot count come from one block (the first N of the largest N needed).
 `--epochs` is passed to `stimpute impute` (default: its own). The subprocess runs with
@@ -183,6 +184,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None, help="MSAGNet epochs passed to stimpute impute")
     ap.add_argument("--sweep", action="store_true", help="3 sections × 1/4/16 × spots, and 3/6/12 sections")
+    ap.add_argument("--report", action="store_true", help="with --sweep: only summarise the rows already in OUT")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.sweep:
@@ -195,27 +197,44 @@ def main() -> None:
         print(table.to_string(index=False))
         return
     base = args.spots or 250
+    if not args.report:
+        sweep(args.out, base, args.seed, args.epochs)
+    report(args.out, base, args.seed)
+
+
+def sweep(out: Path, base: int, seed: int, epochs: int | None) -> None:
+    """Every run of the sweep, cheapest first; the tables are rewritten after each run, so a
+    sweep cut short still leaves its rows (`--report` summarises them)."""
     runs = sorted({(SECTION_COUNTS[0], base * f) for f in SPOT_FACTORS} | {(n, base) for n in SECTION_COUNTS},
-                  key=lambda r: r[0] * r[1])  # cheapest first: a cut-short sweep still has a table
-    rows, accs = [], []
+                  key=lambda r: r[0] * r[1])
+    rows = []
     for n_sections, spots in runs:
         build = SECTION_COUNTS[-1] if spots == base else n_sections
-        r, a = run_one(args.out / f"data_{spots}", args.out, n_sections, spots, args.seed, args.epochs, build)
-        rows += r
-        accs.append(a)
-        pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out / "sweep.csv", index=False)
-    table, acc = pd.DataFrame(rows, columns=COLUMNS), pd.DataFrame(accs)
+        rows += run_one(out / f"data_{spots}", out, n_sections, spots, seed, epochs, build)[0]
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(out / "sweep.csv", index=False)
+
+
+def report(out: Path, base: int, seed: int) -> None:
+    """Growth exponents, throughput, accuracy, the log-log plot and `sweep.md` from the runs
+    in `sweep.csv` and their output folders."""
+    table = pd.read_csv(out / "sweep.csv")
+    runs = table[["sections", "spots"]].drop_duplicates().itertuples(index=False)
+    acc = pd.DataFrame([accuracy(block(out / f"data_{m}", n, m, seed), out / f"impute_{n}x{m}", n, m) for n, m in runs])
+    acc.to_csv(out / "sweep_accuracy.csv", index=False)
     fits = pd.concat([exponents(table, "spots", {"sections": SECTION_COUNTS[0]}),
                       exponents(table, "sections", {"spots": base})], ignore_index=True)
-    acc.to_csv(args.out / "sweep_accuracy.csv", index=False)
-    fits.to_csv(args.out / "exponents.csv", index=False)
-    plot(table, base, args.out / "sweep.png")
+    fits.to_csv(out / "exponents.csv", index=False)
+    plot(table, base, out / "sweep.png")
     wide = table.pivot_table(index=["sections", "spots"], columns="stage", values="seconds", sort=False).reset_index()
-    (args.out / "sweep.md").write_text(markdown("stimpute impute scale sweep", {
-        "seconds per stage": wide, "all rows (seconds, peak MiB)": table, "growth exponents": fits, "accuracy": acc}))
+    wide["dominant"] = wide[list(STAGES)].idxmax(axis=1)
+    features = table[table["stage"] == "features"].merge(acc, on=["sections", "spots"])
+    speed = features.assign(patches=3 * features["total_spots"])[["sections", "spots", "patches", "seconds"]]
+    speed = speed.assign(patches_per_s=(speed["patches"] / speed["seconds"]).round(1))
+    (out / "sweep.md").write_text(markdown("stimpute impute scale sweep", {
+        "seconds per stage": wide, "all rows (seconds, peak MiB)": table, "growth exponents": fits,
+        "feature extraction (3 scales per spot)": speed, "accuracy": acc}))
     print(wide.to_string(index=False))
     print(fits.to_string(index=False))
-
 
 if __name__ == "__main__":
     main()
