@@ -16,7 +16,8 @@ Sweep: `python benchmarks/bench_scale.py --sweep [--spots 250] --out DIR`
   `DIR/sweep.csv` (same columns), `DIR/sweep_accuracy.csv`, `DIR/exponents.csv` (fitted
   growth exponent of each stage's seconds and peak MiB in spots and in sections: slope of
   log cost on log size), `DIR/sweep.md` and the log-log plot `DIR/sweep.png`; `--report`
-  only summarises the rows a (cut-short) sweep left in DIR.
+  only summarises the rows a (cut-short) sweep left in DIR; `--runs 3x1000,12x250` runs
+  only those, merging their rows into `DIR/sweep.csv`.
 
 Sections of one spot count come from one block (the first N of the largest N needed).
 `--epochs` is passed to `stimpute impute` (default: its own). The subprocess runs with
@@ -185,6 +186,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="MSAGNet epochs passed to stimpute impute")
     ap.add_argument("--sweep", action="store_true", help="3 sections × 1/4/16 × spots, and 3/6/12 sections")
     ap.add_argument("--report", action="store_true", help="with --sweep: only summarise the rows already in OUT")
+    ap.add_argument("--runs", default=None, help="with --sweep: only these runs, e.g. 3x1000,3x4000 (rows merge into sweep.csv)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.sweep:
@@ -197,21 +199,25 @@ def main() -> None:
         print(table.to_string(index=False))
         return
     base = args.spots or 250
+    runs = sorted({(SECTION_COUNTS[0], base * f) for f in SPOT_FACTORS} | {(n, base) for n in SECTION_COUNTS},
+                  key=lambda r: r[0] * r[1])  # cheapest first
+    if args.runs:
+        runs = [tuple(int(v) for v in run.split("x")) for run in args.runs.split(",")]
     if not args.report:
-        sweep(args.out, base, args.seed, args.epochs)
+        sweep(args.out, base, runs, args.seed, args.epochs)
     report(args.out, base, args.seed)
 
 
-def sweep(out: Path, base: int, seed: int, epochs: int | None) -> None:
-    """Every run of the sweep, cheapest first; the tables are rewritten after each run, so a
-    sweep cut short still leaves its rows (`--report` summarises them)."""
-    runs = sorted({(SECTION_COUNTS[0], base * f) for f in SPOT_FACTORS} | {(n, base) for n in SECTION_COUNTS},
-                  key=lambda r: r[0] * r[1])
-    rows = []
+def sweep(out: Path, base: int, runs: list[tuple[int, int]], seed: int, epochs: int | None) -> None:
+    """Each (sections, spots) run in turn; `sweep.csv` is rewritten after each run (rows of
+    runs not repeated here are kept), so a sweep cut short still leaves its rows."""
+    table = out / "sweep.csv"
+    rows = pd.read_csv(table).to_dict("records") if table.is_file() else []
     for n_sections, spots in runs:
         build = SECTION_COUNTS[-1] if spots == base else n_sections
-        rows += run_one(out / f"data_{spots}", out, n_sections, spots, seed, epochs, build)[0]
-        pd.DataFrame(rows, columns=COLUMNS).to_csv(out / "sweep.csv", index=False)
+        new = run_one(out / f"data_{spots}", out, n_sections, spots, seed, epochs, build)[0]
+        rows = [r for r in rows if (r["sections"], r["spots"]) != (n_sections, spots)] + new
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(table, index=False)
 
 
 def report(out: Path, base: int, seed: int) -> None:
