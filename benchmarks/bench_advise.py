@@ -152,9 +152,11 @@ def main() -> None:
         q = description.quantities(known)
         q.insert(0, "known", label)
         q.insert(0, "size", len(known))
-        q["actual"] = [actual[(label, t)] for t in q["section"]]
+        q["actual"] = [actual.get((label, t), np.nan) for t in q["section"]]
         frames.append(q)
     rows = pd.concat(frames, ignore_index=True).rename(columns={"section": "target"})
+    missing = sorted(set(rows.loc[rows["actual"].isna(), "known"]))
+    rows = rows.dropna(subset=["actual"]).reset_index(drop=True)  # splits the --actual file does not hold
     terms = list(MODEL_TERMS)
     coef = fit(rows, terms)
     rows["expected"] = design(rows, terms) @ coef
@@ -171,7 +173,8 @@ def main() -> None:
              f"Actual accuracy: {source}. Model: per-target PCC = "
              + " + ".join(f"{c:+.4f}·{t}" for c, t in zip(coef, terms)),
              f"(least squares over {len(rows)} (known set, target) rows; RMSE {rmse:.4f} in sample, "
-             f"{loso_rmse:.4f} leave-one-section-out).", "",
+             f"{loso_rmse:.4f} leave-one-section-out)."
+             + (f" Known sets without actual numbers in that file (left out): {', '.join(missing)}." if missing else ""), "",
              f"Time on {os.cpu_count()} CPUs: registration + features {described:.1f} s, the advisor itself (budgets 1-2) "
              f"{advisor_seconds(description):.2f} s.", *([speed_row(args.out)] if args.speed else []), ""]
     lines += ["| known | targets: coverage / z µm / morphology | actual PCC | expected | expected (LOSO) |", "|---|---|---|---|---|"]
