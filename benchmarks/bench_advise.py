@@ -8,6 +8,8 @@ count-free quantities (coverage, z distance, morphological coverage;
 
 - `--actual FILE`: a `bench_impute.csv` of `benchmarks/bench_impute.py` (columns
   variant, known, target, gene, pcc, ...; `--variant asign` is `stimpute impute`'s output);
+- `--impute`: runs ASIGN (`stimpute impute`'s fused output, `impute_stack`) for every
+  known set here (minutes per split; the feature cache in OUT/cache is reused);
 - otherwise the `transfer` baseline (register, then copy the Gaussian-weighted nearest
   measured spots of every known section): a cheap stand-in, seconds instead of an hour.
 
@@ -20,7 +22,8 @@ actual, and the regret of the advisor's pick (actual of the pick minus the best 
 Run: `python benchmarks/bench_advise.py [--data ../shared/data/her2st] [--out bench-advise]
 [--actual bench_impute.csv] [--write-model]` (`--write-model` stores the fitted
 coefficients in src/stimpute/data/advise_model.json, the advisor's packaged model).
-Writes OUT/bench_advise.csv (one row per known set and target), OUT/bench_advise.md.
+Writes OUT/bench_advise.csv (one row per known set and target), OUT/bench_advise.md
+(and with `--impute` OUT/actual_asign.csv, reusable as `--actual`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,28 @@ def actual_transfer(stack, description, known_sets) -> dict[tuple[str, str], flo
         label = "+".join(stack.names[i] for i in known)
         for t in targets:
             out[(label, stack.names[t])] = float(np.nan_to_num(pearson_columns(predicted[t], expression[t])).mean())
+    return out
+
+
+def actual_impute(stack, known_sets, cache: Path, epochs: int) -> dict[tuple[str, str], float]:
+    """ASIGN's fused output per split (`impute_stack`, default settings): mean per-gene PCC
+    per (known set, target). One preparation (registration, features, graph) serves every
+    split; each split's panel comes from its known sections only (`with_known_panel`)."""
+    from stimpute.evaluate import pearson_columns
+    from stimpute.impute import impute_stack
+    from stimpute.prepare import prepare_stack, with_known_panel
+    from stimpute.train import TrainConfig
+
+    prepared = prepare_stack(stack, cache_dir=cache)
+    out = {}
+    for known in known_sets:
+        split = with_known_panel(prepared, list(known))
+        result = impute_stack(split, list(known), config=TrainConfig(max_epochs=epochs))
+        label = "+".join(stack.names[i] for i in known)
+        for t in result.fused:
+            if t not in known:
+                out[(label, stack.names[t])] = float(np.nan_to_num(pearson_columns(result.fused[t], split.expression[t])).mean())
+        print(f"known {label}: " + ", ".join(f"{t} {v:.3f}" for (k, t), v in out.items() if k == label), flush=True)
     return out
 
 
@@ -128,6 +153,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-advise"))
     parser.add_argument("--actual", type=Path, help="bench_impute.csv with per-gene PCCs (default: the transfer stand-in)")
     parser.add_argument("--variant", default="asign")
+    parser.add_argument("--impute", action="store_true", help="actual = ASIGN run here for every known set (slow)")
+    parser.add_argument("--epochs", type=int, default=200, help="MSAGNet epochs of --impute")
     parser.add_argument("--write-model", action="store_true")
     parser.add_argument("--speed", action="store_true", help="also time the advisor on five synthetic ~180-spot sections")
     args = parser.parse_args()
@@ -143,6 +170,10 @@ def main() -> None:
     known_sets = [k for size in (1, 2) for k in itertools.combinations(range(len(stack)), size)]
     if args.actual:
         actual, source = actual_from_csv(args.actual, args.variant), f"{args.actual.name}, variant {args.variant}"
+    elif args.impute:
+        actual, source = actual_impute(stack, known_sets, args.out / "cache", args.epochs), "ASIGN (`impute_stack`, fused)"
+        pd.DataFrame([{"variant": "asign", "known": k, "target": t, "pcc": v} for (k, t), v in actual.items()]).to_csv(
+            args.out / "actual_asign.csv", index=False)  # reusable as --actual
     else:
         actual, source = actual_transfer(stack, description, known_sets), "transfer baseline (stand-in)"
 
