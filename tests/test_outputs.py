@@ -39,7 +39,15 @@ def test_image_section_output_contract(run):
     lib = adata.uns["spatial"]["he_1"]
     assert max(lib["images"]["hires"].shape) <= 2000 and max(lib["images"]["lowres"].shape) <= 600
     assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(55.0 / 2)
-    assert (out / "metrics.csv").is_file() and (out / "figures" / "he_1.png").is_file()
+    assert (out / "metrics.csv").is_file()
+
+
+def test_figures_maps_registration_qc_and_3d_view(run):
+    out, _ = run
+    names = ["he_1.png", "S2.png", "overlay_S0_he_1.png", "overlay_he_1_S2.png", "spots_3d.png", "block_3d.png"]
+    for name in names:
+        with Image.open(out / "figures" / name) as im:
+            assert min(im.size) > 400, name
 
 
 def test_block_holds_every_section(run):

@@ -26,7 +26,7 @@ import yaml
 from stimpute import __version__
 from stimpute.confidence import spot_confidence
 from stimpute.errors import StimputeError
-from stimpute.evaluate import Summary, gene_metrics, spot_pcc, summarise_pcc
+from stimpute.evaluate import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
 from stimpute.features.encoders import encoder_record, match_recorded
@@ -38,11 +38,14 @@ from stimpute.io.run import Run, run_ownership
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.prepare import known_indices, prepare_stack
 from stimpute.register.grid import GridOptions, place_virtual_spots
+from stimpute.register.outputs import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.train import MSAGNetModule, TrainConfig, fit, torch_threads
 
 MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
 N_TOP_FIGURE_GENES = 4
+FIGURE_SIDE = 1600  # px of the H&E thumbnail behind the expression maps
+BLOCK_FIGURE = "block_3d.png"
 N_TOP_SUMMARY = 50
 MODEL_FILE = "checkpoints/best.ckpt"
 MODEL_FILES = {"msagnet": MODEL_FILE, "moe3d": "moe3d.pt", "nh2st": "checkpoints/nh2st.ckpt"}  # what `stimpute train --method` writes
@@ -94,6 +97,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
         raise StimputeError(None, "nothing to impute: every section is --known")
     # a killed run's partial outputs are replaced, its cache and checkpoints reused
     outputs = [f"{stack[i].name}.h5ad" for i in targets] + [f"figures/{stack[i].name}.png" for i in targets]
+    outputs += [f"figures/{name}" for name in figure_names(stack)] + [f"figures/{BLOCK_FIGURE}"]
     force = run.claim(outputs + [BLOCK_FILE, "config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
     registration = place_virtual_spots(stack, k, grid, progress=progress)
     prepared = prepare_stack(stack, known=known, panel=genes, encoder=features["encoder"], weights=features["weights"],
@@ -108,6 +112,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     figure_genes = [g for g in MARKER_GENES if g in panel]
     figure_genes += [panel[j] for j in top_variable(known_expr, N_TOP_FIGURE_GENES) if panel[j] not in figure_genes]
     gene_conf = result.gene_confidence  # calibration hold-out PCC of the fused value, per gene
+    metrics, summary = evaluate_targets(prepared, targets, result.fused, top_variable(known_expr, N_TOP_SUMMARY))
     parts = []
     for i, section in enumerate(stack):
         xyz = spatial_3d(prepared.coords_ref[i], stack[0].um_per_px, section.z_um)
@@ -117,15 +122,17 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
             parts.append(section_result(section, panel, result.fused[i], xyz, False, layers, obs, gene_conf))
             with stage("writing"):
                 files.append(write_h5ad_atomic(parts[-1], out / f"{section.name}.h5ad", force=force))
-            files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out))
+            pcc = None if metrics is None else metrics[metrics.section == section.name].set_index("gene").pcc
+            files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
+                                   pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy()))
         else:
             parts.append(section_result(section, panel, prepared.expression[i], xyz, True, gene_confidence=gene_conf))
         section.image.release()
     with stage("writing"):
         files.append(write_h5ad_atomic(block_result(parts), out / BLOCK_FILE, force=force))
+        files.extend(write_figures(stack, registration, out / "figures"))  # registration QC overlays, 3D spot cloud
+        files.append(_block_figure(parts, figure_genes[0], out))
     del parts
-
-    metrics, summary = evaluate_targets(prepared, targets, result.fused, top_variable(known_expr, N_TOP_SUMMARY))
     if metrics is not None:
         files.append(write_text_atomic(out / "metrics.csv", metrics.to_csv(index=False)))
     settings = {
@@ -283,7 +290,10 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
             else:
                 pred = module.model(torch.as_tensor(one.features[0]), g.edge_index, g.edge_type, g.edge_weight.float()).numpy()
         files.append(write_prediction(section, one.panel, pred, out, force=force))
-        files.append(_heatmaps(section, one.panel, [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES], pred, one.expression[0], out))
+        shown = [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES]
+        measured = one.expression[0]
+        pcc = None if measured is None else pearson_columns(pred, measured)[[list(one.panel).index(g) for g in shown]]
+        files.append(_heatmaps(section, one.panel, shown, pred, measured, out, pcc=pcc, label="predicted"))
         section.image.release()
     record = {"stimpute_version": __version__, "method": method, "model": str(model_dir), "model_sha256": input_hash(ckpt),
               "seed": settings.get("seed"), **features, "panel": settings["panel"],
@@ -307,14 +317,26 @@ def input_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _block_figure(parts, gene: str, out: Path) -> Path:
+    """`figures/block_3d.png`: `gene` over every section of the block, stacked in z."""
+    from stimpute.plot import block_view
+
+    values = [np.asarray(p[:, gene].X).ravel() for p in parts]
+    return block_view([p.obsm["spatial_3d"] for p in parts], values, [p.uns["stimpute"]["section"] for p in parts], gene,
+                      out / "figures" / BLOCK_FIGURE, [bool(p.uns["stimpute"]["measured"]) for p in parts])
+
+
 @timed("writing")
-def _heatmaps(section, panel, genes, predicted, measured, out: Path) -> Path:
+def _heatmaps(section, panel, genes, predicted, measured, out: Path, pcc=None, label: str = "imputed") -> Path:
+    """`figures/<section>.png`: the genes' maps at true spot size on the H&E (with PCC where measured)."""
     from stimpute.plot import expression_heatmaps
 
     cols = [list(panel).index(g) for g in genes]
-    thumb, scale = section.image.thumbnail(800)
+    thumb, scale = section.image.thumbnail(FIGURE_SIDE)
+    title = f"{section.name}: {label}" if measured is None else f"{section.name}: {label} and measured"
     return expression_heatmaps(thumb, section.xy * scale, genes, predicted[:, cols], out / "figures" / f"{section.name}.png",
-                               None if measured is None else measured[:, cols], title=f"{section.name}: imputed vs measured")
+                               None if measured is None else measured[:, cols], title=title,
+                               diameter=section.spot_diameter_px * scale, pcc=pcc, label=label)
 
 
 def _plain(value):

@@ -15,6 +15,8 @@ from matplotlib.figure import Figure
 
 from stimpute.io.anndata_io import _atomic_write
 
+PANEL_IN = 3.6  # inches per map panel
+
 
 def pcc_boxplot(results: pd.DataFrame, path: str | Path, methods: Sequence[str] | None = None) -> Path:
     """Box plot of per-gene PCC per method, one panel per protocol (like ASIGN's Figure 4).
@@ -43,29 +45,77 @@ def pcc_boxplot(results: pd.DataFrame, path: str | Path, methods: Sequence[str] 
 
 
 def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[str], predicted: np.ndarray,
-                        path: str | Path, measured: np.ndarray | None = None, title: str = "") -> Path:
-    """Predicted (and measured) expression of `genes` as spots on the tissue thumbnail.
+                        path: str | Path, measured: np.ndarray | None = None, title: str = "",
+                        diameter: float | None = None, pcc: Sequence[float] | None = None, label: str = "imputed") -> Path:
+    """Expression of `genes` as spots drawn at their true size on the H&E, beside the H&E alone.
 
-    `xy`: spot centres in thumbnail pixels; `predicted`/`measured`: (n_spots, len(genes)).
-    One row per gene; measured and predicted share the colour scale of their gene.
+    `xy`: spot centres in thumbnail pixels; `diameter`: spot diameter in thumbnail pixels
+    (default: half the median neighbour distance); `predicted`/`measured`: (n_spots,
+    len(genes)). Panels are cropped to the spots. With `measured`, each gene shows measured
+    and predicted on one colour scale (1st-99th percentile) and the predicted panel's title
+    gives the gene's PCC (`pcc`); without, one panel per gene titled `label`.
     """
-    columns = [("predicted", predicted)] if measured is None else [("measured", measured), ("predicted", predicted)]
-    fig = Figure(figsize=(3.2 * len(columns) + 0.6, 3.0 * len(genes)), layout="constrained")
-    axes = fig.subplots(len(genes), len(columns), squeeze=False)
-    size = max(4.0, 9000.0 / max(len(xy), 1))
+    from matplotlib.collections import EllipseCollection
+
+    xy = np.asarray(xy, float)
+    d = float(diameter) if diameter else 0.5 * _median_spacing(xy)
+    h, w = thumbnail.shape[:2]
+    x0, y0 = np.clip(np.floor(xy.min(0) - 1.5 * d), 0, None).astype(int)
+    x1, y1 = np.ceil(xy.max(0) + 1.5 * d).astype(int)
+    crop, xy = thumbnail[y0:min(y1, h), x0:min(x1, w)], xy - [x0, y0]
+    columns = [(label, predicted)] if measured is None else [("measured", measured), ("predicted", predicted)]
+    panel_h = float(np.clip(PANEL_IN * crop.shape[0] / max(crop.shape[1], 1), 2.0, 6.0))
+    fig = Figure(figsize=(PANEL_IN * (len(columns) + 1) + 1.0, panel_h * len(genes) + 0.6), layout="constrained")
+    axes = fig.subplot_mosaic([["H&E"] + [f"{g}:{name}" for name, _ in columns] for g in range(len(genes))])
+    axes["H&E"].imshow(crop)
+    axes["H&E"].set_title("H&E", fontsize=10)
+    axes["H&E"].set_axis_off()
     for g, gene in enumerate(genes):
-        lo = min(float(np.min(v[:, g])) for _, v in columns)
-        hi = max(float(np.max(v[:, g])) for _, v in columns)
-        for ax, (label, values) in zip(axes[g], columns):
-            ax.imshow(thumbnail)
-            dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=size, cmap="viridis", vmin=lo, vmax=hi, linewidths=0)
-            ax.set_title(f"{gene} · {label}", fontsize=9)
+        both = np.concatenate([v[:, g] for _, v in columns])
+        lo, hi = np.percentile(both, [1, 99]) if both.size else (0.0, 1.0)
+        for name, values in columns:
+            ax = axes[f"{g}:{name}"]
+            ax.imshow(crop)
+            spots = EllipseCollection(d, d, 0.0, units="xy", offsets=xy, offset_transform=ax.transData,
+                                      array=values[:, g], cmap="viridis", clim=(lo, max(hi, lo + 1e-6)), linewidths=0)
+            ax.add_collection(spots)
+            shown = f"{gene} · {name}"
+            if name == "predicted" and pcc is not None and np.isfinite(pcc[g]):
+                shown += f" (PCC {pcc[g]:.2f})"
+            ax.set_title(shown, fontsize=10)
             ax.set_axis_off()
-        fig.colorbar(dots, ax=axes[g].tolist(), shrink=0.8, label="log1p expression")
+        fig.colorbar(spots, ax=[axes[f"{g}:{name}"] for name, _ in columns], shrink=0.8, label="log1p expression")
     if title:
         fig.suptitle(title)
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"))
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format=path.suffix.lstrip(".") or "png"))
+    return path
+
+
+def block_view(xyz_um: Sequence[np.ndarray], values: Sequence[np.ndarray], names: Sequence[str], gene: str,
+               path: str | Path, measured: Sequence[bool] | None = None) -> Path:
+    """Static 3D view of the block: each section's spots at their registered (x, y) and
+    depth z (µm), coloured by `gene` on one scale; z is stretched so the layers separate."""
+    import mpl_toolkits.mplot3d  # noqa: F401  (registers the 3d projection)
+
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    ax = fig.add_subplot(projection="3d")
+    lo, hi = np.percentile(np.concatenate(list(values)), [1, 99])
+    for xyz, v in zip(xyz_um, values):
+        dots = ax.scatter(xyz[:, 0] / 1000, xyz[:, 1] / 1000, xyz[:, 2], c=v, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
+                          s=10, depthshade=False, linewidths=0)
+    states = measured if measured is not None else [False] * len(names)
+    ax.set_zticks([float(np.median(xyz[:, 2])) for xyz in xyz_um],
+                  [f"{n} ({'measured' if m else 'imputed'})" for n, m in zip(names, states)], fontsize=8)
+    ax.set_box_aspect((1.0, 1.0, 0.8))
+    ax.invert_yaxis()
+    ax.set_xlabel("x (mm)")
+    ax.set_ylabel("y (mm)")
+    ax.view_init(elev=22, azim=-60)
+    fig.colorbar(dots, ax=ax, shrink=0.6, label=f"{gene} (log1p)")
+    ax.set_title(f"{gene} across the block (sections stacked in z)")
+    path = Path(path)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png"))
     return path
 
 
@@ -126,3 +176,11 @@ def advice_figure(details: dict[str, pd.DataFrame], sections: Sequence[str], pat
     path = Path(path)
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path
+
+
+def _median_spacing(xy: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    if len(xy) < 2:
+        return 10.0
+    return float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))

@@ -56,6 +56,11 @@ def write_registration(stack: Stack, out: str | Path, force: bool = False, progr
             "n_edges": int(graph.edge_index.shape[1])}
 
 
+def figure_names(stack: Stack) -> list[str]:
+    """File names `write_figures` writes for `stack`."""
+    return [f"overlay_{a.name}_{b.name}.png" for a, b in zip(stack.sections, stack.sections[1:])] + ["spots_3d.png"]
+
+
 def write_figures(stack: Stack, reg: StackRegistration, folder: Path) -> list[Path]:
     """Before/after overlay of each adjacent pair and the 3D spot cloud."""
     extent_um = max(max(s.image.size) * s.um_per_px for s in stack)
@@ -65,7 +70,7 @@ def write_figures(stack: Stack, reg: StackRegistration, folder: Path) -> list[Pa
         fixed, moving = stack[i - 1], stack[i]
         before = np.diag([moving.um_per_px / fixed.um_per_px] * 2 + [1.0])
         after = np.linalg.inv(reg.transforms[i - 1]) @ reg.transforms[i]
-        path = folder / f"overlay_{fixed.name}_{moving.name}.png"
+        path = folder / figure_names(stack)[i - 1]
         paths.append(save_pair_overlay(views[i - 1], views[i], before, after, f"{moving.name} onto {fixed.name}", path))
     paths.append(save_spot_cloud(stack, reg.coords_ref, folder / "spots_3d.png"))
     return paths
