@@ -178,3 +178,27 @@ def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_root, tmp
     for name, other in {"model": pcc(result.model), "propagated": pcc(result.propagated), "transfer": pcc(rival)}.items():
         assert fused.mean() > other.mean() + 0.01, name
         assert wilcoxon(fused, other, alternative="greater").pvalue < 1e-3, name
+
+
+def test_known_takes_several_sections_joined_by_commas(synthetic):
+    from stimpute.errors import StimputeError
+    from stimpute.prepare import known_indices
+
+    assert known_indices(synthetic, "S0, S2") == [0, 2] and known_indices(synthetic, "S1") == [1]
+    with pytest.raises(StimputeError, match="S9"):
+        known_indices(synthetic, "S0,S9")
+
+
+def test_calibration_with_two_known_sections_propagates_from_the_other_one():
+    """Leave-one-known-section-out: each known section's held-out spots get their
+    propagated value from the other known section, never from their own neighbours."""
+    from stimpute.impute import _calibration
+
+    coords = [_grid(5, 0), _grid(5, 0, shift=10.0)]
+    expr = [np.zeros((25, 1)), np.ones((25, 1))]
+    prepared = _Stub(coords, [0.0, 10.0], [np.ones((25, 3, 2))] * 2, expr)
+    held = {0: np.arange(25) % 4 == 0, 1: np.arange(25) % 4 == 1}
+    cal = _calibration(prepared, [0, 1], held, {"m": np.zeros((int(held[0].sum() + held[1].sum()), 1))}, morphology=False)
+    n0 = int(held[0].sum())
+    assert np.allclose(cal["propagated"][:n0], 1.0) and np.allclose(cal["propagated"][n0:], 0.0)
+    assert np.allclose(cal["truth"][:n0], 0.0) and cal["reach"].min() > 0.9
