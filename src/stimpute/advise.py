@@ -27,7 +27,7 @@ import heapq
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from stimpute.data import Section, Stack
+from stimpute.data import Stack
 from stimpute.errors import StimputeError
 
 MIN_DICE = 0.5  # tissue-mask Dice of an adjacent pair after registration below this: not registered
@@ -136,7 +136,7 @@ def count_free(stack: Stack) -> Stack:
         obs = s.adata.obs[[c for c in ("array_row", "array_col") if c in s.adata.obs.columns]].copy()
         adata = AnnData(X=sparse.csr_matrix((s.n_spots, 0), dtype=np.float32), obs=obs)
         adata.obsm["spatial"] = s.xy
-        sections.append(Section(s.name, adata, s.image, s.um_per_px, s.spot_diameter_um, s.z_um, s.source, dict(s.report)))
+        sections.append(replace(s, adata=adata, report=dict(s.report)))
     return Stack(sections, thickness_um=stack.thickness_um)
 
 
