@@ -141,8 +141,12 @@ def count_free(stack: Stack) -> Stack:
 
 
 def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: str = "handcrafted",
-                   progress: bool = False, qc_dir: str | Path | None = None) -> StackDescription:
+                   progress: bool = False, qc_dir: str | Path | None = None, grid=None) -> StackDescription:
     """Register the (count-free) stack and embed its spot features (see module docstring).
+
+    H&E-only sections (image files, no spots) get virtual spots (`stimpute.register.grid`):
+    the first section with spots gives the grid, else `grid` (a `GridOptions`: pitch and
+    diameter, Visium's by default).
 
     Raises StimputeError naming the pair when adjacent sections do not register (mask
     Dice < MIN_DICE); the overlay figures to look at are written to `qc_dir` first.
@@ -155,7 +159,13 @@ def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: s
         only = stack[0]
         raise StimputeError(only.source or only.name, "advice needs at least two sections; the stack has only this one")
     stack = count_free(stack)
-    registration = register_stack(stack, progress=progress)
+    if any(s.n_spots == 0 for s in stack):
+        from stimpute.register.grid import place_virtual_spots
+
+        with_spots = [i for i, s in enumerate(stack) if s.n_spots > 0]
+        registration = place_virtual_spots(stack, with_spots[:1], grid, progress=progress, default_grid=True)
+    else:
+        registration = register_stack(stack, progress=progress)
     _check_registration(stack, registration, qc_dir)
     features = [spot_features(s, encoder=encoder, cache_dir=cache_dir, progress=progress) for s in stack]
     for s in stack:
@@ -246,7 +256,7 @@ def _beam(n: int, budget: int, score, width: int) -> dict[tuple[int, ...], float
 
 
 def run_advise(sections, budget: int, out: str | Path, encoder: str = "handcrafted", force: bool = False,
-               progress: bool = False) -> tuple[Advice, list[Path]]:
+               progress: bool = False, um_per_px: float | None = None, grid=None) -> tuple[Advice, list[Path]]:
     """`stimpute advise`: read the sections (stack order), check the budget, describe the
     stack (features cached in OUT/cache, shared with `impute`; registration QC figures in
     OUT/figures when it fails), rank the candidates and write OUTPUT_NAMES into OUT."""
@@ -255,11 +265,11 @@ def run_advise(sections, budget: int, out: str | Path, encoder: str = "handcraft
 
     out = Path(out)
     with run_ownership(out, "advise", sections, force) as run:
-        stack = read_stack(sections)
+        stack = read_stack(sections, um_per_px=um_per_px)
         check_budget(stack.names, budget)
         run.claim([*OUTPUT_NAMES, "figures/"], caches=["cache/"])
         description = describe_stack(stack, cache_dir=out / "cache", encoder=encoder, progress=progress,
-                                     qc_dir=out / "figures")
+                                     qc_dir=out / "figures", grid=grid)
         result = advise(description, budget)
         return result, write_advice(result, out)
 

@@ -378,15 +378,21 @@ def advise(
     out: Annotated[Path, typer.Option(help="Output folder: advice.csv (rank, known, expected_pcc), advice.md, advice.png, cache/.")],
     encoder: Annotated[str, typer.Option(help="Feature encoder (the cache in OUT/cache is shared with `impute`).")] = "handcrafted",
     force: Annotated[bool, typer.Option(help="Overwrite earlier advice in OUT.")] = False,
+    um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per pixel of H&E-only sections (image files; default: their metadata, else the other sections').")] = None,
+    spot_diameter_um: Annotated[Optional[float], typer.Option(help="Virtual spot diameter in µm on H&E-only sections (default: the first section with spots, else Visium's 55).")] = None,
+    pitch_um: Annotated[Optional[float], typer.Option(help="Virtual spot pitch in µm (default: the first section with spots, else Visium's 100).")] = None,
 ):
     """Which sections to measure: rank every known set of --budget sections by expected imputation accuracy, from H&E alone.
 
-    Counts, where present, are never read.
+    Counts, where present, are never read; a section may be an H&E image alone (virtual spots are laid on it).
     Example: [bold]stimpute advise ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --budget 1 --out advice/[/]
+    Example: [bold]stimpute advise s1.tif s2.tif s3.tif s4.tif s5.tif --budget 2 --um-per-px 0.5 --out advice/[/]
     """
     from stimpute.advise import run_advise
+    from stimpute.register.grid import GridOptions
 
-    result, files = run_advise(sections, budget, out, encoder=encoder, force=force, progress=True)
+    grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um)
+    result, files = run_advise(sections, budget, out, encoder=encoder, force=force, progress=True, um_per_px=um_per_px, grid=grid)
     table = Table("rank", "known", "expected PCC", title=f"known sets of {budget} ({result.search})")
     for row in result.table.head(10).itertuples():
         table.add_row(str(row.rank), row.known, f"{row.expected_pcc:.3f}")

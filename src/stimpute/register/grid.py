@@ -26,12 +26,14 @@ from scipy.spatial import cKDTree
 
 from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError
+from stimpute.io.geometry import warn_default
 from stimpute.register import StackRegistration, apply_transform, register_stack
 from stimpute.register.masks import section_view
 
 MASK_UM_PER_PX = 25.0  # tissue-mask view: finer views lose pale stroma under Otsu (HER2-ST: 10 µm/px misses a third)
 MASK_SIDE = 2048  # at most this many px a side (very large slides)
 MIN_SPOTS_PER_SECTION = 3
+VISIUM_PITCH_UM, VISIUM_DIAMETER_UM = 100.0, 55.0  # the grid of a stack without any spots (`default_grid`)
 
 
 @dataclass
@@ -143,26 +145,42 @@ def virtual_spots(section: Section, to_ref: np.ndarray, lattice: Lattice, spot_d
     return adata
 
 
+def default_lattice(pitch_px: float) -> Lattice:
+    """A hexagonal (Visium) lattice of the given pitch in reference px, origin at (0, 0)."""
+    return Lattice(origin=np.zeros(2), basis=np.diag([pitch_px / 2, pitch_px * np.sqrt(3) / 2]), hexagonal=True)
+
+
 def place_virtual_spots(stack: Stack, known: list[int], options: GridOptions | None = None,
-                        progress: bool = False) -> StackRegistration:
+                        progress: bool = False, default_grid: bool = False) -> StackRegistration:
     """Register `stack` and give each spot-less section a virtual spot grid (module docstring).
 
+    `default_grid`: with no `known` section (a stack of H&E images alone, as `stimpute
+    advise` takes), lay a hexagonal grid of the options' pitch and diameter, Visium's
+    100/55 µm where not given (with a warning), instead of failing.
     Returns the registration with every section's spots (measured and virtual) in reference px.
     """
     empty = [i for i, s in enumerate(stack) if s.n_spots == 0]
-    if empty and not known:
+    if empty and not known and not default_grid:
         raise StimputeError(stack[empty[0]].source, "an H&E-only section needs a measured (--known) section to copy its spot grid from")
     options = options or GridOptions()
     registration = register_stack(stack, progress=progress)
     ref_um = stack[0].um_per_px
-    anchor = stack[known[0]]
-    lattice = known_lattice(anchor, registration.coords_ref[known[0]])
-    pitch_um = lattice.pitch * ref_um
+    if known:
+        anchor = stack[known[0]]
+        lattice = known_lattice(anchor, registration.coords_ref[known[0]])
+        pitch_um, diameter_um = lattice.pitch * ref_um, anchor.spot_diameter_um
+    else:
+        pitch_um, diameter_um = options.pitch_um or VISIUM_PITCH_UM, options.spot_diameter_um or VISIUM_DIAMETER_UM
+        for option, value, name in (("pitch_um", pitch_um, "spot pitch"), ("spot_diameter_um", diameter_um, "spot diameter")):
+            if getattr(options, option) is None:
+                warn_default(stack[0].source or stack[0].name, f"no measured section gives the virtual {name}", value,
+                             f"µm, Visium's; pass --{option.replace('_', '-')}")
+        lattice = default_lattice(pitch_um / ref_um)
     if options.pitch_um:
         lattice = lattice.scaled(options.pitch_um / pitch_um)
         pitch_um = options.pitch_um
     lattice = lattice.scaled(options.grid_scale)
-    diameter_um = options.spot_diameter_um or anchor.spot_diameter_um
+    diameter_um = options.spot_diameter_um or diameter_um
     for i in empty:
         section = stack[i]
         section.adata = virtual_spots(section, registration.transforms[i], lattice, diameter_um)
