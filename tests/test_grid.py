@@ -31,6 +31,7 @@ def _placed(block, folder, options=None):
     return stack, place_virtual_spots(stack, [0], options)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # registration's checks must not choke on a section without spots
 def test_virtual_spots_lie_above_measured_spots(block, tmp_path):
     stack, reg = _placed(block, tmp_path)
     virtual, measured = stack[1], block[1]

@@ -127,6 +127,8 @@ def off_tissue(section: Section, view: View, xy: np.ndarray | None = None) -> np
 
 def _warn_off_tissue(section: Section, view: View) -> None:
     """One warning line where many spots fall on glass (more so than with x and y swapped)."""
+    if section.n_spots == 0:  # an H&E-only section: its virtual spots are laid on its tissue later
+        return
     off, off_swapped = off_tissue(section, view).mean(), off_tissue(section, view, section.xy[:, ::-1]).mean()
     if off > MAX_OFF_TISSUE or (off > SUSPECT_OFF_TISSUE and off > off_swapped + SWAP_MARGIN):
         hint = (f"with x and y swapped, only {off_swapped:.0%} would: are the pixel columns swapped?"
