@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from stimpute.evaluate import gene_metrics, paired_test, pearson_columns, spot_pcc, summarise_pcc
+from stimpute.metrics import gene_metrics, paired_test, pearson_columns, spot_pcc, summarise_pcc
 
 
 def test_per_gene_pcc_mse_mae_by_hand():

@@ -26,78 +26,14 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from scipy import stats
 
 from stimpute import __version__
 from stimpute.errors import StimputeError
 from stimpute.expression import top_variable
-from stimpute.io.anndata_io import _atomic_write, write_text_atomic
+from stimpute.io.anndata_io import atomic_write, write_text_atomic
 from stimpute.models import METHODS, NotApplicable, PreparedStack, get_method, load_methods
+from stimpute.metrics import Summary, gene_metrics, paired_test, pearson_columns, spot_pcc, summarise_pcc  # noqa: F401  (re-exported)
 from stimpute.prepare import with_known_panel
-
-
-def pearson_columns(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Pearson r of each column pair; NaN where either column is constant (undefined)."""
-    pred = np.asarray(pred, np.float64)
-    truth = np.asarray(truth, np.float64)
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
-    p = pred - pred.mean(axis=0)
-    t = truth - truth.mean(axis=0)
-    denom = np.sqrt((p**2).sum(axis=0) * (t**2).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (p * t).sum(axis=0) / denom
-    undefined = (denom <= 1e-12 * max(1.0, float(np.abs(truth).max(initial=0)))) | ~np.isfinite(r)
-    r[undefined] = np.nan
-    return np.clip(r, -1.0, 1.0)
-
-
-def gene_metrics(pred: np.ndarray, truth: np.ndarray, genes) -> pd.DataFrame:
-    """One row per gene: `gene, pcc, mse, mae` (pcc NaN when undefined: constant input)."""
-    pred = np.asarray(pred, np.float64)
-    truth = np.asarray(truth, np.float64)
-    err = pred - truth
-    return pd.DataFrame(
-        {
-            "gene": list(genes),
-            "pcc": pearson_columns(pred, truth),
-            "mse": (err**2).mean(axis=0),
-            "mae": np.abs(err).mean(axis=0),
-        }
-    )
-
-
-def spot_pcc(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """The ASIGN paper's metric: Pearson r across genes, one value per spot."""
-    return pearson_columns(np.asarray(pred).T, np.asarray(truth).T)
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Mean/median per-gene PCC with undefined genes counted as 0, and how many there were."""
-
-    mean: float
-    median: float
-    sd: float
-    n_genes: int
-    n_undefined: int
-
-    def __str__(self) -> str:
-        extra = f", {self.n_undefined} undefined counted as 0" if self.n_undefined else ""
-        return f"mean {self.mean:.3f} ± {self.sd:.3f}, median {self.median:.3f} over {self.n_genes} genes{extra}"
-
-
-def summarise_pcc(pcc) -> Summary:
-    values = np.asarray(pcc, np.float64)
-    undefined = ~np.isfinite(values)
-    filled = np.where(undefined, 0.0, values)
-    return Summary(
-        mean=float(filled.mean()) if filled.size else float("nan"),
-        median=float(np.median(filled)) if filled.size else float("nan"),
-        sd=float(filled.std(ddof=1)) if filled.size > 1 else 0.0,
-        n_genes=int(values.size),
-        n_undefined=int(undefined.sum()),
-    )
 
 
 # --------------------------------------------------------------------------- protocols
@@ -372,17 +308,6 @@ def summarise_benchmark(results: pd.DataFrame, spots: pd.DataFrame) -> pd.DataFr
     return summary
 
 
-def paired_test(a: pd.DataFrame, b: pd.DataFrame) -> float:
-    """Wilcoxon signed-rank p of two methods' per-gene PCCs, paired on (known, target, gene):
-    the same genes of the same spots, so the comparison is not blurred by gene difficulty."""
-    keys = ["known", "target", "gene"]
-    both = a[keys + ["pcc"]].merge(b[keys + ["pcc"]], on=keys, suffixes=("_a", "_b"))
-    diff = np.nan_to_num(both.pcc_a.to_numpy()) - np.nan_to_num(both.pcc_b.to_numpy())
-    if len(diff) == 0 or not np.any(diff):
-        return 1.0
-    return float(stats.wilcoxon(diff).pvalue)
-
-
 def _status_note(group: pd.DataFrame) -> str:
     bad = group[group.status != "ok"].drop_duplicates(["known", "target"])
     first = bad.iloc[0]
@@ -447,7 +372,7 @@ def _split_json(prepared: PreparedStack, split: Split) -> dict:
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> Path:
-    _atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
     return path
 
 

@@ -19,7 +19,7 @@ from torch_geometric.data import Data
 
 from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 from stimpute.register.matching import K_CROSS, match_stack
 from stimpute.timing import timed
 
@@ -121,7 +121,7 @@ def save_graph(data: Data, path: str | Path) -> Path:
     payload = {key: data[key] for key in GRAPH_KEYS}
     payload["num_nodes"] = int(data.num_nodes)
     payload["section_names"] = list(data.section_names)
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 
 PANEL_IN = 3.6  # inches per map panel
 
@@ -40,7 +40,7 @@ def pcc_boxplot(results: pd.DataFrame, path: str | Path, methods: Sequence[str] 
         ax.tick_params(axis="x", labelrotation=45)
     axes[0].set_ylabel("per-gene PCC across spots (▲ mean)")
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
     return path
 
 
@@ -88,7 +88,7 @@ def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[s
     if title:
         fig.suptitle(title)
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format=path.suffix.lstrip(".") or "png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format=path.suffix.lstrip(".") or "png"))
     return path
 
 
@@ -115,7 +115,7 @@ def block_view(xyz_um: Sequence[np.ndarray], values: Sequence[np.ndarray], names
     fig.colorbar(dots, ax=ax, shrink=0.6, label=f"{gene} (log1p)")
     ax.set_title(f"{gene} across the block (sections stacked in z)")
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png"))
     return path
 
 
@@ -145,7 +145,7 @@ def routing_map(thumbnails: Sequence[np.ndarray], xys: Sequence[np.ndarray], gat
     handles = [Line2D([], [], marker="o", linestyle="", color=colours[e], label=f"expert {e}") for e in range(n_experts)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, title="top expert")
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
     return path
 
 
@@ -174,7 +174,7 @@ def advice_figure(details: dict[str, pd.DataFrame], sections: Sequence[str], pat
     axes[0].set_ylabel("fraction of spots / PCC")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path
 
 

@@ -14,11 +14,9 @@ one, and replaces stale ones in place (no `best-v1.ckpt` beside the old file).
 from __future__ import annotations
 
 import hashlib
-import logging
 import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,8 +26,9 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
+from stimpute.trainer import quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
 from stimpute.timing import timed
 
 
@@ -75,14 +74,6 @@ class GraphBatch:
     val_mask: torch.Tensor
 
 
-def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of held-out (validation) spots among `n_known` known spots, seeded."""
-    rng = np.random.default_rng(seed)
-    held = np.zeros(n_known, bool)
-    held[rng.permutation(n_known)[: int(round(val_fraction * n_known))]] = True
-    return held
-
-
 class MSAGNetModule(L.LightningModule):
     """Lightning wrapper: full-graph steps, spot loss on train / validation masks."""
 
@@ -111,31 +102,6 @@ class MSAGNetModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run a block with `n` torch intra-op threads, restoring the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, checkpointing: bool = False,
-                  accelerator: str = "cpu", devices: int = 1, deterministic=True, **options) -> L.Trainer:
-    """The Lightning trainer every stimpute model trains with: deterministic, no logger or
-    model summary, no sanity validation, and without Lightning's per-fit banner. Lightning
-    decides devices and precision, so multi-GPU runs need no code of ours."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every fit
-    return L.Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=devices, deterministic=deterministic,
-        callbacks=list(callbacks), logger=False, enable_checkpointing=checkpointing, enable_progress_bar=progress,
-        enable_model_summary=False, num_sanity_val_steps=0, **options,
-    )
 
 
 @timed("training")
@@ -182,7 +148,7 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(module, loader, loader, ckpt_path=resume)
         if ckpt_dir is not None:  # the final state (early stopping recorded): a rerun sees a finished run
-            _atomic_write(Path(ckpt_dir) / "last.ckpt", lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
+            atomic_write(Path(ckpt_dir) / "last.ckpt", lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
         return _load_best(module, best.best_model_path)
 
 

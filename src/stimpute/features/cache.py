@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from stimpute.data import Section
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 
 CACHE_VERSION = 1
 SAMPLE_CHUNKS = 16  # image bytes hashed: 16 evenly spaced 64 KiB chunks (+ size and mtime)
@@ -100,4 +100,4 @@ def write_features(path: Path, encoder: str, key: str, scale_names: Sequence[str
             for s, name in enumerate(scale_names):
                 group.create_dataset(name, data=features[:, s].astype(np.float32), compression="gzip")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)

@@ -20,6 +20,7 @@ import numpy as np
 from stimpute.data import Section, Stack
 from stimpute.errors import InputError
 from stimpute.io.anndata_io import (
+    atomic_write,
     read_h5ad_section,
     read_section_folder,
     is_section_folder,
@@ -103,4 +104,5 @@ __all__ = [
     "read_image_section",
     "write_section",
     "write_h5ad_atomic",
+    "atomic_write",
 ]

@@ -108,7 +108,7 @@ def write_section(section: Section, out_dir: str | Path, force: bool = False, th
         from PIL import Image
 
         image_name = "image.png"
-        _atomic_write(folder / image_name, lambda p: Image.fromarray(section.image.read_region(0, 0, *section.image.size)).save(p, format="PNG"))
+        atomic_write(folder / image_name, lambda p: Image.fromarray(section.image.read_region(0, 0, *section.image.size)).save(p, format="PNG"))
     adata.uns["stimpute"] = {
         "section": section.name,
         "image": image_name,
@@ -142,18 +142,21 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, force: bool = False) 
     path = Path(path)
     if path.exists() and not force:
         raise StimputeError(path, "already exists; pass --force to overwrite")
-    _atomic_write(path, lambda tmp: adata.write_h5ad(tmp, compression="gzip"))
+    atomic_write(path, lambda tmp: adata.write_h5ad(tmp, compression="gzip"))
     return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a small text file (config, gene list) atomically."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`: readers
+    see the old file or the whole new one, never a half-written one; `tmp` is removed on failure."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -181,7 +184,7 @@ def _umask() -> int:
 def _atomic_copy(src: Path, dst: Path) -> None:
     if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
         return
-    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _read_h5ad(path: Path) -> ad.AnnData:

@@ -34,7 +34,7 @@ from scipy import sparse
 from stimpute.data import DEFAULT_SECTION_THICKNESS_UM, Section, Stack
 from stimpute.errors import InputError, StimputeError
 from stimpute.image import SectionImage
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 
 GENE_NAMES = "gene_names"
 REQUIRED = ("uni_features", "coords_3d", "sobel_gradients")
@@ -130,7 +130,7 @@ def write_moest_h5(data: MoestData, path: str | Path, force: bool = False) -> Pa
                 for key, value in s.attrs.items():
                     g.attrs[key] = value
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

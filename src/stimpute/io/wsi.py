@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 
 DEFAULT_TILE = 512
 MIN_LEVEL_SIDE = 1024  # the coarsest level is the first whose longer side is at most this
@@ -66,7 +66,7 @@ def write_pyramid_tiff(path: str | Path, width: int, height: int, tiles: Iterabl
                               **{**options, "resolution": (resolution[0] / ds, resolution[1] / ds)})
             del lower
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

@@ -36,9 +36,9 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from stimpute.errors import InputError, StimputeError
-from stimpute.evaluate import gene_metrics
+from stimpute.metrics import gene_metrics
 from stimpute.expression import TARGET_SUM
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 from stimpute.io.moest_h5 import coords_3d
 from stimpute.models.base import Method, PreparedStack, register_method
 from stimpute.patches import SCALES_UM, iter_patches
@@ -348,7 +348,7 @@ class MoE3D(Method):
         edges, weight = _train_edges(prepared, train, batch["stats"].numpy())
         net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(self.panel_) + 1, c, use_coords)
         module = MoE3DModule(net, c, torch.as_tensor(edges), torch.as_tensor(weight))
-        from stimpute.train import torch_threads
+        from stimpute.trainer import torch_threads
 
         with warnings.catch_warnings(), torch_threads(1):  # tiny full-batch steps: threads only add overhead
             warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
@@ -383,7 +383,7 @@ class MoE3D(Method):
                  "scaler": asdict(self.scaler_), "library": self.library_,
                  "dims": (self.net_.visual[0].in_features, self.net_.router.net[0].in_features),
                  "state_dict": self.net_.state_dict()}
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
 
     @classmethod
@@ -433,7 +433,7 @@ def cross_validate(prepared: PreparedStack, sections: list[int], n_folds: int, s
 
 def _trainer(steps: int) -> lightning.Trainer:
     """A seeded, deterministic, quiet trainer for one epoch of `steps` full-batch steps."""
-    from stimpute.train import quiet_trainer
+    from stimpute.trainer import quiet_trainer
 
     return quiet_trainer(1, accelerator="auto", log_every_n_steps=max(1, steps))
 

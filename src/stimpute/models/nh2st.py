@@ -29,10 +29,10 @@ from torch.nn import functional as F
 
 from stimpute.data import Section
 from stimpute.errors import StimputeError
-from stimpute.evaluate import gene_metrics, pearson_columns
-from stimpute.io.anndata_io import _atomic_write, write_text_atomic
+from stimpute.metrics import gene_metrics, pearson_columns
+from stimpute.io.anndata_io import atomic_write, write_text_atomic
 from stimpute.models.base import Method, PreparedStack, register_method
-from stimpute.train import quiet_trainer, split_known, torch_threads
+from stimpute.trainer import quiet_trainer, split_known, torch_threads
 
 SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)
 
@@ -302,7 +302,7 @@ def fit_nh2st(table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, 
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer.fit(module, _loader(train_idx, cfg.batch_size, True, seed), _loader(val_idx, 1024, False, seed))
     if checkpoint is not None:
-        _atomic_write(Path(checkpoint), lambda tmp: trainer.save_checkpoint(tmp, weights_only=True))
+        atomic_write(Path(checkpoint), lambda tmp: trainer.save_checkpoint(tmp, weights_only=True))
     return module.eval()
 
 

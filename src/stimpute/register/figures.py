@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stimpute.data import Stack
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 from stimpute.register.masks import View
 from stimpute.register.refine import warp_to_fixed
 from stimpute.register.rigid import view_matrix
@@ -38,7 +38,7 @@ def save_pair_overlay(fixed: View, moving: View, before: np.ndarray, after: np.n
         ax.axis("off")
     fig.suptitle(f"{title}  (magenta: fixed, green: moving)", fontsize=11)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -61,7 +61,7 @@ def save_spot_cloud(stack: Stack, coords_ref: list[np.ndarray], path: Path) -> P
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("registered spots")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 

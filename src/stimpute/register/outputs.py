@@ -15,7 +15,7 @@ import pandas as pd
 from stimpute import __version__
 from stimpute.data import Stack
 from stimpute.errors import StimputeError
-from stimpute.io.anndata_io import _atomic_write
+from stimpute.io.anndata_io import atomic_write
 from stimpute.register import StackRegistration, register_stack, section_view
 from stimpute.register.figures import save_pair_overlay, save_spot_cloud
 from stimpute.register.matching import match_stack, matched_fraction
@@ -47,9 +47,9 @@ def write_registration(stack: Stack, out: str | Path, force: bool = False, progr
 
     record = {**reg.to_json(), "matched_fraction": fractions, "stimpute_version": __version__,
               "inputs": [s.source or s.name for s in stack]}
-    _atomic_write(out / "transforms.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-    _atomic_write(out / "spots.csv", lambda tmp: registered_spots(stack, reg).to_csv(tmp, index=False))
-    _atomic_write(out / "matches.csv", lambda tmp: matches.to_csv(tmp, index=False))
+    atomic_write(out / "transforms.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    atomic_write(out / "spots.csv", lambda tmp: registered_spots(stack, reg).to_csv(tmp, index=False))
+    atomic_write(out / "matches.csv", lambda tmp: matches.to_csv(tmp, index=False))
     save_graph(graph, out / "graph.pt")
     figures = write_figures(stack, reg, out / "figures")
     return {"registration": reg, "matches": matches, "matched_fraction": fractions, "figures": figures,

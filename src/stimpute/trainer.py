@@ -1,0 +1,44 @@
+"""Training pieces every model shares (a leaf below `models` and `train`): the Lightning
+trainer factory, the seeded held-out split of known spots, and a CPU thread limit."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import lightning as L
+import numpy as np
+import torch
+
+
+def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out (validation) spots among `n_known` known spots, seeded."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(n_known, bool)
+    held[rng.permutation(n_known)[: int(round(val_fraction * n_known))]] = True
+    return held
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` torch intra-op threads, restoring the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, checkpointing: bool = False,
+                  accelerator: str = "cpu", devices: int = 1, deterministic=True, **options) -> L.Trainer:
+    """The Lightning trainer every stimpute model trains with: deterministic, no logger or
+    model summary, no sanity validation, and without Lightning's per-fit banner. Lightning
+    decides devices and precision, so multi-GPU runs need no code of ours."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every fit
+    return L.Trainer(
+        max_epochs=max_epochs, accelerator=accelerator, devices=devices, deterministic=deterministic,
+        callbacks=list(callbacks), logger=False, enable_checkpointing=checkpointing, enable_progress_bar=progress,
+        enable_model_summary=False, num_sanity_val_steps=0, **options,
+    )

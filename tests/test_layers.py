@@ -1,0 +1,66 @@
+"""Layers point one way: the module-level imports between stimpute's parts form no cycle.
+
+A part is a top-level module (`stimpute/evaluate.py`) or a subpackage (`stimpute/models/`).
+Imports inside functions (deferred, for start-up time) are not counted here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+import stimpute
+
+SRC = Path(stimpute.__file__).parent
+LEAVES = ("stimpute.metrics", "stimpute.trainer", "stimpute.errors")
+
+
+def part(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """stimpute modules imported at module level (top, or in a top-level if/try block)."""
+    found, body = set(), list(ast.parse(path.read_text()).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.If, ast.Try)):
+            body += node.body + node.orelse + getattr(node, "finalbody", []) + [s for h in getattr(node, "handlers", []) for s in h.body]
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {m for m in found if m == "stimpute" or m.startswith("stimpute.")}
+
+
+def import_graph() -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for path in SRC.rglob("*.py"):
+        me = part(".".join(("stimpute", *path.relative_to(SRC).with_suffix("").parts)))
+        graph.add_node(me)
+        for target in module_level_imports(path):
+            if part(target) != me and target != "stimpute":
+                graph.add_edge(me, part(target), file=str(path.relative_to(SRC)))
+    return graph
+
+
+def test_no_import_cycles_between_parts():
+    graph = import_graph()
+    cycles = list(nx.simple_cycles(graph))
+    described = [" -> ".join(c + [c[0]]) + " (" + ", ".join(graph.edges[a, b]["file"] for a, b in zip(c, c[1:] + c[:1])) + ")"
+                 for c in cycles]
+    assert not cycles, "import cycles:\n" + "\n".join(described)
+
+
+def test_leaves_import_no_other_part():
+    graph = import_graph()
+    for leaf in LEAVES:
+        assert not list(graph.successors(leaf)), (leaf, list(graph.successors(leaf)))
+
+
+def test_the_cycle_check_sees_a_cycle():
+    graph = import_graph()
+    graph.add_edge("stimpute.metrics", "stimpute.evaluate", file="(test)")
+    assert list(nx.simple_cycles(graph))
