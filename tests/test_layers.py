@@ -64,3 +64,12 @@ def test_the_cycle_check_sees_a_cycle():
     graph = import_graph()
     graph.add_edge("stimpute.metrics", "stimpute.evaluate", file="(test)")
     assert list(nx.simple_cycles(graph))
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stimpute"):
+                private += [f"{path.relative_to(SRC)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, "make these public or keep them in their module:\n" + "\n".join(private)

@@ -152,7 +152,7 @@ def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: s
     Dice < MIN_DICE); the overlay figures to look at are written to `qc_dir` first.
     """
     from stimpute.features import spot_features
-    from stimpute.graph import _pitch
+    from stimpute.graph import spot_pitch
     from stimpute.register import register_stack
 
     if len(stack) < 2:
@@ -172,7 +172,7 @@ def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: s
         s.image.release()
     ref_um = stack[0].um_per_px
     xy_um = [np.asarray(c, float) * ref_um for c in registration.coords_ref]
-    pitch_um = float(np.median([_pitch(xy) for xy in xy_um]))
+    pitch_um = float(np.median([spot_pitch(xy) for xy in xy_um]))
     return StackDescription(stack.names, np.array([s.z_um for s in stack], float), xy_um, embed(features),
                             pitch_um, registration.pairs)
 

@@ -38,7 +38,7 @@ def within_edges(section: Section, k: int = K_WITHIN, max_grid_distance: float =
         radius = max_grid_distance
     else:
         points = section.xy
-        radius = PITCH_RADIUS * _pitch(points)
+        radius = PITCH_RADIUS * spot_pitch(points)
     n = len(points)
     if n < 2:
         return np.zeros((2, 0), np.int64)
@@ -51,7 +51,7 @@ def within_edges(section: Section, k: int = K_WITHIN, max_grid_distance: float =
     return pairs.astype(np.int64)
 
 
-def _pitch(xy: np.ndarray) -> float:
+def spot_pitch(xy: np.ndarray) -> float:
     """Typical centre-to-centre spot distance: the median nearest-neighbour distance."""
     if len(xy) < 2:
         return 1.0
