@@ -126,7 +126,7 @@ def _h5ad_with_image(folder, genes):
     adata.var_names = genes
     adata.obs_names = [f"s{i}" for i in range(6)]
     adata.obsm["spatial"] = np.c_[np.arange(6) * 10 + 10, np.full(6, 20)].astype(float)
-    adata.uns["stimpute"] = {"um_per_px": 1.0}
+    adata.uns["stimpute"] = {"um_per_px": 1.0, "spot_diameter_um": 5.0}
     adata.write_h5ad(folder / "A.h5ad")
     Image.fromarray(np.full((80, 80, 3), 200, np.uint8)).save(folder / "A.png")
     return folder / "A.h5ad"
