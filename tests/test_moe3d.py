@@ -209,7 +209,7 @@ def test_cli_convert_moest_h5_and_read_section(tmp_path):
     np.testing.assert_array_equal(a1.adata.X.toarray(), data.sections[0].expression)
     np.testing.assert_array_equal(a1.adata.obsm["uni_features"], data.sections[0].uni_features)
     again = CliRunner().invoke(app, ["convert", "moest-h5", str(path), str(tmp_path / "sections")])
-    assert again.exit_code == 2 and "already exists" in again.output
+    assert again.exit_code == 2 and "already holds results" in again.output and "--force" in again.output
     with pytest.raises(InputError, match="holds 2 sections"):
         read_section(path)
     single = MoestData([data.sections[0]], data.gene_names, data.attrs)
