@@ -45,7 +45,7 @@ SPLITS = [("C2",), ("C3",), ("C4",), ("C2", "C4")]
 MAIN = ["asign", "model", "propagated", "transfer", "ridge", "kernel ridge", "½ ridge + ½ transfer"]
 ABLATIONS = {
     "asign": "default: model (MSAGNet with gene-PCC loss + kernel ridge) ⊕ propagated (distance × morphology), "
-             "calibrated fusion × reach",
+             "both projected on the cross-validated gene programs, calibrated fusion × reach",
     "msagnet spot loss": "MSAGNet trained with the reference's per-spot loss (in the model part)",
     "model w/o kernel ridge": "model part = MSAGNet alone",
     "model w/o msagnet": "model part = kernel ridge alone",
@@ -53,6 +53,7 @@ ABLATIONS = {
     "propagation w/o morphology": "propagated with the distance kernel only",
     "even fusion": "per-gene share ½ instead of calibrated shares",
     "fusion w/o reach": "w = the calibrated share everywhere (no distance awareness)",
+    "w/o gene programs": "model and propagated parts fused as predicted, without the low-rank projection",
 }
 
 
@@ -77,14 +78,15 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
     runs = {loss: impute_stack(prepared, k, config=TrainConfig(max_epochs=epochs, loss=loss)) for loss in ("gene_pcc", "spot_pcc")}
     res, old = runs["gene_pcc"], runs["spot_pcc"]
     plain, _ = transfer(prepared, k, targets, features=False)
+    unprojected, _ = transfer(prepared, k, targets)
     ridge = get_method("ridge").fit_predict(prepared, k, targets)
     rival = get_method("transfer").fit_predict(prepared, k, targets)
     shares = res.fusion
     even = FusionWeights(np.full(len(prepared.panel), 0.5))
 
-    def fuse(t, prop=None, model=None, shares=shares, reach=None):
-        prop = res.propagated[t] if prop is None else prop
-        model = res.model[t] if model is None else model
+    def fuse(t, prop=None, model=None, shares=shares, reach=None, project=res.programs.project):
+        prop = res.propagated[t] if prop is None else project(prop)
+        model = res.model[t] if model is None else project(model)
         w = shares.weights(res.reach[t] if reach is None else reach)
         return w * prop + (1 - w) * model
 
@@ -101,6 +103,8 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
         "propagation w/o morphology": {t: fuse(t, prop=plain[t]) for t in targets},
         "even fusion": {t: fuse(t, shares=even) for t in targets},
         "fusion w/o reach": {t: fuse(t, reach=np.ones_like(res.reach[t])) for t in targets},
+        "w/o gene programs": {t: fuse(t, prop=unprojected[t], model=np.mean([m[t] for m in res.members.values()], axis=0),
+                                      project=lambda a: a) for t in targets},
     }
     truth = {t: prepared.expression[t] for t in targets}
     return out, truth, prepared.panel, top
@@ -178,6 +182,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=root / "benchmarks/results/impute")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--cost", action="store_true", help="only time `stimpute impute` of five sections")
+    parser.add_argument("--splits", default=",".join("+".join(k) for k in SPLITS),
+                        help="known sections of each split, e.g. 'C4' (the development split) or 'C2,C3,C4,C2+C4'")
     args = parser.parse_args()
     from stimpute.io import read_stack
 
@@ -189,7 +195,7 @@ def main() -> None:
         return
     stack = read_stack([args.data / s for s in SECTIONS])
     parts = []
-    for known in SPLITS:
+    for known in [tuple(k.split("+")) for k in args.splits.split(",")]:
         start = time.perf_counter()
         out, truth, panel, top = split_predictions(stack, known, args.out / "cache", args.epochs)
         parts.append(score(stack, out, truth, known, top, time.perf_counter() - start))

@@ -193,12 +193,15 @@ def test_calibration_with_two_known_sections_propagates_from_the_other_one():
     """Leave-one-known-section-out: each known section's held-out spots get their
     propagated value from the other known section, never from their own neighbours."""
     from stimpute.impute import _calibration
+    from stimpute.programs import fit_programs
 
     coords = [_grid(5, 0), _grid(5, 0, shift=10.0)]
     expr = [np.zeros((25, 1)), np.ones((25, 1))]
     prepared = _Stub(coords, [0.0, 10.0], [np.ones((25, 3, 2))] * 2, expr)
     held = {0: np.arange(25) % 4 == 0, 1: np.arange(25) % 4 == 1}
-    cal = _calibration(prepared, [0, 1], held, {"m": np.zeros((int(held[0].sum() + held[1].sum()), 1))}, morphology=False)
+    identity = fit_programs(np.concatenate(expr))  # all axes: no projection
+    cal = _calibration(prepared, [0, 1], held, {"m": np.zeros((int(held[0].sum() + held[1].sum()), 1))}, morphology=False,
+                       programs=identity)
     n0 = int(held[0].sum())
     assert np.allclose(cal["propagated"][:n0], 1.0) and np.allclose(cal["propagated"][n0:], 0.0)
     assert np.allclose(cal["truth"][:n0], 0.0) and cal["reach"].min() > 0.9

@@ -322,6 +322,7 @@ def impute(
     epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
     fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts, each spot's propagated share scaled by its reach: 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "calibrated",
+    programs: Annotated[str, typer.Option(help="Gene programs: both parts are projected on this many principal axes of the known expression before fusion: 'auto' (rank cross-validated on the known spots), 'none', or a number.")] = "auto",
     encoder: EncoderOption = "handcrafted",
     weights: WeightsOption = None,
     um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per pixel of the H&E-only sections (image files; default: their metadata, else the measured sections').")] = None,
@@ -345,9 +346,12 @@ def impute(
     config = TrainConfig(seed=seed, max_epochs=epochs)
     if fusion not in ("calibrated", "even"):
         raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use calibrated or even)")
+    if programs not in ("auto", "none") and not (programs.isdigit() and int(programs) >= 1):
+        raise StimputeError("--programs", f"{programs!r} is not 'auto', 'none' or a rank ≥ 1")
     grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um, grid_scale=grid_scale)
     run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config, fusion=fusion,
-                     encoder=encoder, weights=weights, um_per_px=um_per_px, grid=grid)
+                     encoder=encoder, weights=weights, um_per_px=um_per_px, grid=grid,
+                     programs=programs if programs in ("auto", "none") else int(programs))
     _report_impute(run)
 
 

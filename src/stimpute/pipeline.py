@@ -37,6 +37,7 @@ from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatia
 from stimpute.io.run import Run, run_ownership
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.prepare import known_indices, prepare_stack
+from stimpute.programs import programs_record
 from stimpute.register.grid import GridOptions, place_virtual_spots
 from stimpute.register.outputs import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
@@ -73,23 +74,26 @@ class ImputeRun:
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
                encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated",
-               weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None) -> ImputeRun:
+               weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
+               programs: str | int = "auto") -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
 
     `known`: the measured section's name, or several joined by commas ("C2,C4").
     `encoder`, `weights`: the feature encoder and its local weight file (network encoders).
+    `programs`: gene-program rank of the projection before fusion ("auto", "none" or a number).
     Image files among `sections` are H&E-only sections (scale `um_per_px` or their metadata)
     that get a virtual spot grid (`grid`) in the known section's registered frame.
     """
     out = Path(out)
     features = encoder_record(encoder, weights)
     with run_ownership(out, "impute", [*sections, genes, weights], force) as run:
-        return _impute(run, out, sections, known, genes, seed, progress, config, features, members, fusion, um_per_px, grid)
+        return _impute(run, out, sections, known, genes, seed, progress, config, features, members, fusion, um_per_px, grid,
+                       programs)
 
 
 @records_stages
 def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, features, members, fusion,
-            um_per_px, grid) -> ImputeRun:
+            um_per_px, grid, programs) -> ImputeRun:
     stack = read_stack(sections, um_per_px=um_per_px)
     k = known_indices(stack, known)
     targets = [i for i in range(len(stack)) if i not in k]
@@ -104,7 +108,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
                              cache_dir=out / "cache", progress=progress, registration=registration)
     config = config or TrainConfig(seed=seed)
     result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress,
-                          members=members, fusion=fusion)
+                          members=members, fusion=fusion, programs=programs)
 
     files = []
     panel = prepared.panel
@@ -144,6 +148,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
         "train": config.to_dict(),
         "fusion": {"rule": "w = gene_share * reach; X = w*propagated + (1-w)*model", "mode": fusion,
                    "members": list(members), "gene_share": [round(float(a), 4) for a in result.fusion.gene_share]},
+        "gene_programs": programs_record(programs, result.programs),
         "registration": prepared.settings.get("registration"),
     }
     files.append(write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False)))

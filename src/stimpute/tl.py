@@ -79,7 +79,8 @@ def features(adatas: Sections, *, encoder: str = "handcrafted", weights: str | P
 
 def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "stimpute",
            genes: Sequence[str] | None = None, n_top: int = DEFAULT_PANEL_SIZE, seed: int = 0, epochs: int = 200,
-           fusion: str = "calibrated", members: Sequence[str] | None = None, encoder: str = "handcrafted",
+           fusion: str = "calibrated", members: Sequence[str] | None = None, programs: str | int = "auto",
+           encoder: str = "handcrafted",
            weights: str | Path | None = None, um_per_px: float | None = None, thickness_um: float = 10.0,
            cache_dir: str | Path | None = None, progress: bool = False) -> Sections:
     """ASIGN on in-memory sections: register them, learn from the `known` ones (a name, a
@@ -101,11 +102,14 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
     - `uns[key_added]`: `panel`, `known`, `targets`, `settings`, `gene_confidence`,
       `registration` (this section's `matrix` and the `reference`).
 
-    The given objects are not changed. Training runs on CPU; `epochs` caps MSAGNet's.
+    `programs`: rank of the gene-program projection of both parts ("auto": cross-validated
+    on the known spots; "none"; or a number). The given objects are not changed. Training
+    runs on CPU; `epochs` caps MSAGNet's.
     """
     from stimpute import __version__
     from stimpute.impute import MEMBERS, impute_stack
     from stimpute.prepare import known_indices, prepare_stack
+    from stimpute.programs import programs_record
     from stimpute.train import TrainConfig
 
     names, objects, stack = _stack(adatas, um_per_px, thickness_um)
@@ -118,8 +122,9 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
     prepared = prepare_stack(stack, known=[names[i] for i in k], panel=list(genes) if genes else None, n_top=n_top,
                              encoder=encoder, weights=weights, cache_dir=cache_dir, progress=progress)
     config = TrainConfig(seed=seed, max_epochs=epochs)
-    result = impute_stack(prepared, k, seed=seed, config=config, members=members, fusion=fusion)
+    result = impute_stack(prepared, k, seed=seed, config=config, members=members, fusion=fusion, programs=programs)
     settings = {"stimpute_version": __version__, "seed": seed, "epochs": epochs, "fusion": fusion,
+                "gene_programs": programs_record(programs, result.programs),
                 "members": list(members), "encoder": encoder, "panel_source": prepared.settings["panel_source"],
                 "scale": "normalize_total(1e4) + log1p"}
     var = pd.DataFrame({f"{key_added}_confidence": result.gene_confidence.astype(np.float32),
