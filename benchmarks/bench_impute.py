@@ -45,7 +45,8 @@ SPLITS = [("C2",), ("C3",), ("C4",), ("C2", "C4")]
 MAIN = ["asign", "model", "propagated", "transfer", "ridge", "kernel ridge", "½ ridge + ½ transfer"]
 ABLATIONS = {
     "asign": "default: model (MSAGNet with gene-PCC loss + kernel ridge) ⊕ propagated (distance × morphology), "
-             "both projected on the cross-validated gene programs, calibrated fusion × reach",
+             "propagated = kernel ridge + its transferred residuals; both projected on the cross-validated gene "
+             "programs, calibrated fusion × reach",
     "msagnet spot loss": "MSAGNet trained with the reference's per-spot loss (in the model part)",
     "model w/o kernel ridge": "model part = MSAGNet alone",
     "model w/o msagnet": "model part = kernel ridge alone",
@@ -53,6 +54,7 @@ ABLATIONS = {
     "propagation w/o morphology": "propagated with the distance kernel only",
     "even fusion": "per-gene share ½ instead of calibrated shares",
     "fusion w/o reach": "w = the calibrated share everywhere (no distance awareness)",
+    "propagation of expression": "the measured expression is transferred (not the kernel ridge residuals added to its prediction)",
     "w/o gene programs": "model and propagated parts fused as predicted, without the low-rank projection",
 }
 
@@ -77,8 +79,11 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
     top = top_variable(np.concatenate([prepared.known_expression(i) for i in k]), 50)
     runs = {loss: impute_stack(prepared, k, config=TrainConfig(max_epochs=epochs, loss=loss)) for loss in ("gene_pcc", "spot_pcc")}
     res, old = runs["gene_pcc"], runs["spot_pcc"]
-    plain, _ = transfer(prepared, k, targets, features=False)
-    unprojected, _ = transfer(prepared, k, targets)
+    probe = res.members["kernel_ridge"]
+    residuals = [res.residual[i] for i in k]
+    plain = {t: p + probe[t] for t, p in transfer(prepared, k, targets, residuals, features=False)[0].items()}
+    unprojected = {t: p + probe[t] for t, p in transfer(prepared, k, targets, residuals)[0].items()}
+    expression_transfer, _ = transfer(prepared, k, targets)
     ridge = get_method("ridge").fit_predict(prepared, k, targets)
     rival = get_method("transfer").fit_predict(prepared, k, targets)
     shares = res.fusion
@@ -103,6 +108,7 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
         "propagation w/o morphology": {t: fuse(t, prop=plain[t]) for t in targets},
         "even fusion": {t: fuse(t, shares=even) for t in targets},
         "fusion w/o reach": {t: fuse(t, reach=np.ones_like(res.reach[t])) for t in targets},
+        "propagation of expression": {t: fuse(t, prop=expression_transfer[t]) for t in targets},
         "w/o gene programs": {t: fuse(t, prop=unprojected[t], model=np.mean([m[t] for m in res.members.values()], axis=0),
                                       project=lambda a: a) for t in targets},
     }

@@ -261,6 +261,10 @@ def test_kernel_ridge_picks_its_penalty_by_exact_leave_one_out():
     sk = SkKernelRidge(alpha=model.alpha_, kernel="rbf", gamma=gamma).fit(x, y - y.mean(0))
     assert np.allclose(model.predict(x[:5]), sk.predict(x[:5]) + y.mean(0), atol=1e-8)
     assert model.alpha_ == [0.01, 0.1, 1.0][int(np.argmin(loo))]
+    for i in range(3):  # each spot's out-of-sample prediction (the mean is kept from all spots)
+        keep = np.arange(60) != i
+        fit = SkKernelRidge(alpha=model.alpha_, kernel="rbf", gamma=gamma).fit(x[keep], y[keep] - y.mean(0))
+        assert np.allclose(model.loo_predictions_[i], fit.predict(x[i:i + 1])[0] + y.mean(0), atol=1e-6)
 
 
 def test_transfer_copies_the_registered_known_layer(prepared):

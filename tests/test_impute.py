@@ -175,8 +175,12 @@ def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_root, tmp
         return np.concatenate([np.nan_to_num(pearson_columns(parts[t], prepared.expression[t])) for t in (0, 2)])
 
     fused = pcc(result.fused)
-    for name, other in {"model": pcc(result.model), "propagated": pcc(result.propagated), "transfer": pcc(rival)}.items():
-        assert fused.mean() > other.mean() + 0.01, name
+    # the propagated part carries the kernel ridge prediction plus the transferred residuals,
+    # so the fusion adds less to it than to the model part or to register-then-copy
+    parts = {"model": (pcc(result.model), 0.01), "propagated": (pcc(result.propagated), 0.003),
+             "transfer": (pcc(rival), 0.03)}
+    for name, (other, margin) in parts.items():
+        assert fused.mean() > other.mean() + margin, name
         assert wilcoxon(fused, other, alternative="greater").pvalue < 1e-3, name
 
 
@@ -201,7 +205,34 @@ def test_calibration_with_two_known_sections_propagates_from_the_other_one():
     held = {0: np.arange(25) % 4 == 0, 1: np.arange(25) % 4 == 1}
     identity = fit_programs(np.concatenate(expr))  # all axes: no projection
     cal = _calibration(prepared, [0, 1], held, {"m": np.zeros((int(held[0].sum() + held[1].sum()), 1))}, morphology=False,
-                       programs=identity)
+                       programs=identity, probe=None)
     n0 = int(held[0].sum())
     assert np.allclose(cal["propagated"][:n0], 1.0) and np.allclose(cal["propagated"][n0:], 0.0)
     assert np.allclose(cal["truth"][:n0], 0.0) and cal["reach"].min() > 0.9
+
+
+def test_residuals_transferred_are_out_of_sample():
+    """Regression kriging carries measured minus *out-of-sample* prediction: a spot's own
+    value never explains itself (in-sample residuals of a flexible probe are ~0)."""
+    from types import SimpleNamespace
+
+    from stimpute.impute import _kernel_ridge_member
+    from stimpute.models import load_methods
+    from stimpute.models.baselines import KernelRidgeLOO
+
+    load_methods()
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(49, 3, 4)), rng.normal(size=(49, 3, 4))]
+    expr = [np.c_[np.sin(feats[0][:, 0, 0]), feats[0][:, 1, 1]] + rng.normal(scale=0.3, size=(49, 2)), None]
+    prepared = _Stub([_grid(7, 0), _grid(7, 0)], [0.0, 10.0], feats, expr)
+    held = {0: np.arange(49) % 5 == 0}
+    out = _kernel_ridge_member(prepared, [0], [1], held, None, SimpleNamespace(seed=0), None, None, False)
+    raw, train = feats[0].reshape(49, -1), ~held[0]
+    x = (raw - raw.mean(0)) / raw.std(0)
+    full = KernelRidgeLOO().fit(x, expr[0])
+    assert np.allclose(out["residual"][0], expr[0] - full.loo_predictions_, atol=1e-5)
+    assert np.abs(out["residual"][0]).mean() > np.abs(expr[0] - full.predict(x)).mean()  # not the in-sample fit
+    x = (raw - raw[train].mean(0)) / raw[train].std(0)  # the honest fit standardises without the hold-out
+    honest = KernelRidgeLOO().fit(x[train], expr[0][train])
+    assert np.allclose(out["residual_honest"][0][held[0]], expr[0][held[0]] - honest.predict(x[held[0]]), atol=1e-5)
+    assert out[1].shape == (49, 2) and out["held"].shape == (int(held[0].sum()), 2)

@@ -8,6 +8,12 @@ is the spot pitch, times a morphology term (standardised image features). One ho
 diffusion: on HER2-ST, smoothing over the spot graph lowers per-gene PCC, since tumour
 structure changes from one spot to the next. A spot's *reach* r ∈ [0, 1) is how much
 kernel weight it has: 0 far from measured tissue, ~0.95 on top of a measured spot.
+What is transferred is the *residual* of the kernel ridge probe (regression kriging): each
+known spot's measured expression minus the probe's out-of-sample prediction there (exact
+leave-one-out), added to the probe's prediction at the target spot. The part of the
+expression that morphology explains is predicted where the spot is; only what it leaves
+unexplained, which is spatially coherent across layers, is carried over from the
+neighbours. Far from measured tissue the propagated part falls back to the probe.
 
 **Model.** The image models (`members`: MSAGNet on the 3D graph, trained with a per-gene
 correlation loss, and an RBF kernel ridge probe on the same features) are fitted on the
@@ -64,7 +70,8 @@ class ImputeResult:
     """Per target section (stack index): fused, model and propagated expression, weights,
     reach; `members` holds each image model's own prediction; `calibration` the held-out
     known spots (propagated, model and each member's prediction, truth, reach, fused) and `gene_confidence` their
-    per-gene PCC of the fused value."""
+    per-gene PCC of the fused value; `programs` the gene programs both parts were projected on;
+    `residual` the kernel ridge residuals the propagation transferred (None: it transferred expression)."""
 
     fused: dict[int, np.ndarray]
     model: dict[int, np.ndarray]
@@ -77,6 +84,7 @@ class ImputeResult:
     members: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     gene_confidence: np.ndarray | None = None
     programs: GenePrograms | None = None
+    residual: dict[int, np.ndarray] | None = None  # per known section: measured − kernel ridge out-of-sample
 
 
 @timed("fusion")
@@ -122,13 +130,15 @@ def graph_batch(prepared: PreparedStack, known: list[int], seed: int, val_fracti
 
 def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, config: TrainConfig | None = None,
                  ckpt_dir=None, resume=None, progress: bool = False, members: tuple[str, ...] = MEMBERS,
-                 fusion: str = "calibrated", morphology: bool = True, programs: str | int = "auto") -> ImputeResult:
+                 fusion: str = "calibrated", morphology: bool = True, programs: str | int = "auto",
+                 residual: bool = True) -> ImputeResult:
     """ASIGN end to end on a prepared stack (module docstring): fit the image models on the
     `known` sections, propagate their expression, fuse. Targets: every other section.
 
     `members`: image models averaged into the model part (`msagnet`, `kernel_ridge`,
     `ridge`); `fusion`: "calibrated" or "even"; `morphology`: feature term in the
-    propagation kernel; `programs`: gene-program rank ("auto", "none" or a number).
+    propagation kernel; `programs`: gene-program rank ("auto", "none" or a number);
+    `residual`: transfer the kernel ridge residuals (else the measured expression itself).
     """
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -139,14 +149,18 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
 
     predictions = {name: _MEMBERS[name](prepared, known, targets, held, batch, config, ckpt_dir, resume, progress)
                    for name in members}
+    probe = predictions.get("kernel_ridge") if residual else None
+    if residual and probe is None:
+        probe = _kernel_ridge_member(prepared, known, targets, held, batch, config, ckpt_dir, resume, progress)
     gene_programs = resolve_programs(prepared, known, programs, config.seed, morphology)
     model = {i: gene_programs.project(np.mean([predictions[m][i] for m in members], axis=0)).astype(np.float32)
              for i in targets}
-    propagated, reach = transfer(prepared, known, targets, features=morphology)
-    propagated = {i: gene_programs.project(p) for i, p in propagated.items()}
+    propagated, reach = _propagate(prepared, known, targets, probe and probe["residual"], morphology)
+    propagated = {i: gene_programs.project(p + (probe[i] if probe else 0)).astype(np.float32)
+                  for i, p in propagated.items()}
 
     calibration = _calibration(prepared, known, held, {m: predictions[m]["held"] for m in members}, morphology,
-                               gene_programs)
+                               gene_programs, probe)
     shares = (fit_fusion(calibration["propagated"], calibration["model"], calibration["truth"], calibration["reach"])
               if fusion == "calibrated" else FusionWeights(np.full(len(prepared.panel), 0.5)))
     w_held = shares.weights(calibration["reach"])
@@ -155,7 +169,7 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     result = ImputeResult({}, model, propagated, {}, reach, shares, config, calibration,
                           members={m: {i: predictions[m][i] for i in targets} for m in members},
                           gene_confidence=np.nan_to_num(pearson_columns(calibration["fused"], calibration["truth"])),
-                          programs=gene_programs)
+                          programs=gene_programs, residual=probe and probe["residual"])
     for i in targets:
         w = shares.weights(reach[i]).astype(np.float32)
         result.weight[i] = w
@@ -163,15 +177,25 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     return result
 
 
-def _calibration(prepared, known, held, member_held, morphology, programs: GenePrograms) -> dict:
+def _propagate(prepared, known, targets, residual: dict | None, morphology, exclude=None):
+    """The transfer of the known spots' `residual` (per known section), else of their
+    measured expression; and each target spot's reach."""
+    values = None if residual is None else [residual[k] for k in known]
+    return transfer(prepared, known, targets, values, features=morphology, exclude=exclude)
+
+
+def _calibration(prepared, known, held, member_held, morphology, programs: GenePrograms, probe: dict | None) -> dict:
     """Held-out known spots: truth, the model's honest prediction and a propagated value
     from other sections (two or more known) or from the rest of their own section (one),
-    both projected on the gene programs."""
+    both projected on the gene programs. With a residual `probe`, its honest fit (without
+    the held-out spots) gives the residuals transferred and the prediction they correct."""
     parts = {"propagated": [], "reach": [], "truth": []}
-    for i in known:
+    for j, i in enumerate(known):
         sources = [k for k in known if k != i] or [i]
         exclude = None if len(known) > 1 else {i: held[i]}
-        prop, reach = transfer(prepared, sources, [i], features=morphology, exclude=exclude)
+        prop, reach = _propagate(prepared, sources, [i], probe and probe["residual_honest"], morphology, exclude)
+        if probe:
+            prop[i][held[i]] += probe["held_by_section"][j]
         parts["propagated"].append(prop[i][held[i]])
         parts["reach"].append(reach[i][held[i]])
         parts["truth"].append(prepared.known_expression(i)[held[i]])
@@ -214,7 +238,41 @@ def _fit_probe(name, prepared, known, targets, held, batch, config, ckpt_dir, re
     return preds
 
 
-_MEMBERS = {"msagnet": _msagnet_member, "ridge": _probe_member("ridge"), "kernel_ridge": _probe_member("kernel_ridge")}
+@timed("training")
+def _kernel_ridge_member(prepared, known, targets, held, batch, config, ckpt_dir, resume, progress) -> dict:
+    """The kernel ridge probe as a member, and the residuals it leaves at every known spot
+    (`residual`: measured minus out-of-sample prediction, for the transfer; from the fit on
+    every known spot, and as `residual_honest` from the fit without the hold-out)."""
+    from stimpute.models import get_method
+    from stimpute.models.baselines import flat_features
+
+    probe = get_method("kernel_ridge")
+    x = {i: flat_features(prepared, [i]) for i in known}
+    y = {i: prepared.known_expression(i) for i in known}
+
+    def fit(train: dict[int, np.ndarray]):
+        model = probe.model(*np.concatenate([x[i][train[i]] for i in known]).shape, config.seed)
+        model.fit(np.concatenate([x[i][train[i]] for i in known]), np.concatenate([y[i][train[i]] for i in known]))
+        loo = np.split(model[-1].loo_predictions_, np.cumsum([train[i].sum() for i in known])[:-1])
+        residual = {}
+        for i, oos in zip(known, loo):
+            predicted = np.empty_like(y[i], dtype=np.float64)
+            predicted[train[i]] = oos
+            if (~train[i]).any():
+                predicted[~train[i]] = model.predict(x[i][~train[i]])
+            residual[i] = (y[i] - predicted).astype(np.float32)
+        return model, residual
+
+    full, residual = fit({i: np.ones(len(y[i]), bool) for i in known})
+    honest, residual_honest = fit({i: ~held[i] for i in known})
+    out = {i: full.predict(flat_features(prepared, [i])).astype(np.float32) for i in targets}
+    held_by_section = [honest.predict(x[i][held[i]]) for i in known]
+    out.update(held=np.concatenate(held_by_section), held_by_section=held_by_section, residual=residual,
+               residual_honest=residual_honest)
+    return out
+
+
+_MEMBERS = {"msagnet": _msagnet_member, "ridge": _probe_member("ridge"), "kernel_ridge": _kernel_ridge_member}
 
 
 # -- registry: the fused output and its parts, as benchmarkable methods -------------------

@@ -11,7 +11,8 @@ the field reports for small data, `../shared/docs/accuracy-levers.md`).
 How many programs to keep depends on the data (spot count, depth, tissue), so the rank
 is not a constant: `choose_rank` cross-validates it on the known spots. Each fold's spots
 are predicted by the two cheap parts of the imputation, the kernel ridge probe and the
-cross-layer transfer, both fitted without the fold, fused evenly by reach; the rank whose
+cross-layer transfer of its residuals, both fitted without the fold, fused evenly by
+reach; the rank whose
 projection gives the highest mean per-gene PCC on the held-out spots wins, and "all
 axes" (no projection) is always a candidate.
 """
@@ -100,8 +101,8 @@ def choose_rank(prepared, known: list[int], seed: int = 0, morphology: bool = Tr
 
 
 def _cross_validated(prepared, known, seed, morphology, folds) -> tuple[np.ndarray, np.ndarray]:
-    """Truth and out-of-fold predictions (kernel ridge ⊕ transfer, even by reach) of up to
-    `CV_MAX_SPOTS` known spots."""
+    """Truth and out-of-fold predictions (kernel ridge ⊕ its transferred residuals, even by
+    reach) of up to `CV_MAX_SPOTS` known spots."""
     from stimpute.evidence import transfer
     from stimpute.models import get_method
     from stimpute.models.baselines import flat_features
@@ -122,10 +123,16 @@ def _cross_validated(prepared, known, seed, morphology, folds) -> tuple[np.ndarr
         x = np.concatenate([features[i][train[i]] for i in known])
         y = np.concatenate([expression[i][train[i]] for i in known])
         ridge = probe.model(*x.shape, seed).fit(x, y)
-        propagated, reach = transfer(prepared, known, known, features=morphology, exclude=held)
+        loo = np.split(ridge[-1].loo_predictions_, np.cumsum([train[i].sum() for i in known])[:-1])
+        residual = []
+        for i, oos in zip(known, loo):
+            residual.append(np.zeros_like(expression[i], dtype=np.float64))
+            residual[-1][train[i]] = expression[i][train[i]] - oos
+        carried, reach = transfer(prepared, known, known, residual, features=morphology,
+                                  exclude={i: ~train[i] for i in known})
         for i in known:
             w = 0.5 * reach[i][held[i], None]
             model = ridge.predict(features[i][held[i]])
-            predicted.append(w * propagated[i][held[i]] + (1 - w) * model)
+            predicted.append(w * (model + carried[i][held[i]]) + (1 - w) * model)
             truth.append(expression[i][held[i]])
     return np.concatenate(truth), np.concatenate(predicted)

@@ -165,7 +165,8 @@ class Ridge(_Regressor):
 class KernelRidgeLOO(RegressorMixin, BaseEstimator):
     """RBF kernel ridge regression whose penalty is picked from `alphas` by the exact
     leave-one-out error of all outputs: with K = U diag(λ) Uᵀ, the fit is
-    H y with H = U diag(λ / (λ + α)) Uᵀ, and the LOO residual is (y − Hy) / (1 − Hᵢᵢ)."""
+    H y with H = U diag(λ / (λ + α)) Uᵀ, and the LOO residual is (y − Hy) / (1 − Hᵢᵢ).
+    `loo_predictions_`: each training spot's prediction by the fit without it."""
 
     def __init__(self, gamma_scale: float = KERNEL_GAMMA_SCALE, alphas=KERNEL_ALPHAS):
         self.gamma_scale = gamma_scale
@@ -176,13 +177,15 @@ class KernelRidgeLOO(RegressorMixin, BaseEstimator):
         self.mean_ = y.mean(axis=0)
         lam, u = np.linalg.eigh(rbf_kernel(self.x_, gamma=self.gamma_))
         uty = u.T @ (y - self.mean_)
-        errors = []
+        residuals = []
         for alpha in self.alphas:
             shrink = lam / (lam + alpha)
             fitted = u @ (shrink[:, None] * uty)
             leverage = (u**2) @ shrink
-            errors.append(np.mean(((y - self.mean_ - fitted) / (1 - leverage)[:, None]) ** 2))
-        self.alpha_ = float(self.alphas[int(np.argmin(errors))])
+            residuals.append((y - self.mean_ - fitted) / (1 - leverage)[:, None])
+        best = int(np.argmin([np.mean(r**2) for r in residuals]))
+        self.alpha_ = float(self.alphas[best])
+        self.loo_predictions_ = y - residuals[best]
         self.dual_coef_ = u @ (uty / (lam + self.alpha_)[:, None])
         return self
 
