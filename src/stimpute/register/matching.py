@@ -186,9 +186,15 @@ def _similarity_space(query: np.ndarray, known: np.ndarray) -> tuple[np.ndarray,
     mean, sd = known.mean(0), known.std(0) + 1e-9
     q, kn = (query - mean) / sd, (known - mean) / sd
     dims = max(1, min(SIMILARITY_DIMS, len(known) - 1, kn.shape[1]))
-    # leading right singular vectors of kn = top eigenvectors of the small d × d scatter
-    # matrix: the same axes (up to sign, which distances ignore) without an SVD of the
-    # tall n × d matrix, ~10× cheaper and far less hurt by BLAS threads on a busy machine
-    _, vectors = np.linalg.eigh(kn.T @ kn)
-    axes = vectors[:, ::-1][:, :dims]
+    # the leading right singular vectors of kn, from the eigenvectors of the smaller of its
+    # two Gram matrices (d × d scatter, or n × n for wide network features): the same axes
+    # (up to sign, which distances ignore) without an SVD of kn, far cheaper and far less
+    # hurt by BLAS threads on a busy machine
+    if kn.shape[1] <= len(kn):
+        _, vectors = np.linalg.eigh(kn.T @ kn)
+        axes = vectors[:, ::-1][:, :dims]
+    else:
+        values, left = np.linalg.eigh(kn @ kn.T)
+        values, left = values[::-1][:dims], left[:, ::-1][:, :dims]
+        axes = kn.T @ left / np.sqrt(np.maximum(values, 1e-12))
     return q @ axes, kn @ axes
