@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from stimpute.cli import app
 from stimpute.datasets import synthetic_stack
 from stimpute.io import read_sections, write_section
+from stimpute.io.results import block_section
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,12 @@ def test_block_holds_every_section(run):
     assert (block.obs["section"] == "S0").sum() == stack[0].n_spots and block.obs_names.is_unique
     z = block.obsm["spatial_3d"][:, 2]
     assert sorted(set(np.round(z, 6))) == [0.0, 10.0, 20.0] and (block.X >= 0).all()
-    assert set(block.uns["spatial"]) == {"S0", "he_1", "S2"} and "calibration_pcc" in block.var
+    assert set(block.uns["spatial"]) == {"S0"} and "calibration_pcc" in block.var  # one library: default plots
+    assert set(block.uns["stimpute"]["sections"]["he_1"]["spatial"]["images"]) == {"hires", "lowres"}
+    on_reference = block.obs["section"] == "S0"  # the reference frame is S0's own pixels
+    assert np.allclose(block.obsm["spatial"][on_reference], block.obsm["spatial_section"][on_reference], atol=1e-6)
+    he_1 = ad.read_h5ad(out / "he_1.h5ad")
+    assert np.allclose(block.obsm["spatial_section"][(block.obs["section"] == "he_1").to_numpy()], he_1.obsm["spatial"])
 
 
 def test_scanpy_and_squidpy_plot_the_outputs(run):
@@ -73,7 +79,11 @@ def test_scanpy_and_squidpy_plot_the_outputs(run):
     sc.pl.spatial(adata, color=gene, show=False)
     squidpy = pytest.importorskip("squidpy")
     squidpy.pl.spatial_scatter(adata, color=gene)
-    squidpy.pl.spatial_scatter(ad.read_h5ad(out / "block.h5ad"), color=gene, library_key="section")
+    block = ad.read_h5ad(out / "block.h5ad")
+    sc.pl.spatial(block, color=gene, show=False)  # every section over the reference H&E
+    squidpy.pl.spatial_scatter(block, color=gene)
+    for name in ("S0", "he_1"):  # one section of the block over its own H&E
+        squidpy.pl.spatial_scatter(block_section(block, name), color=gene)
 
 
 def test_info_reads_every_output_back(run, tmp_path):

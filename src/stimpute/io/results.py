@@ -15,6 +15,14 @@ README ("Outputs"):
   `scalefactors` (`tissue_hires_scalef`, `tissue_lowres_scalef`, `spot_diameter_fullres`)
   as Space Ranger/scanpy/squidpy expect; `uns["stimpute"]` the geometry and source image.
 
+`block.h5ad` differs in two places, so that scanpy and squidpy plot it with default
+arguments (they refuse several `uns["spatial"]` libraries unless told which): its
+`obsm["spatial"]` is each spot's registered position in full-resolution pixels of the
+first section (the block's reference frame), and `uns["spatial"]` holds that one section's
+library, so every section's spots are drawn where they lie over the reference H&E. Each
+spot's position in its own section's pixels is in `obsm["spatial_section"]`, and each
+section's library in `uns["stimpute"]["sections"][section]["spatial"]`.
+
 Reading back (`read_result`): the source image when it is still where it was, else the
 `hires` image stored in the file (coordinates rescaled to it).
 """
@@ -83,8 +91,9 @@ def section_result(section: Section, genes: Sequence[str], X: np.ndarray, xyz_um
 
 
 def block_result(parts: Sequence[ad.AnnData]) -> ad.AnnData:
-    """Every section's result in one AnnData: obs_names `<section>:<spot>`, shared var,
-    one `uns["spatial"]` library per section (plot with `library_key="section"`)."""
+    """Every section's result in one AnnData (module docstring): obs_names
+    `<section>:<spot>`, shared var, positions in the reference section's pixels under its
+    one `uns["spatial"]` library, each section's own pixels and library kept aside."""
     names = [p.uns["stimpute"]["section"] for p in parts]
     spots = [p.obs_names for p in parts]
     for p, name in zip(parts, names):
@@ -93,10 +102,27 @@ def block_result(parts: Sequence[ad.AnnData]) -> ad.AnnData:
     for p, own in zip(parts, spots):
         p.obs_names = own
     block.obs["section"] = pd.Categorical(block.obs["section"], categories=names)
-    block.uns["spatial"] = {name: p.uns["spatial"][name] for p, name in zip(parts, names)}
-    block.uns["stimpute"] = {"block": True, "scale": SCALE, "order": names,
-                             "sections": {name: dict(p.uns["stimpute"]) for p, name in zip(parts, names)}}
+    reference = names[0]
+    block.obsm["spatial_section"] = block.obsm["spatial"]
+    block.obsm["spatial"] = block.obsm["spatial_3d"][:, :2] / float(parts[0].uns["stimpute"]["um_per_px"])
+    block.uns["spatial"] = {reference: parts[0].uns["spatial"][reference]}
+    sections = {name: {**dict(p.uns["stimpute"]), "spatial": p.uns["spatial"][name]} for p, name in zip(parts, names)}
+    block.uns["stimpute"] = {"block": True, "scale": SCALE, "order": names, "reference": reference, "sections": sections}
     return block
+
+
+def block_section(block: ad.AnnData, name: str) -> ad.AnnData:
+    """One section of a `block.h5ad` as its own result: `obsm["spatial"]` in that section's
+    pixels under its `uns["spatial"]` library (plots over its own H&E with default arguments)."""
+    records = dict(block.uns["stimpute"]["sections"])
+    if name not in records:
+        raise KeyError(f"section {name!r} is not in the block (sections: {', '.join(records)})")
+    part = block[block.obs["section"] == name].copy()
+    part.obsm["spatial"] = part.obsm.pop("spatial_section")
+    record = dict(records[name])
+    part.uns["spatial"] = {name: record.pop("spatial")}
+    part.uns["stimpute"] = record
+    return part
 
 
 def is_result(uns: dict) -> bool:
@@ -111,16 +137,18 @@ def read_result(path: str | Path, adata: ad.AnnData | None = None) -> list[Secti
     adata = ad.read_h5ad(path) if adata is None else adata
     meta = dict(adata.uns["stimpute"])
     records = [meta["sections"][name] for name in meta["order"]] if meta.get("block") else [meta]
+    own_px = "spatial_section" if "spatial_section" in adata.obsm else "spatial"  # blocks: own pixels aside
     sections = []
     for record in records:
         name = record["section"]
         part = adata[adata.obs["section"] == name] if meta.get("block") else adata
-        sections.append(_result_section(path, name, part, record, dict(adata.uns.get("spatial", {})).get(name)))
+        spatial = record.get("spatial") or dict(adata.uns.get("spatial", {})).get(name)
+        sections.append(_result_section(path, name, part, record, spatial, np.asarray(part.obsm[own_px], np.float64)))
     return sections
 
 
-def _result_section(path: Path, name: str, part: ad.AnnData, record: dict, spatial: dict | None) -> Section:
-    xy = np.asarray(part.obsm["spatial"], np.float64)
+def _result_section(path: Path, name: str, part: ad.AnnData, record: dict, spatial: dict | None,
+                    xy: np.ndarray) -> Section:
     um_per_px = float(record["um_per_px"])
     image_path = Path(record.get("image_path", ""))
     report = {"imputed_genes": int(part.n_vars), "measured": bool(record.get("measured", False))}
