@@ -1,8 +1,10 @@
 """How far to trust an imputed spot: the agreement of the two independent estimates.
 
-The image model's prediction and the propagated expression come from different evidence
-(histology vs. measured neighbours through the 3D graph); where they agree across genes,
-the fused value is less likely to be wrong. Per-gene confidence is
+The image model's prediction and the measured expression transferred from the known
+sections (`ImputeResult.transferred`, no image model in it) come from different evidence
+(histology vs. measured neighbours through the registration); where they agree across
+genes, the fused value is less likely to be wrong. (The propagated part is not used: it
+carries the kernel ridge prediction, which is also in the model part.) Per-gene confidence is
 `ImputeResult.gene_confidence`, the calibration hold-out PCC of the fused value.
 """
 

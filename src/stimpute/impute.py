@@ -71,7 +71,9 @@ class ImputeResult:
     reach; `members` holds each image model's own prediction; `calibration` the held-out
     known spots (propagated, model and each member's prediction, truth, reach, fused) and `gene_confidence` their
     per-gene PCC of the fused value; `programs` the gene programs both parts were projected on;
-    `residual` the kernel ridge residuals the propagation transferred (None: it transferred expression)."""
+    `residual` the kernel ridge residuals the propagation transferred (None: it transferred expression);
+    `transferred` the known sections' measured expression carried to each target spot alone
+    (no image model: the estimate independent of the model part, for per-spot confidence)."""
 
     fused: dict[int, np.ndarray]
     model: dict[int, np.ndarray]
@@ -85,6 +87,7 @@ class ImputeResult:
     gene_confidence: np.ndarray | None = None
     programs: GenePrograms | None = None
     residual: dict[int, np.ndarray] | None = None  # per known section: measured − kernel ridge out-of-sample
+    transferred: dict[int, np.ndarray] = field(default_factory=dict)  # measured expression carried over, no model
 
 
 @timed("fusion")
@@ -155,7 +158,8 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     gene_programs = resolve_programs(prepared, known, programs, config.seed, morphology)
     model = {i: gene_programs.project(np.mean([predictions[m][i] for m in members], axis=0)).astype(np.float32)
              for i in targets}
-    propagated, reach = _propagate(prepared, known, targets, probe and probe["residual"], morphology)
+    transferred, reach = transfer(prepared, known, targets, features=morphology)
+    propagated = transferred if probe is None else _propagate(prepared, known, targets, probe["residual"], morphology)[0]
     propagated = {i: gene_programs.project(p + (probe[i] if probe else 0)).astype(np.float32)
                   for i, p in propagated.items()}
 
@@ -169,7 +173,7 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     result = ImputeResult({}, model, propagated, {}, reach, shares, config, calibration,
                           members={m: {i: predictions[m][i] for i in targets} for m in members},
                           gene_confidence=np.nan_to_num(pearson_columns(calibration["fused"], calibration["truth"])),
-                          programs=gene_programs, residual=probe and probe["residual"])
+                          programs=gene_programs, residual=probe and probe["residual"], transferred=transferred)
     for i in targets:
         w = shares.weights(reach[i]).astype(np.float32)
         result.weight[i] = w

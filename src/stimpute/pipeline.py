@@ -122,7 +122,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
         xyz = spatial_3d(prepared.coords_ref[i], stack[0].um_per_px, section.z_um)
         if i in targets:
             layers = {"model": result.model[i], "propagated": result.propagated[i], "propagated_weight": result.weight[i]}
-            obs = {"cli_reach": result.reach[i], "confidence": spot_confidence(result.model[i], result.propagated[i])}
+            obs = {"cli_reach": result.reach[i], "confidence": spot_confidence(result.model[i], result.transferred[i])}
             parts.append(section_result(section, panel, result.fused[i], xyz, False, layers, obs, gene_conf))
             with stage("writing"):
                 files.append(write_h5ad_atomic(parts[-1], out / f"{section.name}.h5ad", force=force))
