@@ -30,7 +30,6 @@ from stimpute.models.moe3d import (
     MoE3D,
     MoE3DConfig,
     TopKRouter,
-    cross_validate,
     expected_log1p,
     fourier_frequencies,
     load_balance_loss,
@@ -168,7 +167,8 @@ def test_moe3d_fit_predict_on_synthetic_stack(prepared, tmp_path):
         summary = summarise_pcc(gene_metrics(pred[i], prepared.expression[i], prepared.panel).pcc)
         assert summary.mean > 0.3, summary
     assert ((method.routing_[0] > 0).sum(axis=1) == 2).all()
-    loaded = MoE3D.load(method.save(tmp_path / "moe3d.pt"))
+    assert method.save(tmp_path) == tmp_path / "moe3d.pt"
+    loaded = MoE3D.load(tmp_path)
     again = loaded.predict(prepared, [0, 2])
     np.testing.assert_allclose(again[0], pred[0], rtol=1e-5, atol=1e-6)
     loaded.config = replace(loaded.config, prediction="expected")
@@ -177,11 +177,11 @@ def test_moe3d_fit_predict_on_synthetic_stack(prepared, tmp_path):
 
 
 def test_moe3d_cross_validation_by_section(prepared):
-    rows = cross_validate(prepared, [0, 1, 2], n_folds=3, config=MoE3DConfig(epochs=20, n_experts=3, top_k=1))
+    rows = MoE3D(MoE3DConfig(epochs=20, n_experts=3, top_k=1)).cross_validate(prepared, [0, 1, 2], n_folds=3)
     assert sorted(rows.section.unique()) == ["S0", "S1", "S2"] and sorted(rows.fold.unique()) == [0, 1, 2]
     assert len(rows) == 3 * len(prepared.panel) and rows.pcc.notna().all()
     with pytest.raises(StimputeError, match="folds"):
-        cross_validate(prepared, [0, 1, 2], n_folds=4)
+        MoE3D().cross_validate(prepared, [0, 1, 2], n_folds=4)
 
 
 def test_prepared_stack_to_moest_h5(prepared, tmp_path):

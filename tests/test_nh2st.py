@@ -13,8 +13,8 @@ from stimpute.evaluate import pearson_columns
 from stimpute.expression import panel_expression
 from stimpute.image import SectionImage
 from stimpute.models import PreparedStack, get_method
-from stimpute.models.nh2st import (NH2STConfig, NH2STNet, info_nce, load_nh2st, neighbour_grid,
-                                   predict_nh2st, train_folder, train_nh2st)
+from stimpute.models.nh2st import (NH2ST, NH2STConfig, NH2STNet, info_nce, load_nh2st, neighbour_grid,
+                                   predict_nh2st, train_nh2st)
 from stimpute.plot import expression_heatmaps
 
 
@@ -111,7 +111,8 @@ TINY = dict(emb_dim=32, num_heads=4, max_epochs=15, patience=5)
 
 
 def test_fit_predict_small_synthetic_stack_and_checkpoint(prepared, synthetic, tmp_path):
-    preds = get_method("nh2st", **TINY).fit_predict(prepared, train=[0, 1], targets=[2], seed=0)
+    model = get_method("nh2st", **TINY)
+    preds = model.fit_predict(prepared, train=[0, 1], targets=[2], seed=0)
     assert set(preds) == {2} and preds[2].shape == (synthetic[2].n_spots, len(prepared.panel))
     pcc = np.nan_to_num(pearson_columns(preds[2], prepared.expression[2]))
     assert pcc.mean() > 0.2
@@ -119,13 +120,14 @@ def test_fit_predict_small_synthetic_stack_and_checkpoint(prepared, synthetic, t
     train_nh2st(prepared, [0, 1], seed=0, cfg=NH2STConfig(**TINY), checkpoint=tmp_path / "m.ckpt")
     again = predict_nh2st(load_nh2st(tmp_path / "m.ckpt"), prepared, [2])
     np.testing.assert_allclose(again[2], preds[2], atol=1e-5)
+    assert model.save(tmp_path / "model") == tmp_path / "model" / "checkpoints" / "nh2st.ckpt"
+    np.testing.assert_allclose(NH2ST.load(tmp_path / "model").predict(prepared, [2])[2], preds[2], atol=1e-5)
 
 
 def test_cross_validation_by_section(prepared, tmp_path):
     cfg = NH2STConfig(**{**TINY, "max_epochs": 2})
-    files = train_folder(prepared, tmp_path, mode="cv", folds=2, cfg=cfg)
-    assert [f.name for f in files] == ["fold0.ckpt", "fold1.ckpt", "cv_metrics.csv"]
-    table = pd.read_csv(tmp_path / "cv_metrics.csv")
+    table = NH2ST(cfg).cross_validate(prepared, [0, 1, 2], n_folds=2, folder=tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["fold0.ckpt", "fold1.ckpt"]
     assert sorted(set(table.section)) == ["S0", "S1", "S2"] and len(table) == 3 * len(prepared.panel)
     assert set(table.fold) == {0, 1}
 

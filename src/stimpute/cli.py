@@ -408,13 +408,13 @@ def advise(
 @guarded
 def train(
     sections: Sections,
-    out: Annotated[Path, typer.Option(help="Model folder: checkpoints/best.ckpt and config.yaml.")],
+    out: Annotated[Path, typer.Option(help="Model folder: the model (msagnet: checkpoints/best.ckpt) and config.yaml.")],
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file (default: top 250 HVGs of the sections).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on held-out spots).", min=1)] = 300,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on held-out spots; moe3d trains a fixed number of full-batch steps).", min=1)] = 300,
     force: Annotated[bool, typer.Option(help="Overwrite an earlier model in OUT.")] = False,
-    method: Annotated[str, typer.Option(help="msagnet (2D MSAGNet), nh2st (NH²2ST) or moe3d (3DMoEST without coordinates).")] = "msagnet",
-    mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section (nh2st, moe3d), writing cv_metrics.csv.")] = "train",
+    method: Annotated[str, typer.Option(help="A registered model: msagnet (2D MSAGNet), nh2st (NH²2ST), moe3d (3DMoEST without coordinates), ... (stimpute.models.MODELS).")] = "msagnet",
+    mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section, writing cv_metrics.csv.")] = "train",
     folds: Annotated[Optional[int], typer.Option(help="Folds of --mode cv (default: one per section).", min=2)] = None,
     encoder: EncoderOption = "handcrafted",
     weights: WeightsOption = None,
@@ -424,12 +424,9 @@ def train(
     Example: [bold]stimpute train ../shared/data/her2st/C2 ../shared/data/her2st/C4 --out model/ --method moe3d[/]
     Example: [bold]stimpute train ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --out cv/ --method nh2st --mode cv[/]
     """
-    from stimpute.models.msagnet import MSAGNetConfig
     from stimpute.pipeline import run_train
-    from stimpute.train import TrainConfig
 
-    config = TrainConfig(seed=seed, max_epochs=epochs, model=MSAGNetConfig(variant="2d"))
-    ckpt = run_train(sections, out, genes=genes, seed=seed, force=force, progress=True, config=config, method=method,
+    ckpt = run_train(sections, out, genes=genes, seed=seed, force=force, progress=True, epochs=epochs, method=method,
                      mode=mode, folds=folds, encoder=encoder, weights=weights)
     console.print(f"{'cross-validation by section' if mode == 'cv' else 'model'} written to {ckpt}", highlight=False)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,26 +30,25 @@ from stimpute.evaluate import Summary, gene_metrics, pearson_columns, spot_pcc, 
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
 from stimpute.features.encoders import encoder_record, match_recorded
-from stimpute.impute import MEMBERS, ImputeResult, graph_batch, impute_stack
+from stimpute.impute import MEMBERS, ImputeResult, impute_stack
 from stimpute.io import read_stack
 from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
 from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
 from stimpute.io.run import Run, run_ownership
-from stimpute.models.msagnet import MSAGNetConfig
+from stimpute.data import Stack
+from stimpute.models import get_model
 from stimpute.prepare import known_indices, prepare_stack
 from stimpute.programs import programs_record
 from stimpute.register.grid import GridOptions, place_virtual_spots
 from stimpute.register.outputs import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
-from stimpute.train import MSAGNetModule, TrainConfig, fit, torch_threads
+from stimpute.train import TrainConfig, torch_threads
 
 MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
 N_TOP_FIGURE_GENES = 4
 FIGURE_SIDE = 1600  # px of the H&E thumbnail behind the expression maps
 BLOCK_FIGURE = "block_3d.png"
 N_TOP_SUMMARY = 50
-MODEL_FILE = "checkpoints/best.ckpt"
-MODEL_FILES = {"msagnet": MODEL_FILE, "moe3d": "moe3d.pt", "nh2st": "checkpoints/nh2st.ckpt"}  # what `stimpute train --method` writes
 
 
 @dataclass
@@ -184,63 +183,47 @@ def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, fo
 
 
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
-              force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-              encoder: str = "handcrafted", method: str = "msagnet", mode: str = "train", folds: int | None = None,
-              weights: str | Path | None = None) -> Path:
-    """Train a 2D model (`msagnet`, `nh2st`, or `moe3d` without coordinates) on every measured
-    section (images only, no registration). `mode="cv"` (nh2st, moe3d): k-fold cross-validation
-    by section instead, writing `cv_metrics.csv` (nh2st: and one checkpoint per fold)."""
+              force: bool = False, progress: bool = False, config=None, encoder: str = "handcrafted",
+              method: str = "msagnet", mode: str = "train", folds: int | None = None,
+              weights: str | Path | None = None, epochs: int | None = None) -> Path:
+    """Train the registered model `method` (`stimpute.models.MODELS`: msagnet (2D), nh2st,
+    moe3d without coordinates, ...) on every measured section (images only, no
+    registration) and save it in `out`. `config`: the model's settings (default: its
+    `train_config(epochs)`). `mode="cv"`: k-fold cross-validation by section instead,
+    writing `cv_metrics.csv` (and each fold's model under `checkpoints/`)."""
     out = Path(out)
-    model_file = MODEL_FILES.get(method)
-    if model_file is None:
-        raise StimputeError("--method", f"cannot train {method!r} for `stimpute predict` (use {' or '.join(MODEL_FILES)})")
-    if mode not in ("train", "cv") or (mode == "cv" and method not in ("nh2st", "moe3d")):
-        raise StimputeError("--mode", f"--mode {mode}: use train, or cv with --method nh2st or moe3d")
+    model_class = get_model(method)
+    if mode not in ("train", "cv"):
+        raise StimputeError("--mode", f"--mode {mode}: use train or cv")
+    model = model_class(config if config is not None else model_class.train_config(epochs))
     features = encoder_record(encoder, weights)
     with run_ownership(out, "train", [*sections, genes, weights], force) as run:
-        return _train(run, sections, genes, seed, progress, config, features, method, mode, folds, model_file)
+        return _train(run, sections, genes, seed, progress, features, model, mode, folds)
 
 
-def _train(run: Run, sections, genes, seed, progress, config, features, method, mode, folds, model_file) -> Path:
+def _train(run: Run, sections, genes, seed, progress, features, model, mode, folds) -> Path:
     out = run.out
-    saved = "checkpoints/" if model_file.startswith("checkpoints/") else model_file
+    saved = "checkpoints/" if model.saved.startswith("checkpoints/") else model.saved
     outputs = [saved, "cv_metrics.csv", "checkpoints/", "config.yaml"] if mode == "cv" else [saved, "config.yaml"]
     force = run.claim(list(dict.fromkeys(outputs)), caches=["cache/"]) and not run.resuming  # a killed run is resumed
     stack = read_stack(sections)
     prepared = prepare_stack(stack, panel=genes, encoder=features["encoder"], weights=features["weights"],
                              cache_dir=out / "cache", progress=progress, register=False)
-    if method == "moe3d" and mode == "cv":
-        from stimpute.models.moe3d import MoE3DConfig, cross_validate
-
-        known, moe3d_config = known_indices(stack, None), MoE3DConfig(use_coords=False)
-        rows = cross_validate(prepared, known, folds or len(known), seed, moe3d_config)
-        model_file = write_text_atomic(out / "cv_metrics.csv", rows.to_csv(index=False)).relative_to(out)
-        train_settings = {"mode": mode, "folds": folds or len(known), **asdict(moe3d_config)}
-    elif method == "moe3d":
-        from stimpute.models.moe3d import MoE3D
-
-        model = MoE3D(use_coords=False).fit(prepared, known_indices(stack, None), seed)
-        model.save(out / model_file)
-        train_settings = asdict(model.config)
-    elif method == "nh2st":
-        from stimpute.models.nh2st import NH2STConfig, train_folder
-
-        nh2st_config = NH2STConfig(max_epochs=config.max_epochs) if config else NH2STConfig()
-        model_file = train_folder(prepared, out, mode, folds, seed, nh2st_config)[-1].relative_to(out)
-        train_settings = {"mode": mode, "folds": folds, **asdict(nh2st_config)}
+    if force:
+        for old in (out / "checkpoints").glob("*.ckpt"):
+            old.unlink()
+    known = known_indices(stack, None)
+    if mode == "cv":
+        folds = folds or len(known)
+        rows = model.cross_validate(prepared, known, folds, seed, out / "checkpoints")
+        written = write_text_atomic(out / "cv_metrics.csv", rows.to_csv(index=False))
     else:
-        config = config or TrainConfig(seed=seed, model=MSAGNetConfig(variant="2d"))
-        batch, _ = graph_batch(prepared, known_indices(stack, None), config.seed, config.val_fraction)
-        if force:
-            for old in (out / "checkpoints").glob("*.ckpt"):
-                old.unlink()
-        fit(batch, config, ckpt_dir=out / "checkpoints", progress=progress)
-        train_settings = config.to_dict()
-    settings = {"stimpute_version": __version__, "method": method, "seed": seed, **features, "panel": list(prepared.panel),
-                "inputs": input_records(stack, sections),
-                "train": train_settings}
+        written = model.fit(prepared, known, seed, checkpoints=out / "checkpoints", progress=progress).save(out)
+    settings = {"stimpute_version": __version__, "method": model.model_name, "seed": seed, **features,
+                "panel": list(prepared.panel), "inputs": input_records(stack, sections),
+                "train": {"mode": mode, "folds": folds, **model.settings()}}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False))
-    return out / model_file
+    return written
 
 
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
@@ -258,49 +241,32 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
     out = run.out
     cfg_file = model_dir / "config.yaml"
     settings = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
-    trained = settings.get("method", "msagnet")
-    ckpt = model_dir / MODEL_FILES.get(trained, MODEL_FILE)
-    if not ckpt.is_file() or not cfg_file.is_file():
-        raise StimputeError(model_dir, f"not a trained model folder: expected {ckpt.relative_to(model_dir)} and config.yaml (from `stimpute train`)")
+    trained = settings.get("method", "msagnet")  # folders from before config.yaml recorded it
+    model_class = get_model(trained)
+    ckpt = model_dir / model_class.saved
+    if not ckpt.exists() or not cfg_file.is_file():
+        raise StimputeError(model_dir, f"not a trained model folder: expected {model_class.saved} and config.yaml (from `stimpute train`)")
     if method is not None and method != trained:
         raise StimputeError(cfg_file, f"this model was trained with --method {trained}, not {method}")
-    method = trained
     features = match_recorded(settings, encoder, weights, cfg_file)
-    if method == "moe3d":
-        from stimpute.models.moe3d import MoE3D
-
-        model = MoE3D.load(ckpt)
-    elif method == "nh2st":
-        from stimpute.models.nh2st import load_nh2st, predict_nh2st
-
-        module = load_nh2st(ckpt)
-    else:
-        module = MSAGNetModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    model = model_class.load(model_dir)
     stack = read_stack(sections)
     force = run.claim([f"{s.name}.h5ad" for s in stack] + [f"figures/{s.name}.png" for s in stack] + ["config.yaml"],
                       caches=["cache/"])
     files = []
     for section in stack:
-        from stimpute.data import Stack
-
         one = prepare_stack(Stack([section]), known=[], panel=settings["panel"], encoder=features["encoder"],
                             weights=features["weights"],
                             cache_dir=out / "cache", progress=progress, register=False)
-        g = one.graph
         with torch.no_grad(), torch_threads(1):
-            if method == "moe3d":
-                pred = model.predict(one, [0])[0]
-            elif method == "nh2st":
-                pred = predict_nh2st(module, one, [0])[0]
-            else:
-                pred = module.model(torch.as_tensor(one.features[0]), g.edge_index, g.edge_type, g.edge_weight.float()).numpy()
+            pred = model.predict(one, [0])[0]
         files.append(write_prediction(section, one.panel, pred, out, force=force))
         shown = [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES]
         measured = one.expression[0]
         pcc = None if measured is None else pearson_columns(pred, measured)[[list(one.panel).index(g) for g in shown]]
         files.append(_heatmaps(section, one.panel, shown, pred, measured, out, pcc=pcc, label="predicted"))
         section.image.release()
-    record = {"stimpute_version": __version__, "method": method, "model": str(model_dir), "model_sha256": input_hash(ckpt),
+    record = {"stimpute_version": __version__, "method": trained, "model": str(model_dir), "model_sha256": input_hash(ckpt),
               "seed": settings.get("seed"), **features, "panel": settings["panel"],
               "inputs": input_records(stack, sections), "train": settings.get("train")}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(record), sort_keys=False))

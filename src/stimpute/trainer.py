@@ -42,3 +42,10 @@ def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, chec
         callbacks=list(callbacks), logger=False, enable_checkpointing=checkpointing, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, **options,
     )
+
+
+def lightning_checkpoint(module: L.LightningModule) -> dict:
+    """A checkpoint of a trained module's weights that `Module.load_from_checkpoint` reads
+    (what `Trainer.save_checkpoint(weights_only=True)` writes, without needing the trainer)."""
+    return {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__}

@@ -1,15 +1,24 @@
-"""The `Method` interface, the prepared inputs every method reads, and the registry."""
+"""The `Method` and `Model` interfaces, the prepared inputs every method reads, and the registry.
+
+A `Method` predicts held-out sections of one stack (`fit_predict`: the benchmark's unit).
+A `Model` is a method that is trained once, saved to a folder and loaded later to predict
+other sections from their images alone: `stimpute train --method NAME` and `stimpute
+predict` find it in `MODELS` by its `model_name`, and know nothing else about it.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
 from stimpute.data import Stack
 from stimpute.errors import StimputeError
+from stimpute.metrics import gene_metrics
 
 
 @dataclass
@@ -63,12 +72,91 @@ class Method(ABC):
         """
 
 
+class Model(Method):
+    """A trainable, savable image model: `fit`, `predict`, `save`, `load` and a `config`.
+
+    Subclasses set `name` (benchmark method), `config_class` (a dataclass of every setting,
+    recorded in the model folder's config.yaml), `saved` (the file or folder that `save`
+    writes inside a model folder, relative to it) and, where training runs for a number of
+    epochs, `epochs_field` (the config field that `stimpute train --epochs` sets).
+    `model_name` is the name `stimpute train --method` and `predict` use (default: `name`).
+    """
+
+    config_class: type = dict
+    saved: str = ""
+    epochs_field: str | None = None
+    model_name: str = ""
+
+    def __init__(self, config=None, **options):
+        self.config = replace(config if config is not None else self.default_config(), **options)
+
+    @classmethod
+    def default_config(cls):
+        return cls.config_class()
+
+    @classmethod
+    def train_config(cls, epochs: int | None = None):
+        """The settings of `stimpute train` (images only, sections unregistered); `epochs`
+        sets `epochs_field` where the model has one."""
+        config = cls.default_config()
+        return replace(config, **{cls.epochs_field: epochs}) if epochs is not None and cls.epochs_field else config
+
+    @abstractmethod
+    def fit(self, prepared: PreparedStack, train: list[int], seed: int = 0, checkpoints: Path | None = None,
+            progress: bool = False) -> "Model":
+        """Learn from the measured sections `train`; `checkpoints`: a folder where training may
+        keep resumable state (a rerun into the same folder continues), or None; `progress`:
+        a live progress bar where the model has one."""
+
+    @abstractmethod
+    def predict(self, prepared: PreparedStack, targets: list[int]) -> dict[int, np.ndarray]:
+        """{section index: (n_spots, n_genes) log1p prediction} of the sections `targets`."""
+
+    @abstractmethod
+    def save(self, folder: Path) -> Path:
+        """Write the trained model into `folder` (at `folder / saved`); return that path."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, folder: Path) -> "Model":
+        """The model `save` wrote into `folder`, ready to `predict`."""
+
+    def settings(self) -> dict:
+        """What config.yaml records under `train` (every setting, plain types)."""
+        return asdict(self.config)
+
+    def fit_predict(self, prepared, train, targets, seed=0):
+        return self.fit(prepared, list(train), seed).predict(prepared, list(targets))
+
+    def cross_validate(self, prepared: PreparedStack, sections: list[int], n_folds: int, seed: int = 0,
+                       folder: Path | None = None) -> pd.DataFrame:
+        """k-fold cross-validation by section: each fold's sections are predicted by a fresh
+        model (this one's config) trained on the others. Per-gene rows `fold, section, gene,
+        pcc, mse, mae`; with `folder`, each fold's model is saved in `folder/fold<k>`."""
+        if not 2 <= n_folds <= len(sections):
+            raise StimputeError("--folds", f"need 2 ≤ folds ≤ {len(sections)} measured sections, got {n_folds}")
+        rows = []
+        for k, held in enumerate(np.array_split(np.array(sections), n_folds)):
+            model = type(self)(self.config).fit(prepared, [i for i in sections if i not in held], seed)
+            if folder is not None:
+                model.save(Path(folder) / f"fold{k}")
+            for i, pred in model.predict(prepared, [int(h) for h in held]).items():
+                metrics = gene_metrics(pred, prepared.known_expression(i), prepared.panel)
+                rows.append(metrics.assign(fold=k, section=prepared.stack[i].name))
+        return pd.concat(rows, ignore_index=True)[["fold", "section", "gene", "pcc", "mse", "mae"]]
+
+
 METHODS: dict[str, Callable[..., Method]] = {}
+MODELS: dict[str, type[Model]] = {}
 
 
 def register_method(factory: Callable[..., Method]) -> Callable[..., Method]:
-    """Class decorator: make a method available by its `name` to the CLI and benchmark."""
+    """Class decorator: make a method available by its `name` to the CLI and benchmark; a
+    `Model` also to `stimpute train`/`predict` by its `model_name` (default: `name`)."""
     METHODS[factory.name] = factory
+    if isinstance(factory, type) and issubclass(factory, Model):
+        factory.model_name = vars(factory).get("model_name") or factory.name  # not a registered parent's
+        MODELS[factory.model_name] = factory
     return factory
 
 

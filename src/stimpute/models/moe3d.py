@@ -29,18 +29,16 @@ from pathlib import Path
 import cv2
 import lightning
 import numpy as np
-import pandas as pd
 import torch
 from scipy import sparse
 from scipy.spatial import cKDTree
 from torch import nn
 
 from stimpute.errors import InputError, StimputeError
-from stimpute.metrics import gene_metrics
 from stimpute.expression import TARGET_SUM
 from stimpute.io.anndata_io import atomic_write
 from stimpute.io.moest_h5 import coords_3d
-from stimpute.models.base import Method, PreparedStack, register_method
+from stimpute.models.base import Model, PreparedStack, register_method
 from stimpute.patches import SCALES_UM, iter_patches
 
 SOBEL_SIZE = 32  # side of the stored gradient map (the 3DMoEST H5 `sobel_gradients`)
@@ -305,14 +303,17 @@ class SpotScaler:
 
 
 @register_method
-class MoE3D(Method):
+class MoE3D(Model):
     """3DMoEST (see module docstring). After `fit_predict`/`predict`, `routing_[i]` holds
-    the gates (n_i, n_experts) of every section it saw, for routing maps."""
+    the gates (n_i, n_experts) of every section it saw, for routing maps. Saved as
+    `moe3d.pt` in a model folder."""
 
     name = "moe3d"
+    config_class = MoE3DConfig
+    saved = "moe3d.pt"
 
     def __init__(self, config: MoE3DConfig | None = None, **options):
-        self.config = replace(config or MoE3DConfig(), **options)
+        super().__init__(config, **options)
         self.routing_: dict[int, np.ndarray] = {}
         self.net_: MoE3DNet | None = None
         self.scaler_: SpotScaler | None = None
@@ -320,12 +321,19 @@ class MoE3D(Method):
         self.use_coords_ = False
         self.library_ = TARGET_SUM  # median training library size, for "expected" predictions
 
+    @classmethod
+    def train_config(cls, epochs: int | None = None) -> MoE3DConfig:
+        """Images only, without coordinates; `epochs` (an early-stopping limit elsewhere) does
+        not apply: training is `config.epochs` full-batch steps."""
+        return MoE3DConfig(use_coords=False)
+
     def fit_predict(self, prepared: PreparedStack, train: list[int], targets: list[int], seed: int = 0) -> dict[int, np.ndarray]:
         self.fit(prepared, train, seed)
         predictions = self.predict(prepared, sorted(set(train) | set(targets)))
         return {i: predictions[i] for i in targets}
 
-    def fit(self, prepared: PreparedStack, train: list[int], seed: int = 0) -> "MoE3D":
+    def fit(self, prepared: PreparedStack, train: list[int], seed: int = 0, checkpoints: Path | None = None,
+            progress: bool = False) -> "MoE3D":
         """Train on the measured sections `train` of `prepared` (full batch, seeded)."""
         c = self.config
         if c.prediction not in PREDICTIONS:
@@ -376,9 +384,9 @@ class MoE3D(Method):
                     predictions[i] = torch.log1p(TARGET_SUM * share).numpy().astype(np.float32)
         return predictions
 
-    def save(self, path: str | Path) -> Path:
-        """Write the trained model (weights, input scaling, panel, settings) to one file."""
-        path = Path(path)
+    def save(self, folder: str | Path) -> Path:
+        """Write the trained model (weights, input scaling, panel, settings) to `folder/moe3d.pt`."""
+        path = Path(folder) / self.saved
         state = {"config": asdict(replace(self.config, use_coords=self.use_coords_)), "panel": self.panel_,
                  "scaler": asdict(self.scaler_), "library": self.library_,
                  "dims": (self.net_.visual[0].in_features, self.net_.router.net[0].in_features),
@@ -387,8 +395,9 @@ class MoE3D(Method):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "MoE3D":
+    def load(cls, folder: str | Path) -> "MoE3D":
         """A model written by `save`, ready to `predict`."""
+        path = Path(folder) / cls.saved
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
             method = cls(MoE3DConfig(**state["config"]))
@@ -415,20 +424,6 @@ class MoE3D(Method):
             if xyz is not None:
                 out[i]["xyz"] = torch.as_tensor(xyz[i], dtype=torch.float32)
         return out
-
-
-def cross_validate(prepared: PreparedStack, sections: list[int], n_folds: int, seed: int = 0,
-                   config: MoE3DConfig | None = None) -> pd.DataFrame:
-    """k-fold cross-validation by section: each fold's sections are predicted by a model
-    trained on the others. Per-gene rows `fold, section, gene, pcc, mse, mae`."""
-    if not 2 <= n_folds <= len(sections):
-        raise StimputeError("--folds", f"need 2 ≤ folds ≤ {len(sections)} measured sections, got {n_folds}")
-    rows = []
-    for k, held in enumerate(np.array_split(np.array(sections), n_folds)):
-        train = [i for i in sections if i not in held]
-        for i, pred in MoE3D(config).fit_predict(prepared, train, [int(h) for h in held], seed).items():
-            rows.append(gene_metrics(pred, prepared.known_expression(i), prepared.panel).assign(fold=k, section=prepared.stack[i].name))
-    return pd.concat(rows, ignore_index=True)[["fold", "section", "gene", "pcc", "mse", "mae"]]
 
 
 def _trainer(steps: int) -> lightning.Trainer:

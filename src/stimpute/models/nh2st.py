@@ -30,9 +30,9 @@ from torch.nn import functional as F
 from stimpute.data import Section
 from stimpute.errors import StimputeError
 from stimpute.metrics import gene_metrics, pearson_columns
-from stimpute.io.anndata_io import atomic_write, write_text_atomic
-from stimpute.models.base import Method, PreparedStack, register_method
-from stimpute.trainer import quiet_trainer, split_known, torch_threads
+from stimpute.io.anndata_io import atomic_write
+from stimpute.models.base import Model, PreparedStack, register_method
+from stimpute.trainer import lightning_checkpoint, quiet_trainer, split_known, torch_threads
 
 SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)
 
@@ -354,36 +354,38 @@ def cross_validate_nh2st(prepared: PreparedStack, sections: list[int], n_folds: 
 
 
 @register_method
-class NH2ST(Method):
-    """NH²2ST on cached spot-scale features; trains on `train` sections, predicts from images only."""
+class NH2ST(Model):
+    """NH²2ST on cached spot-scale features; trains on `train` sections, predicts from images only.
+
+    Saved as the Lightning checkpoint `checkpoints/nh2st.ckpt` of a model folder.
+    """
 
     name = "nh2st"
+    config_class = NH2STConfig
+    saved = "checkpoints/nh2st.ckpt"
+    epochs_field = "max_epochs"
 
-    def __init__(self, **config):
-        self.cfg = NH2STConfig(**config)
+    def fit(self, prepared: PreparedStack, train: list[int], seed: int = 0, checkpoints: Path | None = None,
+            progress: bool = False) -> "NH2ST":
+        self.module_ = train_nh2st(prepared, train, seed, self.config)
+        return self
 
-    def fit_predict(self, prepared: PreparedStack, train: list[int], targets: list[int], seed: int = 0) -> dict[int, np.ndarray]:
-        return predict_nh2st(train_nh2st(prepared, train, seed, self.cfg), prepared, targets)
+    def predict(self, prepared: PreparedStack, targets: list[int]) -> dict[int, np.ndarray]:
+        return predict_nh2st(self.module_, prepared, targets)
 
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / self.saved
+        atomic_write(path, lambda tmp: torch.save(lightning_checkpoint(self.module_), tmp))
+        return path
 
-CHECKPOINT = "checkpoints/nh2st.ckpt"
+    @classmethod
+    def load(cls, folder: Path) -> "NH2ST":
+        module = load_nh2st(Path(folder) / cls.saved)
+        model = cls(module.cfg)
+        model.module_ = module
+        return model
 
-
-def train_folder(prepared: PreparedStack, out: str | Path, mode: str = "train", folds: int | None = None, seed: int = 0,
-                 cfg: NH2STConfig | None = None) -> list[Path]:
-    """`stimpute train --method nh2st`: mode `train` fits every measured section and writes
-    `out/checkpoints/nh2st.ckpt`; mode `cv` runs k-fold cross-validation by section
-    (`--folds`, default one fold per section), writing `checkpoints/fold<k>.ckpt` and
-    `cv_metrics.csv` (per fold, section and gene: pcc, mse, mae)."""
-    out = Path(out)
-    measured = [i for i, e in enumerate(prepared.expression) if e is not None]
-    if mode == "train":
-        if not measured:
-            raise StimputeError(out, "no section with measured counts to train on")
-        train_nh2st(prepared, measured, seed, cfg, out / CHECKPOINT)
-        return [out / CHECKPOINT]
-    if mode != "cv":
-        raise StimputeError("--mode", f"unknown mode {mode!r} (train or cv)")
-    table = cross_validate_nh2st(prepared, measured, folds or len(measured), seed, cfg, out / "checkpoints")
-    metrics = write_text_atomic(out / "cv_metrics.csv", table.to_csv(index=False))
-    return sorted((out / "checkpoints").glob("fold*.ckpt")) + [metrics]
+    def cross_validate(self, prepared: PreparedStack, sections: list[int], n_folds: int, seed: int = 0,
+                       folder: Path | None = None) -> pd.DataFrame:
+        """As `Model.cross_validate`; each fold's checkpoint is `folder/fold<k>.ckpt`."""
+        return cross_validate_nh2st(prepared, sections, n_folds, seed, self.config, folder)
