@@ -236,3 +236,25 @@ def test_residuals_transferred_are_out_of_sample():
     honest = KernelRidgeLOO().fit(x[train], expr[0][train])
     assert np.allclose(out["residual_honest"][0][held[0]], expr[0][held[0]] - honest.predict(x[held[0]]), atol=1e-5)
     assert out[1].shape == (49, 2) and out["held"].shape == (int(held[0].sum()), 2)
+
+
+def test_probe_learns_from_a_bounded_subset_and_predicts_the_rest_out_of_sample(monkeypatch):
+    from types import SimpleNamespace
+
+    import stimpute.impute as impute
+    from stimpute.models import load_methods
+
+    load_methods()
+    rng = np.random.default_rng(1)
+    feats = [rng.normal(size=(49, 3, 4)), rng.normal(size=(49, 3, 4))]
+    expr = [feats[0][:, 0, :2] + rng.normal(scale=0.3, size=(49, 2)), None]
+    prepared = _Stub([_grid(7, 0), _grid(7, 0)], [0.0, 10.0], feats, expr)
+    held = {0: np.arange(49) % 5 == 0}
+    config = SimpleNamespace(seed=0)
+    whole = impute._kernel_ridge_member(prepared, [0], [1], held, None, config, None, None, False)
+    monkeypatch.setattr(impute, "PROBE_MAX_SPOTS", 20)
+    bounded = impute._kernel_ridge_member(prepared, [0], [1], held, None, config, None, None, False)
+    assert bounded["residual"][0].shape == (49, 2) and np.isfinite(bounded["residual"][0]).all()
+    assert not np.allclose(bounded[1], whole[1])  # fitted on 20 spots, not 49
+    again = impute._kernel_ridge_member(prepared, [0], [1], held, None, config, None, None, False)
+    assert np.array_equal(again["residual"][0], bounded["residual"][0])  # the subset is seeded
