@@ -88,7 +88,7 @@ def _random_moest(rng, with_patches=True) -> MoestData:
     for name, n, measured in (("A1", 12, True), ("B1", 9, False)):
         sections.append(MoestSection(
             name=name,
-            uni_features=rng.normal(size=(n, 16)).astype(np.float32),
+            features=rng.normal(size=(n, 16)).astype(np.float32),
             coords_3d=np.column_stack([rng.uniform(0, 2000, (n, 2)), np.full(n, 10.0 * len(sections))]),
             sobel_gradients=rng.random((n, 8, 8)).astype(np.float32),
             expression=rng.poisson(4, (n, len(genes))).astype(np.float32) if measured else None,
@@ -105,12 +105,12 @@ def test_moest_h5_round_trip_is_lossless(tmp_path):
     back = read_moest_h5(first)
     assert back.gene_names == data.gene_names and back.names == ["A1", "B1"]
     for a, b in zip(data.sections, back.sections):
-        for key in ("uni_features", "coords_3d", "sobel_gradients", "expression", "patches"):
+        for key in ("features", "coords_3d", "sobel_gradients", "expression", "patches"):
             x, y = getattr(a, key), getattr(b, key)
             assert (x is None and y is None) or (np.array_equal(x, y) and x.dtype == y.dtype), key
         assert a.spot_ids == b.spot_ids and b.attrs == a.attrs
     second = read_moest_h5(write_moest_h5(back, tmp_path / "b.h5"))
-    assert all(np.array_equal(s.uni_features, t.uni_features) for s, t in zip(back.sections, second.sections))
+    assert all(np.array_equal(s.features, t.features) for s, t in zip(back.sections, second.sections))
     with pytest.raises(StimputeError, match="already exists"):
         write_moest_h5(data, first)
 
@@ -128,7 +128,7 @@ def test_moest_h5_to_sections_keeps_counts_and_positions():
     assert (a.image.read_region(x - 1, y - 1, 3, 3) != 255).any()  # the stored patch is drawn there
     np.testing.assert_array_equal(sobel_gradients(a), data.sections[0].sobel_gradients)
     prepared = moest_to_prepared(data)
-    assert prepared.features[0].shape == (12, 1, 16) and prepared.expression[1] is None
+    assert prepared.features[0].shape == (12, 3, 16) and prepared.expression[1] is None
 
 
 def test_malformed_moest_h5_names_group_and_dataset(tmp_path):
@@ -207,7 +207,7 @@ def test_cli_convert_moest_h5_and_read_section(tmp_path):
     assert result.exit_code == 0, result.output
     a1 = read_section(tmp_path / "sections" / "A1")
     np.testing.assert_array_equal(a1.adata.X.toarray(), data.sections[0].expression)
-    np.testing.assert_array_equal(a1.adata.obsm["uni_features"], data.sections[0].uni_features)
+    np.testing.assert_array_equal(a1.adata.obsm["uni_features"], data.sections[0].features)
     again = CliRunner().invoke(app, ["convert", "moest-h5", str(path), str(tmp_path / "sections")])
     assert again.exit_code == 2 and "already holds results" in again.output and "--force" in again.output
     with pytest.raises(InputError, match="holds 2 sections"):

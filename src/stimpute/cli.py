@@ -51,6 +51,7 @@ def main_options(
 ):  # options before the command name; the help text is the app's
     pass
 EncoderOption = Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), resnet18, resnet50, uni or ciga (networks need --weights).")]
+StackEncoderOption = Annotated[Optional[str], typer.Option("--encoder", help="Feature encoder: handcrafted, resnet18, resnet50, uni or ciga (networks need --weights); default: the features the sections carry (e.g. a 3DMoEST file's uni_features), else handcrafted.")]
 WeightsOption = Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded): torchvision, timm or Lightning layout.")]
 
 
@@ -195,7 +196,7 @@ def convert_moest_h5(
 def convert_to_moest_h5(
     sections: Sections,
     out: Annotated[Path, typer.Option(help="The 3DMoEST H5 file to write.")],
-    encoder: Annotated[str, typer.Option(help="Feature encoder for uni_features: uni (with --weights), handcrafted, resnet18, ...")] = "handcrafted",
+    encoder: Annotated[Optional[str], typer.Option(help="Feature encoder, written as <encoder>_features: uni (with --weights) gives 3DMoEST's uni_features; handcrafted, resnet18, ...; default: the features the sections carry, else handcrafted.")] = None,
     weights: WeightsOption = None,
     genes: Annotated[Optional[Path], typer.Option(help="Genes whose counts are written (default: top 250 HVGs of the measured sections).")] = None,
     thickness_um: Annotated[Optional[float], typer.Option(help="Section spacing for coords_3d z = index × thickness.")] = None,
@@ -206,7 +207,7 @@ def convert_to_moest_h5(
 
     Example: [bold]stimpute convert to-moest-h5 ../shared/data/her2st/C2 ../shared/data/her2st/C3 --out her2st_3d.h5[/]
     """
-    from stimpute.features.encoders import encoder_record
+    from stimpute.features.stored import check_encoder
     from stimpute.io import read_stack
     from stimpute.io.moest_h5 import prepared_to_moest, write_moest_h5
     from stimpute.prepare import prepare_stack
@@ -216,7 +217,7 @@ def convert_to_moest_h5(
     check_inputs(out, [*sections, genes], folder=False)
     if out.exists() and not force:
         raise StimputeError(out, "already exists; pass --force to overwrite")
-    encoder_record(encoder, weights)
+    check_encoder(encoder, weights)
     stack = read_stack(sections) if thickness_um is None else read_stack(sections, thickness_um=thickness_um)
     prepared = prepare_stack(stack, panel=genes, encoder=encoder, weights=weights, progress=True)
     data = prepared_to_moest(prepared, thickness_um=thickness_um, with_patches=patches)
@@ -323,7 +324,7 @@ def impute(
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
     fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts, each spot's propagated share scaled by its reach: 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "calibrated",
     programs: Annotated[str, typer.Option(help="Gene programs: both parts are projected on this many principal axes of the known expression before fusion: 'auto' (rank cross-validated on the known spots), 'none', or a number.")] = "auto",
-    encoder: EncoderOption = "handcrafted",
+    encoder: StackEncoderOption = None,
     weights: WeightsOption = None,
     um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per pixel of the H&E-only sections (image files; default: their metadata, else the measured sections').")] = None,
     spot_diameter_um: Annotated[Optional[float], typer.Option(help="Virtual spot diameter in µm (default: the known section's).")] = None,
@@ -416,7 +417,7 @@ def train(
     method: Annotated[str, typer.Option(help="A registered model: msagnet (2D MSAGNet), nh2st (NH²2ST), moe3d (3DMoEST without coordinates), ... (stimpute.models.MODELS).")] = "msagnet",
     mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section, writing cv_metrics.csv.")] = "train",
     folds: Annotated[Optional[int], typer.Option(help="Folds of --mode cv (default: one per section).", min=2)] = None,
-    encoder: EncoderOption = "handcrafted",
+    encoder: StackEncoderOption = None,
     weights: WeightsOption = None,
 ):
     """Train an image-only model (2D MSAGNet, NH²2ST or 3DMoEST) on measured sections, for `stimpute predict`.
@@ -479,7 +480,7 @@ def benchmark(
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names (default: every registered method).")] = None,
     protocols: Annotated[str, typer.Option(help="3d (each measured section known in turn) and/or 2d (leave-one-section-out, images only).")] = "3d,2d",
     seed: Annotated[int, typer.Option(help="Seed passed to every method.")] = 0,
-    encoder: EncoderOption = "handcrafted",
+    encoder: StackEncoderOption = None,
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (the feature cache is always reused).")] = False,
     weights: WeightsOption = None,
 ):
@@ -493,7 +494,7 @@ def benchmark(
     from datetime import date
 
     from stimpute.evaluate import check_benchmark, run_benchmark
-    from stimpute.features.encoders import encoder_record
+    from stimpute.features.stored import check_encoder
     from stimpute.io import read_stack
     from stimpute.pipeline import input_records
     from stimpute.plot import pcc_boxplot
@@ -501,15 +502,15 @@ def benchmark(
 
     from stimpute.io.run import run_ownership
 
-    features = encoder_record(encoder, weights)
+    check_encoder(encoder, weights)
     with run_ownership(out, "benchmark", [*sections, weights], force) as run:
         names, grid = check_benchmark(out, _csv(methods), _csv(protocols), force=True)  # OUT is checked by claim
         force = run.claim(["results.csv", "spots.csv", "splits.json", "summary.md", "pcc_boxplot.png"], caches=["features/"])
         stack = read_stack(sections)
-        console.print(f"preparing {', '.join(stack.names)}: panel, {encoder} features (cached in {out / 'features'}), registration, graph")
+        console.print(f"preparing {', '.join(stack.names)}: panel, features (cached in {out / 'features'}), registration, graph")
         prepared = prepare_stack(stack, encoder=encoder, weights=weights, cache_dir=out / "features", progress=True)
         settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
-                    "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", **features,
+                    "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", **prepared.settings["features"],
                     "inputs": input_records(stack, sections)}
         result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings)
         plot = pcc_boxplot(result.results, out / "pcc_boxplot.png", names)

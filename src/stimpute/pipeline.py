@@ -29,7 +29,8 @@ from stimpute.errors import StimputeError
 from stimpute.evaluate import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
-from stimpute.features.encoders import encoder_record, match_recorded
+from stimpute.features.encoders import match_recorded
+from stimpute.features.stored import check_encoder, check_trained_on, stored_encoder
 from stimpute.impute import MEMBERS, ImputeResult, impute_stack
 from stimpute.io import read_stack
 from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
@@ -72,19 +73,21 @@ class ImputeRun:
 
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-               encoder: str = "handcrafted", members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated",
+               encoder: str | None = None, members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated",
                weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
                programs: str | int = "auto") -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
 
     `known`: the measured section's name, or several joined by commas ("C2,C4").
-    `encoder`, `weights`: the feature encoder and its local weight file (network encoders).
+    `encoder`, `weights`: the feature encoder and its local weight file (network encoders);
+    default: the features the sections carry, else handcrafted (`stimpute.features.stored`).
     `programs`: gene-program rank of the projection before fusion ("auto", "none" or a number).
     Image files among `sections` are H&E-only sections (scale `um_per_px` or their metadata)
     that get a virtual spot grid (`grid`) in the known section's registered frame.
     """
     out = Path(out)
-    features = encoder_record(encoder, weights)
+    check_encoder(encoder, weights)
+    features = {"encoder": encoder, "weights": weights}
     with run_ownership(out, "impute", [*sections, genes, weights], force) as run:
         return _impute(run, out, sections, known, genes, seed, progress, config, features, members, fusion, um_per_px, grid,
                        programs)
@@ -94,6 +97,7 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
 def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, features, members, fusion,
             um_per_px, grid, programs) -> ImputeRun:
     stack = read_stack(sections, um_per_px=um_per_px)
+    stored_encoder(stack, features["encoder"])  # one feature space, checked before registration
     k = known_indices(stack, known)
     targets = [i for i in range(len(stack)) if i not in k]
     if not targets:
@@ -141,7 +145,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     settings = {
         "command": "stimpute " + " ".join(sys.argv[1:]) if sys.argv and "stimpute" in Path(sys.argv[0]).name else None,
         "stimpute_version": __version__, "seed": seed, "known": known,
-        "targets": [stack[i].name for i in targets], **features,
+        "targets": [stack[i].name for i in targets], **prepared.settings["features"],
         "inputs": input_records(stack, sections),
         "panel": {"source": prepared.settings["panel_source"], "genes": list(panel)},
         "train": config.to_dict(),
@@ -183,7 +187,7 @@ def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, fo
 
 
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
-              force: bool = False, progress: bool = False, config=None, encoder: str = "handcrafted",
+              force: bool = False, progress: bool = False, config=None, encoder: str | None = None,
               method: str = "msagnet", mode: str = "train", folds: int | None = None,
               weights: str | Path | None = None, epochs: int | None = None) -> Path:
     """Train the registered model `method` (`stimpute.models.MODELS`: msagnet (2D), nh2st,
@@ -196,7 +200,8 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
     if mode not in ("train", "cv"):
         raise StimputeError("--mode", f"--mode {mode}: use train or cv")
     model = model_class(config if config is not None else model_class.train_config(epochs))
-    features = encoder_record(encoder, weights)
+    check_encoder(encoder, weights)
+    features = {"encoder": encoder, "weights": weights}
     with run_ownership(out, "train", [*sections, genes, weights], force) as run:
         return _train(run, sections, genes, seed, progress, features, model, mode, folds)
 
@@ -219,7 +224,7 @@ def _train(run: Run, sections, genes, seed, progress, features, model, mode, fol
         written = write_text_atomic(out / "cv_metrics.csv", rows.to_csv(index=False))
     else:
         written = model.fit(prepared, known, seed, checkpoints=out / "checkpoints", progress=progress).save(out)
-    settings = {"stimpute_version": __version__, "method": model.model_name, "seed": seed, **features,
+    settings = {"stimpute_version": __version__, "method": model.model_name, "seed": seed, **prepared.settings["features"],
                 "panel": list(prepared.panel), "inputs": input_records(stack, sections),
                 "train": {"mode": mode, "folds": folds, **model.settings()}}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False))
@@ -255,6 +260,7 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
                       caches=["cache/"])
     files = []
     for section in stack:
+        check_trained_on(settings.get("encoder", "handcrafted"), section, model_dir)
         one = prepare_stack(Stack([section]), known=[], panel=settings["panel"], encoder=features["encoder"],
                             weights=features["weights"],
                             cache_dir=out / "cache", progress=progress, register=False)
@@ -267,7 +273,8 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
         files.append(_heatmaps(section, one.panel, shown, pred, measured, out, pcc=pcc, label="predicted"))
         section.image.release()
     record = {"stimpute_version": __version__, "method": trained, "model": str(model_dir), "model_sha256": input_hash(ckpt),
-              "seed": settings.get("seed"), **features, "panel": settings["panel"],
+              "seed": settings.get("seed"), **features, "encoder": settings.get("encoder", "handcrafted"),
+              "panel": settings["panel"],
               "inputs": input_records(stack, sections), "train": settings.get("train")}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(record), sort_keys=False))
     return files

@@ -45,7 +45,7 @@ def prepare_stack(
     stack: Stack,
     known: str | Sequence[str] | None = None,
     panel: Sequence[str] | str | Path | None = None,
-    encoder: str = "handcrafted",
+    encoder: str | None = None,
     weights: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = False,
@@ -57,12 +57,13 @@ def prepare_stack(
 
     `panel`: a gene list or a file of genes (checked against the known sections), else the
     top `n_top` HVGs of the known sections. `encoder`, `weights`: the feature encoder and
-    its local weight file (network encoders). `cache_dir`: feature cache folder.
+    its local weight file (network encoders); default: the features the sections carry,
+    else handcrafted (`stimpute.features.stored`). `cache_dir`: feature cache folder.
     `register=False` (sections of different samples, 2D use): each section keeps its own
     pixel frame, and only the graph's within-section edges are meaningful.
     `registration`: a `StackRegistration` already computed (e.g. with virtual spots placed).
     """
-    from stimpute.features import spot_features
+    from stimpute.features.stored import stack_features
     from stimpute.graph import WITHIN, build_graph, build_graph_2d
     from stimpute.register import register_stack
 
@@ -75,10 +76,7 @@ def prepare_stack(
         raise StimputeError(None, "no known section: give a gene panel to predict")
     _warn_implausible(stack, known_idx, genes)
     expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
-    features = []
-    for s in stack:  # one section's image open at a time: memory does not grow with the stack
-        features.append(spot_features(s, encoder=encoder, weights=weights, cache_dir=cache_dir, progress=progress))
-        s.image.release()
+    features, record = stack_features(stack, encoder, weights, cache_dir=cache_dir, progress=progress)
     if registration is None and register and len(stack) > 1:
         registration = register_stack(stack, progress=progress)
     coords_ref = registration.coords_ref if registration else [s.xy for s in stack]
@@ -90,7 +88,8 @@ def prepare_stack(
         s.image.release()
     settings = {
         "known": [stack[i].name for i in known_idx],
-        "encoder": encoder,
+        "encoder": record["encoder"],
+        "features": record,
         "panel_source": str(panel) if isinstance(panel, (str, Path)) else ("user list" if panel else f"top {n_top} HVGs"),
         "n_genes": len(genes),
         **({"registration": registration.to_json()} if registration else {}),

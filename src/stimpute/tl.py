@@ -80,7 +80,7 @@ def features(adatas: Sections, *, encoder: str = "handcrafted", weights: str | P
 def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "stimpute",
            genes: Sequence[str] | None = None, n_top: int = DEFAULT_PANEL_SIZE, seed: int = 0, epochs: int = 200,
            fusion: str = "calibrated", members: Sequence[str] | None = None, programs: str | int = "auto",
-           encoder: str = "handcrafted",
+           encoder: str | None = None,
            weights: str | Path | None = None, um_per_px: float | None = None, thickness_um: float = 10.0,
            cache_dir: str | Path | None = None, progress: bool = False) -> Sections:
     """ASIGN on in-memory sections: register them, learn from the `known` ones (a name, a
@@ -103,7 +103,9 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
       `registration` (this section's `matrix` and the `reference`).
 
     `programs`: rank of the gene-program projection of both parts ("auto": cross-validated
-    on the known spots; "none"; or a number). The given objects are not changed. Training
+    on the known spots; "none"; or a number). `encoder` (default: the features the objects
+    carry in `obsm["<encoder>_features"]`, e.g. 3DMoEST's `uni_features`, else handcrafted)
+    and its `weights`: see `stimpute.features.stored`. The given objects are not changed. Training
     runs on CPU; `epochs` caps MSAGNet's.
     """
     from stimpute import __version__
@@ -125,7 +127,7 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
     result = impute_stack(prepared, k, seed=seed, config=config, members=members, fusion=fusion, programs=programs)
     settings = {"stimpute_version": __version__, "seed": seed, "epochs": epochs, "fusion": fusion,
                 "gene_programs": programs_record(programs, result.programs),
-                "members": list(members), "encoder": encoder, "panel_source": prepared.settings["panel_source"],
+                "members": list(members), "encoder": prepared.settings["encoder"], "panel_source": prepared.settings["panel_source"],
                 "scale": "normalize_total(1e4) + log1p"}
     var = pd.DataFrame({f"{key_added}_confidence": result.gene_confidence.astype(np.float32),
                         f"{key_added}_share": result.fusion.gene_share.astype(np.float32)},

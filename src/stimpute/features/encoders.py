@@ -26,6 +26,7 @@ from stimpute.features.vit import vit_large_patch16
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision, UNI and Ciga all normalise this way
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 0
+STORED = " (stored)"  # label suffix of features a section brings with it (`stimpute.features.stored`)
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,26 @@ def encoder_record(name: str, weights: str | Path | None = None) -> dict:
             "weights_sha256": None if weights is None else digest}
 
 
+def stored_label(encoder: str) -> str:
+    """How stored features are recorded in config.yaml: "uni (stored)"."""
+    return f"{encoder}{STORED}"
+
+
+def base_encoder(label: str) -> tuple[str, bool]:
+    """("uni", True) for a recorded "uni (stored)"; ("uni", False) for "uni"."""
+    return (label[: -len(STORED)], True) if label.endswith(STORED) else (label, False)
+
+
 def match_recorded(recorded: dict, name: str | None, weights: str | Path | None, source: str | Path) -> dict:
     """The encoder a trained model needs (`recorded`: its `encoder_record`), checked against
-    what the user gave (`name`, `weights`; None: the recorded ones)."""
-    trained = recorded.get("encoder", "handcrafted")
+    what the user gave (`name`, `weights`; None: the recorded ones). A model trained on
+    stored features without weights needs none: its sections must carry the same features."""
+    label = recorded.get("encoder", "handcrafted")
+    trained, stored = base_encoder(label)
     if name is not None and name != trained:
-        raise StimputeError(source, f"this model was trained on {trained} features, not --encoder {name}")
+        raise StimputeError(source, f"this model was trained on {label} features, not --encoder {name}")
+    if stored and weights is None and not recorded.get("weights"):
+        return {"encoder": trained, "weights": None, "weights_sha256": None}
     if weights is None and recorded.get("weights") and get_spec(trained).needs_weights:
         weights = recorded["weights"]
         if not Path(weights).is_file():

@@ -11,6 +11,16 @@ Layout (one file per stack)::
     │   └── patches          (N, 224, 224, 3) uint8 spot patches (optional)
     └── gene_names           (G,)    gene symbols
 
+Both layouts of the seed are read: the one above (after feature extraction) and the one
+before it, `{patches, expression, coords_3d}` per group (features are then computed from
+the image rebuilt from the patches, Sobel maps from the same image).
+
+Features are named for what they are: a group holds `<encoder>_features` for one
+registered encoder (`uni_features`: UNI, 3DMoEST's own), with the encoder also in the
+dataset's `encoder` attribute; stimpute writes handcrafted features as
+`handcrafted_features`, never under UNI's name. Read as sections, they travel in
+`adata.obsm["<encoder>_features"]` and are used as given (`stimpute.features.stored`).
+
 stimpute adds what its own sections need and the original code ignores: per group
 `spot_ids` (N,) and attributes `um_per_px`, `spot_diameter_um`; root attribute
 `thickness_um`. Files without them read fine (spot ids are numbered, scale defaults).
@@ -37,20 +47,22 @@ from stimpute.image import SectionImage
 from stimpute.io.anndata_io import atomic_write
 
 GENE_NAMES = "gene_names"
-REQUIRED = ("uni_features", "coords_3d", "sobel_gradients")
-OBSM_KEYS = ("uni_features", "coords_3d", "sobel_gradients")  # kept per spot in Section.adata.obsm
+ARRAYS = ("coords_3d", "sobel_gradients", "expression", "patches")  # besides the features
 MOSAIC_MAX_SIDE = 3000  # px of the image rebuilt from patches when reading an H5 as sections
 PATCH_UM = 153.7  # field of view of a 224 px spot patch at HER2-ST resolution (SCALES_UM[0])
 
 
 @dataclass
 class MoestSection:
-    """One group of a 3DMoEST H5 file (arrays exactly as stored)."""
+    """One group of a 3DMoEST H5 file (arrays exactly as stored). `features` (N, D) were
+    made by `encoder` (stored as `<encoder>_features`); None with `sobel_gradients` in the
+    pre-extraction layout, which has `patches` instead."""
 
     name: str
-    uni_features: np.ndarray
     coords_3d: np.ndarray
-    sobel_gradients: np.ndarray
+    features: np.ndarray | None = None
+    encoder: str = "uni"
+    sobel_gradients: np.ndarray | None = None
     expression: np.ndarray | None = None
     patches: np.ndarray | None = None
     spot_ids: list[str] | None = None
@@ -120,11 +132,14 @@ def write_moest_h5(data: MoestData, path: str | Path, force: bool = False) -> Pa
             for key, value in data.attrs.items():
                 f.attrs[key] = value
             for s in data.sections:
-                g = f.create_group(s.name)
-                for key in ("uni_features", "coords_3d", "sobel_gradients", "expression", "patches"):
-                    value = getattr(s, key)
-                    if value is not None:
+                g = f.create_group(s.name)  # features under their encoder's name: see the module doc
+                for key in ARRAYS:
+                    if (value := getattr(s, key)) is not None:
                         g.create_dataset(key, data=value, compression="gzip" if value.size > 4096 else None)
+                if s.features is not None:
+                    key = _dataset(s, "features")
+                    g.create_dataset(key, data=s.features, compression="gzip" if s.features.size > 4096 else None)
+                    g[key].attrs["encoder"] = s.encoder
                 if s.spot_ids is not None:
                     g.create_dataset("spot_ids", data=np.asarray(s.spot_ids, dtype=object), dtype=h5py.string_dtype())
                 for key, value in s.attrs.items():
@@ -155,9 +170,11 @@ def prepared_to_moest(
 ) -> MoestData:
     """3DMoEST data of a `PreparedStack`: spot-scale features, coordinates, Sobel maps, counts.
 
+    The features are written under their encoder's name (`<encoder>_features`).
     `genes`: the counts written (default: the prepared panel). Sections without counts
     get no `expression` dataset.
     """
+    from stimpute.features.encoders import base_encoder
     from stimpute.models.moe3d import SOBEL_SIZE, sobel_gradients
     from stimpute.patches import SCALES_UM, iter_patches
 
@@ -167,6 +184,7 @@ def prepared_to_moest(
     genes = list(prepared.panel if genes is None else genes)
     thickness = stack.thickness_um if thickness_um is None else float(thickness_um)
     xyz = coords_3d(stack, prepared.coords_ref, thickness)
+    encoder = base_encoder(str(prepared.settings.get("encoder", "handcrafted")))[0]
     sections = []
     for i, s in enumerate(stack):
         counts = None
@@ -181,7 +199,8 @@ def prepared_to_moest(
         sections.append(
             MoestSection(
                 name=s.name,
-                uni_features=np.asarray(prepared.features[i][:, 0], np.float32),
+                features=np.asarray(prepared.features[i][:, 0], np.float32),
+                encoder=encoder,
                 coords_3d=xyz[i],
                 sobel_gradients=sobel_gradients(s, sobel_size or SOBEL_SIZE),
                 expression=counts,
@@ -190,7 +209,7 @@ def prepared_to_moest(
                 attrs={"um_per_px": float(s.um_per_px), "spot_diameter_um": float(s.spot_diameter_um)},
             )
         )
-    return MoestData(sections, genes, {"thickness_um": thickness, "encoder": str(prepared.settings.get("encoder", ""))})
+    return MoestData(sections, genes, {"thickness_um": thickness, "encoder": str(prepared.settings.get("encoder", encoder))})
 
 
 # -- 3DMoEST -> stimpute -------------------------------------------------------------------
@@ -200,7 +219,8 @@ def moest_to_stack(data: MoestData, source: str | Path | None = None, um_per_px:
 
     Spots are placed by `coords_3d` x, y (µm) at `um_per_px` (default: coarse enough that the
     rebuilt image is at most `MOSAIC_MAX_SIDE` px, never finer than the stored scale). The
-    arrays of the file travel in `adata.obsm` (`uni_features`, `coords_3d`, `sobel_gradients`).
+    arrays of the file travel in `adata.obsm` (`<encoder>_features`, `coords_3d`,
+    `sobel_gradients`, where stored).
     """
     every = np.concatenate([s.coords_3d[:, :2] for s in data.sections])
     origin = every.min(axis=0) - PATCH_UM
@@ -225,27 +245,42 @@ def read_moest_section(path: str | Path, um_per_px: float | None = None) -> Sect
 
 
 def moest_to_prepared(data: MoestData, panel: Sequence[str] | None = None, source: str | Path | None = None):
-    """A `PreparedStack` straight from the file: stored features (one scale), registered
-    coordinates from `coords_3d` and log1p panel expression of the sections with counts."""
+    """A `PreparedStack` straight from the file: stored features as given (as in
+    `stimpute.features.stored.stack_features`), registered coordinates from `coords_3d` and
+    log1p panel expression of the sections with counts."""
     from stimpute.expression import panel_expression
+    from stimpute.features.stored import stack_features
     from stimpute.models.base import PreparedStack
 
     stack = moest_to_stack(data, source=source)
     genes = list(panel or data.gene_names)
     expression = [panel_expression(s, genes) if s.has_counts else None for s in stack]
-    features = [s.uni_features[:, None, :].astype(np.float32) for s in data.sections]
+    features, record = stack_features(stack)
     coords_ref = [s.xy for s in stack]  # one shared frame and scale for every section
-    settings = {"source": str(source) if source else "3DMoEST H5", "encoder": str(data.attrs.get("encoder", "uni"))}
+    settings = {"source": str(source) if source else "3DMoEST H5", "encoder": record["encoder"], "features": record}
     return PreparedStack(stack, genes, expression, features, coords_ref, None, settings)
 
 
 # -- helpers -------------------------------------------------------------------------------
 def _read_group(path: Path, g: h5py.Group, n_genes: int) -> MoestSection:
+    from stimpute.features.stored import SUFFIX, is_stored_key
+
     where = f"{path}::/{g.name.strip('/')}"
-    for key in REQUIRED:
-        if key not in g:
-            raise InputError(where, f"missing dataset {key!r} (a section group needs {', '.join(REQUIRED)})")
-    arrays = {key: g[key][()] for key in ("uni_features", "coords_3d", "sobel_gradients", "expression", "patches") if key in g}
+    if "coords_3d" not in g:
+        raise InputError(where, "missing dataset 'coords_3d' (every section group needs it)")
+    found = [k for k in g if is_stored_key(k)]
+    if len(found) > 1:
+        raise InputError(where, f"features of several encoders ({', '.join(found)}): keep one")
+    missing = [] if "patches" in g else [k for k, ok in (("uni_features", found), ("sobel_gradients", "sobel_gradients" in g)) if not ok]
+    if missing:  # neither layout: {<encoder>_features, coords_3d, sobel_gradients, ...} or {patches, coords_3d, ...}
+        raise InputError(where, f"missing dataset {missing[0]!r} and no 'patches' to compute it from: a section group holds "
+                                "uni_features (or another <encoder>_features), coords_3d and sobel_gradients, or patches and coords_3d")
+    arrays = {key: g[key][()] for key in ARRAYS if key in g}
+    if found:
+        arrays["features"] = g[found[0]][()]
+        arrays["encoder"] = _text(g[found[0]].attrs.get("encoder", found[0][: -len(SUFFIX)]))
+        if arrays["encoder"] != found[0][: -len(SUFFIX)]:
+            raise InputError(f"{where}/{found[0]}", f"encoder attribute {arrays['encoder']!r} contradicts the dataset's name")
     ids = [_text(v) for v in g["spot_ids"][()]] if "spot_ids" in g else None
     section = MoestSection(name=g.name.strip("/"), spot_ids=ids, attrs={k: _plain(v) for k, v in g.attrs.items()}, **arrays)
     _check_section(str(path), section, n_genes)
@@ -257,7 +292,7 @@ def _check_section(path: str, s: MoestSection, n_genes: int) -> None:
     where = f"{path}::/{s.name}"
     n = len(s.coords_3d)
     expected = {
-        "uni_features": (2, None),
+        "features": (2, None),
         "coords_3d": (2, 3),
         "sobel_gradients": (3, None),
         "expression": (2, n_genes),
@@ -268,11 +303,11 @@ def _check_section(path: str, s: MoestSection, n_genes: int) -> None:
         if value is None:
             continue
         if value.ndim != ndim or len(value) != n or (width is not None and value.shape[1] != width):
-            want = {"uni_features": "(N, D)", "coords_3d": "(N, 3)", "sobel_gradients": "(N, H, W)",
+            want = {"features": "(N, D)", "coords_3d": "(N, 3)", "sobel_gradients": "(N, H, W)",
                     "expression": f"(N, G={n_genes} genes)", "patches": "(N, 224, 224, 3)"}[key]
-            raise InputError(f"{where}/{key}", f"shape {value.shape}, expected {want} with N={n} spots")
+            raise InputError(f"{where}/{_dataset(s, key)}", f"shape {value.shape}, expected {want} with N={n} spots")
         if key != "patches" and not np.isfinite(np.asarray(value, float)).all():
-            raise InputError(f"{where}/{key}", "contains missing or infinite values")
+            raise InputError(f"{where}/{_dataset(s, key)}", "contains missing or infinite values")
     if s.expression is not None and (np.asarray(s.expression) < 0).any():
         raise InputError(f"{where}/expression", "negative values: expected raw counts")
     if s.spot_ids is not None and len(s.spot_ids) != n:
@@ -292,8 +327,11 @@ def _to_section(s: MoestSection, genes, origin, extent, scale, source) -> Sectio
         var=pd.DataFrame(index=pd.Index(genes if s.expression is not None else [], dtype=str, name="gene")),
     )
     adata.obsm["spatial"] = xy
-    for key in OBSM_KEYS:
-        adata.obsm[key] = np.asarray(getattr(s, key))
+    adata.obsm["coords_3d"] = np.asarray(s.coords_3d)
+    if s.sobel_gradients is not None:
+        adata.obsm["sobel_gradients"] = np.asarray(s.sobel_gradients)
+    if s.features is not None:
+        adata.obsm[_dataset(s, "features")] = np.asarray(s.features)
     return Section(
         name=s.name,
         adata=adata,
@@ -304,6 +342,13 @@ def _to_section(s: MoestSection, genes, origin, extent, scale, source) -> Sectio
         source=f"{source}::/{s.name}" if source else s.name,
         report={"moest_h5": "image rebuilt from stored patches" if s.patches is not None else "no patches: blank image"},
     )
+
+
+def _dataset(s: MoestSection, key: str) -> str:
+    """The dataset name of a `MoestSection` field: features are `<encoder>_features`."""
+    from stimpute.features.stored import stored_key
+
+    return stored_key(s.encoder) if key == "features" else key
 
 
 def _paste(canvas: np.ndarray, patches: np.ndarray, xy: np.ndarray, side: int) -> None:
