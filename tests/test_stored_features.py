@@ -15,9 +15,12 @@ from stimpute.cli import app
 from stimpute.datasets import synthetic_stack
 from stimpute.errors import InputError, StimputeError
 from stimpute.features import stored
-from stimpute.io import read_section, write_section
-from stimpute.io.moest_h5 import moest_to_stack, read_moest_h5
+from stimpute.data import Stack
+from stimpute.graph import CROSS
+from stimpute.io import read_section, read_stack, write_section
+from stimpute.io.moest_h5 import MoestData, MoestSection, moest_to_stack, read_moest_h5
 from stimpute.prepare import prepare_stack
+from stimpute.register import given_registration, register_stack
 
 DIM = 8
 
@@ -112,6 +115,24 @@ def test_a_group_of_neither_layout_names_what_is_missing(tmp_path):
         read_moest_h5(path)
 
 
+def test_registration_from_stored_positions_reads_no_image():
+    rng = np.random.default_rng(3)
+    groups = [MoestSection(name=f"Z{i}", coords_3d=np.column_stack([rng.uniform(300 * i, 900 + 300 * i, (n, 2)), np.full(n, 10.0 * i)]),
+                           features=rng.normal(size=(n, 4)).astype(np.float32), sobel_gradients=np.zeros((n, 4, 4), np.float32),
+                           attrs={"um_per_px": 2.0 + i}) for i, n in enumerate((7, 9))]
+    # each section read from its own single-group file: its own origin and pixel size, blank images
+    sections = [moest_to_stack(MoestData([g], ["G0"]))[0] for g in groups]
+    assert sections[0].um_per_px != sections[1].um_per_px
+    registration = register_stack(Stack(sections))
+    # reference pixels -> µm gives the stored positions back, up to one shift for the whole stack
+    offsets = np.concatenate([xy * sections[0].um_per_px - g.coords_3d[:, :2] for xy, g in zip(registration.coords_ref, groups)])
+    np.testing.assert_allclose(offsets, np.broadcast_to(offsets[0], offsets.shape), atol=1e-6)
+    np.testing.assert_allclose(registration.coords_ref[0], sections[0].xy, atol=1e-9)
+    assert registration.pairs.empty and "dice_after" in registration.pairs
+    sections[1].adata.obsm["coords_3d"] = sections[1].adata.obsm["coords_3d"] + rng.normal(0, 5.0, (9, 3))
+    assert given_registration(Stack(sections)) is None  # not the spots' own positions: images are registered
+
+
 # -- used as given, never mixed ------------------------------------------------------------------
 def test_stored_features_are_used_as_given(monkeypatch):
     stack = _small_stack()
@@ -203,6 +224,12 @@ def test_to_moest_h5_names_features_for_what_they_are(tmp_path, folders):
     assert back.exit_code == 0, back.output
     s0 = read_section(tmp_path / "sections" / "S0")
     np.testing.assert_array_equal(s0.adata.obsm["handcrafted_features"], data.sections[0].features)
+    blank = read_stack([tmp_path / "sections" / n for n in ("S0", "S1", "S2")])  # no patches written: blank images
+    prepared = prepare_stack(blank, known="S0,S1")  # features and registration as stored, no image read
+    assert prepared.settings["encoder"] == "handcrafted (stored)"
+    for entry in prepared.settings["registration"]["sections"]:
+        np.testing.assert_allclose(entry["matrix"], np.eye(3), atol=1e-9)
+    assert (prepared.graph.edge_type == CROSS).any()
     again = runner.invoke(app, ["convert", "to-moest-h5", *folders["uni"], "--out", str(tmp_path / "uni.h5")])
     assert again.exit_code == 0, again.output
     uni = read_moest_h5(tmp_path / "uni.h5")

@@ -39,6 +39,9 @@ SUSPECT_OFF_TISSUE = 0.15  # HER2-ST: 0-10 % as given, 17-39 % with pixel x and 
 SWAP_MARGIN = 0.1  # ... and swapping them back would put clearly more spots on tissue
 MIN_DICE = 0.7  # tissue overlap after alignment: 0.95-0.98 on serial sections, 0.3-0.4 when it failed
 N_REFINED = 2  # rotation-search candidates (best by Dice + NCC) that get the ECC refinement
+GIVEN_TOLERANCE_UM = 0.5  # stored registered positions must be the spots' own, scaled and shifted, to this
+PAIR_COLUMNS = ["fixed", "moving", "dice_before", "dice_coarse", "dice_after", "ncc_coarse", "ncc_after", "angle_deg",
+                "mirrored", "refined", "seconds"]
 
 __all__ = ["StackRegistration", "register_stack", "apply_transform", "tissue_mask", "section_view"]
 
@@ -88,6 +91,9 @@ def register_stack(
     their image, or a section without tissue.
     """
     _check_stack(stack)
+    given = given_registration(stack)
+    if given is not None:
+        return given
     extent_um = max(max(s.image.size) * s.um_per_px for s in stack)
     views = []  # the last two sections' views: memory does not grow with the stack
     transforms = [np.eye(3)]
@@ -111,6 +117,28 @@ def register_stack(
     registration = StackRegistration(stack.names, transforms, coords, pd.DataFrame(rows))
     _warn_poor_overlap(registration.pairs)
     return registration
+
+
+def given_registration(stack: Stack) -> StackRegistration | None:
+    """The registration the sections bring with them, read from no image: every section
+    carries its spots' registered x, y in µm of one shared frame (`obsm["coords_3d"]`, as
+    a 3DMoEST H5 file gives them), so section i's pixels map to µm by a scale and shift,
+    and from there to the first section's pixels. None where a section carries no such
+    positions, or they are not its spots' pixels scaled and shifted (its images are
+    registered then). `pairs` is empty: no image was compared."""
+    to_um = []
+    for s in stack:
+        given = s.adata.obsm.get("coords_3d")
+        if given is None or s.n_spots == 0:
+            return None
+        scaled = s.xy * s.um_per_px
+        shift = (np.asarray(given, np.float64)[:, :2] - scaled).mean(axis=0)
+        if np.abs(np.asarray(given, np.float64)[:, :2] - scaled - shift).max() > GIVEN_TOLERANCE_UM:
+            return None
+        to_um.append(np.array([[s.um_per_px, 0.0, shift[0]], [0.0, s.um_per_px, shift[1]], [0.0, 0.0, 1.0]]))
+    transforms = [np.linalg.inv(to_um[0]) @ m for m in to_um]
+    coords = [apply_transform(t, s.xy) for t, s in zip(transforms, stack)]
+    return StackRegistration(stack.names, transforms, coords, pd.DataFrame(columns=PAIR_COLUMNS))
 
 
 def off_tissue(section: Section, view: View, xy: np.ndarray | None = None) -> np.ndarray:

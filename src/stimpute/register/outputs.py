@@ -62,11 +62,13 @@ def figure_names(stack: Stack) -> list[str]:
 
 
 def write_figures(stack: Stack, reg: StackRegistration, folder: Path) -> list[Path]:
-    """Before/after overlay of each adjacent pair and the 3D spot cloud."""
+    """Before/after overlay of each adjacent pair and the 3D spot cloud (the cloud only for a
+    registration the sections brought with them: no image was compared, they may be blank)."""
+    compared = len(reg.pairs) > 0
     extent_um = max(max(s.image.size) * s.um_per_px for s in stack)
-    views = [section_view(s, extent_um / FIGURE_SIDE) for s in stack]
+    views = [section_view(s, extent_um / FIGURE_SIDE) for s in stack] if compared else []
     paths = []
-    for i in range(1, len(stack)):
+    for i in range(1, len(stack) if compared else 1):
         fixed, moving = stack[i - 1], stack[i]
         before = np.diag([moving.um_per_px / fixed.um_per_px] * 2 + [1.0])
         after = np.linalg.inv(reg.transforms[i - 1]) @ reg.transforms[i]
