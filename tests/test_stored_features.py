@@ -235,3 +235,13 @@ def test_to_moest_h5_names_features_for_what_they_are(tmp_path, folders):
     uni = read_moest_h5(tmp_path / "uni.h5")
     assert uni.sections[1].encoder == "uni" and uni.attrs["encoder"] == "uni (stored)"
     np.testing.assert_array_equal(uni.sections[1].features, read_section(folders["uni"][1]).adata.obsm["uni_features"])
+
+
+def test_advise_uses_stored_features(folders, monkeypatch):
+    from stimpute.advise import describe_stack
+
+    with pytest.raises(StimputeError, match="carries stored uni features"):
+        describe_stack(read_stack(folders["uni"]), encoder="handcrafted")
+    monkeypatch.setattr(stored, "spot_features", _no_image_encoding)
+    description = describe_stack(read_stack(folders["uni"]))  # counts stripped, stored features kept
+    assert [len(e) for e in description.embedding] == [read_section(f).n_spots for f in folders["uni"]]

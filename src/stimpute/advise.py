@@ -130,28 +130,34 @@ class Advice:
 
 def count_free(stack: Stack) -> Stack:
     """The stack with every section stripped to image, spots and geometry (no counts),
-    so nothing downstream can read expression."""
+    so nothing downstream can read expression; stored features and registered positions
+    (`obsm["<encoder>_features"]`, `obsm["coords_3d"]`) are kept."""
+    from stimpute.features.stored import is_stored_key
+
     sections = []
     for s in stack:
         obs = s.adata.obs[[c for c in ("array_row", "array_col") if c in s.adata.obs.columns]].copy()
         adata = AnnData(X=sparse.csr_matrix((s.n_spots, 0), dtype=np.float32), obs=obs)
         adata.obsm["spatial"] = s.xy
+        for key in [k for k in s.adata.obsm if is_stored_key(k) or k == "coords_3d"]:
+            adata.obsm[key] = s.adata.obsm[key]
         sections.append(replace(s, adata=adata, report=dict(s.report)))
     return Stack(sections, thickness_um=stack.thickness_um)
 
 
-def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: str = "handcrafted",
+def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: str | None = None,
                    progress: bool = False, qc_dir: str | Path | None = None, grid=None) -> StackDescription:
     """Register the (count-free) stack and embed its spot features (see module docstring).
 
-    H&E-only sections (image files, no spots) get virtual spots (`stimpute.register.grid`):
+    `encoder`: default the features the sections carry, else handcrafted
+    (`stimpute.features.stored`). H&E-only sections (image files, no spots) get virtual spots (`stimpute.register.grid`):
     the first section with spots gives the grid, else `grid` (a `GridOptions`: pitch and
     diameter, Visium's by default).
 
     Raises StimputeError naming the pair when adjacent sections do not register (mask
     Dice < MIN_DICE); the overlay figures to look at are written to `qc_dir` first.
     """
-    from stimpute.features import spot_features
+    from stimpute.features.stored import stack_features
     from stimpute.graph import spot_pitch
     from stimpute.register import register_stack
 
@@ -167,9 +173,7 @@ def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: s
     else:
         registration = register_stack(stack, progress=progress)
     _check_registration(stack, registration, qc_dir)
-    features = [spot_features(s, encoder=encoder, cache_dir=cache_dir, progress=progress) for s in stack]
-    for s in stack:
-        s.image.release()
+    features, _ = stack_features(stack, encoder, cache_dir=cache_dir, progress=progress)
     ref_um = stack[0].um_per_px
     xy_um = [np.asarray(c, float) * ref_um for c in registration.coords_ref]
     pitch_um = float(np.median([spot_pitch(xy) for xy in xy_um]))
@@ -255,7 +259,7 @@ def _beam(n: int, budget: int, score, width: int) -> dict[tuple[int, ...], float
     return beam
 
 
-def run_advise(sections, budget: int, out: str | Path, encoder: str = "handcrafted", force: bool = False,
+def run_advise(sections, budget: int, out: str | Path, encoder: str | None = None, force: bool = False,
                progress: bool = False, um_per_px: float | None = None, grid=None) -> tuple[Advice, list[Path]]:
     """`stimpute advise`: read the sections (stack order), check the budget, describe the
     stack (features cached in OUT/cache, shared with `impute`; registration QC figures in

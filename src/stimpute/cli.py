@@ -381,7 +381,7 @@ def advise(
     sections: Sections,
     budget: Annotated[int, typer.Option(help="How many sections you can afford to measure (the size of the known set).")],
     out: Annotated[Path, typer.Option(help="Output folder: advice.csv (rank, known, expected_pcc), advice.md, advice.png, cache/.")],
-    encoder: Annotated[str, typer.Option(help="Feature encoder (the cache in OUT/cache is shared with `impute`).")] = "handcrafted",
+    encoder: Annotated[Optional[str], typer.Option(help="Feature encoder (the cache in OUT/cache is shared with `impute`); default: the features the sections carry, else handcrafted.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite earlier advice in OUT.")] = False,
     um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per pixel of H&E-only sections (image files; default: their metadata, else the other sections').")] = None,
     spot_diameter_um: Annotated[Optional[float], typer.Option(help="Virtual spot diameter in µm on H&E-only sections (default: the first section with spots, else Visium's 55).")] = None,

@@ -158,7 +158,7 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
     return dict(zip(names, out)) if isinstance(adatas, Mapping) else out
 
 
-def advise(adatas: Sections, budget: int, *, encoder: str = "handcrafted", um_per_px: float | None = None,
+def advise(adatas: Sections, budget: int, *, encoder: str | None = None, um_per_px: float | None = None,
            thickness_um: float = 10.0, cache_dir: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
     """Which `budget` sections to measure: every candidate known set ranked by the expected
     mean per-gene PCC of the other sections, from images and registration only (counts,
