@@ -74,6 +74,19 @@ class GraphBatch:
     val_mask: torch.Tensor
 
 
+class GraphData(L.LightningDataModule):
+    """The one full-graph batch of a stack, for training and validation (the masks tell them apart)."""
+
+    def __init__(self, batch: GraphBatch):
+        super().__init__()
+        self.batch = batch
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader([self.batch], batch_size=None, collate_fn=_identity)
+
+    val_dataloader = train_dataloader
+
+
 class MSAGNetModule(L.LightningModule):
     """Lightning wrapper: full-graph steps, spot loss on train / validation masks."""
 
@@ -136,17 +149,14 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
         progress = progress and sys.stdout.isatty()  # a live bar on a terminal; in a log, one line per refresh
         if progress:
             callbacks.append(RichProgressBar())
-        trainer = quiet_trainer(
-            config.max_epochs, callbacks, progress=progress, checkpointing=True, accelerator=config.accelerator,
-            devices=config.devices, deterministic=True if config.accelerator == "cpu" else "warn",
-        )
-        loader = torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=_identity)
+        trainer = quiet_trainer(config.max_epochs, callbacks, progress=progress, checkpointing=True,
+                                accelerator=config.accelerator, devices=config.devices)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-            trainer.fit(module, loader, loader, ckpt_path=resume)
+            trainer.fit(module, datamodule=GraphData(batch), ckpt_path=resume)
         if ckpt_dir is not None:  # the final state (early stopping recorded): a rerun sees a finished run
             atomic_write(Path(ckpt_dir) / "last.ckpt", lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
         return _load_best(module, best.best_model_path)

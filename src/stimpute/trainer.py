@@ -1,5 +1,13 @@
-"""Training pieces every model shares (a leaf below `models` and `train`): the Lightning
-trainer factory, the seeded held-out split of known spots, and a CPU thread limit."""
+"""Training pieces every model shares (a leaf below `models` and `train`): the device
+policy, the Lightning trainer factory, the seeded held-out split of known spots, and a
+CPU thread limit.
+
+Device policy (`--device cpu|cuda|auto` of every command that trains): `resolve_device`
+turns the choice into Lightning's `accelerator` ("cpu" or "cuda"), which each model's
+config records and passes to `quiet_trainer`; Lightning then places the model and data,
+and its own `devices`/`strategy` flags choose one GPU or several (DDP). CPU runs are
+deterministic and bit-identical for a seed; GPU runs only warn on nondeterministic ops.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,20 @@ from contextlib import contextmanager
 import lightning as L
 import numpy as np
 import torch
+
+from stimpute.errors import StimputeError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Lightning's `accelerator` for `--device`: "cpu", or "cuda" where a GPU is usable
+    ("auto" picks it when there is one); asking for "cuda" without one is an error."""
+    if device not in DEVICES:
+        raise StimputeError("--device", f"unknown device {device!r} (use {', '.join(DEVICES)})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StimputeError("--device", "cuda was asked for but no CUDA GPU is available here (use --device cpu or auto)")
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -31,14 +53,15 @@ def torch_threads(n: int):
 
 
 def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, checkpointing: bool = False,
-                  accelerator: str = "cpu", devices: int = 1, deterministic=True, **options) -> L.Trainer:
-    """The Lightning trainer every stimpute model trains with: deterministic, no logger or
-    model summary, no sanity validation, and without Lightning's per-fit banner. Lightning
-    decides devices and precision, so multi-GPU runs need no code of ours."""
+                  accelerator: str = "cpu", devices: int | str = 1, **options) -> L.Trainer:
+    """The Lightning trainer every stimpute model trains with: deterministic (on CPU; "warn"
+    elsewhere), no logger or model summary, no sanity validation, and without Lightning's
+    per-fit banner. Lightning decides devices and precision, so multi-GPU runs need no code of ours."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every fit
     return L.Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=devices, deterministic=deterministic,
+        max_epochs=max_epochs, accelerator=accelerator, devices=devices,
+        deterministic=True if accelerator == "cpu" else "warn",
         callbacks=list(callbacks), logger=False, enable_checkpointing=checkpointing, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, **options,
     )

@@ -67,6 +67,7 @@ class MoE3DConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-3
     prediction: str = "mean"  # "mean": log1p(1e4 × share); "expected": E[log1p] under the fitted NB
+    accelerator: str = "cpu"  # Lightning's, from --device (stimpute.trainer.resolve_device)
 
 
 PREDICTIONS = ("mean", "expected")
@@ -360,7 +361,7 @@ class MoE3D(Model):
 
         with warnings.catch_warnings(), torch_threads(1):  # tiny full-batch steps: threads only add overhead
             warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
-            _trainer(c.epochs).fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
+            _trainer(c.epochs, c.accelerator).fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
         self.net_ = net.eval().cpu()
         return self
 
@@ -426,11 +427,11 @@ class MoE3D(Model):
         return out
 
 
-def _trainer(steps: int) -> lightning.Trainer:
+def _trainer(steps: int, accelerator: str) -> lightning.Trainer:
     """A seeded, deterministic, quiet trainer for one epoch of `steps` full-batch steps."""
     from stimpute.trainer import quiet_trainer
 
-    return quiet_trainer(1, accelerator="auto", log_every_n_steps=max(1, steps))
+    return quiet_trainer(1, accelerator=accelerator, log_every_n_steps=max(1, steps))
 
 
 def _raw_inputs(prepared: PreparedStack, i: int) -> tuple[np.ndarray, np.ndarray]:

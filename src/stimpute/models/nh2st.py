@@ -15,7 +15,8 @@ the regression loss. Prediction needs images only.
 
 from __future__ import annotations
 
-import copy
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
 
@@ -116,6 +118,7 @@ class NH2STConfig:
     patience: int = 20
     val_fraction: float = 0.15
     lattice: str = "auto"
+    accelerator: str = "cpu"  # Lightning's, from --device (stimpute.trainer.resolve_device)
 
 
 class NH2STNet(nn.Module):
@@ -198,8 +201,8 @@ def spot_table(prepared: PreparedStack, sections: list[int], size: int, lattice:
 class NH2STModule(L.LightningModule):
     """Training logic: regression + dual-scale contrastive loss; validation mean per-gene PCC.
 
-    Batches are spot indices into the attached `SpotTable`. Feature and expression
-    standardisation statistics are buffers, so a checkpoint alone predicts new sections.
+    Batches come from `NH2STData`. Feature and expression standardisation statistics are
+    buffers, so a checkpoint alone predicts new sections.
     """
 
     def __init__(self, n_scales: int, in_dim: int, n_genes: int, panel: list[str] | None = None, **config):
@@ -210,45 +213,38 @@ class NH2STModule(L.LightningModule):
         for name, shape in (("feat_mean", (n_scales, in_dim)), ("feat_std", (n_scales, in_dim)),
                             ("expr_mean", (n_genes,)), ("expr_std", (n_genes,))):
             self.register_buffer(name, torch.zeros(shape) if "mean" in name else torch.ones(shape))
-        self.table: SpotTable | None = None
-        self.learn_from: torch.Tensor | None = None
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def attach(self, table: SpotTable, train_idx: torch.Tensor):
-        """Give the module its data; standardisation and gene targets come from `train_idx` only."""
-        self.table = table
-        self.learn_from = torch.zeros(len(table.features), dtype=torch.bool)
-        self.learn_from[train_idx] = True
+    def standardise_from(self, table: SpotTable, train_idx: torch.Tensor) -> None:
+        """Feature and expression standardisation from the training spots `train_idx` only."""
         self.feat_mean.copy_(table.features[train_idx].mean(0))
         self.feat_std.copy_(table.features[train_idx].std(0).clamp_min(1e-6))
         self.expr_mean.copy_(table.expression[train_idx].mean(0))
         self.expr_std.copy_(table.expression[train_idx].std(0).clamp_min(1e-3))
 
-    def _forward(self, table: SpotTable, idx: torch.Tensor):
-        query, neigh, mask = table.batch(idx)
+    def _forward(self, query: torch.Tensor, neigh: torch.Tensor, mask: torch.Tensor):
         query = (query - self.feat_mean.flatten()) / self.feat_std.flatten()
         neigh = (neigh - self.feat_mean[SPOT_SCALE]) / self.feat_std[SPOT_SCALE] * mask.unsqueeze(-1)
         return self.net(query, neigh, mask)
 
-    def training_step(self, batch, batch_idx):
-        (idx,) = batch
-        table, cfg = self.table, self.cfg
-        pred, img_spot, img_neigh = self._forward(table, idx)
-        expr = (table.expression - self.expr_mean) / self.expr_std
-        nb = table.neighbours[idx]
-        known = (nb >= 0) & self.learn_from[nb.clamp_min(0)]  # held-out spots never serve as targets
-        regression = F.mse_loss(pred, expr[idx])
-        spot = info_nce(img_spot, self.net.gene_spot(expr[idx]), cfg.temperature_spot)
-        neighbourhood = info_nce(img_neigh, self.net.gene_neighbour(masked_mean(expr[nb.clamp_min(0)], known)),
-                                 cfg.temperature_neighbour)
+    def _standard(self, expression: torch.Tensor) -> torch.Tensor:
+        return (expression - self.expr_mean) / self.expr_std
+
+    def training_step(self, batch: dict, batch_idx):
+        cfg = self.cfg
+        pred, img_spot, img_neigh = self._forward(batch["query"], batch["neighbours"], batch["mask"])
+        expr = self._standard(batch["expression"])
+        neighbourhood_expr = masked_mean(self._standard(batch["neighbour_expression"]), batch["known"])
+        regression = F.mse_loss(pred, expr)
+        spot = info_nce(img_spot, self.net.gene_spot(expr), cfg.temperature_spot)
+        neighbourhood = info_nce(img_neigh, self.net.gene_neighbour(neighbourhood_expr), cfg.temperature_neighbour)
         loss = regression + cfg.loss_ratio_spot * spot + cfg.loss_ratio_neighbour * neighbourhood
-        self.log_dict({"train_loss": loss, "train_mse": regression}, on_step=False, on_epoch=True, batch_size=len(idx))
+        self.log_dict({"train_loss": loss, "train_mse": regression}, on_step=False, on_epoch=True, batch_size=len(expr))
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        (idx,) = batch
-        pred = self._forward(self.table, idx)[0] * self.expr_std + self.expr_mean
-        self._val.append((pred, self.table.expression[idx]))
+    def validation_step(self, batch: dict, batch_idx):
+        pred = self._forward(batch["query"], batch["neighbours"], batch["mask"])[0] * self.expr_std + self.expr_mean
+        self._val.append((pred, batch["expression"]))
 
     def on_validation_epoch_end(self):
         pred, true = (torch.cat(parts).cpu().numpy() for parts in zip(*self._val))
@@ -259,7 +255,7 @@ class NH2STModule(L.LightningModule):
     def predict_table(self, table: SpotTable, batch_size: int = 256) -> np.ndarray:
         """Predicted log1p expression (N, G) of every spot of `table`, from images only."""
         self.eval()
-        out = [self._forward(table, idx)[0] * self.expr_std + self.expr_mean
+        out = [self._forward(*table.batch(idx))[0] * self.expr_std + self.expr_mean
                for idx in torch.arange(len(table.features)).split(batch_size)]
         return torch.cat(out).numpy()
 
@@ -267,42 +263,56 @@ class NH2STModule(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.cfg.learning_rate)
 
 
-class _KeepBest(L.Callback):
-    """Keep the weights of the best validation epoch in memory and restore them at the end."""
+class NH2STData(L.LightningDataModule):
+    """Spots of a `SpotTable` in batches: the training spots shuffled (seeded), the validation
+    spots in order. A training batch also carries each spot's neighbours' expression, and
+    which of them are training spots (held-out spots never serve as targets)."""
 
-    def __init__(self, monitor: str = "val_pcc"):
-        self.monitor, self.best, self.state = monitor, -np.inf, None
+    def __init__(self, table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, batch_size: int, seed: int):
+        super().__init__()
+        self.table, self.train_idx, self.val_idx, self.batch_size, self.seed = table, train_idx, val_idx, batch_size, seed
+        self.learn_from = torch.zeros(len(table.features), dtype=torch.bool)
+        self.learn_from[train_idx] = True
 
-    def on_validation_end(self, trainer, module):
-        score = trainer.callback_metrics.get(self.monitor)
-        if score is not None and float(score) > self.best:
-            self.best, self.state = float(score), copy.deepcopy(module.state_dict())
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.train_idx, self.batch_size, True)
 
-    def on_fit_end(self, trainer, module):
-        if self.state is not None:
-            module.load_state_dict(self.state)
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.val_idx, 1024, False)
 
+    def _loader(self, idx: torch.Tensor, batch_size: int, shuffle: bool) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(idx, batch_size=batch_size, shuffle=shuffle,
+                                           generator=torch.Generator().manual_seed(self.seed),
+                                           drop_last=shuffle and len(idx) > batch_size, collate_fn=self._gather)
 
-def _loader(idx: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(idx), batch_size=batch_size, shuffle=shuffle,
-                                       generator=gen, drop_last=shuffle and len(idx) > batch_size)
+    def _gather(self, spots: list[torch.Tensor]) -> dict:
+        idx = torch.stack(spots)
+        query, neighbours, mask = self.table.batch(idx)
+        nb = self.table.neighbours[idx].clamp_min(0)
+        return {"query": query, "neighbours": neighbours, "mask": mask, "expression": self.table.expression[idx],
+                "neighbour_expression": self.table.expression[nb], "known": mask & self.learn_from[nb]}
 
 
 def fit_nh2st(table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, panel: list[str], seed: int = 0,
               cfg: NH2STConfig | None = None, checkpoint: str | Path | None = None) -> NH2STModule:
     """Train on spots `train_idx` of `table`, early-stopping on the mean per-gene PCC of
-    `val_idx` (seeded); the best epoch's weights are kept and, with `checkpoint`, saved there."""
+    `val_idx` (seeded); Lightning's `ModelCheckpoint` keeps the best epoch, whose weights
+    are loaded and, with `checkpoint`, copied there."""
     cfg = cfg or NH2STConfig()
     L.seed_everything(seed, workers=True, verbose=False)
     module = NH2STModule(*table.features.shape[1:], table.expression.shape[1], panel=list(panel), **asdict(cfg))
-    module.attach(table, train_idx)
-    trainer = quiet_trainer(cfg.max_epochs, [L.pytorch.callbacks.EarlyStopping("val_pcc", mode="max", patience=cfg.patience), _KeepBest()])
-    with warnings.catch_warnings(), torch_threads(1):
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(module, _loader(train_idx, cfg.batch_size, True, seed), _loader(val_idx, 1024, False, seed))
-    if checkpoint is not None:
-        atomic_write(Path(checkpoint), lambda tmp: trainer.save_checkpoint(tmp, weights_only=True))
+    module.standardise_from(table, train_idx)
+    with tempfile.TemporaryDirectory() as tmp:
+        best = ModelCheckpoint(dirpath=tmp, filename="best", monitor="val_pcc", mode="max", save_weights_only=True,
+                               enable_version_counter=False)
+        trainer = quiet_trainer(cfg.max_epochs, [EarlyStopping("val_pcc", mode="max", patience=cfg.patience), best],
+                                checkpointing=True, accelerator=cfg.accelerator)
+        with warnings.catch_warnings(), torch_threads(1):
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            trainer.fit(module, datamodule=NH2STData(table, train_idx, val_idx, cfg.batch_size, seed))
+        module.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
+        if checkpoint is not None:
+            atomic_write(Path(checkpoint), lambda out: shutil.copyfile(best.best_model_path, out))
     return module.eval()
 
 
