@@ -53,6 +53,7 @@ def main_options(
 EncoderOption = Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), resnet18, resnet50, uni or ciga (networks need --weights).")]
 StackEncoderOption = Annotated[Optional[str], typer.Option("--encoder", help="Feature encoder: handcrafted, resnet18, resnet50, uni or ciga (networks need --weights); default: the features the sections carry (e.g. a 3DMoEST file's uni_features), else handcrafted.")]
 WeightsOption = Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded): torchvision, timm or Lightning layout.")]
+DeviceOption = Annotated[str, typer.Option(help="Where models train: auto (a CUDA GPU when there is one, else the CPU), cpu or cuda (Lightning's accelerator; CPU training is deterministic).")]
 
 
 def guarded(command):
@@ -330,6 +331,7 @@ def impute(
     spot_diameter_um: Annotated[Optional[float], typer.Option(help="Virtual spot diameter in µm (default: the known section's).")] = None,
     pitch_um: Annotated[Optional[float], typer.Option(help="Virtual spot centre-to-centre distance in µm (default: the known section's).")] = None,
     grid_scale: Annotated[float, typer.Option(help="Virtual grid pitch as a multiple of --pitch-um: 0.5 lays a super-resolution grid at half the pitch (4x the spots on a square array).")] = 1.0,
+    device: DeviceOption = "auto",
 ):
     """Impute the expression of every section from one measured section (ASIGN: MSAGNet 3D + cross-layer imputation).
 
@@ -340,11 +342,12 @@ def impute(
     Example: [bold]stimpute impute ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --known C3 --out imputed/[/]
     Example: [bold]stimpute impute sec2.jpg ../shared/data/her2st/C3 sec4.tif --known C3 --out imputed/ --grid-scale 0.5[/]
     """
+    from stimpute.device import resolve_device
     from stimpute.pipeline import run_impute
     from stimpute.register.grid import GridOptions
     from stimpute.train import TrainConfig
 
-    config = TrainConfig(seed=seed, max_epochs=epochs)
+    config = TrainConfig(seed=seed, max_epochs=epochs, accelerator=resolve_device(device))
     if fusion not in ("calibrated", "even"):
         raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use calibrated or even)")
     if programs not in ("auto", "none") and not (programs.isdigit() and int(programs) >= 1):
@@ -419,6 +422,7 @@ def train(
     folds: Annotated[Optional[int], typer.Option(help="Folds of --mode cv (default: one per section).", min=2)] = None,
     encoder: StackEncoderOption = None,
     weights: WeightsOption = None,
+    device: DeviceOption = "auto",
 ):
     """Train an image-only model (2D MSAGNet, NH²2ST or 3DMoEST) on measured sections, for `stimpute predict`.
 
@@ -428,7 +432,7 @@ def train(
     from stimpute.pipeline import run_train
 
     ckpt = run_train(sections, out, genes=genes, seed=seed, force=force, progress=True, epochs=epochs, method=method,
-                     mode=mode, folds=folds, encoder=encoder, weights=weights)
+                     mode=mode, folds=folds, encoder=encoder, weights=weights, device=device)
     console.print(f"{'cross-validation by section' if mode == 'cv' else 'model'} written to {ckpt}", highlight=False)
 
 
@@ -483,6 +487,7 @@ def benchmark(
     encoder: StackEncoderOption = None,
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (the feature cache is always reused).")] = False,
     weights: WeightsOption = None,
+    device: DeviceOption = "auto",
 ):
     """Run every method under the 3D and 2D protocols and write the comparison table.
 
@@ -493,6 +498,7 @@ def benchmark(
     import sys
     from datetime import date
 
+    from stimpute.device import resolve_device
     from stimpute.evaluate import check_benchmark, run_benchmark
     from stimpute.features.stored import check_encoder
     from stimpute.io import read_stack
@@ -503,6 +509,7 @@ def benchmark(
     from stimpute.io.run import run_ownership
 
     check_encoder(encoder, weights)
+    accelerator = resolve_device(device)
     with run_ownership(out, "benchmark", [*sections, weights], force) as run:
         names, grid = check_benchmark(out, _csv(methods), _csv(protocols), force=True)  # OUT is checked by claim
         force = run.claim(["results.csv", "spots.csv", "splits.json", "summary.md", "pcc_boxplot.png"], caches=["features/"])
@@ -511,8 +518,9 @@ def benchmark(
         prepared = prepare_stack(stack, encoder=encoder, weights=weights, cache_dir=out / "features", progress=True)
         settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
                     "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", **prepared.settings["features"],
-                    "inputs": input_records(stack, sections)}
-        result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings)
+                    "inputs": input_records(stack, sections), "accelerator": accelerator}
+        result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings,
+                               accelerator=accelerator)
         plot = pcc_boxplot(result.results, out / "pcc_boxplot.png", names)
     console.print(benchmark_table(result.summary))
     console.print(f"wrote {', '.join(str(p) for p in [*result.files.values(), plot])}", highlight=False)

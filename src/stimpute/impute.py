@@ -36,7 +36,7 @@ gene-by-gene noise. The members (`ImputeResult.members`) stay unprojected.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -305,12 +305,18 @@ class _Asign(Method):
 
     def __init__(self, config: TrainConfig | None = None):
         self.config = config
+        self.accelerator = "cpu"
+
+    def on_device(self, accelerator: str) -> "_Asign":
+        self.accelerator = accelerator
+        return self
 
     def part(self, result: ImputeResult) -> dict:
         return result.fused
 
     def fit_predict(self, prepared, train, targets, seed=0):
-        parts = self.part(_impute_once(prepared, train, seed, self.config))
+        config = replace(self.config or TrainConfig(seed=seed), accelerator=self.accelerator)
+        parts = self.part(_impute_once(prepared, train, seed, config))
         return {i: parts[i] for i in targets}
 
 

@@ -37,6 +37,7 @@ from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
 from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
 from stimpute.io.run import Run, run_ownership
 from stimpute.data import Stack
+from stimpute.device import resolve_device
 from stimpute.models import get_model
 from stimpute.prepare import known_indices, prepare_stack
 from stimpute.programs import programs_record
@@ -189,17 +190,20 @@ def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, fo
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
               force: bool = False, progress: bool = False, config=None, encoder: str | None = None,
               method: str = "msagnet", mode: str = "train", folds: int | None = None,
-              weights: str | Path | None = None, epochs: int | None = None) -> Path:
+              weights: str | Path | None = None, epochs: int | None = None, device: str | None = None) -> Path:
     """Train the registered model `method` (`stimpute.models.MODELS`: msagnet (2D), nh2st,
     moe3d without coordinates, ...) on every measured section (images only, no
     registration) and save it in `out`. `config`: the model's settings (default: its
     `train_config(epochs)`). `mode="cv"`: k-fold cross-validation by section instead,
-    writing `cv_metrics.csv` (and each fold's model under `checkpoints/`)."""
+    writing `cv_metrics.csv` (and each fold's model under `checkpoints/`). `device`: auto, cpu
+    or cuda (`stimpute.device`; default: the config's)."""
     out = Path(out)
     model_class = get_model(method)
     if mode not in ("train", "cv"):
         raise StimputeError("--mode", f"--mode {mode}: use train or cv")
     model = model_class(config if config is not None else model_class.train_config(epochs))
+    if device is not None:
+        model.on_device(resolve_device(device))
     check_encoder(encoder, weights)
     features = {"encoder": encoder, "weights": weights}
     with run_ownership(out, "train", [*sections, genes, weights], force) as run:

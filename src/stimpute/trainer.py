@@ -1,13 +1,6 @@
-"""Training pieces every model shares (a leaf below `models` and `train`): the device
-policy, the Lightning trainer factory, the seeded held-out split of known spots, and a
-CPU thread limit.
-
-Device policy (`--device cpu|cuda|auto` of every command that trains): `resolve_device`
-turns the choice into Lightning's `accelerator` ("cpu" or "cuda"), which each model's
-config records and passes to `quiet_trainer`; Lightning then places the model and data,
-and its own `devices`/`strategy` flags choose one GPU or several (DDP). CPU runs are
-deterministic and bit-identical for a seed; GPU runs only warn on nondeterministic ops.
-"""
+"""Training pieces every model shares (a leaf below `models` and `train`): the Lightning
+trainer factory (its `accelerator` from `stimpute.device`), the seeded held-out split of
+known spots, and a CPU thread limit."""
 
 from __future__ import annotations
 
@@ -17,20 +10,6 @@ from contextlib import contextmanager
 import lightning as L
 import numpy as np
 import torch
-
-from stimpute.errors import StimputeError
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """Lightning's `accelerator` for `--device`: "cpu", or "cuda" where a GPU is usable
-    ("auto" picks it when there is one); asking for "cuda" without one is an error."""
-    if device not in DEVICES:
-        raise StimputeError("--device", f"unknown device {device!r} (use {', '.join(DEVICES)})")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise StimputeError("--device", "cuda was asked for but no CUDA GPU is available here (use --device cpu or auto)")
-    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:

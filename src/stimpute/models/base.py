@@ -9,7 +9,7 @@ predict` find it in `MODELS` by its `model_name`, and know nothing else about it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +70,14 @@ class Method(ABC):
 
         Returns {section index: (n_spots, n_genes) prediction on the log1p scale}.
         """
+
+    def on_device(self, accelerator: str) -> "Method":
+        """Train with Lightning's `accelerator` ("cpu" or "cuda", from `stimpute.device.resolve_device`)
+        where the method's `config` records one; other methods always run on the CPU."""
+        config = getattr(self, "config", None)
+        if is_dataclass(config) and hasattr(config, "accelerator"):
+            self.config = replace(config, accelerator=accelerator)
+        return self
 
 
 class Model(Method):

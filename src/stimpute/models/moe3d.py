@@ -67,7 +67,7 @@ class MoE3DConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-3
     prediction: str = "mean"  # "mean": log1p(1e4 × share); "expected": E[log1p] under the fitted NB
-    accelerator: str = "cpu"  # Lightning's, from --device (stimpute.trainer.resolve_device)
+    accelerator: str = "cpu"  # Lightning's, from --device (stimpute.device.resolve_device)
 
 
 PREDICTIONS = ("mean", "expected")

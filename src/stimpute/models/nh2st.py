@@ -118,7 +118,7 @@ class NH2STConfig:
     patience: int = 20
     val_fraction: float = 0.15
     lattice: str = "auto"
-    accelerator: str = "cpu"  # Lightning's, from --device (stimpute.trainer.resolve_device)
+    accelerator: str = "cpu"  # Lightning's, from --device (stimpute.device.resolve_device)
 
 
 class NH2STNet(nn.Module):
@@ -308,7 +308,7 @@ def fit_nh2st(table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, 
         trainer = quiet_trainer(cfg.max_epochs, [EarlyStopping("val_pcc", mode="max", patience=cfg.patience), best],
                                 checkpointing=True, accelerator=cfg.accelerator)
         with warnings.catch_warnings(), torch_threads(1):
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
             trainer.fit(module, datamodule=NH2STData(table, train_idx, val_idx, cfg.batch_size, seed))
         module.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
         if checkpoint is not None:
