@@ -3,8 +3,8 @@
 `resolve_device` turns the choice into Lightning's `accelerator` ("cpu" or "cuda"); each
 model's config records it (`accelerator`) and hands it to `stimpute.trainer.quiet_trainer`,
 so Lightning places the model and data, and its own `devices`/`strategy` flags choose one
-GPU or several (DDP) without code of ours. CPU runs are deterministic and bit-identical
-for a seed; GPU runs warn on nondeterministic operations instead. Prediction runs on the CPU.
+GPU or several (DDP) without code of ours. Training on the CPU runs with deterministic
+algorithms; on a GPU, nondeterministic operations only warn. Prediction runs on the CPU.
 """
 
 from __future__ import annotations

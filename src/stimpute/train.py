@@ -145,7 +145,7 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
     with tempfile.TemporaryDirectory() as tmp:
         best = ModelCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True,
                                enable_version_counter=False)
-        callbacks = [EarlyStopping("val_loss", patience=config.patience), best]
+        callbacks = [_early_stopping(config), best]
         progress = progress and sys.stdout.isatty()  # a live bar on a terminal; in a log, one line per refresh
         if progress:
             callbacks.append(RichProgressBar())
@@ -180,11 +180,16 @@ def _previous_run(ckpt_dir: Path, key: str, config: TrainConfig) -> tuple[Path |
         except Exception:  # cut short by a kill while Lightning wrote it: start afresh
             state = {}
         if state.get("hyper_parameters", {}).get("key") == key:
-            stopped = any(v.get("stopped_epoch", 0) > 0 for k, v in state.get("callbacks", {}).items() if k.startswith("EarlyStopping"))
+            stopped = state.get("callbacks", {}).get(_early_stopping(config).state_key, {}).get("stopped_epoch", 0) > 0
             return last, stopped or state["epoch"] + 1 >= config.max_epochs
     for old in [*ckpt_dir.glob("best*.ckpt"), *ckpt_dir.glob("last*.ckpt")]:
         old.unlink()
     return None, False
+
+
+def _early_stopping(config: TrainConfig) -> EarlyStopping:
+    """Lightning's early stopping on the held-out loss; its `state_key` finds its state in a checkpoint."""
+    return EarlyStopping("val_loss", patience=config.patience)
 
 
 def _load_best(module: MSAGNetModule, path: str | Path) -> MSAGNetModule:

@@ -227,13 +227,11 @@ class MoE3DNet(nn.Module):
 
 
 class MoE3DModule(lightning.LightningModule):
-    """Full-batch training of `MoE3DNet` on the training spots (one batch = all of them)."""
+    """Full-batch training of `MoE3DNet` on the training spots (one batch = all of them, from `MoE3DData`)."""
 
-    def __init__(self, net: MoE3DNet, config: MoE3DConfig, edges: torch.Tensor, edge_weight: torch.Tensor):
+    def __init__(self, net: MoE3DNet, config: MoE3DConfig):
         super().__init__()
         self.net, self.config = net, config
-        self.register_buffer("edges", edges)
-        self.register_buffer("edge_weight", edge_weight)
 
     def training_step(self, batch, batch_idx):
         c = self.config
@@ -243,13 +241,25 @@ class MoE3DModule(lightning.LightningModule):
         mean = batch["library"][:, None] * share
         nb = -nb_log_likelihood(batch["counts"], mean, self.net.log_dispersion.exp()).mean()
         pred = torch.log1p(TARGET_SUM * share[:, :-1])
-        gradient = coupled_gradient_loss(pred, batch["log1p"], self.edges, self.edge_weight)
+        gradient = coupled_gradient_loss(pred, batch["log1p"], batch["edges"], batch["edge_weight"])
         balance = load_balance_loss(gates, probs)
         loss = nb + c.balance_weight * balance + c.gradient_weight * gradient
         return loss
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+
+class MoE3DData(lightning.LightningDataModule):
+    """The training spots (inputs, counts and their neighbour pairs) as one full batch,
+    `steps` times: one epoch of `steps` optimisation steps."""
+
+    def __init__(self, batch: dict, steps: int):
+        super().__init__()
+        self.batch, self.steps = batch, steps
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(_RepeatedBatch(self.batch, self.steps), batch_size=None)
 
 
 class _RepeatedBatch(torch.utils.data.Dataset):
@@ -355,13 +365,14 @@ class MoE3D(Model):
         )
         self.library_ = float(batch["library"].median())
         edges, weight = _train_edges(prepared, train, batch["stats"].numpy())
+        batch.update(edges=torch.as_tensor(edges), edge_weight=torch.as_tensor(weight))
         net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(self.panel_) + 1, c, use_coords)
-        module = MoE3DModule(net, c, torch.as_tensor(edges), torch.as_tensor(weight))
+        module = MoE3DModule(net, c)
         from stimpute.trainer import torch_threads
 
         with warnings.catch_warnings(), torch_threads(1):  # tiny full-batch steps: threads only add overhead
             warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
-            _trainer(c.epochs, c.accelerator).fit(module, torch.utils.data.DataLoader(_RepeatedBatch(batch, c.epochs), batch_size=None))
+            _trainer(c.epochs, c.accelerator).fit(module, datamodule=MoE3DData(batch, c.epochs))
         self.net_ = net.eval().cpu()
         return self
 
