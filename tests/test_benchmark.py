@@ -47,7 +47,11 @@ def prepared_from(stack: Stack, coords_ref: list[np.ndarray], programmes: list[n
     edge_index = torch.as_tensor(np.concatenate(edges, axis=1))
     graph = Data(edge_index=edge_index, edge_type=torch.as_tensor(np.concatenate(types)),
                  edge_weight=torch.ones(edge_index.shape[1]), num_nodes=int(offsets[-1]))
-    return PreparedStack(stack, panel, expression, features, coords_ref, graph)
+    from stimpute.features.encoders import encoder_record
+
+    record = encoder_record("handcrafted", None)  # what prepare_stack records for the features
+    return PreparedStack(stack, panel, expression, features, coords_ref, graph,
+                         {"encoder": record["encoder"], "features": record})
 
 
 @pytest.fixture(scope="module")
