@@ -159,10 +159,14 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     gene_programs = resolve_programs(prepared, known, programs, config.seed, morphology)
     model = {i: gene_programs.project(np.mean([predictions[m][i] for m in members], axis=0)).astype(np.float32)
              for i in targets}
-    transferred, reach = transfer(prepared, known, targets, features=morphology)
-    propagated = transferred if probe is None else _propagate(prepared, known, targets, probe["residual"], morphology)[0]
-    propagated = {i: gene_programs.project(p + (probe[i] if probe else 0)).astype(np.float32)
-                  for i, p in propagated.items()}
+    # one transfer carries the measured expression and the probe's residuals side by side
+    values = [np.c_[prepared.known_expression(k), probe["residual"][k]] if probe else prepared.known_expression(k)
+              for k in known]
+    carried, reach = transfer(prepared, known, targets, values, features=morphology)
+    n_genes = len(prepared.panel)
+    transferred = {i: c[:, :n_genes] for i, c in carried.items()}
+    propagated = {i: gene_programs.project(c[:, n_genes:] + probe[i] if probe else c).astype(np.float32)
+                  for i, c in carried.items()}
 
     calibration = _calibration(prepared, known, held, {m: predictions[m]["held"] for m in members}, morphology,
                                gene_programs, probe)
@@ -250,30 +254,14 @@ def _kernel_ridge_member(prepared, known, targets, held, batch, config, ckpt_dir
     every known spot, and as `residual_honest` from the fit without the hold-out). Beyond
     `PROBE_MAX_SPOTS` known spots it learns from a seeded random subset of them; the
     others are predicted out of sample like held-out spots."""
-    from stimpute.models import get_method
-    from stimpute.models.baselines import flat_features
+    from stimpute.models.baselines import flat_features, probe_residuals, seeded_subset
 
-    probe = get_method("kernel_ridge")
     x = {i: flat_features(prepared, [i]) for i in known}
     y = {i: prepared.known_expression(i) for i in known}
-    sizes = [len(y[i]) for i in known]
-    keep = np.zeros(sum(sizes), bool)
-    keep[np.random.default_rng(config.seed).permutation(sum(sizes))[:PROBE_MAX_SPOTS]] = True
-    keep = dict(zip(known, np.split(keep, np.cumsum(sizes)[:-1])))
+    keep = dict(zip(known, seeded_subset([len(y[i]) for i in known], PROBE_MAX_SPOTS, config.seed)))
 
     def fit(train: dict[int, np.ndarray]):
-        train = {i: train[i] & keep[i] for i in known}
-        model = probe.model(*np.concatenate([x[i][train[i]] for i in known]).shape, config.seed)
-        model.fit(np.concatenate([x[i][train[i]] for i in known]), np.concatenate([y[i][train[i]] for i in known]))
-        loo = np.split(model[-1].loo_predictions_, np.cumsum([train[i].sum() for i in known])[:-1])
-        residual = {}
-        for i, oos in zip(known, loo):
-            predicted = np.empty_like(y[i], dtype=np.float64)
-            predicted[train[i]] = oos
-            if (~train[i]).any():
-                predicted[~train[i]] = model.predict(x[i][~train[i]])
-            residual[i] = (y[i] - predicted).astype(np.float32)
-        return model, residual
+        return probe_residuals(x, y, {i: train[i] & keep[i] for i in known}, config.seed)
 
     full, residual = fit({i: np.ones(len(y[i]), bool) for i in known})
     honest, residual_honest = fit({i: ~held[i] for i in known})

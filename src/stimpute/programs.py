@@ -104,31 +104,21 @@ def _cross_validated(prepared, known, seed, morphology, folds) -> tuple[np.ndarr
     """Truth and out-of-fold predictions (kernel ridge ⊕ its transferred residuals, even by
     reach) of up to `CV_MAX_SPOTS` known spots."""
     from stimpute.evidence import transfer
-    from stimpute.models import get_method
-    from stimpute.models.baselines import flat_features
+    from stimpute.models.baselines import flat_features, probe_residuals
 
-    rng = np.random.default_rng(seed)
     sizes = [len(prepared.known_expression(i)) for i in known]
-    chosen = rng.permutation(sum(sizes))[:CV_MAX_SPOTS]
+    chosen = np.random.default_rng(seed).permutation(sum(sizes))[:CV_MAX_SPOTS]
     fold_of = np.full(sum(sizes), -1)
-    fold_of[chosen] = np.arange(len(chosen)) % folds
+    fold_of[chosen] = np.arange(len(chosen)) % folds  # balanced folds over a seeded subset
     fold_of = np.split(fold_of, np.cumsum(sizes)[:-1])
     features = {i: flat_features(prepared, [i]) for i in known}
     expression = {i: prepared.known_expression(i) for i in known}
-    probe = get_method("kernel_ridge")
     truth, predicted = [], []
     for f in range(folds):
         held = {i: fold_of[j] == f for j, i in enumerate(known)}
         train = {i: (fold_of[j] >= 0) & ~held[i] for j, i in enumerate(known)}
-        x = np.concatenate([features[i][train[i]] for i in known])
-        y = np.concatenate([expression[i][train[i]] for i in known])
-        ridge = probe.model(*x.shape, seed).fit(x, y)
-        loo = np.split(ridge[-1].loo_predictions_, np.cumsum([train[i].sum() for i in known])[:-1])
-        residual = []
-        for i, oos in zip(known, loo):
-            residual.append(np.zeros_like(expression[i], dtype=np.float64))
-            residual[-1][train[i]] = expression[i][train[i]] - oos
-        carried, reach = transfer(prepared, known, known, residual, features=morphology,
+        ridge, residual = probe_residuals(features, expression, train, seed)
+        carried, reach = transfer(prepared, known, known, [residual[i] for i in known], features=morphology,
                                   exclude={i: ~train[i] for i in known})
         for i in known:
             w = 0.5 * reach[i][held[i], None]

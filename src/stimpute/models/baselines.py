@@ -203,6 +203,33 @@ class KernelRidge(_Regressor):
         return make_pipeline(StandardScaler(), KernelRidgeLOO())
 
 
+def seeded_subset(sizes: list[int], limit: int, seed: int) -> list[np.ndarray]:
+    """Per section (of `sizes` spots), the mask of a seeded random subset of at most
+    `limit` spots drawn over all sections together."""
+    keep = np.zeros(sum(sizes), bool)
+    keep[np.random.default_rng(seed).permutation(sum(sizes))[:limit]] = True
+    return np.split(keep, np.cumsum(sizes)[:-1])
+
+
+def probe_residuals(x: dict, y: dict, train: dict, seed: int = 0) -> tuple[Pipeline, dict]:
+    """The kernel ridge probe fitted on the `train` spots of each section (dicts by section:
+    features, expression, boolean masks), and every spot's residual: measured minus its
+    out-of-sample prediction (exact leave-one-out on training spots, a plain prediction
+    elsewhere), which is what a cross-layer transfer of residuals carries."""
+    sections = list(x)
+    xs = np.concatenate([x[i][train[i]] for i in sections])
+    model = KernelRidge().model(*xs.shape, seed).fit(xs, np.concatenate([y[i][train[i]] for i in sections]))
+    loo = np.split(model[-1].loo_predictions_, np.cumsum([train[i].sum() for i in sections])[:-1])
+    residual = {}
+    for i, oos in zip(sections, loo):
+        predicted = np.empty_like(y[i], dtype=np.float64)
+        predicted[train[i]] = oos
+        if (~train[i]).any():
+            predicted[~train[i]] = model.predict(x[i][~train[i]])
+        residual[i] = (y[i] - predicted).astype(np.float32)
+    return model, residual
+
+
 @register_method
 class Knn(_Regressor):
     """Distance-weighted mean of the `k` nearest training spots in PCA feature space."""
