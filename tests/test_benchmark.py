@@ -19,7 +19,7 @@ from stimpute.errors import StimputeError
 from stimpute.expression import select_panel
 from stimpute.expression import panel_expression
 from stimpute.models import METHODS, Method, NotApplicable, PreparedStack, get_method, register_method
-from stimpute.models.baselines import overlap_weights
+from stimpute.models.baselines import cosine_top_k, overlap_weights
 from stimpute.register.matching import disc_iou
 from stimpute.plot import pcc_boxplot
 
@@ -88,7 +88,27 @@ def test_disc_iou_by_hand():
 def test_overlap_weights_fall_back_to_nearest_spot():
     known = np.array([[0.0, 0.0], [10.0, 0.0]])
     w = overlap_weights(np.array([[0.0, 0.0], [100.0, 0.0]]), known, radius=2.0)
-    np.testing.assert_allclose(w, [[1, 0], [0, 1]])
+    np.testing.assert_allclose(w.toarray(), [[1, 0], [0, 1]])
+
+
+def test_baseline_weights_are_sparse_and_match_brute_force():
+    rng = np.random.default_rng(0)
+    target, known = rng.uniform(0, 50, (300, 2)), rng.uniform(0, 50, (200, 2))
+    w = overlap_weights(target, known, radius=2.0)
+    assert w.nnz < 0.1 * w.shape[0] * w.shape[1]
+    d = np.linalg.norm(target[:, None] - known[None], axis=2)
+    dense = disc_iou(d.ravel(), 2.0, 2.0).reshape(d.shape) * (d < 4.0)
+    lonely = dense.sum(1) == 0
+    dense[np.flatnonzero(lonely), d[lonely].argmin(1)] = 1.0
+    np.testing.assert_allclose(w.toarray(), dense / dense.sum(1, keepdims=True), atol=1e-12)
+    query, keys = rng.normal(size=(50, 6)), rng.normal(size=(80, 6))
+    top = cosine_top_k(query, keys, k=5, chunk=7)  # chunks smaller than the queries
+    np.testing.assert_allclose(top.sum(axis=1), 1.0)
+    z = (keys - keys.mean(0)) / keys.std(0)
+    q = (query - keys.mean(0)) / keys.std(0)
+    sim = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (z / np.linalg.norm(z, axis=1, keepdims=True)).T
+    expected = np.sort(np.argsort(-sim, axis=1)[:, :5], axis=1)
+    np.testing.assert_array_equal(np.sort(top.tolil().rows.tolist(), axis=1), expected)
 
 
 def test_overlap_copies_an_identical_layer(identical):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import abstractmethod
 
 import numpy as np
+from scipy import sparse
 from scipy.spatial import cKDTree
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.decomposition import PCA
@@ -59,31 +60,37 @@ def nearest_measured(prepared: PreparedStack, target: int, train: list[int]) -> 
     return [i for i, g in zip(train, gap) if g <= gap.min() + 1e-9]
 
 
-def overlap_weights(target_xy: np.ndarray, known_xy: np.ndarray, radius: float) -> np.ndarray:
-    """Row-stochastic (n_target, n_known) weights: disc IoU with every overlapping known
-    spot; a target spot that overlaps none takes its nearest known spot."""
+def overlap_weights(target_xy: np.ndarray, known_xy: np.ndarray, radius: float) -> sparse.csr_matrix:
+    """Row-stochastic sparse (n_target, n_known) weights: disc IoU with every overlapping
+    known spot; a target spot that overlaps none takes its nearest known spot. Pairs come
+    from a KD-tree, so memory grows with the overlaps, not with n_target × n_known."""
     tree = cKDTree(known_xy)
     pairs = cKDTree(target_xy).sparse_distance_matrix(tree, 2 * radius, output_type="coo_matrix")
-    weights = np.zeros((len(target_xy), len(known_xy)))
-    weights[pairs.row, pairs.col] = disc_iou(pairs.data, radius, radius)
-    lonely = weights.sum(axis=1) <= 0
+    rows, cols, values = pairs.row, pairs.col, disc_iou(pairs.data, radius, radius)
+    lonely = np.bincount(rows[values > 0], minlength=len(target_xy)) == 0
     if lonely.any():
-        weights[np.flatnonzero(lonely), tree.query(target_xy[lonely])[1]] = 1.0
-    return weights / weights.sum(axis=1, keepdims=True)
+        lonely_rows = np.flatnonzero(lonely)
+        rows = np.r_[rows, lonely_rows]
+        cols = np.r_[cols, tree.query(target_xy[lonely])[1]]
+        values = np.r_[values, np.ones(len(lonely_rows))]
+    weights = sparse.csr_matrix((values, (rows, cols)), shape=(len(target_xy), len(known_xy)))
+    weights.eliminate_zeros()
+    return sparse.diags(1.0 / np.asarray(weights.sum(axis=1)).ravel()) @ weights
 
 
-def cosine_top_k(query: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
-    """Row-stochastic (n_query, n_keys) weights: uniform over each query's `k` most
-    cosine-similar keys, after z-scoring both with the keys' statistics."""
+def cosine_top_k(query: np.ndarray, keys: np.ndarray, k: int, chunk: int = 4096) -> sparse.csr_matrix:
+    """Row-stochastic sparse (n_query, n_keys) weights: uniform over each query's `k` most
+    cosine-similar keys, after z-scoring both with the keys' statistics. Similarities are
+    computed `chunk` queries at a time, so memory stays at chunk × n_keys."""
     scaler = StandardScaler().fit(keys)
     q, kk = scaler.transform(query), scaler.transform(keys)
     q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
     kk /= np.linalg.norm(kk, axis=1, keepdims=True) + 1e-12
     k = min(k, len(keys))
-    top = np.argpartition(-(q @ kk.T), k - 1, axis=1)[:, :k]
-    weights = np.zeros((len(query), len(keys)))
-    np.put_along_axis(weights, top, 1.0 / k, axis=1)
-    return weights
+    top = np.concatenate([np.argpartition(-(q[i:i + chunk] @ kk.T), k - 1, axis=1)[:, :k]
+                          for i in range(0, len(q), chunk)])
+    rows = np.repeat(np.arange(len(q)), k)
+    return sparse.csr_matrix((np.full(rows.size, 1.0 / k), (rows, top.ravel())), shape=(len(q), len(keys)))
 
 
 class _FromNearestLayer(Method):
@@ -91,14 +98,14 @@ class _FromNearestLayer(Method):
 
     @abstractmethod
     def weights(self, prepared: PreparedStack, target: int, known: int) -> np.ndarray:
-        """Row-stochastic (n_target_spots, n_known_spots) weights."""
+        """Row-stochastic (n_target_spots, n_known_spots) weights (a sparse matrix)."""
 
     def fit_predict(self, prepared, train, targets, seed=0):
         require_train(train)
         out = {}
         for t in targets:
             layers = nearest_measured(prepared, t, train)
-            out[t] = np.mean([self.weights(prepared, t, k) @ prepared.known_expression(k) for k in layers], axis=0)
+            out[t] = np.mean([np.asarray(self.weights(prepared, t, k) @ prepared.known_expression(k)) for k in layers], axis=0)
         return out
 
 
