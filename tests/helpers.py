@@ -1,13 +1,15 @@
-"""Small on-disk inputs for tests (HER2-ST-like raw folders, HEST-like .h5ad samples) and
-the command line run in-process."""
+"""Small on-disk inputs for tests (HER2-ST-like raw folders, HEST-like .h5ad samples), the
+command line run in-process, and refusals of edited 3DMoEST H5 files."""
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 
@@ -48,3 +50,18 @@ def one_error_line(result, *needles) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     for needle in needles:
         assert needle in lines[0], result.output
+
+
+def refuses_moest_h5(path: Path, match: str, delete=(), put=None) -> None:
+    """After deleting the `delete` datasets/groups and writing `put` ({key: array}) into the
+    3DMoEST file at `path`, reading it raises InputError matching `match`."""
+    from stimpute.errors import InputError
+    from stimpute.io.moest_h5 import read_moest_h5
+
+    with h5py.File(path, "a") as f:
+        for key in delete:
+            del f[key]
+        for key, value in (put or {}).items():
+            f[key] = value
+    with pytest.raises(InputError, match=match):
+        read_moest_h5(path)

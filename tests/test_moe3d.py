@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -36,6 +35,7 @@ from stimpute.models.moe3d import (
     nb_log_likelihood,
     sobel_gradients,
 )
+from tests.helpers import refuses_moest_h5
 
 
 def test_nb_log_likelihood_matches_scipy():
@@ -133,15 +133,9 @@ def test_moest_h5_to_sections_keeps_counts_and_positions():
 
 def test_malformed_moest_h5_names_group_and_dataset(tmp_path):
     path = write_moest_h5(_random_moest(np.random.default_rng(3), with_patches=False), tmp_path / "x.h5")
-    with h5py.File(path, "a") as f:
-        del f["B1/coords_3d"]
-        f["B1/coords_3d"] = np.zeros((9, 2))
-    with pytest.raises(InputError, match=r"x\.h5::/B1/coords_3d: shape \(9, 2\), expected \(N, 3\)"):
-        read_moest_h5(path)
-    with h5py.File(path, "a") as f:
-        del f["A1/uni_features"]
-    with pytest.raises(InputError, match=r"::/A1: missing dataset 'uni_features'"):
-        read_moest_h5(path)
+    refuses_moest_h5(path, r"x\.h5::/B1/coords_3d: shape \(9, 2\), expected \(N, 3\)",
+                     delete=["B1/coords_3d"], put={"B1/coords_3d": np.zeros((9, 2))})
+    refuses_moest_h5(path, r"::/A1: missing dataset 'uni_features'", delete=["A1/uni_features"])
 
 
 @pytest.fixture(scope="module")
