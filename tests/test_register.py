@@ -15,7 +15,7 @@ from stimpute.datasets import synthetic_stack, synthetic_truth
 from stimpute.errors import StimputeError
 from stimpute.image import SectionImage
 from stimpute.register import apply_transform, register_stack
-from stimpute.register.masks import tissue_mask
+from stimpute.register.masks import close_disk, tissue_mask
 
 HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
 
@@ -34,6 +34,21 @@ def test_tissue_mask_ignores_pen_dust_and_fills_holes():
     dice = 2 * (mask & tissue.astype(bool)).sum() / (mask.sum() + tissue.sum())
     assert dice > 0.97
     assert mask[150, 150] and not mask[30, 270] and not mask[270, 65]
+
+
+def test_close_disk_is_ndimage_closing_by_a_disk():
+    """The distance-transform closing gives ndimage's disk closing pixel for pixel: masks that
+    touch the image edge, radii from 1 to 25 px, an empty and a full mask."""
+    from scipy import ndimage
+    from skimage import morphology
+
+    rng = np.random.default_rng(0)
+    masks = [ndimage.gaussian_filter(rng.random((90, 70)), sigma) > level
+             for sigma, level in zip(rng.uniform(1, 6, 12), rng.uniform(0.47, 0.53, 12))]
+    masks += [np.zeros((20, 30), bool), np.ones((20, 30), bool)]
+    for mask, radius in zip(masks, [1, 2, 3, 5, 8, 13, 25, 4, 6, 9, 17, 20, 7, 3]):
+        padded = ndimage.binary_closing(np.pad(mask, radius), structure=morphology.disk(radius))
+        np.testing.assert_array_equal(close_disk(mask, radius), padded[radius:-radius, radius:-radius], err_msg=str(radius))
 
 
 def _errors(stack: Stack) -> np.ndarray:
