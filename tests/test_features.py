@@ -11,6 +11,7 @@ import torch
 from stimpute.errors import InputError, StimputeError
 from stimpute.features import ENCODERS, FeatureRun, load_encoder, spot_features
 from stimpute.features.checkpoint import load_weights
+from stimpute.features import handcrafted
 from stimpute.features.handcrafted import BLOCKS, HANDCRAFTED_DIM, describe_batch, describe_patch
 from stimpute.features.resnet import resnet18, resnet50
 from stimpute.features.vit import VisionTransformer
@@ -103,6 +104,73 @@ def test_handcrafted_descriptors_measure_nuclei_and_colour():
     assert batch.shape == (1, 2, HANDCRAFTED_DIM) and np.allclose(batch[0, 0], f_sparse)
     blank = describe_patch(np.full((224, 224, 3), 255, np.uint8))
     assert np.isfinite(blank).all()
+
+
+def test_glcm_equals_skimage_graycomatrix_and_graycoprops():
+    from skimage.feature import graycomatrix, graycoprops
+
+    rng = np.random.default_rng(3)
+    angles = (0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
+    images = [rng.integers(0, 256, (23, 31), dtype=np.uint8), rng.integers(100, 140, (40, 17), dtype=np.uint8),
+              np.full((9, 9), 77, np.uint8)]  # the flat one: correlation defined as 1
+    for gray in images:
+        q = gray // (256 // handcrafted.GLCM_LEVELS)
+        ref = graycomatrix(q, handcrafted.GLCM_DISTANCES, angles, levels=handcrafted.GLCM_LEVELS, symmetric=True, normed=True)
+        mine = handcrafted.glcm(gray)
+        expected = np.moveaxis(ref, (2, 3), (0, 1)).reshape(-1, handcrafted.GLCM_LEVELS, handcrafted.GLCM_LEVELS)
+        np.testing.assert_allclose(mine, expected, atol=1e-15)
+        props = handcrafted.glcm_props(mine)
+        for name in handcrafted.GLCM_PROPS:
+            np.testing.assert_allclose(props[name], graycoprops(ref, name).ravel(), rtol=1e-9, atol=1e-12)
+
+
+def test_lbp_histogram_equals_a_per_pixel_count():
+    rng = np.random.default_rng(4)
+    gray = rng.integers(0, 4, (7, 9), dtype=np.uint8)  # few levels: many ties (>= counts as set)
+    counts = np.zeros(handcrafted.LBP_POINTS + 2)
+    for y in range(1, 6):
+        for x in range(1, 8):
+            code = sum(1 << bit for bit, (dy, dx) in enumerate(handcrafted._LBP_OFFSETS) if gray[y + dy, x + dx] >= gray[y, x])
+            counts[handcrafted._LBP_LABELS[code]] += 1
+    np.testing.assert_allclose(handcrafted._lbp(gray), counts / counts.sum())
+    flat = handcrafted._lbp(np.full((5, 5), 9, np.uint8))
+    assert flat[handcrafted.LBP_POINTS] == 1.0  # every neighbour ties: the all-ones pattern
+
+
+def test_colour_and_nuclei_blocks_equal_direct_pixel_statistics():
+    from skimage.color import rgb2hed
+
+    rng = np.random.default_rng(5)
+    rgb = stained_image(rng, (64, 64))
+    rgb[rng.random((64, 64)) < 0.2] = 250  # some glass
+    feats = describe_patch(rgb)
+    tissue = handcrafted.cv2.cvtColor(rgb, handcrafted.cv2.COLOR_RGB2GRAY) < handcrafted.TISSUE_MAX_GRAY
+    sub = tissue[::2, ::2]
+    od = -np.log(np.maximum(rgb[::2, ::2][sub] / 255.0, 1e-6)) / -np.log(1e-6)
+    hed = rgb2hed(rgb[::2, ::2])[sub]
+    colour = feats[BLOCKS["colour"]]
+    expected = np.r_[od.mean(0), od.std(0), np.percentile(od, (10, 50, 90), axis=0).ravel(), hed[:, :2].mean(0)]
+    np.testing.assert_allclose(colour[1:], expected, rtol=1e-4, atol=1e-6)
+    haem = np.maximum(rgb2hed(rgb)[..., 0], 0).astype(np.float32)
+    h = handcrafted.cv2.GaussianBlur(haem, (0, 0), 1.0)
+    mask = (h > handcrafted.NUCLEUS_H_OD[0]) & tissue
+    nuclei = feats[BLOCKS["nuclei"]]
+    assert nuclei[1] == pytest.approx(mask.sum() / tissue.sum(), rel=1e-5)  # nuclear fraction of tissue
+    assert nuclei[6] == pytest.approx(h[mask].mean(), rel=1e-4)  # mean haematoxylin of the blobs
+
+
+def test_dog_pyramid_bands_follow_full_resolution_blurs():
+    """The pyramid's band energies stay within a few per cent of full-resolution Gaussian
+    blurs, and are deterministic."""
+    rng = np.random.default_rng(6)
+    gray = handcrafted.cv2.cvtColor(stained_image(rng, (224, 224)), handcrafted.cv2.COLOR_RGB2GRAY)
+    g = gray.astype(np.float32)
+    blurred = [g] + [handcrafted.cv2.GaussianBlur(g, (0, 0), s) for s in handcrafted.DOG_SIGMAS]
+    full = np.array([np.abs(a - b).mean() for a, b in zip(blurred[:-1], blurred[1:])])
+    bands = handcrafted._dog(gray)
+    assert bands.shape == (len(handcrafted.DOG_SIGMAS),)
+    np.testing.assert_allclose(bands, full, rtol=0.05)
+    assert np.array_equal(bands, handcrafted._dog(gray.copy()))
 
 
 def tiny_section(seed: int = 0):

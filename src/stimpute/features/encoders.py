@@ -69,11 +69,12 @@ def get_spec(name: str) -> EncoderSpec:
 
 
 def weights_id(spec: EncoderSpec, weights: str | Path | None, random_init: bool = False) -> str:
-    """Identity of the weights for cache keys; checks the weight file is usable first."""
+    """Identity of the weights for cache keys (for the handcrafted encoder, which has none:
+    its descriptors' version); checks the weight file is usable first."""
     if not spec.needs_weights:
         if weights is not None:
             raise StimputeError("--weights", f"encoder {spec.name!r} takes no weights")
-        return "none"
+        return f"handcrafted-v{handcrafted.VERSION}"
     if weights is None:
         if random_init:
             return f"random-init-seed{RANDOM_SEED}"
