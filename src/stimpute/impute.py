@@ -46,7 +46,7 @@ from stimpute.evidence import transfer
 from stimpute.models.base import Method, PreparedStack, register_method
 from stimpute.programs import GenePrograms, resolve_programs
 from stimpute.timing import timed
-from stimpute.train import GraphBatch, TrainConfig, fit, split_known, torch_threads
+from stimpute.train import GraphBatch, TrainConfig, fit, predict_graph, split_known, torch_threads
 
 FUSION_STEPS = 300
 FUSION_SHRINK = 0.01
@@ -128,6 +128,7 @@ def graph_batch(prepared: PreparedStack, known: list[int], seed: int, val_fracti
         x=torch.as_tensor(np.concatenate(prepared.features), dtype=torch.float32),
         edge_index=g.edge_index, edge_type=g.edge_type, edge_weight=g.edge_weight.float(),
         y=torch.as_tensor(y), train_mask=torch.as_tensor(train_mask), val_mask=torch.as_tensor(val_mask),
+        pos=getattr(g, "pos", None),
     )
     return batch, known_nodes
 
@@ -219,8 +220,8 @@ def _calibration(prepared, known, held, member_held, morphology, programs: GeneP
 def _msagnet_member(prepared, known, targets, held, batch, config, ckpt_dir, resume, progress) -> dict:
     """MSAGNet on the 3D graph: trained on the known spots outside the hold-out."""
     module = fit(batch, config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
-    with torch.no_grad(), torch_threads(config.threads):
-        out = module(batch).numpy()
+    with torch_threads(config.threads):
+        out = predict_graph(module.model, batch, config.batch_nodes).numpy()
     off = prepared.offsets
     preds = {i: out[off[i]:off[i + 1]] for i in targets}
     preds["held"] = np.concatenate([out[off[i]:off[i + 1]][held[i]] for i in known])

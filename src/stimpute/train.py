@@ -1,14 +1,20 @@
 """Train MSAGNet with PyTorch Lightning: seeded, deterministic on CPU, early stopping, resumable.
 
-The whole spot graph of a stack (a few thousand nodes at most) is one batch, so an
-epoch is one optimisation step over all labelled spots. A seeded random share of the
-known spots is held out for validation (early stopping, best checkpoint) and, later, for
-fitting the Cross-layer Imputation weights (`stimpute.impute`). Lightning decides the
-hardware (`accelerator`, `devices`); nothing here assumes CUDA. Randomness inside a step
-(dropout) is seeded from the step number, so resuming from a checkpoint continues exactly
-as an uninterrupted run would. Checkpoints carry a key (SHA-256 of the batch and the
-settings): a rerun into the same folder resumes a matching `last.ckpt`, reuses a finished
-one, and replaces stale ones in place (no `best-v1.ckpt` beside the old file).
+Where the spot graph of a stack fits the node budget `batch_nodes` (`--batch-nodes`;
+HER2-ST's few hundred spots, Visium stacks of a few sections) the whole graph is one
+batch, so an epoch is one optimisation step over all labelled spots. Beyond it, training
+reads the 2-hop in-neighbourhood of the labelled spots (the same loss), or mini-batches
+of labelled seed spots with their in-neighbourhoods, and inference runs in chunks: peak
+memory is set by `batch_nodes`, not by the stack (`stimpute.batches`). A seeded random
+share of the known spots is held out for validation (early stopping, best checkpoint)
+and, later, for fitting the Cross-layer Imputation weights (`stimpute.impute`). Lightning
+decides the hardware (`accelerator`, `devices`, `num_nodes`, `strategy`: DDP splits the
+batches over the processes); nothing here assumes CUDA. Randomness inside a step
+(dropout) is seeded from the step number, and the order of mini-batches from the epoch,
+so resuming from a checkpoint continues exactly as an uninterrupted run would.
+Checkpoints carry a key (SHA-256 of the batch and the settings): a rerun into the same
+folder resumes a matching `last.ckpt`, reuses a finished one, and replaces stale ones in
+place (no `best-v1.ckpt` beside the old file). Only the process of global rank 0 writes.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
+from stimpute.batches import bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask, spatial_order
 from stimpute.io.anndata_io import atomic_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
 from stimpute.trainer import quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
@@ -43,7 +50,10 @@ class TrainConfig:
     val_fraction: float = 0.25
     seed: int = 0
     accelerator: str = "cpu"
-    devices: int | str = 1
+    devices: int | str = 1  # Lightning's devices, num_nodes and strategy (`stimpute.device.parallel_options`)
+    num_nodes: int = 1
+    strategy: str = "auto"
+    batch_nodes: int = 20_000  # nodes per training/inference batch, halo included: bounds memory (`stimpute.batches`)
     threads: int = 1  # CPU intra-op threads: full-graph steps are small; more threads thrash on a busy machine
     loss: str = "gene_pcc"  # or "spot_pcc", the reference's (stimpute.models.msagnet.LOSSES)
     model: MSAGNetConfig = field(default_factory=MSAGNetConfig)
@@ -72,19 +82,101 @@ class GraphBatch:
     y: torch.Tensor
     train_mask: torch.Tensor
     val_mask: torch.Tensor
+    pos: torch.Tensor | None = None  # (N, 3) node positions: inference chunks go in spatial order
 
 
 class GraphData(L.LightningDataModule):
-    """The one full-graph batch of a stack, for training and validation (the masks tell them apart)."""
+    """A stack's graph for training and validation (the masks tell them apart): one batch
+    (the whole graph, or the in-neighbourhood of the labelled spots) when it fits
+    `budget` nodes and one process trains; else seeded mini-batches of labelled spots,
+    at least `parts` (the number of processes) of them (`stimpute.batches`)."""
 
-    def __init__(self, batch: GraphBatch):
+    def __init__(self, batch: GraphBatch, budget: int, hops: int = MSAGNet.hops, parts: int = 1, seed: int = 0):
         super().__init__()
-        self.batch = batch
+        self.batch, self.seed = batch, seed
+        self.train_batches, self.val_batches = training_plan(batch, budget, hops, parts)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader([self.batch], batch_size=None, collate_fn=_identity)
+        return self._loader(self.train_batches)
 
-    val_dataloader = train_dataloader
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.val_batches)
+
+    def _loader(self, batches) -> torch.utils.data.DataLoader:
+        if batches is None:  # the one batch: the whole graph
+            return torch.utils.data.DataLoader([self.batch], batch_size=None, collate_fn=_identity)
+        return torch.utils.data.DataLoader(_Subgraphs(self.batch, batches), batch_size=None, collate_fn=_identity,
+                                           sampler=_EpochOrder(len(batches), self.seed, self._epoch))
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+
+def training_plan(batch: GraphBatch, budget: int, hops: int, parts: int = 1) -> tuple[list | None, list | None]:
+    """(train, validation) subgraphs of `batch` (`stimpute.batches` module docstring; None: the whole graph)."""
+    n = batch.x.shape[0]
+    if n <= budget and parts == 1:
+        return None, None
+    labelled = torch.nonzero(batch.train_mask | batch.val_mask).flatten()
+    if parts == 1:
+        sub = in_neighbourhood(labelled, batch.edge_index, n, hops)
+        if len(sub.nodes) <= budget:
+            return [(sub, None)], [(sub, None)]
+
+    def runs(mask: torch.Tensor, parts: int) -> list:
+        seeds = spatial_order(torch.nonzero(mask).flatten(), batch.pos)
+        return bounded_runs(seeds, batch.edge_index, n, hops, budget, parts)
+
+    train = [(sub, "train_mask") for sub in runs(batch.train_mask, parts)]
+    return train, [(sub, "val_mask") for sub in runs(batch.val_mask, 1)] if batch.val_mask.any() else train
+
+
+class _Subgraphs(torch.utils.data.Dataset):
+    """Subgraph batches cut from the graph when read (memory: one batch at a time); a
+    mini-batch's loss mask (`train_mask` or `val_mask`) holds its seed spots only."""
+
+    def __init__(self, batch: GraphBatch, plan: list):
+        self.batch, self.plan = batch, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> GraphBatch:
+        sub, seeds = self.plan[i]
+        if seeds is None:  # the labelled spots' in-neighbourhood: the masks as they are
+            return restrict(self.batch, sub)
+        none = torch.zeros(len(sub.nodes), dtype=torch.bool)
+        return restrict(self.batch, sub, **{"train_mask": none, "val_mask": none, seeds: seed_mask(sub)})
+
+
+class _EpochOrder(torch.utils.data.Sampler):
+    """Batches in a seeded random order drawn anew each epoch from (seed, `epoch()`, the
+    trainer's epoch when the epoch's iteration starts): a resumed run sees the order an
+    uninterrupted one would (Lightning's `set_epoch` comes too late on a resumed run's first epoch)."""
+
+    def __init__(self, n: int, seed: int, epoch):
+        self.n, self.seed, self.epoch = n, seed, epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1009 + self.epoch())
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+@torch.no_grad()
+def predict_graph(model: MSAGNet, batch: GraphBatch, budget: int) -> torch.Tensor:
+    """(N, n_genes) prediction at every node: one pass when the graph fits `budget` nodes,
+    else chunk by chunk over in-neighbourhoods of at most `budget` nodes (same values)."""
+    n = batch.x.shape[0]
+    if n <= budget:
+        return model(batch.x, batch.edge_index, batch.edge_type, batch.edge_weight)
+    out = torch.empty(n, model.head[-1].out_features)
+    for sub in node_chunks(n, batch.edge_index, model.hops, budget, batch.pos):
+        part = restrict(batch, sub)
+        out[sub.nodes[sub.seeds]] = model(part.x, part.edge_index, part.edge_type, part.edge_weight)[sub.seeds]
+    return out
 
 
 class MSAGNetModule(L.LightningModule):
@@ -107,11 +199,10 @@ class MSAGNetModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: GraphBatch, _idx: int) -> None:
-        if batch.val_mask.any():
-            loss = self.loss(self(batch)[batch.val_mask], batch.y[batch.val_mask])
-        else:  # no held-out spots: monitor the training loss
-            loss = self.loss(self(batch)[batch.train_mask], batch.y[batch.train_mask])
-        self.log("val_loss", loss, prog_bar=True, batch_size=1)
+        mask = batch.val_mask if batch.val_mask.any() else batch.train_mask  # no held-out spots: the training loss
+        loss = self.loss(self(batch)[mask], batch.y[mask])
+        # every process must see the same value: checkpointing and early stopping decide on it
+        self.log("val_loss", loss, prog_bar=True, batch_size=1, sync_dist=True)  # batches weigh the same
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -150,16 +241,29 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
         if progress:
             callbacks.append(RichProgressBar())
         trainer = quiet_trainer(config.max_epochs, callbacks, progress=progress, checkpointing=True,
-                                accelerator=config.accelerator, devices=config.devices)
+                                accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                                strategy=config.strategy)
+        data = GraphData(batch, config.batch_nodes, parts=trainer.world_size, seed=config.seed)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-            trainer.fit(module, datamodule=GraphData(batch), ckpt_path=resume)
+            trainer.fit(module, datamodule=data, ckpt_path=resume)
         if ckpt_dir is not None:  # the final state (early stopping recorded): a rerun sees a finished run
-            atomic_write(Path(ckpt_dir) / "last.ckpt", lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
-        return _load_best(module, best.best_model_path)
+            _save_last(trainer, Path(ckpt_dir) / "last.ckpt")
+        module = _load_best(module, best.best_model_path)
+        trainer.strategy.barrier("stimpute.best")  # every process has read the best weights before rank 0 moves on
+        return module
+
+
+def _save_last(trainer: L.Trainer, path: Path) -> None:
+    """Lightning's full checkpoint of the final state at `path`, atomically; every process
+    calls it (it synchronises them), only global rank 0 writes."""
+    if trainer.is_global_zero:
+        atomic_write(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
+    else:
+        trainer.save_checkpoint(path, weights_only=False)
 
 
 def training_key(batch: GraphBatch, config: TrainConfig) -> str:

@@ -32,14 +32,16 @@ def torch_threads(n: int):
 
 
 def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, checkpointing: bool = False,
-                  accelerator: str = "cpu", devices: int | str = 1, **options) -> L.Trainer:
+                  accelerator: str = "cpu", devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
+                  **options) -> L.Trainer:
     """The Lightning trainer every stimpute model trains with: deterministic (on CPU; "warn"
     elsewhere), no logger or model summary, no sanity validation, and without Lightning's
-    per-fit banner. Lightning decides devices and precision, so multi-GPU runs need no code of ours."""
+    per-fit banner. Lightning's own `devices`, `num_nodes` and `strategy` (e.g. "ddp")
+    run it on several GPUs, processes or machines: no code of ours."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every fit
     return L.Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=devices,
+        max_epochs=max_epochs, accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
         deterministic=True if accelerator == "cpu" else "warn",
         callbacks=list(callbacks), logger=False, enable_checkpointing=checkpointing, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, **options,

@@ -50,8 +50,13 @@ class MSAGNet(nn.Module):
 
     `x` holds S scale tokens per spot (spot first); features are standardised with the
     `feature_mean`/`feature_std` buffers (set by `set_feature_scaling`) so a saved model
-    carries its own input scaling.
+    carries its own input scaling. `hops` is the receptive field: a spot's output reads
+    nodes at most 2 edges upstream (cross-attention over within-section in-neighbours,
+    then one graph-attention layer), so its 2-hop in-neighbourhood gives the same output
+    as the whole graph (`stimpute.batches`).
     """
+
+    hops = 2
 
     def __init__(self, in_dim: int, n_genes: int, n_scales: int = 3, config: MSAGNetConfig | None = None):
         super().__init__()
