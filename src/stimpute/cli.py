@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stimpute.distributed import is_rank_zero
 from stimpute.errors import StimputeError, StimputeWarning
 from stimpute.expression import DEFAULT_PANEL_SIZE
 
@@ -54,6 +55,10 @@ EncoderOption = Annotated[str, typer.Option(help="Feature encoder: handcrafted (
 StackEncoderOption = Annotated[Optional[str], typer.Option("--encoder", help="Feature encoder: handcrafted, resnet18, resnet50, uni or ciga (networks need --weights); default: the features the sections carry (e.g. a 3DMoEST file's uni_features), else handcrafted.")]
 WeightsOption = Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded): torchvision, timm or Lightning layout.")]
 DeviceOption = Annotated[str, typer.Option(help="Where models train: auto (a CUDA GPU when there is one, else the CPU), cpu or cuda (Lightning's accelerator; CPU training is deterministic).")]
+DevicesOption = Annotated[str, typer.Option("--devices", help="Lightning's devices: GPUs (or CPU processes) per machine that train together: a count, -1 for all, auto, or GPU ids like 0,2. More than one trains data-parallel (DDP); only rank 0 writes to OUT.")]
+NumNodesOption = Annotated[int, typer.Option("--num-nodes", help="Lightning's num_nodes: machines that train together; start the same command on each (README: several GPUs and machines).")]
+StrategyOption = Annotated[str, typer.Option("--strategy", help="Lightning's strategy: auto, ddp (one process per device), ddp_spawn, fsdp, ...")]
+BatchNodesOption = Annotated[Optional[int], typer.Option("--batch-nodes", help="Most graph nodes in one training or inference batch of MSAGNet, neighbours included (default 20,000): bounds memory; a larger graph trains on the labelled spots' neighbourhood, or in mini-batches.")]
 
 
 def guarded(command):
@@ -65,6 +70,7 @@ def guarded(command):
         with warnings.catch_warnings():
             warnings.simplefilter("always", StimputeWarning)
             warnings.showwarning = _show_warning
+            console.quiet = not is_rank_zero()  # several training processes: rank 0 alone reports
             try:
                 return command(*args, **kwargs)
             except StimputeError as exc:
@@ -332,6 +338,10 @@ def impute(
     pitch_um: Annotated[Optional[float], typer.Option(help="Virtual spot centre-to-centre distance in µm (default: the known section's).")] = None,
     grid_scale: Annotated[float, typer.Option(help="Virtual grid pitch as a multiple of --pitch-um: 0.5 lays a super-resolution grid at half the pitch (4x the spots on a square array).")] = 1.0,
     device: DeviceOption = "auto",
+    devices: DevicesOption = "1",
+    num_nodes: NumNodesOption = 1,
+    strategy: StrategyOption = "auto",
+    batch_nodes: BatchNodesOption = None,
 ):
     """Impute the expression of every section from one measured section (ASIGN: MSAGNet 3D + cross-layer imputation).
 
@@ -342,12 +352,15 @@ def impute(
     Example: [bold]stimpute impute ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --known C3 --out imputed/[/]
     Example: [bold]stimpute impute sec2.jpg ../shared/data/her2st/C3 sec4.tif --known C3 --out imputed/ --grid-scale 0.5[/]
     """
-    from stimpute.device import resolve_device
+    from stimpute.device import check_batch_nodes, parallel_options, resolve_device
     from stimpute.pipeline import run_impute
     from stimpute.register.grid import GridOptions
     from stimpute.train import TrainConfig
 
-    config = TrainConfig(seed=seed, max_epochs=epochs, accelerator=resolve_device(device))
+    accelerator = resolve_device(device)
+    config = TrainConfig(seed=seed, max_epochs=epochs, accelerator=accelerator,
+                         **parallel_options(accelerator, devices, num_nodes, strategy),
+                         **({} if batch_nodes is None else {"batch_nodes": check_batch_nodes(batch_nodes)}))
     if fusion not in ("calibrated", "even"):
         raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use calibrated or even)")
     if programs not in ("auto", "none") and not (programs.isdigit() and int(programs) >= 1):
@@ -423,16 +436,23 @@ def train(
     encoder: StackEncoderOption = None,
     weights: WeightsOption = None,
     device: DeviceOption = "auto",
+    devices: DevicesOption = "1",
+    num_nodes: NumNodesOption = 1,
+    strategy: StrategyOption = "auto",
+    batch_nodes: BatchNodesOption = None,
 ):
     """Train an image-only model (2D MSAGNet, NH²2ST or 3DMoEST) on measured sections, for `stimpute predict`.
 
     Example: [bold]stimpute train ../shared/data/her2st/C2 ../shared/data/her2st/C4 --out model/ --method moe3d[/]
     Example: [bold]stimpute train ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --out cv/ --method nh2st --mode cv[/]
     """
+    from stimpute.device import parallel_options, resolve_device
     from stimpute.pipeline import run_train
 
+    parallel = parallel_options(resolve_device(device), devices, num_nodes, strategy)
     ckpt = run_train(sections, out, genes=genes, seed=seed, force=force, progress=True, epochs=epochs, method=method,
-                     mode=mode, folds=folds, encoder=encoder, weights=weights, device=device)
+                     mode=mode, folds=folds, encoder=encoder, weights=weights, device=device, parallel=parallel,
+                     batch_nodes=batch_nodes)
     console.print(f"{'cross-validation by section' if mode == 'cv' else 'model'} written to {ckpt}", highlight=False)
 
 

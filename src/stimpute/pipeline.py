@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +37,8 @@ from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
 from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
 from stimpute.io.run import Run, run_ownership
 from stimpute.data import Stack
-from stimpute.device import resolve_device
+from stimpute.device import check_batch_nodes, resolve_device
+from stimpute.distributed import is_rank_zero, rank_output
 from stimpute.models import get_model
 from stimpute.prepare import known_indices, prepare_stack
 from stimpute.programs import programs_record
@@ -86,12 +87,11 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
     Image files among `sections` are H&E-only sections (scale `um_per_px` or their metadata)
     that get a virtual spot grid (`grid`) in the known section's registered frame.
     """
-    out = Path(out)
     check_encoder(encoder, weights)
     features = {"encoder": encoder, "weights": weights}
-    with run_ownership(out, "impute", [*sections, genes, weights], force) as run:
-        return _impute(run, out, sections, known, genes, seed, progress, config, features, members, fusion, um_per_px, grid,
-                       programs)
+    with rank_output(out) as out, run_ownership(out, "impute", [*sections, genes, weights], force) as run:
+        return _impute(run, out, sections, known, genes, seed, progress and is_rank_zero(), config, features, members,
+                       fusion, um_per_px, grid, programs)
 
 
 @records_stages
@@ -190,24 +190,31 @@ def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, fo
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
               force: bool = False, progress: bool = False, config=None, encoder: str | None = None,
               method: str = "msagnet", mode: str = "train", folds: int | None = None,
-              weights: str | Path | None = None, epochs: int | None = None, device: str | None = None) -> Path:
+              weights: str | Path | None = None, epochs: int | None = None, device: str | None = None,
+              parallel: dict | None = None, batch_nodes: int | None = None) -> Path:
     """Train the registered model `method` (`stimpute.models.MODELS`: msagnet (2D), nh2st,
     moe3d without coordinates, ...) on every measured section (images only, no
     registration) and save it in `out`. `config`: the model's settings (default: its
     `train_config(epochs)`). `mode="cv"`: k-fold cross-validation by section instead,
     writing `cv_metrics.csv` (and each fold's model under `checkpoints/`). `device`: auto, cpu
-    or cuda (`stimpute.device`; default: the config's)."""
-    out = Path(out)
+    or cuda (`stimpute.device`; default: the config's); `parallel`: Lightning's `devices`,
+    `num_nodes`, `strategy` (`stimpute.device.parallel_options`; only global rank 0
+    writes, `stimpute.distributed`); `batch_nodes`: the node budget of graph models."""
     model_class = get_model(method)
     if mode not in ("train", "cv"):
         raise StimputeError("--mode", f"--mode {mode}: use train or cv")
     model = model_class(config if config is not None else model_class.train_config(epochs))
-    if device is not None:
-        model.on_device(resolve_device(device))
+    if batch_nodes is not None:
+        if not hasattr(model.config, "batch_nodes"):
+            raise StimputeError("--batch-nodes", f"{method} trains on spots, not a graph: it has no node budget (msagnet has)")
+        model.config = replace(model.config, batch_nodes=check_batch_nodes(batch_nodes))
+    if device is not None or parallel:
+        accelerator = resolve_device(device) if device is not None else model.config.accelerator
+        model.on_device(accelerator, **(parallel or {}))
     check_encoder(encoder, weights)
     features = {"encoder": encoder, "weights": weights}
-    with run_ownership(out, "train", [*sections, genes, weights], force) as run:
-        return _train(run, sections, genes, seed, progress, features, model, mode, folds)
+    with rank_output(out) as out, run_ownership(out, "train", [*sections, genes, weights], force) as run:
+        return _train(run, sections, genes, seed, progress and is_rank_zero(), features, model, mode, folds)
 
 
 def _train(run: Run, sections, genes, seed, progress, features, model, mode, folds) -> Path:

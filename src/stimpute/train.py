@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 from stimpute.batches import bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask, spatial_order
 from stimpute.io.anndata_io import atomic_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
-from stimpute.trainer import quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
+from stimpute.trainer import lightning_flags, quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
 from stimpute.timing import timed
 
 
@@ -241,8 +241,7 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
         if progress:
             callbacks.append(RichProgressBar())
         trainer = quiet_trainer(config.max_epochs, callbacks, progress=progress, checkpointing=True,
-                                accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-                                strategy=config.strategy)
+                                **lightning_flags(config))
         data = GraphData(batch, config.batch_nodes, parts=trainer.world_size, seed=config.seed)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -20,6 +20,9 @@ def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:
     return held
 
 
+HARDWARE = ("accelerator", "devices", "num_nodes", "strategy")  # config fields handed to the Lightning trainer
+
+
 @contextmanager
 def torch_threads(n: int):
     """Run a block with `n` torch intra-op threads, restoring the previous setting."""
@@ -46,6 +49,12 @@ def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, chec
         callbacks=list(callbacks), logger=False, enable_checkpointing=checkpointing, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, **options,
     )
+
+
+def lightning_flags(config) -> dict:
+    """The Lightning trainer flags a model's config records (`accelerator`, `devices`,
+    `num_nodes`, `strategy`; from `--device` and `stimpute.device.parallel_options`)."""
+    return {name: getattr(config, name) for name in HARDWARE if hasattr(config, name)}
 
 
 def lightning_checkpoint(module: L.LightningModule) -> dict:

@@ -71,12 +71,14 @@ class Method(ABC):
         Returns {section index: (n_spots, n_genes) prediction on the log1p scale}.
         """
 
-    def on_device(self, accelerator: str) -> "Method":
+    def on_device(self, accelerator: str, **parallel) -> "Method":
         """Train with Lightning's `accelerator` ("cpu" or "cuda", from `stimpute.device.resolve_device`)
-        where the method's `config` records one; other methods always run on the CPU."""
+        and `parallel` flags (`devices`, `num_nodes`, `strategy`: `stimpute.device.parallel_options`)
+        where the method's `config` records them; other methods always run on the CPU."""
         config = getattr(self, "config", None)
         if is_dataclass(config) and hasattr(config, "accelerator"):
-            self.config = replace(config, accelerator=accelerator)
+            self.config = replace(config, accelerator=accelerator,
+                                  **{k: v for k, v in parallel.items() if hasattr(config, k)})
         return self
 
 

@@ -68,6 +68,9 @@ class MoE3DConfig:
     weight_decay: float = 1e-3
     prediction: str = "mean"  # "mean": log1p(1e4 × share); "expected": E[log1p] under the fitted NB
     accelerator: str = "cpu"  # Lightning's, from --device (stimpute.device.resolve_device)
+    devices: int | str = 1  # Lightning's devices, num_nodes, strategy (stimpute.device.parallel_options)
+    num_nodes: int = 1
+    strategy: str = "auto"
 
 
 PREDICTIONS = ("mean", "expected")
@@ -372,7 +375,7 @@ class MoE3D(Model):
 
         with warnings.catch_warnings(), torch_threads(1):  # tiny full-batch steps: threads only add overhead
             warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
-            _trainer(c.epochs, c.accelerator).fit(module, datamodule=MoE3DData(batch, c.epochs))
+            _trainer(c.epochs, c).fit(module, datamodule=MoE3DData(batch, c.epochs))
         self.net_ = net.eval().cpu()
         return self
 
@@ -438,11 +441,12 @@ class MoE3D(Model):
         return out
 
 
-def _trainer(steps: int, accelerator: str) -> lightning.Trainer:
-    """A seeded, deterministic, quiet trainer for one epoch of `steps` full-batch steps."""
-    from stimpute.trainer import quiet_trainer
+def _trainer(steps: int, config: MoE3DConfig) -> lightning.Trainer:
+    """A seeded, deterministic, quiet trainer for one epoch of `steps` full-batch steps, on
+    the hardware `config` records."""
+    from stimpute.trainer import lightning_flags, quiet_trainer
 
-    return quiet_trainer(1, accelerator=accelerator, log_every_n_steps=max(1, steps))
+    return quiet_trainer(1, log_every_n_steps=max(1, steps), **lightning_flags(config))
 
 
 def _raw_inputs(prepared: PreparedStack, i: int) -> tuple[np.ndarray, np.ndarray]:

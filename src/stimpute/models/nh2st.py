@@ -34,7 +34,7 @@ from stimpute.errors import StimputeError
 from stimpute.metrics import gene_metrics, pearson_columns
 from stimpute.io.anndata_io import atomic_write
 from stimpute.models.base import Model, PreparedStack, register_method
-from stimpute.trainer import lightning_checkpoint, quiet_trainer, split_known, torch_threads
+from stimpute.trainer import lightning_checkpoint, lightning_flags, quiet_trainer, split_known, torch_threads
 
 SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)
 
@@ -119,6 +119,9 @@ class NH2STConfig:
     val_fraction: float = 0.15
     lattice: str = "auto"
     accelerator: str = "cpu"  # Lightning's, from --device (stimpute.device.resolve_device)
+    devices: int | str = 1  # Lightning's devices, num_nodes, strategy (stimpute.device.parallel_options)
+    num_nodes: int = 1
+    strategy: str = "auto"
 
 
 class NH2STNet(nn.Module):
@@ -306,13 +309,14 @@ def fit_nh2st(table: SpotTable, train_idx: torch.Tensor, val_idx: torch.Tensor, 
         best = ModelCheckpoint(dirpath=tmp, filename="best", monitor="val_pcc", mode="max", save_weights_only=True,
                                enable_version_counter=False)
         trainer = quiet_trainer(cfg.max_epochs, [EarlyStopping("val_pcc", mode="max", patience=cfg.patience), best],
-                                checkpointing=True, accelerator=cfg.accelerator)
+                                checkpointing=True, **lightning_flags(cfg))
         with warnings.catch_warnings(), torch_threads(1):
             warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
             trainer.fit(module, datamodule=NH2STData(table, train_idx, val_idx, cfg.batch_size, seed))
         module.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
-        if checkpoint is not None:
+        if checkpoint is not None and trainer.is_global_zero:
             atomic_write(Path(checkpoint), lambda out: shutil.copyfile(best.best_model_path, out))
+        trainer.strategy.barrier("stimpute.best")  # every process has read rank 0's best weights before they go
     return module.eval()
 
 
