@@ -93,18 +93,19 @@ def test_chunked_inference_equals_one_pass_and_chunks_fit_the_budget():
 def test_training_plan_picks_whole_graph_subgraph_or_bounded_mini_batches():
     batch = grid_stack(sections=5)
     n = len(batch.x)
-    assert training_plan(batch, n, 2) == (None, None)  # fits: the whole graph, as always
-    (sub, seeds), = training_plan(batch, 450, 2)[0]  # the labelled section's 2-hop in-neighbourhood
-    assert seeds is None and len(sub.nodes) == 400  # sections 0-3 (section 4 is out of reach)
-    train, val = training_plan(batch, 300, 2)
-    assert len(train) > 1 and all(len(s.nodes) <= 300 for s, _ in train + val)
-    train_seeds = torch.cat([s.nodes[s.seeds] for s, _ in train])
-    assert torch.equal(torch.sort(train_seeds).values, torch.nonzero(batch.train_mask).flatten())  # every spot once
-    assert torch.equal(torch.sort(torch.cat([s.nodes[s.seeds] for s, _ in val])).values, torch.nonzero(batch.val_mask).flatten())
-    assert len(training_plan(batch, n, 2, parts=2)[0]) >= 2  # two processes: a batch each at least
+    assert training_plan(batch, n, 2) is None  # fits: the whole graph, as always
+    sub, = training_plan(batch, 450, 2)  # the labelled section's 2-hop in-neighbourhood
+    assert len(sub.nodes) == 400  # sections 0-3 (section 4 is out of reach)
+    plan = training_plan(batch, 300, 2)
+    assert len(plan) > 1 and all(len(s.nodes) <= 300 for s in plan)
+    labelled = torch.nonzero(batch.train_mask | batch.val_mask).flatten()
+    assert torch.equal(torch.sort(torch.cat([s.nodes[s.seeds] for s in plan])).values, labelled)  # every spot once
+    assert len(training_plan(batch, n, 2, parts=2)) >= 2  # two processes: a batch each at least
     data = GraphData(batch, 300)
-    b = data.train_dataloader().dataset[0]
-    assert b.train_mask.sum() >= MIN_BATCH_SPOTS and not b.val_mask.any() and len(b.x) <= 300
+    bands = [data.train_dataloader().dataset[i] for i in range(len(plan))]
+    assert sum(int(b.train_mask.sum()) for b in bands) == int(batch.train_mask.sum())  # context nodes carry no loss
+    assert sum(int(b.val_mask.sum()) for b in bands) == int(batch.val_mask.sum())
+    assert all(int((b.train_mask | b.val_mask).sum()) >= MIN_BATCH_SPOTS and len(b.x) <= 300 for b in bands)
     with pytest.raises(StimputeError, match="--batch-nodes: 200 nodes is too small"):
         training_plan(batch, 200, 2)
 
@@ -113,7 +114,7 @@ def test_mini_batch_training_learns_and_resumes_exactly(tmp_path):
     batch = grid_stack(known=(1, 2))
     cfg = dict(patience=100, seed=1, batch_nodes=380, model=SMALL, lr=3e-3)
     full = fit(batch, TrainConfig(max_epochs=6, **cfg), ckpt_dir=tmp_path / "full")
-    assert len(full.trainer.datamodule.train_batches) > 1
+    assert len(full.trainer.datamodule.plan) > 1
     fit(batch, TrainConfig(max_epochs=3, **cfg), ckpt_dir=tmp_path / "part")
     resumed = fit(batch, TrainConfig(max_epochs=6, **cfg), ckpt_dir=tmp_path / "part", resume=tmp_path / "part" / "last.ckpt")
     pred = predict_graph(full.model, batch, 380)

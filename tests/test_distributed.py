@@ -58,11 +58,13 @@ def test_other_ranks_read_the_caches_and_checkpoints_of_out_and_write_elsewhere(
     assert (out / "checkpoints" / "last.ckpt").read_text() == "weights"
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--devices", "0"], "--devices"), (["--devices", "two"], "--devices"), (["--num-nodes", "0"], "--num-nodes"),
-    (["--strategy", "ring"], "--strategy: unknown strategy 'ring'"), (["--batch-nodes", "0"], "--batch-nodes"),
-])
-@pytest.mark.parametrize("command", [["train", "--out"], ["impute", "--known", "S0", "--out"]])
+FLAGS = [(["--devices", "0"], "--devices"), (["--devices", "two"], "--devices"), (["--num-nodes", "0"], "--num-nodes"),
+         (["--strategy", "ring"], "--strategy: unknown strategy 'ring'")]
+COMMANDS = [["train", "--out"], ["impute", "--known", "S0", "--out"], ["benchmark", "--out"]]
+CASES = [(c, *f) for c in COMMANDS for f in FLAGS] + [(c, ["--batch-nodes", "0"], "--batch-nodes") for c in COMMANDS[:2]]
+
+
+@pytest.mark.parametrize("command, args, needle", CASES)
 def test_bad_parallel_flags_are_one_line_before_anything_is_written(command, args, needle, tmp_path):
     out = tmp_path / "out"
     result = run_cli(command[0], tmp_path / "S0", tmp_path / "S1", *command[1:], out, "--device", "cpu", *args)

@@ -10,7 +10,7 @@ its gradients. Three regimes, chosen by `training_plan`:
 1. the whole graph fits the budget: one full-graph batch (what stimpute always did);
 2. the in-neighbourhood of all labelled nodes fits: one batch of that subgraph — the
    same loss as full batch, without the unlabelled sections far from the known ones;
-3. otherwise mini-batches: the labelled training spots in spatial order (section, then
+3. otherwise mini-batches: the labelled spots in spatial order (section, then
    rows: `pos`) are cut into runs whose in-neighbourhoods each fit the budget (a run that
    does not is halved). Spatial runs, because a random seed set's 2-hop neighbourhood
    covers most of its section and the ones next to it (on a Visium grid, 500 random
@@ -20,7 +20,8 @@ its gradients. Three regimes, chosen by `training_plan`:
    default budget, thousands: a section or a large part of one) — an estimate of the
    correlation over all known spots that sees the variation along and within the band.
    The bands are visited in a seeded random order drawn anew each epoch. Validation
-   spots are batched the same way.
+   reads the same bands, and its loss is computed over all their held-out spots at
+   the end of the epoch, as on the whole graph.
 
 Inference (`node_chunks`) runs over runs of all nodes in the same spatial order, each
 within the budget.
@@ -36,7 +37,7 @@ from torch_geometric.utils import k_hop_subgraph
 
 from stimpute.errors import StimputeError
 
-MIN_BATCH_SPOTS = 32  # seed spots per mini-batch, at least: the per-gene PCC needs a sample of spots
+MIN_BATCH_SPOTS = 32  # labelled spots per mini-batch, at least: the per-gene PCC needs a sample of spots
 
 
 @dataclass

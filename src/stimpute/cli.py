@@ -508,6 +508,9 @@ def benchmark(
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (the feature cache is always reused).")] = False,
     weights: WeightsOption = None,
     device: DeviceOption = "auto",
+    devices: DevicesOption = "1",
+    num_nodes: NumNodesOption = 1,
+    strategy: StrategyOption = "auto",
 ):
     """Run every method under the 3D and 2D protocols and write the comparison table.
 
@@ -518,7 +521,8 @@ def benchmark(
     import sys
     from datetime import date
 
-    from stimpute.device import resolve_device
+    from stimpute.device import parallel_options, resolve_device
+    from stimpute.distributed import rank_output
     from stimpute.evaluate import check_benchmark, run_benchmark
     from stimpute.features.stored import check_encoder
     from stimpute.io import read_stack
@@ -530,7 +534,8 @@ def benchmark(
 
     check_encoder(encoder, weights)
     accelerator = resolve_device(device)
-    with run_ownership(out, "benchmark", [*sections, weights], force) as run:
+    parallel = parallel_options(accelerator, devices, num_nodes, strategy)
+    with rank_output(out) as out, run_ownership(out, "benchmark", [*sections, weights], force) as run:
         names, grid = check_benchmark(out, _csv(methods), _csv(protocols), force=True)  # OUT is checked by claim
         force = run.claim(["results.csv", "spots.csv", "splits.json", "summary.md", "pcc_boxplot.png"], caches=["features/"])
         stack = read_stack(sections)
@@ -538,9 +543,9 @@ def benchmark(
         prepared = prepare_stack(stack, encoder=encoder, weights=weights, cache_dir=out / "features", progress=True)
         settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
                     "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", **prepared.settings["features"],
-                    "inputs": input_records(stack, sections), "accelerator": accelerator}
+                    "inputs": input_records(stack, sections), "accelerator": accelerator, **parallel}
         result = run_benchmark(prepared, out, names, grid, seed=seed, force=force, progress=True, settings=settings,
-                               accelerator=accelerator)
+                               accelerator=accelerator, parallel=parallel)
         plot = pcc_boxplot(result.results, out / "pcc_boxplot.png", names)
     console.print(benchmark_table(result.summary))
     console.print(f"wrote {', '.join(str(p) for p in [*result.files.values(), plot])}", highlight=False)

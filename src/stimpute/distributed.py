@@ -24,7 +24,7 @@ from typing import Iterator
 from stimpute.io.run import MANIFEST_FILE
 
 RANK_VARIABLES = ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID")  # set by Lightning, torchrun or SLURM
-SHARED = ("cache", "checkpoints")  # folders of OUT the other ranks read
+SHARED = ("cache", "checkpoints", "features")  # folders of OUT the other ranks read (caches, checkpoints)
 
 
 def global_rank() -> int:

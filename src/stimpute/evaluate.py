@@ -152,9 +152,10 @@ class BenchmarkResult:
 
 
 def run_split(prepared: PreparedStack, name: str, split: Split, seed: int = 0,
-              accelerator: str = "cpu") -> tuple[pd.DataFrame, pd.DataFrame]:
+              accelerator: str = "cpu", parallel: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run one method on one split and score each target: per-gene rows and per-spot rows.
-    `accelerator`: Lightning's, for the methods that train with Lightning (`Method.on_device`).
+    `accelerator` and `parallel` (`devices`, `num_nodes`, `strategy`): Lightning's, for the
+    methods that train with Lightning (`Method.on_device`).
 
     Any exception is caught and recorded on the rows (`status` failed / not_applicable,
     `error`), so one broken method or split never loses the others.
@@ -164,7 +165,7 @@ def run_split(prepared: PreparedStack, name: str, split: Split, seed: int = 0,
     predictions, status, error = {}, "ok", ""
     with ResourceMeter() as meter:
         try:
-            method = get_method(name).on_device(accelerator)
+            method = get_method(name).on_device(accelerator, **(parallel or {}))
             if split.protocol == "2d" and method.needs_3d:
                 raise NotApplicable("a 3D method: the 2D protocol gives images only")
             predictions = method.fit_predict(prepared, list(split.known), list(split.targets), seed=seed)
@@ -203,13 +204,15 @@ def run_benchmark(
     progress: bool = False,
     settings: dict | None = None,
     accelerator: str = "cpu",
+    parallel: dict | None = None,
 ) -> BenchmarkResult:
     """Run the protocol × method grid on `prepared` and write into `out_dir`:
     `results.csv` (one row per method, protocol, split, target and gene), `spots.csv`
     (the ASIGN paper's per-spot PCC), `splits.json` (to rerun), `summary.md`.
 
     `settings` (e.g. the command line) are recorded in `splits.json` and `summary.md`;
-    `accelerator` ("cpu" or "cuda") is Lightning's for the methods that train with it.
+    `accelerator` ("cpu" or "cuda") and `parallel` (`devices`, `num_nodes`, `strategy`) are
+    Lightning's for the methods that train with it.
     The files are rewritten after every split, so an interrupted run keeps what it finished.
     """
     out_dir = Path(out_dir)
@@ -227,7 +230,7 @@ def run_benchmark(
         for name, view, split in grid:
             if bar:
                 bar.update(task, description=f"{name} · {split.protocol} · {_split_label(prepared, split)}")
-            genes, spots = run_split(view, name, split, seed, accelerator)
+            genes, spots = run_split(view, name, split, seed, accelerator, parallel)
             gene_parts.append(genes)
             spot_parts.append(spots)
             result = write_benchmark(out_dir, gene_parts, spot_parts, record)  # a killed run keeps its splits

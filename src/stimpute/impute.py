@@ -294,17 +294,17 @@ class _Asign(Method):
 
     def __init__(self, config: TrainConfig | None = None):
         self.config = config
-        self.accelerator = "cpu"
+        self.hardware = {"accelerator": "cpu"}
 
-    def on_device(self, accelerator: str) -> "_Asign":
-        self.accelerator = accelerator
+    def on_device(self, accelerator: str, **parallel) -> "_Asign":
+        self.hardware = {"accelerator": accelerator, **parallel}
         return self
 
     def part(self, result: ImputeResult) -> dict:
         return result.fused
 
     def fit_predict(self, prepared, train, targets, seed=0):
-        config = replace(self.config or TrainConfig(seed=seed), accelerator=self.accelerator)
+        config = replace(self.config or TrainConfig(seed=seed), **self.hardware)
         parts = self.part(_impute_once(prepared, train, seed, config))
         return {i: parts[i] for i in targets}
 

@@ -23,7 +23,7 @@ import hashlib
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -32,7 +32,8 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-from stimpute.batches import bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask, spatial_order
+from stimpute.batches import (SubgraphBatch, bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask,
+                              spatial_order)
 from stimpute.io.anndata_io import atomic_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
 from stimpute.trainer import lightning_flags, quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
@@ -88,65 +89,63 @@ class GraphBatch:
 class GraphData(L.LightningDataModule):
     """A stack's graph for training and validation (the masks tell them apart): one batch
     (the whole graph, or the in-neighbourhood of the labelled spots) when it fits
-    `budget` nodes and one process trains; else seeded mini-batches of labelled spots,
-    at least `parts` (the number of processes) of them (`stimpute.batches`)."""
+    `budget` nodes and one process trains; else bands of labelled spots with their
+    in-neighbourhoods, at least `parts` (the number of processes) of them
+    (`stimpute.batches`). Validation reads the same batches; without held-out spots it
+    monitors the training spots."""
 
     def __init__(self, batch: GraphBatch, budget: int, hops: int = MSAGNet.hops, parts: int = 1, seed: int = 0):
         super().__init__()
         self.batch, self.seed = batch, seed
-        self.train_batches, self.val_batches = training_plan(batch, budget, hops, parts)
+        self.plan = training_plan(batch, budget, hops, parts)
+        self.monitor = "val_mask" if batch.val_mask.any() else "train_mask"
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.train_batches)
+        return self._loader("val_mask")
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.val_batches)
+        return self._loader(self.monitor)
 
-    def _loader(self, batches) -> torch.utils.data.DataLoader:
-        if batches is None:  # the one batch: the whole graph
-            return torch.utils.data.DataLoader([self.batch], batch_size=None, collate_fn=_identity)
-        return torch.utils.data.DataLoader(_Subgraphs(self.batch, batches), batch_size=None, collate_fn=_identity,
-                                           sampler=_EpochOrder(len(batches), self.seed, self._epoch))
+    def _loader(self, monitor: str) -> torch.utils.data.DataLoader:
+        if self.plan is None:  # the one batch: the whole graph
+            batch = replace(self.batch, val_mask=getattr(self.batch, monitor))
+            return torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=_identity)
+        return torch.utils.data.DataLoader(_Subgraphs(self.batch, self.plan, monitor), batch_size=None,
+                                           collate_fn=_identity, sampler=_EpochOrder(len(self.plan), self.seed, self._epoch))
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
 
-def training_plan(batch: GraphBatch, budget: int, hops: int, parts: int = 1) -> tuple[list | None, list | None]:
-    """(train, validation) subgraphs of `batch` (`stimpute.batches` module docstring; None: the whole graph)."""
+def training_plan(batch: GraphBatch, budget: int, hops: int, parts: int = 1) -> list[SubgraphBatch] | None:
+    """The subgraphs `batch` trains on (`stimpute.batches` module docstring); None: the whole graph."""
     n = batch.x.shape[0]
     if n <= budget and parts == 1:
-        return None, None
+        return None
     labelled = torch.nonzero(batch.train_mask | batch.val_mask).flatten()
     if parts == 1:
         sub = in_neighbourhood(labelled, batch.edge_index, n, hops)
         if len(sub.nodes) <= budget:
-            return [(sub, None)], [(sub, None)]
-
-    def runs(mask: torch.Tensor, parts: int) -> list:
-        seeds = spatial_order(torch.nonzero(mask).flatten(), batch.pos)
-        return bounded_runs(seeds, batch.edge_index, n, hops, budget, parts)
-
-    train = [(sub, "train_mask") for sub in runs(batch.train_mask, parts)]
-    return train, [(sub, "val_mask") for sub in runs(batch.val_mask, 1)] if batch.val_mask.any() else train
+            return [sub]
+    return bounded_runs(spatial_order(labelled, batch.pos), batch.edge_index, n, hops, budget, parts)
 
 
 class _Subgraphs(torch.utils.data.Dataset):
-    """Subgraph batches cut from the graph when read (memory: one batch at a time); a
-    mini-batch's loss mask (`train_mask` or `val_mask`) holds its seed spots only."""
+    """Subgraph batches cut from the graph when read (memory: one batch at a time). The
+    loss masks hold the batch's seed spots only (its other nodes are context); `val_mask`
+    is the `monitor` mask (the training spots where none is held out)."""
 
-    def __init__(self, batch: GraphBatch, plan: list):
-        self.batch, self.plan = batch, plan
+    def __init__(self, batch: GraphBatch, plan: list[SubgraphBatch], monitor: str):
+        self.batch, self.plan, self.monitor = batch, plan, monitor
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, i: int) -> GraphBatch:
-        sub, seeds = self.plan[i]
-        if seeds is None:  # the labelled spots' in-neighbourhood: the masks as they are
-            return restrict(self.batch, sub)
-        none = torch.zeros(len(sub.nodes), dtype=torch.bool)
-        return restrict(self.batch, sub, **{"train_mask": none, "val_mask": none, seeds: seed_mask(sub)})
+        sub = self.plan[i]
+        seeds = seed_mask(sub)
+        return restrict(self.batch, sub, train_mask=self.batch.train_mask[sub.nodes] & seeds,
+                        val_mask=getattr(self.batch, self.monitor)[sub.nodes] & seeds)
 
 
 class _EpochOrder(torch.utils.data.Sampler):
@@ -198,11 +197,17 @@ class MSAGNetModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True, batch_size=1)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self.held = []
+
     def validation_step(self, batch: GraphBatch, _idx: int) -> None:
-        mask = batch.val_mask if batch.val_mask.any() else batch.train_mask  # no held-out spots: the training loss
-        loss = self.loss(self(batch)[mask], batch.y[mask])
+        self.held.append((self(batch)[batch.val_mask], batch.y[batch.val_mask]))
+
+    def on_validation_epoch_end(self) -> None:
+        """The loss over every held-out spot of the epoch's batches (of this process)."""
+        pred, truth = (torch.cat(part) for part in zip(*self.held))
         # every process must see the same value: checkpointing and early stopping decide on it
-        self.log("val_loss", loss, prog_bar=True, batch_size=1, sync_dist=True)  # batches weigh the same
+        self.log("val_loss", self.loss(pred, truth), prog_bar=True, batch_size=1, sync_dist=True)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
