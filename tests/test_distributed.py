@@ -103,3 +103,14 @@ def test_a_real_two_process_ddp_training_writes_one_model_that_predicts(no_rank,
     assert result.exit_code == 0, result.output
     adata = ad.read_h5ad(predicted / "S1.h5ad")
     assert adata.n_obs == 63 and np.isfinite(np.asarray(adata.X)).all() and np.asarray(adata.X).std(0).max() > 0
+
+
+def test_every_lightning_model_records_the_parallel_flags():
+    from stimpute.models import get_method, load_methods
+    from stimpute.trainer import lightning_flags
+
+    load_methods()
+    flags = {"devices": 2, "num_nodes": 3, "strategy": "ddp"}
+    for name in ("msagnet2d", "nh2st", "moe3d"):
+        assert lightning_flags(get_method(name).on_device("cpu", **flags).config) == {"accelerator": "cpu", **flags}, name
+    assert get_method("asign").on_device("cpu", **flags).hardware == {"accelerator": "cpu", **flags}

@@ -3,8 +3,8 @@
 Where the spot graph of a stack fits the node budget `batch_nodes` (`--batch-nodes`;
 HER2-ST's few hundred spots, Visium stacks of a few sections) the whole graph is one
 batch, so an epoch is one optimisation step over all labelled spots. Beyond it, training
-reads the 2-hop in-neighbourhood of the labelled spots (the same loss), or mini-batches
-of labelled seed spots with their in-neighbourhoods, and inference runs in chunks: peak
+reads the 2-hop in-neighbourhood of the labelled spots (the same loss), or mini-batches:
+bands of labelled spots with their in-neighbourhoods; inference runs in chunks: peak
 memory is set by `batch_nodes`, not by the stack (`stimpute.batches`). A seeded random
 share of the known spots is held out for validation (early stopping, best checkpoint)
 and, later, for fitting the Cross-layer Imputation weights (`stimpute.impute`). Lightning
