@@ -3,13 +3,16 @@ loss and gradients, mini-batches and inference chunks stay within the node budge
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from stimpute.batches import MIN_BATCH_SPOTS, in_neighbourhood, node_chunks
 from stimpute.errors import StimputeError
 from stimpute.models.msagnet import CROSS, WITHIN, MSAGNet, MSAGNetConfig, gene_loss
-from stimpute.train import GraphBatch, GraphData, TrainConfig, fit, predict_graph, training_plan
+from stimpute.train import (LARGE_GRAPH_NODES, GraphBatch, GraphData, TrainConfig, fit, predict_graph, schedule,
+                            threads_for, training_plan)
 
 SMALL = MSAGNetConfig(width=16, heads=2, transformer_layers=1)
 
@@ -113,12 +116,28 @@ def test_training_plan_picks_whole_graph_subgraph_or_bounded_mini_batches():
 def test_mini_batch_training_learns_and_resumes_exactly(tmp_path):
     batch = grid_stack(known=(1, 2))
     cfg = dict(patience=100, seed=1, batch_nodes=380, model=SMALL, lr=3e-3)
-    full = fit(batch, TrainConfig(max_epochs=6, **cfg), ckpt_dir=tmp_path / "full")
-    assert len(full.trainer.datamodule.plan) > 1
-    fit(batch, TrainConfig(max_epochs=3, **cfg), ckpt_dir=tmp_path / "part")
-    resumed = fit(batch, TrainConfig(max_epochs=6, **cfg), ckpt_dir=tmp_path / "part", resume=tmp_path / "part" / "last.ckpt")
+    full = fit(batch, TrainConfig(max_epochs=24, **cfg), ckpt_dir=tmp_path / "full")
+    assert len(full.trainer.datamodule.plan) == 4 and full.trainer.current_epoch == 6  # 24 steps' worth: 6 epochs of 4
+    fit(batch, TrainConfig(max_epochs=12, **cfg), ckpt_dir=tmp_path / "part")
+    resumed = fit(batch, TrainConfig(max_epochs=24, **cfg), ckpt_dir=tmp_path / "part", resume=tmp_path / "part" / "last.ckpt")
     pred = predict_graph(full.model, batch, 380)
     assert torch.equal(pred, predict_graph(resumed.model, batch, 380))
     held = batch.val_mask
     pcc = torch.corrcoef(torch.stack([pred[held, 0], batch.y[held, 0]]))[0, 1]
-    assert pcc > 0.3  # six epochs of two steps: it learns
+    assert pcc > 0.3  # six epochs of four steps: it learns
+
+
+def test_big_known_sections_take_several_steps_an_epoch_and_as_many_steps_in_all():
+    batch = grid_stack(sections=3, known=(1,))  # 100 labelled spots, a graph within budget
+    assert training_plan(batch, 10_000, 2, band_spots=100) is None  # up to band_spots: one full-graph step
+    bands = training_plan(batch, 10_000, 2, band_spots=40)
+    assert len(bands) == 3 and all(len(b.seeds) <= 40 for b in bands)  # ⌈100 / 40⌉ bands, one step each
+    assert schedule(TrainConfig(max_epochs=200, patience=20), 1) == (200, 20)  # HER2-ST: as set
+    assert schedule(TrainConfig(max_epochs=200, patience=20), 4) == (50, 5)  # the same optimiser steps
+    assert schedule(TrainConfig(max_epochs=200, patience=20), 40) == (5, 2)
+
+
+def test_threads_follow_the_graph_size_unless_set():
+    assert threads_for(TrainConfig(threads=3), 10) == 3
+    assert threads_for(TrainConfig(), LARGE_GRAPH_NODES - 1) == 1
+    assert threads_for(TrainConfig(), LARGE_GRAPH_NODES) == (os.cpu_count() or 1)

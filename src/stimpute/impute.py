@@ -46,7 +46,7 @@ from stimpute.evidence import transfer
 from stimpute.models.base import Method, PreparedStack, register_method
 from stimpute.programs import GenePrograms, resolve_programs
 from stimpute.timing import timed
-from stimpute.train import GraphBatch, TrainConfig, fit, predict_graph, split_known, torch_threads
+from stimpute.train import GraphBatch, TrainConfig, fit, predict_graph, split_known, threads_for, torch_threads
 
 FUSION_STEPS = 300
 FUSION_SHRINK = 0.01
@@ -220,7 +220,7 @@ def _calibration(prepared, known, held, member_held, morphology, programs: GeneP
 def _msagnet_member(prepared, known, targets, held, batch, config, ckpt_dir, resume, progress) -> dict:
     """MSAGNet on the 3D graph: trained on the known spots outside the hold-out."""
     module = fit(batch, config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
-    with torch_threads(config.threads):
+    with torch_threads(threads_for(config, batch.x.shape[0])):
         out = predict_graph(module.model, batch, config.batch_nodes).numpy()
     off = prepared.offsets
     preds = {i: out[off[i]:off[i + 1]] for i in targets}

@@ -20,6 +20,7 @@ place (no `best-v1.ckpt` beside the old file). Only the process of global rank 0
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import tempfile
 import warnings
@@ -39,12 +40,14 @@ from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
 from stimpute.trainer import lightning_flags, quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
 from stimpute.timing import timed
 
+LARGE_GRAPH_NODES = 5_000  # from this many nodes a training step is big enough to share across cores
+
 
 @dataclass
 class TrainConfig:
     """Training settings; saved as YAML beside every result (`to_yaml`)."""
 
-    max_epochs: int = 200
+    max_epochs: int = 200  # counted in optimiser steps' worth of epochs: see `schedule`
     patience: int = 20
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -55,7 +58,8 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     batch_nodes: int = 20_000  # nodes per training/inference batch, halo included: bounds memory (`stimpute.batches`)
-    threads: int = 1  # CPU intra-op threads: full-graph steps are small; more threads thrash on a busy machine
+    band_spots: int = 1_024  # labelled spots per optimiser step at most: more known spots, more steps per epoch
+    threads: int = 0  # CPU intra-op threads; 0: one for small graphs (steps too small to share), every core from LARGE_GRAPH_NODES
     loss: str = "gene_pcc"  # or "spot_pcc", the reference's (stimpute.models.msagnet.LOSSES)
     model: MSAGNetConfig = field(default_factory=MSAGNetConfig)
 
@@ -94,10 +98,11 @@ class GraphData(L.LightningDataModule):
     (`stimpute.batches`). Validation reads the same batches; without held-out spots it
     monitors the training spots."""
 
-    def __init__(self, batch: GraphBatch, budget: int, hops: int = MSAGNet.hops, parts: int = 1, seed: int = 0):
+    def __init__(self, batch: GraphBatch, budget: int, hops: int = MSAGNet.hops, parts: int = 1, seed: int = 0,
+                 band_spots: int | None = None):
         super().__init__()
         self.batch, self.seed = batch, seed
-        self.plan = training_plan(batch, budget, hops, parts)
+        self.plan = training_plan(batch, budget, hops, parts, band_spots)
         self.monitor = "val_mask" if batch.val_mask.any() else "train_mask"
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -117,17 +122,39 @@ class GraphData(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
 
-def training_plan(batch: GraphBatch, budget: int, hops: int, parts: int = 1) -> list[SubgraphBatch] | None:
-    """The subgraphs `batch` trains on (`stimpute.batches` module docstring); None: the whole graph."""
+def training_plan(batch: GraphBatch, budget: int, hops: int, parts: int = 1,
+                  band_spots: int | None = None) -> list[SubgraphBatch] | None:
+    """The subgraphs `batch` trains on (`stimpute.batches` module docstring); None: the whole
+    graph. Beyond `band_spots` labelled spots the labelled spots are cut into bands of at
+    most that many, one optimiser step each: a big known section takes several steps an
+    epoch instead of one."""
     n = batch.x.shape[0]
+    labelled = torch.nonzero(batch.train_mask | batch.val_mask).flatten()
+    parts = max(parts, -(-len(labelled) // band_spots) if band_spots else 1)
     if n <= budget and parts == 1:
         return None
-    labelled = torch.nonzero(batch.train_mask | batch.val_mask).flatten()
     if parts == 1:
         sub = in_neighbourhood(labelled, batch.edge_index, n, hops)
         if len(sub.nodes) <= budget:
             return [sub]
     return bounded_runs(spatial_order(labelled, batch.pos), batch.edge_index, n, hops, budget, parts)
+
+
+def schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(max epochs, early-stopping patience) for `steps_per_epoch` optimiser steps an epoch:
+    `max_epochs` and `patience` count steps' worth of full-graph epochs, so a known section
+    cut into k bands trains k times fewer epochs (as many optimiser steps) and stops after
+    as many steps without improvement; one step an epoch (HER2-ST) keeps them as set."""
+    k = max(1, steps_per_epoch)
+    return max(1, -(-config.max_epochs // k)), max(2, -(-config.patience // k))
+
+
+def threads_for(config: TrainConfig, n_nodes: int) -> int:
+    """Intra-op threads: `config.threads`, or with 0 one thread below `LARGE_GRAPH_NODES`
+    nodes (small steps gain nothing from sharing) and every core from there."""
+    if config.threads:
+        return config.threads
+    return (os.cpu_count() or 1) if n_nodes >= LARGE_GRAPH_NODES else 1
 
 
 class _Subgraphs(torch.utils.data.Dataset):
@@ -222,7 +249,7 @@ def fit(batch: GraphBatch, config: TrainConfig, ckpt_dir: str | Path | None = No
     `last.ckpt` there with this batch's and config's key is resumed (or, if finished, reused);
     `resume`: a checkpoint to continue from instead (same batch and config).
     """
-    with torch_threads(config.threads):
+    with torch_threads(threads_for(config, batch.x.shape[0])):
         return _fit(batch, config, ckpt_dir, resume, progress)
 
 
@@ -234,20 +261,24 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
                            config.loss)
     module.model.set_feature_scaling(batch.x)
     module.model.set_gene_means(batch.y[batch.train_mask].mean(0))
-    if ckpt_dir is not None and resume is None:
-        resume, finished = _previous_run(Path(ckpt_dir), key, config)
-        if finished:
-            return _load_best(module, Path(ckpt_dir) / "best.ckpt")
     with tempfile.TemporaryDirectory() as tmp:
         best = ModelCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True,
                                enable_version_counter=False)
-        callbacks = [_early_stopping(config), best]
+        early = _early_stopping(config.patience)
+        callbacks = [early, best]
         progress = progress and sys.stdout.isatty()  # a live bar on a terminal; in a log, one line per refresh
         if progress:
             callbacks.append(RichProgressBar())
         trainer = quiet_trainer(config.max_epochs, callbacks, progress=progress, checkpointing=True,
                                 **lightning_flags(config))
-        data = GraphData(batch, config.batch_nodes, parts=trainer.world_size, seed=config.seed)
+        data = GraphData(batch, config.batch_nodes, parts=trainer.world_size, seed=config.seed,
+                         band_spots=config.band_spots)
+        steps = len(data.plan) // trainer.world_size if data.plan else 1  # optimiser steps an epoch, per process
+        trainer.fit_loop.max_epochs, early.patience = schedule(config, steps)
+        if ckpt_dir is not None and resume is None:
+            resume, finished = _previous_run(Path(ckpt_dir), key, trainer.fit_loop.max_epochs)
+            if finished:
+                return _load_best(module, Path(ckpt_dir) / "best.ckpt")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -279,7 +310,7 @@ def training_key(batch: GraphBatch, config: TrainConfig) -> str:
     return h.hexdigest()
 
 
-def _previous_run(ckpt_dir: Path, key: str, config: TrainConfig) -> tuple[Path | None, bool]:
+def _previous_run(ckpt_dir: Path, key: str, max_epochs: int) -> tuple[Path | None, bool]:
     """(`last.ckpt` to resume, whether it is finished) for a matching key; stale checkpoints are deleted."""
     last = ckpt_dir / "last.ckpt"
     if last.is_file() and (ckpt_dir / "best.ckpt").is_file():
@@ -288,16 +319,17 @@ def _previous_run(ckpt_dir: Path, key: str, config: TrainConfig) -> tuple[Path |
         except Exception:  # cut short by a kill while Lightning wrote it: start afresh
             state = {}
         if state.get("hyper_parameters", {}).get("key") == key:
-            stopped = state.get("callbacks", {}).get(_early_stopping(config).state_key, {}).get("stopped_epoch", 0) > 0
-            return last, stopped or state["epoch"] + 1 >= config.max_epochs
+            stopped = state.get("callbacks", {}).get(_early_stopping().state_key, {}).get("stopped_epoch", 0) > 0
+            return last, stopped or state["epoch"] + 1 >= max_epochs
     for old in [*ckpt_dir.glob("best*.ckpt"), *ckpt_dir.glob("last*.ckpt")]:
         old.unlink()
     return None, False
 
 
-def _early_stopping(config: TrainConfig) -> EarlyStopping:
-    """Lightning's early stopping on the held-out loss; its `state_key` finds its state in a checkpoint."""
-    return EarlyStopping("val_loss", patience=config.patience)
+def _early_stopping(patience: int = TrainConfig.patience) -> EarlyStopping:
+    """Lightning's early stopping on the held-out loss; its `state_key` (the same for any
+    patience) finds its state in a checkpoint."""
+    return EarlyStopping("val_loss", patience=patience)
 
 
 def _load_best(module: MSAGNetModule, path: str | Path) -> MSAGNetModule:

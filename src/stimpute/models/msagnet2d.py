@@ -61,14 +61,14 @@ class MSAGNet2DMethod(Model):
         return self
 
     def predict(self, prepared: PreparedStack, targets: list[int]) -> dict[int, np.ndarray]:
-        from stimpute.train import GraphBatch, predict_graph, torch_threads
+        from stimpute.train import GraphBatch, predict_graph, threads_for, torch_threads
 
         g = prepared.graph
         x = torch.as_tensor(np.concatenate(prepared.features), dtype=torch.float32)
         unlabelled = torch.zeros(len(x), dtype=torch.bool)
         batch = GraphBatch(x, g.edge_index, g.edge_type, g.edge_weight.float(), torch.zeros(len(x), 0), unlabelled,
                            unlabelled, getattr(g, "pos", None))
-        with torch_threads(self.config.threads):
+        with torch_threads(threads_for(self.config, len(x))):
             out = predict_graph(self.module_.model, batch, self.config.batch_nodes).numpy()
         off = prepared.offsets
         return {i: np.asarray(out[off[i]:off[i + 1]], np.float32) for i in targets}
