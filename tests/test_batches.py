@@ -94,9 +94,11 @@ def test_chunked_inference_equals_one_pass_and_chunks_fit_the_budget():
 
 
 def test_training_plan_picks_whole_graph_subgraph_or_bounded_mini_batches():
+    assert training_plan(grid_stack(sections=4), 400, 2) is None  # all within reach and fits: the whole graph
     batch = grid_stack(sections=5)
     n = len(batch.x)
-    assert training_plan(batch, n, 2) is None  # fits: the whole graph, as always
+    sub, = training_plan(batch, n, 2)  # section 4 is out of reach: it is left out even where the graph fits
+    assert len(sub.nodes) == 400
     sub, = training_plan(batch, 450, 2)  # the labelled section's 2-hop in-neighbourhood
     assert len(sub.nodes) == 400  # sections 0-3 (section 4 is out of reach)
     plan = training_plan(batch, 300, 2)

@@ -7,9 +7,11 @@ their `hops`-hop in-neighbourhood (`torch_geometric.utils.k_hop_subgraph`, every
 between its nodes kept) equals the prediction on the whole graph, and so do the loss and
 its gradients. Three regimes, chosen by `training_plan`:
 
-1. the whole graph fits the budget: one full-graph batch (what stimpute always did);
+1. every node is within reach of the labelled ones and the graph fits the budget: one
+   full-graph batch (what stimpute always did; HER2-ST);
 2. the in-neighbourhood of all labelled nodes fits: one batch of that subgraph — the
-   same loss as full batch, without the unlabelled sections far from the known ones;
+   same loss as full batch, without the unlabelled sections far from the known ones
+   (a deep stack's training cost then does not grow with its number of sections);
 3. otherwise mini-batches: the labelled spots in spatial order (section, then
    rows: `pos`) are cut into runs whose in-neighbourhoods each fit the budget (a run that
    does not is halved). Spatial runs, because a random seed set's 2-hop neighbourhood

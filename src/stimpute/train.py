@@ -131,12 +131,12 @@ def training_plan(batch: GraphBatch, budget: int, hops: int, parts: int = 1,
     n = batch.x.shape[0]
     labelled = torch.nonzero(batch.train_mask | batch.val_mask).flatten()
     parts = max(parts, -(-len(labelled) // band_spots) if band_spots else 1)
-    if n <= budget and parts == 1:
-        return None
     if parts == 1:
         sub = in_neighbourhood(labelled, batch.edge_index, n, hops)
+        if len(sub.nodes) == n and n <= budget:
+            return None  # every node is within reach: the whole graph
         if len(sub.nodes) <= budget:
-            return [sub]
+            return [sub]  # sections beyond the labelled spots' reach cost nothing
     return bounded_runs(spatial_order(labelled, batch.pos), batch.edge_index, n, hops, budget, parts)
 
 
