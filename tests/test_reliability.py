@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,10 +24,11 @@ from stimpute.image import SectionImage
 from stimpute.io import write_section
 from stimpute.pipeline import run_impute
 from stimpute.train import TrainConfig
+from tests.helpers import run_cli
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}  # this checkout's code
-EPOCHS = 40  # short training: a few seconds, long enough to be killed part-way
+EPOCHS = 20  # short training: a few seconds, long enough to be killed part-way
 KILL_ON_WRITE = """
 import os, signal, sys
 import anndata
@@ -74,23 +76,22 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
 
 
-def test_impute_is_bit_identical_on_rerun(folders, reference, tmp_path):
-    run_impute(folders, "S0", tmp_path / "again", seed=0, config=TrainConfig(seed=0, max_epochs=EPOCHS))
-    assert_same_results(reference, tmp_path / "again")
-
-
-def _impute_process(args: list[str], out: Path, log: Path, prefix: list[str], kill_when=None) -> int:
+def _impute_process(args: list[str], out: Path, log: Path, prefix: list[str], kill_when=None, meanwhile=None) -> int:
     """Run `stimpute impute` in a subprocess, SIGKILL it once `kill_when()` holds, and check at
-    every poll that each `.h5ad` visible in `out` is a complete file."""
+    every poll that each `.h5ad` visible in `out` is a complete file. `meanwhile(pid)` is
+    called at every poll until it returns True (it must, before the process ends)."""
     with open(log, "ab") as fh:
         proc = subprocess.Popen([sys.executable, *prefix, "impute", *args], stdout=fh, stderr=fh, env=ENV)
         while proc.poll() is None:
             for f in out.glob("*.h5ad"):
                 with h5py.File(f, "r") as h5:  # raises on a half-written file
                     assert "X" in h5 and "layers" in h5, f
+            if meanwhile is not None and meanwhile(proc.pid):
+                meanwhile = None
             if kill_when is not None and kill_when():
                 os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.02)
+        assert meanwhile is None, "the process ended before `meanwhile` was done"
         return proc.wait()
 
 
@@ -110,24 +111,61 @@ def _processes_writing(out: Path, wait_s: float) -> list[int]:
         time.sleep(0.1)
 
 
-def test_impute_killed_during_training_and_writing_then_rerun_equals_an_uninterrupted_run(folders, reference, tmp_path):
+def _second_runs_refused(out: Path, args: list[str]):
+    """`meanwhile` for `_impute_process`: once the running process holds the lock of `out`, a
+    second `stimpute impute` on it, with or without --force, is refused at once in one line and
+    leaves the running one's feature cache alone."""
+    from typer.testing import CliRunner
+
+    from stimpute.cli import app
+    from stimpute.io.run import LOCK_FILE
+
+    def refuse(pid: int) -> bool:
+        try:
+            if json.loads((out / LOCK_FILE).read_text())["pid"] != pid:
+                return False  # not yet taken (a killed run's stale lock is still there)
+        except (OSError, ValueError, KeyError):
+            return False
+        cache = {f: f.stat().st_mtime_ns for f in (out / "cache").glob("*.features.h5")}
+        for force in ([], ["--force"]):
+            start = time.perf_counter()
+            second = CliRunner().invoke(app, ["impute", *args, *force])
+            lines = [ln for ln in second.output.splitlines() if ln.strip()]
+            assert second.exit_code == 2 and len(lines) == 1 and "in use by stimpute impute" in lines[0], second.output
+            assert time.perf_counter() - start < 5
+        assert {f: f.stat().st_mtime_ns for f in (out / "cache").glob("*.features.h5")} == cache
+        return True
+
+    return refuse
+
+
+def test_impute_killed_after_features_during_training_and_writing_then_rerun_equals_an_uninterrupted_run(folders, reference, tmp_path):
+    """One run killed at each stage in turn, resumed each time without --force; while one of
+    them runs, a second run on the same --out is refused at once and the first goes on."""
+    from stimpute.io.run import LOCK_FILE
+
     out, log = tmp_path / "out", tmp_path / "log.txt"
     args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
+    rc = _impute_process(args, out, log, ["-m", "stimpute"], kill_when=lambda: any((out / "cache").glob("*.features.h5")))
+    assert rc == -signal.SIGKILL, log.read_text()
+    assert not (out / "checkpoints" / "best.ckpt").exists()  # killed before training
+    assert not _processes_writing(out, wait_s=5)  # no feature worker outlives the killed run
+
     last = out / "checkpoints" / "last.ckpt"
-    rc = _impute_process(args, out, log, ["-m", "stimpute"], kill_when=last.exists)
+    rc = _impute_process(args, out, log, ["-m", "stimpute"], kill_when=last.exists)  # no --force: never finished
     assert rc == -signal.SIGKILL, log.read_text()
     assert not list(out.glob("*.h5ad")) and not (out / "config.yaml").exists()  # killed while training
     cache = {f: f.stat().st_mtime_ns for f in (out / "cache").glob("*.features.h5")}
     assert len(cache) == 2
 
-    rc = _impute_process(args, out, log, ["-c", KILL_ON_WRITE])  # resumes training, dies inside the first write
-    assert rc == -signal.SIGKILL, log.read_text()
+    rc = _impute_process(args, out, log, ["-c", KILL_ON_WRITE], meanwhile=_second_runs_refused(out, args))
+    assert rc == -signal.SIGKILL, log.read_text()  # resumed training, died inside the first write
     assert list(out.glob(".S1.h5ad.*.part")) and not (out / "S1.h5ad").exists()
 
-    rc = _impute_process(args, out, log, ["-m", "stimpute"])  # no --force needed: the earlier run never finished
+    rc = _impute_process(args, out, log, ["-m", "stimpute"])
     assert rc == 0, log.read_text()
     assert_same_results(reference, out)
-    assert not list(out.rglob("*.part")) and (out / "config.yaml").is_file()
+    assert not list(out.rglob("*.part")) and (out / "config.yaml").is_file() and not (out / LOCK_FILE).exists()
     assert {f: f.stat().st_mtime_ns for f in cache} == cache  # features came from the cache
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
@@ -171,35 +209,9 @@ def test_rerun_with_force_into_a_copy_of_a_finished_folder_is_bit_identical(fold
     assert transforms[0] == transforms[1]
 
 
-def test_a_second_run_on_the_same_out_is_refused_at_once_and_the_first_finishes(folders, reference, tmp_path):
-    from typer.testing import CliRunner
-
-    from stimpute.cli import app
-    from stimpute.io.run import LOCK_FILE
-
-    out, log = tmp_path / "out", tmp_path / "log.txt"
-    args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
-    with open(log, "wb") as fh:
-        first = subprocess.Popen([sys.executable, "-m", "stimpute", "impute", *args], stdout=fh, stderr=fh, env=ENV)
-        try:
-            while not (out / "checkpoints" / "last.ckpt").exists() and first.poll() is None:  # mid-training
-                time.sleep(0.02)
-            for force in ([], ["--force"]):
-                start = time.perf_counter()
-                second = CliRunner().invoke(app, ["impute", *args, *force])
-                lines = [ln for ln in second.output.splitlines() if ln.strip()]
-                assert second.exit_code == 2 and len(lines) == 1 and "in use by stimpute impute" in lines[0], second.output
-                assert time.perf_counter() - start < 5
-        finally:
-            rc = first.wait()
-    assert rc == 0, log.read_text()
-    assert_same_results(reference, out)
-    assert not (out / LOCK_FILE).exists()
-
-
 def test_a_killed_train_is_resumed_without_force(folders, tmp_path):
     out, log = tmp_path / "model", tmp_path / "log.txt"
-    args = [str(folders[0]), "--out", str(out), "--epochs", "60"]
+    args = [str(folders[0]), "--out", str(out), "--epochs", str(EPOCHS)]
     with open(log, "ab") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "stimpute", "train", *args], stdout=fh, stderr=fh, env=ENV)
         while proc.poll() is None:
@@ -207,12 +219,14 @@ def test_a_killed_train_is_resumed_without_force(folders, tmp_path):
                 os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.02)
     assert proc.wait() == -signal.SIGKILL and not (out / "config.yaml").exists()
-    rc = subprocess.run([sys.executable, "-m", "stimpute", "train", *args], capture_output=True, text=True, env=ENV)
-    assert rc.returncode == 0, rc.stderr
+    resumed = run_cli("train", *args)  # in this process: the resume needs no second interpreter start
+    assert resumed.exit_code == 0, resumed.output
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
 
 
-def test_impute_reuses_a_cache_filled_by_stimpute_features(folders, reference, tmp_path):
+def test_impute_rerun_on_a_cache_filled_by_stimpute_features_is_bit_identical(folders, reference, tmp_path):
+    """A second run in this process (training from scratch) gives the first one's results,
+    with the features `stimpute features` computed and left as they were."""
     from typer.testing import CliRunner
 
     from stimpute.cli import app
@@ -225,14 +239,3 @@ def test_impute_reuses_a_cache_filled_by_stimpute_features(folders, reference, t
     run_impute(folders, "S0", out, seed=0, config=TrainConfig(seed=0, max_epochs=EPOCHS))
     assert_same_results(reference, out)
     assert {f: f.stat().st_mtime_ns for f in cache} == cache
-
-
-def test_impute_killed_after_the_first_features_then_rerun_equals_an_uninterrupted_run(folders, reference, tmp_path):
-    out, log = tmp_path / "out", tmp_path / "log.txt"
-    args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
-    rc = _impute_process(args, out, log, ["-m", "stimpute"], kill_when=lambda: any((out / "cache").glob("*.features.h5")))
-    assert rc == -signal.SIGKILL, log.read_text()
-    assert not (out / "checkpoints" / "best.ckpt").exists()  # killed before training
-    assert not _processes_writing(out, wait_s=5)  # no feature worker outlives the killed run
-    assert _impute_process(args, out, log, ["-m", "stimpute"]) == 0, log.read_text()
-    assert_same_results(reference, out)
