@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -31,9 +34,16 @@ def _placed(block, folder, options=None):
     return stack, place_virtual_spots(stack, [0], options)
 
 
-@pytest.mark.filterwarnings("error::RuntimeWarning")  # registration's checks must not choke on a section without spots
-def test_virtual_spots_lie_above_measured_spots(block, tmp_path):
-    stack, reg = _placed(block, tmp_path)
+@pytest.fixture(scope="module")
+def placed(block, tmp_path_factory):
+    """The PNG section's spots placed with the default options (one registration for the tests)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # registration's checks must not choke on a section without spots
+        return _placed(block, tmp_path_factory.mktemp("placed"))
+
+
+def test_virtual_spots_lie_above_measured_spots(block, placed):
+    stack, reg = placed
     virtual, measured = stack[1], block[1]
     assert virtual.name == "he_1" and virtual.report["lattice"] == "hexagonal"
     pitch_px = 100.0 / block[0].um_per_px
@@ -48,9 +58,8 @@ def test_virtual_spots_lie_above_measured_spots(block, tmp_path):
     assert virtual.spot_diameter_um == block[0].spot_diameter_um and not virtual.has_counts
 
 
-def test_user_pitch_diameter_and_super_resolution(block, tmp_path):
-    stack, _ = _placed(block, tmp_path)
-    base = stack[1].n_spots
+def test_user_pitch_diameter_and_super_resolution(block, placed, tmp_path):
+    base = placed[0][1].n_spots
     fine, _ = _placed(block, tmp_path, GridOptions(grid_scale=0.5))
     assert 3.4 * base < fine[1].n_spots < 4.6 * base
     coarse, _ = _placed(block, tmp_path, GridOptions(pitch_um=200.0, spot_diameter_um=80.0))
@@ -60,14 +69,13 @@ def test_user_pitch_diameter_and_super_resolution(block, tmp_path):
         GridOptions(grid_scale=0)
 
 
-def test_square_lattice_from_array_indices_and_from_positions():
+def test_square_lattice_from_array_indices_and_from_positions(block):
     rng = np.random.default_rng(0)
     col, row = np.meshgrid(np.arange(5), np.arange(4))
     angle = 0.3
     R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * 50.0
     xy = np.c_[col.ravel(), row.ravel()] @ R.T + [100, 200]
-    section = synthetic_stack(1, seed=0)[0]
-    section.adata = section.adata[: len(xy)].copy()
+    section = replace(block[0], adata=block[0].adata[: len(xy)].copy())
     section.adata.obs["array_col"], section.adata.obs["array_row"] = col.ravel(), row.ravel()
     fitted = known_lattice(section, xy + rng.normal(0, 0.5, xy.shape))
     assert not fitted.hexagonal and fitted.pitch == pytest.approx(50.0, rel=0.02)
