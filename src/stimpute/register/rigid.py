@@ -45,11 +45,15 @@ def flip_x(width: int) -> np.ndarray:
 
 def rotation_search(fixed: View, moving: View, step_deg: float = 3.0, n_candidates: int = 4) -> list[Candidate]:
     """Best rigid placements of `moving` on `fixed` over all angles and the mirror, best first."""
+    side = int(np.ceil(np.hypot(*moving.shape))) + 2  # the moving mask fits at any angle
+    overlap = _Overlap(fixed.mask, side)
     found = []
     for mirrored in (False, True):
         mask = np.fliplr(moving.mask) if mirrored else moving.mask
         pre = flip_x(moving.shape[1]) if mirrored else np.eye(3)
-        scores = [_best_shift(fixed.mask, mask, angle) for angle in np.arange(0.0, 360.0, step_deg)]
+        ys, xs = np.nonzero(mask)
+        centroid = (xs.mean(), ys.mean())
+        scores = [_best_shift(overlap, mask, centroid, angle) for angle in np.arange(0.0, 360.0, step_deg)]
         ious = np.array([s[0] for s in scores])
         for i in _circular_peaks(ious):
             iou, matrix_view, angle = scores[i]
@@ -58,31 +62,39 @@ def rotation_search(fixed: View, moving: View, step_deg: float = 3.0, n_candidat
     return found[:n_candidates]
 
 
-def _best_shift(fixed_mask: np.ndarray, moving_mask: np.ndarray, angle_deg: float) -> tuple[float, np.ndarray, float]:
-    """IoU and view transform of `moving_mask` rotated by `angle_deg` about its centroid and
-    shifted to the overlap maximum with `fixed_mask`."""
-    ys, xs = np.nonzero(moving_mask)
-    cx, cy = xs.mean(), ys.mean()
-    side = int(np.ceil(np.hypot(*moving_mask.shape))) + 2
+class _Overlap:
+    """Overlap of the fixed mask with a `side` × `side` moving mask at every shift, by FFT
+    cross-correlation; the fixed mask's spectrum is computed once for all angles."""
+
+    def __init__(self, fixed_mask: np.ndarray, side: int):
+        self.side, self.area = side, fixed_mask.sum()
+        self.shape = (fixed_mask.shape[0] + side - 1, fixed_mask.shape[1] + side - 1)
+        self.fast = tuple(fft.next_fast_len(n, real=True) for n in self.shape)
+        self.spectrum = fft.rfft2(fixed_mask.astype(np.float32), self.fast)
+
+    def correlate(self, moving: np.ndarray) -> np.ndarray:
+        """Σ fixed(p) · moving(p - t) for every shift t; index k means t = k - (moving.shape - 1)."""
+        spectrum = self.spectrum * fft.rfft2(moving[::-1, ::-1], self.fast)
+        return fft.irfft2(spectrum, self.fast)[: self.shape[0], : self.shape[1]]
+
+
+def _best_shift(overlap: _Overlap, moving_mask: np.ndarray, centroid: tuple[float, float],
+                angle_deg: float) -> tuple[float, np.ndarray, float]:
+    """IoU and view transform of `moving_mask` rotated by `angle_deg` about its `centroid`
+    and shifted to the overlap maximum with the fixed mask."""
+    cx, cy = centroid
+    side = overlap.side
     centre = (side - 1) / 2.0
     theta = np.deg2rad(angle_deg)
     c, s = np.cos(theta), np.sin(theta)
     rotate = np.array([[c, -s, centre - c * cx + s * cy], [s, c, centre - s * cx - c * cy], [0.0, 0.0, 1.0]])
     rotated = cv2.warpAffine(moving_mask.astype(np.float32), rotate[:2], (side, side), flags=cv2.INTER_LINEAR)
-    corr = _cross_correlation(fixed_mask.astype(np.float32), rotated)
+    corr = overlap.correlate(rotated)
     ky, kx = np.unravel_index(np.argmax(corr), corr.shape)
     inter = float(corr[ky, kx])
-    union = float(fixed_mask.sum() + rotated.sum()) - inter
+    union = float(overlap.area + rotated.sum()) - inter
     shift = np.array([[1.0, 0.0, kx - (side - 1)], [0.0, 1.0, ky - (side - 1)], [0.0, 0.0, 1.0]])
     return inter / max(union, 1e-9), shift @ rotate, angle_deg
-
-
-def _cross_correlation(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
-    """Overlap Σ fixed(p) · moving(p - t) for every shift t; index k means t = k - (moving.shape - 1)."""
-    out_shape = (fixed.shape[0] + moving.shape[0] - 1, fixed.shape[1] + moving.shape[1] - 1)
-    fast = tuple(fft.next_fast_len(n, real=True) for n in out_shape)
-    spectrum = fft.rfft2(fixed, fast) * fft.rfft2(moving[::-1, ::-1], fast)
-    return fft.irfft2(spectrum, fast)[: out_shape[0], : out_shape[1]]
 
 
 def _circular_peaks(values: np.ndarray) -> np.ndarray:
