@@ -3,6 +3,9 @@ second, plainly written functional forward (a missing residual or a wrong stride
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,9 +99,21 @@ def _error_lines(result) -> list[str]:
     return [line for line in result.output.splitlines() if line.startswith("error:")]
 
 
-def test_impute_with_a_local_resnet18_weight_file(tmp_path, folders, weight_files):
+@pytest.fixture(scope="module")
+def resnet18_cache(tmp_path_factory, folders, weight_files) -> Path:
+    """`stimpute features --encoder resnet18 --weights r18.pth` of the stack: the ResNet runs
+    once; each command below starts from a copy of this cache (keyed by the weights)."""
+    cache = tmp_path_factory.mktemp("resnet18") / "cache"
+    result = CliRunner().invoke(app, ["features", *folders, "--encoder", "resnet18", "--weights", str(weight_files["r18"]),
+                                      "--out", str(cache)])
+    assert result.exit_code == 0, result.output
+    return cache
+
+
+def test_impute_with_a_local_resnet18_weight_file(tmp_path, folders, weight_files, resnet18_cache):
     runner = CliRunner()
     args = ["impute", *folders, "--known", "S1", "--epochs", "5", "--encoder", "resnet18"]
+    shutil.copytree(resnet18_cache, tmp_path / "ok" / "cache")
     result = runner.invoke(app, [*args, "--weights", str(weight_files["r18"]), "--out", str(tmp_path / "ok")])
     assert result.exit_code == 0, result.output
     config = yaml.safe_load((tmp_path / "ok" / "config.yaml").read_text())
@@ -110,9 +125,11 @@ def test_impute_with_a_local_resnet18_weight_file(tmp_path, folders, weight_file
     assert not (tmp_path / "wrong" / "config.yaml").exists()
 
 
-def test_predict_checks_the_encoder_the_model_was_trained_with(tmp_path, folders, weight_files):
+def test_predict_checks_the_encoder_the_model_was_trained_with(tmp_path, folders, weight_files, resnet18_cache):
     runner = CliRunner()
     model = tmp_path / "model"
+    for out in (model, tmp_path / "c"):
+        shutil.copytree(resnet18_cache, out / "cache")
     trained = runner.invoke(app, ["train", *folders[:2], "--out", str(model), "--epochs", "3",
                                   "--encoder", "resnet18", "--weights", str(weight_files["r18"])])
     assert trained.exit_code == 0, trained.output
