@@ -58,7 +58,7 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     batch_nodes: int = 20_000  # nodes per training/inference batch, halo included: bounds memory (`stimpute.batches`)
-    band_spots: int = 1_024  # labelled spots per optimiser step at most: more known spots, more steps per epoch
+    band_spots: int = 512  # labelled spots per optimiser step at most: more known spots, more steps per epoch
     threads: int = 0  # CPU intra-op threads; 0: one for small graphs (steps too small to share), every core from LARGE_GRAPH_NODES
     loss: str = "gene_pcc"  # or "spot_pcc", the reference's (stimpute.models.msagnet.LOSSES)
     model: MSAGNetConfig = field(default_factory=MSAGNetConfig)
