@@ -42,6 +42,7 @@ GLCM_DISTANCES = (1, 3)
 GLCM_PROPS = ("contrast", "homogeneity", "energy", "correlation")
 LBP_POINTS = 8
 DOG_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
+CHUNKS_PER_WORKER = 4  # tasks per worker process and batch
 DOG_MIN_SIDE = 32  # px: the DoG pyramid halves no image below this side
 
 
@@ -78,11 +79,12 @@ def describe_batch(patches: np.ndarray, workers: int | None = None) -> np.ndarra
     workers = min(workers or os.cpu_count() or 1, len(flat))
     if workers <= 1:
         return _describe_many(flat).reshape(*patches.shape[:-3], -1)
-    bounds = np.linspace(0, len(flat), workers + 1).astype(int)
+    chunks = min(len(flat), CHUNKS_PER_WORKER * workers)  # several per worker: a slowed worker holds up less
+    bounds = np.linspace(0, len(flat), chunks + 1).astype(int)
     with _BATCH_LOCK:  # the pixels go through shared memory: pickling them through the pool's pipes cost ~0.8 ms a patch
         shm = _batch_memory(flat.nbytes)
         np.ndarray(flat.shape, np.uint8, shm.buf)[:] = flat
-        parts = worker_pool(workers).map(_describe_shared, [shm.name] * workers, [flat.shape] * workers,
+        parts = worker_pool(workers).map(_describe_shared, [shm.name] * chunks, [flat.shape] * chunks,
                                          bounds[:-1], bounds[1:])
         rows = np.concatenate(list(parts))
     return rows.reshape(*patches.shape[:-3], -1)
