@@ -4,6 +4,7 @@ real two-process DDP run on the CPU (gloo), checked flags, and rank 0 alone writ
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,9 +89,15 @@ def test_a_real_two_process_ddp_training_writes_one_model_that_predicts(no_rank,
     env["PYTHONPATH"] = os.pathsep.join([str(Path(stimpute.__file__).parents[1]), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "stimpute", "train", str(tmp_path / "S0"), str(tmp_path / "S1"), "--out", str(model),
            "--device", "cpu", "--devices", "2", "--strategy", "ddp", "--epochs", "2", "--seed", "1"]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log
+    # its own process group: on a timeout, rank 0 and the rank it started are stopped together
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"two-process training did not finish in 900 s:\n{proc.communicate()[0]}")
+    assert proc.returncode == 0, log
     assert "MEMBER: 2/2" in log  # the second process joined the process group
     assert log.count("model written to") == 1  # rank 1 reports nothing
     files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file())
