@@ -18,9 +18,10 @@ its gradients. Three regimes, chosen by `training_plan`:
    covers most of its section and the ones next to it (on a Visium grid, 500 random
    spots of 4,000 reach ~90% of them), so it bounds nothing; a band of rows reaches only
    a few more rows and the same band of the neighbouring sections. The per-gene PCC
-   loss is then computed within a band of at least `MIN_BATCH_SPOTS` spots (at the
-   default budget, thousands: a section or a large part of one) — an estimate of the
-   correlation over all known spots that sees the variation along and within the band.
+   loss is then computed within a band of at least `MIN_BATCH_SPOTS` spots (by default
+   at most `TrainConfig.band_spots`, 512: several rows of a Visium section) — an
+   estimate of the correlation over all known spots that sees the variation along and
+   within the band.
    The bands are visited in a seeded random order drawn anew each epoch. Validation
    reads the same bands, and its loss is computed over all their held-out spots at
    the end of the epoch, as on the whole graph.
