@@ -36,13 +36,10 @@ def parallel_options(accelerator: str, devices: str = "1", num_nodes: int = 1, s
     against `accelerator`: `devices` a count (-1: all), "auto" or GPU ids ("0,2");
     `strategy` one of Lightning's ("auto", "ddp", "ddp_spawn", "fsdp", ...)."""
     text = str(devices).strip()
-    if text.lstrip("-").isdigit():
-        value: int | str = int(text)
-        if value == 0 or value < -1:
-            raise StimputeError("--devices", f"{devices!r} is not a device count ≥ 1, -1 (all), auto or a list of GPU ids")
-    elif text == "auto" or (text and all(part.strip().isdigit() for part in text.split(","))):
-        value = text
-    else:
+    count = text.lstrip("-").isdigit()
+    value: int | str = int(text) if count else text
+    gpu_ids = text == "auto" or (text and all(part.strip().isdigit() for part in text.split(",")))
+    if (value == 0 or value < -1) if count else not gpu_ids:
         raise StimputeError("--devices", f"{devices!r} is not a device count ≥ 1, -1 (all), auto or a list of GPU ids")
     if num_nodes < 1:
         raise StimputeError("--num-nodes", f"must be ≥ 1, got {num_nodes}")
