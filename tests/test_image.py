@@ -28,3 +28,22 @@ def test_verify_reads_a_jpeg_at_reduced_scale(tmp_path, monkeypatch):
     monkeypatch.setattr(SectionImage, "_full", lambda self: (_ for _ in ()).throw(AssertionError("full decode")))
     image.verify()
     assert image._array is None
+
+
+def test_windows_resample_from_the_decoded_pyramid_without_aliasing():
+    """A 1024 px window read at 224 px comes from the level two halvings down (reduced by
+    < 2× after that), antialiased: a one-pixel checkerboard averages to flat grey, and a
+    smooth image reads as the area average of its pixels would."""
+    yy, xx = np.mgrid[0:1200, 0:1200]
+    checker = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    image = SectionImage(array=checker)
+    patch = image.read_region(50, 70, 1024, 1024, out_size=224).astype(float)
+    assert len(image._levels) == 3  # full, 1/2, 1/4
+    assert abs(patch.mean() - 127.5) < 1.5 and patch.std() < 1.5
+    smooth = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8)
+    window = smooth[70:70 + 1024, 50:50 + 1024]
+    reference = np.asarray(Image.fromarray(window).resize((224, 224), Image.BOX)).astype(float)
+    ours = SectionImage(array=smooth).read_region(50, 70, 1024, 1024, out_size=224).astype(float)
+    assert np.median(np.abs(ours - reference)) < 3  # (the wrap-around edges of `% 256` differ most)
+    image.release()
+    assert image._levels == [] and image.read_region(0, 0, 8, 8).shape == (8, 8, 3)

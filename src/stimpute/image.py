@@ -6,7 +6,8 @@ levels are read tile by tile straight from tifffile with a bounded cache of deco
 (`TILE_CACHE_MIB`): neighbouring spot windows share tiles, and one region read costs
 microseconds instead of tiffslide's per-call overhead of several milliseconds. Flat images (JPEG,
 PNG, small TIFFs) are read with Pillow; they are decoded once on the first region read and
-kept until `release()`. In-memory arrays (synthetic data, AnnData images) use the same
+kept until `release()`, with a halving pyramid built on demand, so a window of any size is
+resampled (OpenCV) from a level at most 2× finer than the output, as with a slide. In-memory arrays (synthetic data, AnnData images) use the same
 interface; an array may be a downscaled copy (`scale` = array px per full-resolution px,
 scanpy's `tissue_hires_scalef`), and is still addressed in full-resolution pixels.
 """
@@ -17,6 +18,7 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -46,6 +48,7 @@ class SectionImage:
         self._slide = None
         self._tiles: _TileCache | None = None
         self._flat = False  # a TIFF that Pillow reads whole (small and single-level)
+        self._levels: list[np.ndarray] = []  # the decoded image's halving pyramid (`_level`)
         self._size: tuple[int, int] | None = None
         if self._array is not None:
             self._size = (round(self._array.shape[1] / self.scale), round(self._array.shape[0] / self.scale))
@@ -135,6 +138,7 @@ class SectionImage:
 
     def release(self) -> None:
         """Drop decoded pixels and file handles; they are reopened on the next read."""
+        self._levels = []
         if self.path is not None:
             self._array = None
         if self._slide is not None:
@@ -146,29 +150,46 @@ class SectionImage:
     def read_region(self, x: int, y: int, w: int, h: int, out_size: int | None = None) -> np.ndarray:
         """Pixels [y, y+h) × [x, x+w) as (h, w, 3) uint8, padded white outside the image.
 
-        With `out_size`, the region is resampled to (out_size, out_size) and, for a
-        pyramidal slide, read from the coarsest level that still has enough resolution.
+        With `out_size`, the region is resampled to (out_size, out_size), read from the
+        coarsest level that still has enough resolution: a slide's pyramid, or the halving
+        pyramid of a decoded image (`_level`).
         """
         x, y, w, h = int(round(x)), int(round(y)), int(round(w)), int(round(h))
         slide = self._open_slide() if self.path is not None and self._array is None else None
-        if slide is not None:
-            region = self._read_slide(slide, x, y, w, h, out_size)
-        elif self.scale != 1.0:
-            region = self._read_scaled(x, y, w, h, out_size)
-        else:
-            region = _crop_padded(self._full(), x, y, w, h)
+        region = self._read_slide(slide, x, y, w, h, out_size) if slide is not None else self._read_decoded(x, y, w, h, out_size)
         if out_size is not None and region.shape[:2] != (out_size, out_size):
-            region = np.asarray(Image.fromarray(region).resize((out_size, out_size), Image.BILINEAR))
+            region = resample(region, out_size, out_size)
         return region
 
-    def _read_scaled(self, x, y, w, h, out_size):
-        """A full-resolution region of a downscaled array: its pixels resampled to (h, w) or out_size."""
-        s = self.scale
+    def _read_decoded(self, x, y, w, h, out_size):
+        """A region of a decoded image (flat file or array, possibly downscaled by `scale`),
+        read like a slide from the level of its halving pyramid that keeps at least
+        `out_size` px across the region, so resampling reduces it by less than 2×; without
+        `out_size`, full-resolution pixels."""
+        level = 0
+        if out_size is not None:
+            level = max(0, math.floor(math.log2(max(w, h) * self.scale / out_size)))
+        pixels, level = self._level(level)
+        s = self.scale / 2**level
+        if s == 1.0:
+            return _crop_padded(pixels, x, y, w, h)
         x0, y0 = math.floor(x * s), math.floor(y * s)
         x1, y1 = max(x0 + 1, math.ceil((x + w) * s)), max(y0 + 1, math.ceil((y + h) * s))
-        region = _crop_padded(self._array, x0, y0, x1 - x0, y1 - y0)
-        size = (out_size, out_size) if out_size is not None else (w, h)
-        return np.asarray(Image.fromarray(region).resize(size, Image.BILINEAR))
+        region = _crop_padded(pixels, x0, y0, x1 - x0, y1 - y0)
+        return region if out_size is not None else resample(region, w, h)
+
+    def _level(self, level: int) -> tuple[np.ndarray, int]:
+        """Level `level` of the decoded image's halving pyramid (each level the previous one
+        averaged over 2 × 2 pixels; the smallest where the image is too small for it), and
+        its index. Levels are built on first use and kept until `release()`."""
+        if not self._levels:
+            self._levels.append(self._full())
+        while len(self._levels) <= level and min(self._levels[-1].shape[:2]) >= 2:
+            top = self._levels[-1]
+            h, w = top.shape[0] // 2, top.shape[1] // 2
+            self._levels.append(cv2.resize(top[:2 * h, :2 * w], (w, h), interpolation=cv2.INTER_AREA))
+        level = min(level, len(self._levels) - 1)
+        return self._levels[level], level
 
     def _read_slide(self, slide, x, y, w, h, out_size):
         level = 0
@@ -228,11 +249,18 @@ class SectionImage:
         return f"SectionImage({src})"
 
 
+def resample(region: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`region` (h, w, 3) uint8 resampled to (height, width). Bilinear, which reads every
+    source pixel while it reduces by less than 2× (as it does after a pyramid level is
+    picked, `read_region`); pixel-area averaging (antialiased) where it reduces by more."""
+    reduction = max(region.shape[1] / width, region.shape[0] / height)
+    return cv2.resize(np.ascontiguousarray(region), (width, height),
+                      interpolation=cv2.INTER_AREA if reduction >= 2 else cv2.INTER_LINEAR)
+
+
 def _slide_thumbnail(slide, tw: int, th: int, tiles: "_TileCache | None" = None) -> np.ndarray:
     """Downscale the pyramid level closest to (tw, th) band by band, so a huge
     single-level slide never sits in memory whole."""
-    import cv2
-
     W, H = slide.dimensions
     level = slide.get_best_level_for_downsample(max(W / tw, H / th))
     lw, lh = slide.level_dimensions[level]

@@ -201,7 +201,9 @@ def _nuclei(haem: np.ndarray, tissue: np.ndarray) -> np.ndarray:
 
 def _blobs(h: np.ndarray, mask: np.ndarray, tissue_px: int) -> np.ndarray:
     """Statistics of the connected haematoxylin blobs of one threshold (`mask`: 0/1 uint8)."""
-    _, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    rows, cols = mask.shape
+    small = -(-rows // 2) * -(-cols // 2) < 2**16 - 1  # 8-connected blobs: at most one per 2 × 2 px; 16-bit labels are ~2× faster
+    _, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_16U if small else cv2.CV_32S)
     stats = stats[1:]
     mask_px = stats[:, cv2.CC_STAT_AREA].sum()  # every mask pixel lies in one blob
     stats = stats[stats[:, cv2.CC_STAT_AREA] >= MIN_NUCLEUS_PX]
