@@ -54,9 +54,9 @@ def main_options(
 EncoderOption = Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), resnet18, resnet50, uni or ciga (networks need --weights).")]
 StackEncoderOption = Annotated[Optional[str], typer.Option("--encoder", help="Feature encoder: handcrafted, resnet18, resnet50, uni or ciga (networks need --weights); default: the features the sections carry (e.g. a 3DMoEST file's uni_features), else handcrafted.")]
 WeightsOption = Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded): torchvision, timm or Lightning layout.")]
-DeviceOption = Annotated[str, typer.Option(help="Where models train: auto (a CUDA GPU when there is one, else the CPU), cpu or cuda (Lightning's accelerator; CPU training is deterministic).")]
-DevicesOption = Annotated[str, typer.Option("--devices", help="Lightning's devices: GPUs (or CPU processes) per machine that train together: a count, -1 for all, auto, or GPU ids like 0,2. More than one trains data-parallel (DDP); only rank 0 writes to OUT.")]
-NumNodesOption = Annotated[int, typer.Option("--num-nodes", help="Lightning's num_nodes: machines that train together; start the same command on each (README: several GPUs and machines).")]
+DeviceOption = Annotated[str, typer.Option(help="Where models train and network encoders run: auto (a CUDA GPU when there is one, else the CPU), cpu or cuda (Lightning's accelerator; CPU training is deterministic).")]
+DevicesOption = Annotated[str, typer.Option("--devices", help="Lightning's devices: GPUs (or CPU processes) per machine that work together: a count, -1 for all, auto, or GPU ids like 0,2. More than one shares the feature extraction and trains data-parallel (DDP); only rank 0 writes to OUT.")]
+NumNodesOption = Annotated[int, typer.Option("--num-nodes", help="Lightning's num_nodes: machines that work together; start the same command on each (README: several GPUs and machines).")]
 StrategyOption = Annotated[str, typer.Option("--strategy", help="Lightning's strategy: auto, ddp (one process per device), ddp_spawn, fsdp, ...")]
 BatchNodesOption = Annotated[Optional[int], typer.Option("--batch-nodes", help="Most graph nodes in one training or inference batch of MSAGNet, neighbours included (default 20,000): bounds memory; a larger graph trains on the labelled spots' neighbourhood, or in mini-batches.")]
 
@@ -293,25 +293,38 @@ def features(
     weights: WeightsOption = None,
     batch_size: Annotated[int, typer.Option(help="Spots per batch (× 3 scales patches).", min=1)] = 32,
     stain_normalize: Annotated[bool, typer.Option(help="Macenko-normalise the H&E stain before encoding.")] = False,
+    device: DeviceOption = "auto",
+    devices: DevicesOption = "1",
+    num_nodes: NumNodesOption = 1,
+    strategy: StrategyOption = "auto",
 ):
     """Compute (or reuse) per-spot image features at 3 scales and cache them in OUT.
 
     Example: [bold]stimpute features ../shared/data/her2st/C2 ../shared/data/her2st/C3 --out features/[/]
+    Example (2 GPUs): [bold]stimpute features sections/* --out features/ --encoder uni --weights uni.bin --device cuda --devices 2 --strategy ddp[/]
     """
+    from contextlib import nullcontext
+
+    from stimpute.device import parallel_options, resolve_device
     from stimpute.features import spot_features
     from stimpute.features.cache import cache_path
     from stimpute.io import read_section
     from stimpute.io.run import run_ownership
 
-    with run_ownership(out, "features", sections) as owner:
+    accelerator = resolve_device(device)
+    hardware = {"accelerator": accelerator, **parallel_options(accelerator, devices, num_nodes, strategy)}
+    # several processes share each section; rank 0 owns OUT and writes, the others only read its caches
+    with run_ownership(out, "features", sections) if is_rank_zero() else nullcontext() as owner:
         for path in sections:
             section = read_section(path)
-            owner.claim(caches=[cache_path(out, section).name])
+            if owner is not None:
+                owner.claim(caches=[cache_path(out, section).name])
             runs = []
-            feats = spot_features(section, encoder=encoder, weights=weights, cache_dir=out, progress=True,
-                                  batch_size=batch_size, stain_normalize=stain_normalize, runs=runs)
+            feats = spot_features(section, encoder=encoder, weights=weights, cache_dir=out, progress=is_rank_zero(),
+                                  batch_size=batch_size, stain_normalize=stain_normalize, runs=runs, hardware=hardware)
             run = runs[-1]
-            how = "read from cache" if run.cached else f"computed ({run.n_patches / run.seconds:.1f} patches/s)"
+            by = f" by {len(run.shares)} processes ({'+'.join(map(str, run.shares))} spots)" if len(run.shares) > 1 else ""
+            how = "read from cache" if run.cached else f"computed{by} ({run.n_patches / run.seconds:.1f} patches/s)"
             padded = ", ".join(f"{k} {v}" for k, v in run.padded.items())
             console.print(f"{section.name}: {encoder} features {feats.shape[0]}×{feats.shape[1]}×{feats.shape[2]} "
                           f"{how} in {run.seconds:.1f} s → {run.cache_file}; spots padded at the border: {padded}",
@@ -540,7 +553,8 @@ def benchmark(
         force = run.claim(["results.csv", "spots.csv", "splits.json", "summary.md", "pcc_boxplot.png"], caches=["features/"])
         stack = read_stack(sections)
         console.print(f"preparing {', '.join(stack.names)}: panel, features (cached in {out / 'features'}), registration, graph")
-        prepared = prepare_stack(stack, encoder=encoder, weights=weights, cache_dir=out / "features", progress=True)
+        prepared = prepare_stack(stack, encoder=encoder, weights=weights, cache_dir=out / "features", progress=is_rank_zero(),
+                                 hardware={"accelerator": accelerator, **parallel})
         settings = {"command": " ".join(["stimpute", *sys.argv[1:]]), "date": date.today().isoformat(),
                     "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", **prepared.settings["features"],
                     "inputs": input_records(stack, sections), "accelerator": accelerator, **parallel}

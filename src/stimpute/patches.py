@@ -83,18 +83,43 @@ def iter_patches(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    sides = window_sizes_px(section, scales_um)
-    origins = [window_origins(section.xy, side) for side in sides]
-    order = raster_spot_order(section) if raster_order else np.arange(section.n_spots)
-    for start in range(0, section.n_spots, batch_size):
-        index = order[start:start + batch_size]
-        batch = np.empty((len(index), len(sides), out_size, out_size, 3), np.uint8)
+    spots = SpotWindows(section, scales_um, out_size, stain_normalizer, raster_order)
+    for start in range(0, len(spots), batch_size):
+        index = spots.order[start:start + batch_size]
+        batch = np.empty((len(index), len(spots.sides), out_size, out_size, 3), np.uint8)
         for b, i in enumerate(index):
-            for s, side in enumerate(sides):
-                x, y = origins[s][i]
-                patch = section.image.read_region(x, y, side, side, out_size=out_size)
-                batch[b, s] = patch if stain_normalizer is None else stain_normalizer(patch)
+            spots.read(i, batch[b])
         yield PatchBatch(index=index, patches=batch)
+
+
+class SpotWindows:
+    """The spots of a section as a map-style dataset (e.g. for a torch `DataLoader`): item
+    `k` is (spot index, its windows (n_scales, out_size, out_size, 3) uint8) of the k-th
+    spot in adata order, or in `raster_order` (`iter_patches`)."""
+
+    def __init__(self, section: Section, scales_um: Sequence[float] = SCALES_UM, out_size: int = DEFAULT_OUT_SIZE,
+                 stain_normalizer=None, raster_order: bool = False):
+        self.section, self.out_size, self.stain_normalizer = section, out_size, stain_normalizer
+        self.sides = window_sizes_px(section, scales_um)
+        self.origins = [window_origins(section.xy, side) for side in self.sides]
+        self.order = raster_spot_order(section) if raster_order else np.arange(section.n_spots)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> tuple[int, np.ndarray]:
+        i = int(self.order[k])
+        return i, self.read(i)
+
+    def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The windows of spot `i` at every scale, into `out` if given."""
+        if out is None:
+            out = np.empty((len(self.sides), self.out_size, self.out_size, 3), np.uint8)
+        for s, side in enumerate(self.sides):
+            x, y = self.origins[s][i]
+            patch = self.section.image.read_region(x, y, side, side, out_size=self.out_size)
+            out[s] = patch if self.stain_normalizer is None else self.stain_normalizer(patch)
+        return out
 
 
 def raster_spot_order(section: Section) -> np.ndarray:

@@ -46,6 +46,7 @@ from stimpute.register.grid import GridOptions, place_virtual_spots
 from stimpute.register.outputs import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.train import TrainConfig, torch_threads
+from stimpute.trainer import lightning_flags
 
 MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
 N_TOP_FIGURE_GENES = 4
@@ -108,9 +109,10 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     outputs += [f"figures/{name}" for name in figure_names(stack)] + [f"figures/{BLOCK_FIGURE}"]
     force = run.claim(outputs + [BLOCK_FILE, "config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
     registration = place_virtual_spots(stack, k, grid, progress=progress)
-    prepared = prepare_stack(stack, known=known, panel=genes, encoder=features["encoder"], weights=features["weights"],
-                             cache_dir=out / "cache", progress=progress, registration=registration)
     config = config or TrainConfig(seed=seed)
+    prepared = prepare_stack(stack, known=known, panel=genes, encoder=features["encoder"], weights=features["weights"],
+                             cache_dir=out / "cache", progress=progress, registration=registration,
+                             hardware=lightning_flags(config))
     result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress,
                           members=members, fusion=fusion, programs=programs)
 
@@ -224,7 +226,8 @@ def _train(run: Run, sections, genes, seed, progress, features, model, mode, fol
     force = run.claim(list(dict.fromkeys(outputs)), caches=["cache/"]) and not run.resuming  # a killed run is resumed
     stack = read_stack(sections)
     prepared = prepare_stack(stack, panel=genes, encoder=features["encoder"], weights=features["weights"],
-                             cache_dir=out / "cache", progress=progress, register=False)
+                             cache_dir=out / "cache", progress=progress, register=False,
+                             hardware=lightning_flags(model.config))
     if force:
         for old in (out / "checkpoints").glob("*.ckpt"):
             old.unlink()

@@ -52,6 +52,7 @@ def prepare_stack(
     n_top: int = DEFAULT_PANEL_SIZE,
     register: bool = True,
     registration=None,
+    hardware: dict | None = None,
 ) -> PreparedStack:
     """Panel, expression, features, registration and 3D graph of `stack` (see module doc).
 
@@ -62,6 +63,8 @@ def prepare_stack(
     `register=False` (sections of different samples, 2D use): each section keeps its own
     pixel frame, and only the graph's within-section edges are meaningful.
     `registration`: a `StackRegistration` already computed (e.g. with virtual spots placed).
+    `hardware`: Lightning's accelerator, devices, num_nodes and strategy of the processes
+    that share the feature encoding (`stimpute.features.spot_features`).
     """
     from stimpute.features.stored import stack_features
     from stimpute.graph import WITHIN, build_graph, build_graph_2d
@@ -76,7 +79,8 @@ def prepare_stack(
         raise StimputeError(None, "no known section: give a gene panel to predict")
     _warn_implausible(stack, known_idx, genes)
     expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
-    features, record = stack_features(stack, encoder, weights, cache_dir=cache_dir, progress=progress)
+    features, record = stack_features(stack, encoder, weights, cache_dir=cache_dir, progress=progress,
+                                      hardware=hardware)
     if registration is None and register and len(stack) > 1:
         registration = register_stack(stack, progress=progress)
     coords_ref = registration.coords_ref if registration else [s.xy for s in stack]

@@ -21,16 +21,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from stimpute.data import Section
+from stimpute.distributed import is_rank_zero
 from stimpute.features import cache
 from stimpute.features.encoders import ENCODERS, Encoder, get_spec, load_encoder, weights_id
-from stimpute.patches import DEFAULT_BATCH_SIZE, DEFAULT_OUT_SIZE, SCALES_UM, iter_patches, padding_report, scale_names
+from stimpute.patches import (DEFAULT_BATCH_SIZE, DEFAULT_OUT_SIZE, SCALES_UM, SpotWindows, iter_patches, padding_report,
+                              scale_names)
 from stimpute.stain import MacenkoNormalizer
 from stimpute.timing import timed
 
 
 @dataclass
 class FeatureRun:
-    """What one `spot_features` call did (for CLI messages and benchmarks)."""
+    """What one `spot_features` call did (for CLI messages and benchmarks). `shares`: the
+    spots each process encoded ([] when read from the cache)."""
 
     section: str
     encoder: str
@@ -39,6 +42,7 @@ class FeatureRun:
     n_patches: int
     cache_file: Path | None = None
     padded: dict = field(default_factory=dict)
+    shares: list[int] = field(default_factory=list)
 
 
 @timed("features")
@@ -53,12 +57,16 @@ def spot_features(
     scales_um: Sequence[float] = SCALES_UM,
     random_init: bool = False,
     runs: list[FeatureRun] | None = None,
+    hardware: dict | None = None,
 ) -> np.ndarray:
     """Features (n_spots, len(scales_um), dim) float32 of every spot of `section`.
 
     `weights`: local weight file for network encoders (never downloaded). `random_init`:
     a seeded random network instead, for tests/benchmarks only. `runs`, if given,
     receives a `FeatureRun` describing whether the cache was hit and how long it took.
+    `hardware`: Lightning's accelerator, devices, num_nodes and strategy; several
+    processes (DDP) share the spots and all return every spot's features
+    (`stimpute.features.parallel`); only global rank 0 writes the cache.
     """
     start = time.perf_counter()
     spec = get_spec(encoder)
@@ -68,24 +76,49 @@ def spot_features(
     path = None if cache_dir is None else cache.cache_path(cache_dir, section)
     feats = None if path is None else cache.read_features(path, spec.name, key, names)
     hit = feats is not None
+    shares = []
     if not hit:
-        model = Encoder(spec, weights, random_init)
+        trainer = _prediction_trainer(hardware, spec, section.n_spots)
+        model = Encoder(spec, weights, random_init) if trainer is None else None
         normalizer = MacenkoNormalizer.fit_section(section) if stain_normalize else None
-        feats = np.empty((section.n_spots, len(names), spec.dim), np.float32)
         n_total = section.n_spots * len(names)
         with _progress(progress) as bar:
             task = bar.add_task(f"{section.name} · {spec.name}", total=n_total) if bar else None
-            for batch in read_ahead(iter_patches(section, scales_um, DEFAULT_OUT_SIZE, batch_size, normalizer, raster_order=True)):
-                b, s = batch.patches.shape[:2]
-                feats[batch.index] = model(batch.patches.reshape(b * s, *batch.patches.shape[2:])).reshape(b, s, -1)
+            if trainer is None:
+                feats = np.empty((section.n_spots, len(names), spec.dim), np.float32)
+                for batch in read_ahead(iter_patches(section, scales_um, DEFAULT_OUT_SIZE, batch_size, normalizer, raster_order=True)):
+                    b, s = batch.patches.shape[:2]
+                    feats[batch.index] = model(batch.patches.reshape(b * s, *batch.patches.shape[2:])).reshape(b, s, -1)
+                    if bar:
+                        bar.advance(task, b * s)
+                shares = [section.n_spots]
+            else:
+                from stimpute.features.parallel import shared_features
+
+                spots = SpotWindows(section, scales_um, DEFAULT_OUT_SIZE, normalizer, raster_order=True)
+                feats, shares = shared_features(spots, spec, weights, random_init, trainer, batch_size, key,
+                                                (lambda n: bar.advance(task, n)) if bar else None)
                 if bar:
-                    bar.advance(task, b * s)
-        if path is not None:
-            cache.write_features(path, spec.name, key, names, section.spot_ids, feats)
+                    bar.update(task, completed=n_total)
+        if path is not None and is_rank_zero():
+            cache.write_features(path, spec.name, key, names, section.spot_ids, feats, shares)
     if runs is not None:
         runs.append(FeatureRun(section.name, spec.name, hit, time.perf_counter() - start,
-                                section.n_spots * len(names), path, padding_report(section, scales_um)))
+                                section.n_spots * len(names), path, padding_report(section, scales_um), shares))
     return feats
+
+
+def _prediction_trainer(hardware: dict | None, spec, n_spots: int):
+    """Lightning's trainer where several processes, or a network on a GPU, encode
+    (`stimpute.features.parallel`); None, without importing Lightning, where one CPU
+    process encodes here."""
+    hardware = hardware or {}
+    one_process = hardware.get("devices", 1) == 1 and hardware.get("num_nodes", 1) == 1
+    if one_process and (hardware.get("accelerator", "cpu") == "cpu" or not spec.needs_weights):
+        return None
+    from stimpute.features import parallel
+
+    return parallel.prediction_trainer(hardware, spec, n_spots)
 
 
 def read_ahead(batches: Iterator, depth: int = 2) -> Iterator:

@@ -1,6 +1,7 @@
 """On-disk feature cache: one HDF5 file per section, one dataset per (encoder, scale).
 
-Layout of `<cache_dir>/<section>.features.h5`: group `/<encoder>` with attribute `key`,
+Layout of `<cache_dir>/<section>.features.h5`: group `/<encoder>` with attributes `key`
+and `spots_per_process` (the spots each process encoded, `stimpute.features.parallel`),
 dataset `spot_ids`, and one (n_spots, dim) float32 dataset per scale name. The key is a
 SHA-256 over everything the features depend on: the image (file size, mtime and sampled
 bytes, or the pixels of an in-memory image), the spot ids and coordinates, the scale
@@ -84,8 +85,9 @@ def read_features(path: Path, encoder: str, key: str, scale_names: Sequence[str]
 
 
 def write_features(path: Path, encoder: str, key: str, scale_names: Sequence[str], spot_ids: Sequence[str],
-                   features: np.ndarray) -> None:
-    """Store features (n_spots, n_scales, dim) under `/encoder`, keeping other encoders' groups."""
+                   features: np.ndarray, shares: Sequence[int] = ()) -> None:
+    """Store features (n_spots, n_scales, dim) under `/encoder`, keeping other encoders' groups;
+    `shares`: the spots each process encoded, recorded as the attribute `spots_per_process`."""
 
     def write(tmp: str) -> None:
         keep = path.is_file() and h5py.is_hdf5(path)
@@ -96,6 +98,7 @@ def write_features(path: Path, encoder: str, key: str, scale_names: Sequence[str
                 del f[encoder]
             group = f.create_group(encoder)
             group.attrs["key"] = key
+            group.attrs["spots_per_process"] = np.asarray(shares, np.int64)
             group.create_dataset("spot_ids", data=np.asarray(spot_ids, dtype=object), dtype=h5py.string_dtype())
             for s, name in enumerate(scale_names):
                 group.create_dataset(name, data=features[:, s].astype(np.float32), compression="gzip")

@@ -127,14 +127,17 @@ def match_recorded(recorded: dict, name: str | None, weights: str | Path | None,
 
 
 class Encoder:
-    """A ready encoder: call it on uint8 patches (N, H, W, 3) to get float32 (N, dim)."""
+    """A ready encoder: call it on uint8 patches (N, H, W, 3) to get float32 (N, dim).
+    `workers`: processes of the handcrafted descriptors (default: one per core)."""
 
-    def __init__(self, spec: EncoderSpec, weights: str | Path | None = None, random_init: bool = False):
+    def __init__(self, spec: EncoderSpec, weights: str | Path | None = None, random_init: bool = False,
+                 workers: int | None = None):
         self.spec = spec
         self.weights_id = weights_id(spec, weights, random_init)
         self.model = None
-        if not spec.needs_weights and (os.cpu_count() or 1) > 1:
-            handcrafted.worker_pool(os.cpu_count())  # its processes start before any reader thread
+        self.workers = workers or os.cpu_count() or 1
+        if not spec.needs_weights and self.workers > 1:
+            handcrafted.worker_pool(self.workers)  # its processes start before any reader thread
         if spec.needs_weights:
             torch.manual_seed(RANDOM_SEED)
             model = spec.build()
@@ -150,10 +153,17 @@ class Encoder:
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         if self.model is None:
-            return handcrafted.describe_batch(patches)
-        x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float().div_(255.0)
+            return handcrafted.describe_batch(patches, self.workers)
         with torch.inference_mode():
-            return self.model((x - self._mean) / self._std).numpy().astype(np.float32)
+            return self.encode(torch.from_numpy(np.ascontiguousarray(patches))).numpy().astype(np.float32)
+
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """Features (N, dim) of uint8 patches (N, H, W, 3), on the device of the patches
+        (the network's); the handcrafted descriptors are computed on the CPU."""
+        if self.model is None:
+            return torch.from_numpy(handcrafted.describe_batch(patches.cpu().numpy(), self.workers))
+        x = patches.permute(0, 3, 1, 2).float().div_(255.0)
+        return self.model((x - self._mean.to(x.device)) / self._std.to(x.device))
 
 
 def load_encoder(name: str = "handcrafted", weights: str | Path | None = None, random_init: bool = False) -> Encoder:

@@ -93,15 +93,16 @@ def stored_encoder(stack: Stack, encoder: str | None = None) -> str:
 
 def stack_features(stack: Stack, encoder: str | None = None, weights: str | Path | None = None,
                    cache_dir: str | Path | None = None, progress: bool = False,
-                   n_scales: int = len(SCALES_UM)) -> tuple[list[np.ndarray], dict]:
+                   n_scales: int = len(SCALES_UM), hardware: dict | None = None) -> tuple[list[np.ndarray], dict]:
     """Features (n_i, n_scales, dim) of every section and their record (see module doc):
     `encoder` (as recorded), `weights`, `weights_sha256`, and for stored features
-    `stored_sections` and `scales`."""
+    `stored_sections` and `scales`. `hardware`: Lightning's flags of the processes that
+    share the encoding (`spot_features`)."""
     name, stored = stored_encoder(stack, encoder), _stored(stack)
     if not stored:
         feats = []
         for s in stack:  # one section's image open at a time: memory does not grow with the stack
-            feats.append(spot_features(s, encoder=name, weights=weights, cache_dir=cache_dir, progress=progress))
+            feats.append(spot_features(s, encoder=name, weights=weights, cache_dir=cache_dir, progress=progress, hardware=hardware))
             s.image.release()
         return feats, encoder_record(name, weights)
     feats = []
@@ -109,7 +110,7 @@ def stack_features(stack: Stack, encoder: str | None = None, weights: str | Path
         if i in stored:
             spot = stored[i][1]
         else:  # the same encoder, computed; only its spot scale, like the stored ones
-            spot = spot_features(s, encoder=name, weights=weights, cache_dir=cache_dir, progress=progress)[:, 0]
+            spot = spot_features(s, encoder=name, weights=weights, cache_dir=cache_dir, progress=progress, hardware=hardware)[:, 0]
             s.image.release()
         feats.append(repeat_scales(spot, n_scales))
     computed = [s.name for i, s in enumerate(stack) if i not in stored]
