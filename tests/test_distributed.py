@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -18,6 +19,9 @@ import stimpute
 from stimpute.device import parallel_options
 from stimpute.distributed import RANK_VARIABLES, global_rank, rank_output
 from stimpute.errors import StimputeError
+from stimpute.features import spot_features
+from stimpute.io import read_section
+from stimpute.patches import SCALE_NAMES
 
 from .helpers import one_error_line, run_cli, write_her2st_folder
 
@@ -61,7 +65,7 @@ def test_other_ranks_read_the_caches_and_checkpoints_of_out_and_write_elsewhere(
 
 FLAGS = [(["--devices", "0"], "--devices"), (["--devices", "two"], "--devices"), (["--num-nodes", "0"], "--num-nodes"),
          (["--strategy", "ring"], "--strategy: unknown strategy 'ring'")]
-COMMANDS = [["train", "--out"], ["impute", "--known", "S0", "--out"], ["benchmark", "--out"]]
+COMMANDS = [["train", "--out"], ["impute", "--known", "S0", "--out"], ["benchmark", "--out"], ["features", "--out"]]
 CASES = [(c, *f) for c in COMMANDS for f in FLAGS] + [(c, ["--batch-nodes", "0"], "--batch-nodes") for c in COMMANDS[:2]]
 
 
@@ -81,7 +85,9 @@ def test_lightning_refusals_of_a_combination_are_one_line():
 
 def test_a_real_two_process_ddp_training_writes_one_model_that_predicts(no_rank, tmp_path):
     """`stimpute train --devices 2 --strategy ddp` on the CPU: Lightning starts the command
-    again as rank 1, both processes train (gloo), rank 0 alone writes the model folder."""
+    again as rank 1 when the first section's features are encoded, the two processes share
+    every section's spots (`stimpute.features.parallel`) and train (gloo), rank 0 alone
+    writes the model folder and its feature caches."""
     for i in range(2):
         write_her2st_folder(tmp_path / f"S{i}", name=f"S{i}", n_side=8, seed=i)
     model = tmp_path / "model"
@@ -103,6 +109,12 @@ def test_a_real_two_process_ddp_training_writes_one_model_that_predicts(no_rank,
     files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file())
     assert files == ["cache/S0.features.h5", "cache/S1.features.h5", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
                      "config.yaml", "stimpute-run.json"]
+    for name in ("S0", "S1"):  # each process encoded its half of the spots
+        with h5py.File(model / "cache" / f"{name}.features.h5") as f:
+            assert list(f["handcrafted"].attrs["spots_per_process"]) == [32, 31]
+    with h5py.File(model / "cache" / "S0.features.h5") as f:  # gathered, they equal one process's features
+        cached = np.stack([f["handcrafted"][scale][()] for scale in SCALE_NAMES], axis=1)
+    np.testing.assert_allclose(cached, spot_features(read_section(tmp_path / "S0")), rtol=1e-5, atol=1e-6)
     train = yaml.safe_load((model / "config.yaml").read_text())["train"]
     assert (train["devices"], train["num_nodes"], train["strategy"], train["accelerator"]) == (2, 1, "ddp", "cpu")
     predicted = tmp_path / "predicted"

@@ -262,3 +262,47 @@ def test_handcrafted_worker_processes_match_in_process():
     rng = np.random.default_rng(1)
     patches = np.stack([stained_image(rng, (64, 64)) for _ in range(6)])
     assert np.array_equal(describe_batch(patches, workers=2), describe_batch(patches, workers=1))
+
+
+@pytest.mark.parametrize("encoder", ["handcrafted", "resnet18"])
+def test_lightning_prediction_gives_the_features_of_the_local_path(encoder):
+    """`Trainer.predict` over `SpotWindows` (what several processes share,
+    `stimpute.features.parallel`), run here in one process, equals the local path."""
+    from stimpute.features.encoders import get_spec
+    from stimpute.features.parallel import shared_features
+    from stimpute.patches import SpotWindows
+    from stimpute.trainer import quiet_trainer
+
+    section = tiny_section(2)
+    local = spot_features(section, encoder, random_init=True, batch_size=4)
+    done = []
+    feats, shares = shared_features(SpotWindows(section, raster_order=True), get_spec(encoder), None, True,
+                                    quiet_trainer(1), batch_size=4, key="k", advance=done.append)
+    assert shares == [6] and sum(done) == 6 * 3
+    np.testing.assert_allclose(feats, local, rtol=1e-5, atol=1e-6)
+
+
+def test_shares_are_placed_by_spot_index_counted_once_and_must_cover_every_spot():
+    from stimpute.features.parallel import assemble
+
+    values = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
+    index = np.array([3, 1, 4, 0, 2])
+    feats, counts = assemble([(index[::2], values[index[::2]]), (index[1::2], values[index[1::2]]),
+                              (np.array([4, 4]), values[[4, 4]])], 5, 2, 3)  # a padded share repeats spots
+    assert np.array_equal(feats, values) and counts == [3, 2, 0]
+    with pytest.raises(RuntimeError, match="1 of 5 spots were encoded by no process"):
+        assemble([(index[:4], values[index[:4]])], 5, 2, 3)
+
+
+def test_only_several_command_processes_or_a_gpu_network_encode_through_lightning():
+    from stimpute.features import _prediction_trainer
+    from stimpute.features.encoders import get_spec
+
+    handcrafted_spec, network = get_spec("handcrafted"), get_spec("resnet18")
+    cpu = {"accelerator": "cpu", "num_nodes": 1}
+    assert _prediction_trainer(None, network, 10) is None
+    assert _prediction_trainer({**cpu, "devices": 1, "strategy": "auto"}, network, 10) is None
+    ddp = _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp"}, handcrafted_spec, 10)
+    assert ddp is not None and ddp.num_devices == 2
+    assert _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp"}, handcrafted_spec, 1) is None  # fewer spots than processes
+    assert _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp_spawn"}, handcrafted_spec, 10) is None  # workers spawned
