@@ -1,11 +1,12 @@
-"""Several training processes (Lightning's `--devices/--num-nodes/--strategy`, e.g. DDP):
-only the process of global rank 0 writes into the output folder.
+"""Several processes (Lightning's `--devices/--num-nodes/--strategy`, e.g. DDP): only the
+process of global rank 0 writes into the output folder.
 
 Lightning's DDP runs the whole command once per process: the launcher starts the
-command again for every other local rank when training begins (`torchrun`, SLURM and
-the other nodes of a multi-node run start it themselves). Every process reads the inputs
-and prepares the same data, trains its share of the batches, and goes on to the end of
-the command. Rank 0 owns OUT as any run does. Every other rank works in a private
+command again for every other local rank at the first Lightning run, when features are
+encoded (`stimpute.features.parallel`) or training begins (`torchrun`, SLURM and the other
+nodes of a multi-node run start it themselves). Every process reads the inputs and
+prepares the same data, encodes its share of the spots, trains its share of the batches,
+and goes on to the end of the command. Rank 0 owns OUT as any run does. Every other rank works in a private
 scratch folder, removed when the command ends: the feature caches and checkpoints that
 OUT already holds are linked into it (read, never written: an atomic write replaces the
 link, not its target), and OUT's run manifest is copied so the scratch run sees what
