@@ -92,6 +92,7 @@ def shared_features(spots: SpotWindows, spec: EncoderSpec, weights, random_init:
     module = EncoderModule(encoder, None if advance is None else lambda n: advance(n * processes))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
         parts = trainer.predict(module, DataLoader(spots, batch_size=batch_size))
     index = torch.cat([p[0] for p in parts]).numpy()
     feats = torch.cat([p[1] for p in parts]).numpy()
