@@ -19,6 +19,7 @@ import torch
 from stimpute.errors import StimputeError
 
 DEVICES = ("auto", "cpu", "cuda")
+ONE_PROCESS = {"devices": 1, "num_nodes": 1, "strategy": "auto"}  # the defaults: one process, one device
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -44,7 +45,8 @@ def parallel_options(accelerator: str, devices: str = "1", num_nodes: int = 1, s
     if num_nodes < 1:
         raise StimputeError("--num-nodes", f"must be ≥ 1, got {num_nodes}")
     options = {"devices": value, "num_nodes": int(num_nodes), "strategy": strategy}
-    _check_with_lightning(accelerator, options)
+    if options != ONE_PROCESS:  # always valid: `stimpute features` then need not import Lightning
+        _check_with_lightning(accelerator, options)
     return options
 
 

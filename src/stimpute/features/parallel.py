@@ -30,7 +30,7 @@ from stimpute.features.encoders import Encoder, EncoderSpec
 from stimpute.patches import SpotWindows
 
 
-def prediction_trainer(hardware: dict | None, spec: EncoderSpec, n_spots: int) -> L.Trainer | None:
+def prediction_trainer(hardware: dict, spec: EncoderSpec, n_spots: int) -> L.Trainer | None:
     """The Lightning trainer that encodes a section of `n_spots` spots on `hardware`
     (Lightning's accelerator, devices, num_nodes, strategy: `stimpute.trainer.HARDWARE`),
     or None where this process encodes alone (see module docstring)."""
