@@ -11,6 +11,7 @@ import torch
 from stimpute.errors import InputError, StimputeError
 from stimpute.features import ENCODERS, FeatureRun, load_encoder, spot_features
 from stimpute.features.checkpoint import load_weights
+from stimpute.features.stored import check_encoder
 from stimpute.features import handcrafted
 from stimpute.features.handcrafted import BLOCKS, HANDCRAFTED_DIM, describe_batch, describe_patch
 from stimpute.features.resnet import resnet18, resnet50
@@ -40,6 +41,10 @@ def test_torchvision_checkpoint_loads_bit_exactly(tmp_path, name, build):
     torch.save({**state, "fc.weight": torch.zeros(1000, dim), "fc.bias": torch.zeros(1000)}, file)
     enc = load_encoder(name, weights=file)
     assert_loaded(enc.model, state)
+    legacy = tmp_path / "legacy.pth"  # torch's pre-zip format cannot be memory-mapped: read in full instead
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    for weights in (file, legacy):
+        check_encoder(name, weights)  # the up-front check accepts what loads
     patches = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     out = enc(patches)
     assert out.shape == (2, dim) and out.dtype == np.float32 and np.isfinite(out).all()
@@ -53,6 +58,7 @@ def test_ciga_lightning_checkpoint_layout(tmp_path):
     file = tmp_path / "tenpercent_resnet18.ckpt"
     torch.save(ckpt, file)
     assert_loaded(load_encoder("ciga", weights=file).model, state)
+    check_encoder("ciga", file)
 
 
 def test_vit_timm_layout_roundtrip(tmp_path):
@@ -75,6 +81,9 @@ def test_wrong_layout_names_missing_and_unexpected_keys(tmp_path):
         load_encoder("resnet50", weights=file)
     msg = str(err.value)
     assert "r18.pth" in msg and "missing keys" in msg and "layer1.0.conv3.weight" in msg and "wrong shapes" in msg
+    with pytest.raises(InputError) as early:  # the up-front check, on a model without memory (meta device)
+        check_encoder("resnet50", file)
+    assert str(early.value) == msg
 
 
 def test_missing_weights_are_clear_errors(tmp_path):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,16 +26,19 @@ HEAD_PREFIXES = ("fc.", "head.", "projector.", "projection_head.", "classifier."
 SHOWN_KEYS = 8
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weight file, unwrapped from `state_dict` / `model` containers."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file, unwrapped from `state_dict` / `model` containers.
+    `mmap`: map the tensors instead of reading them (where the file's format allows it)."""
     path = Path(path)
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format, not legacy files
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints pickle their hyper-parameters; the user named this file as
-        # trusted weights, as torch.load did by default before 2.6.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:
+            # Training checkpoints pickle their hyper-parameters; the user named this file as
+            # trusted weights, as torch.load did by default before 2.6.
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as exc:  # not a torch file at all (the fallback's error says why)
         raise InputError(path, f"cannot read weight file ({str(exc).splitlines()[0]})") from None
     for container in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(container), dict):
@@ -66,6 +71,15 @@ def load_weights(model: nn.Module, path: str | Path, arch: str) -> nn.Module:
     """Load a weight file into `model` exactly (see module docstring for accepted layouts)."""
     model.load_state_dict(fit_state_dict(read_state_dict(path), model, path, arch), strict=True)
     return model
+
+
+def check_weights(path: str | Path, build: Callable[[], nn.Module], arch: str) -> None:
+    """Refuse a weight file that cannot be read or does not fit `arch` (what `load_weights`
+    would refuse), cheaply: the tensors are mapped, not read, and the model is built on the
+    meta device (names and shapes only), so even UNI's ViT-L is checked in about a second."""
+    with torch.device("meta"):
+        model = build()
+    fit_state_dict(read_state_dict(path, mmap=True), model, path, arch)
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:

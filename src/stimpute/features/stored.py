@@ -26,6 +26,7 @@ import numpy as np
 from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError
 from stimpute.features import spot_features
+from stimpute.features.checkpoint import check_weights
 from stimpute.features.encoders import ENCODERS, base_encoder, encoder_record, get_spec, stored_label
 from stimpute.patches import SCALES_UM
 
@@ -60,14 +61,18 @@ def stored_features(section: Section) -> tuple[str, np.ndarray] | None:
 
 
 def check_encoder(encoder: str | None, weights: str | Path | None) -> None:
-    """Fail fast on an unknown encoder or a bad weight file, before any section is read
-    (a network's missing weights are only an error once features must be computed)."""
+    """Fail fast on an unknown encoder or a bad weight file (missing, unreadable, or of
+    another architecture), before any section is read (a network's missing weights are only
+    an error once features must be computed)."""
     if encoder is None:
         if weights is not None:
             raise StimputeError("--weights", "given without --encoder: name the network the weights are for")
         return
-    if weights is not None or not get_spec(encoder).needs_weights:
-        encoder_record(encoder, weights)
+    spec = get_spec(encoder)
+    if weights is not None or not spec.needs_weights:
+        encoder_record(encoder, weights)  # also refuses weights for handcrafted and a missing file
+    if weights is not None:
+        check_weights(weights, spec.build, spec.name)
 
 
 def stored_encoder(stack: Stack, encoder: str | None = None) -> str:
