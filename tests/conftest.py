@@ -9,6 +9,7 @@ import pytest
 from stimpute.datasets import synthetic_stack
 
 HER2ST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st"
+HER2ST_STACK = ("C2", "C3", "C4")
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +24,22 @@ def her2st_root() -> Path:
 def synthetic():
     """A 3-section synthetic stack (seed 0); treat as read-only."""
     return synthetic_stack(3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def her2st_stack(her2st_root) -> list[Path]:
+    """The folders of C2, C3 and C4, in stack order."""
+    return [her2st_root / name for name in HER2ST_STACK]
+
+
+@pytest.fixture(scope="session")
+def her2st_features(her2st_stack, tmp_path_factory) -> Path:
+    """A feature cache of C2, C3 and C4 (handcrafted, the default), filled once per session
+    by `stimpute features`, so it is a cache stimpute owns: the tests that prepare these
+    sections (impute's accuracy guard, advise) start from a copy and compute no features."""
+    from tests.helpers import run_cli
+
+    cache = tmp_path_factory.mktemp("her2st") / "cache"
+    result = run_cli("features", *her2st_stack, "--out", cache)
+    assert result.exit_code == 0, result.output
+    return cache

@@ -167,14 +167,17 @@ def test_cli_errors_before_any_work(tmp_path, budget, n_sections, message):
 
 
 @pytest.mark.her2st
-def test_advice_on_her2st_picks_the_middle_section(her2st_root, tmp_path):
+def test_advice_on_her2st_picks_the_middle_section(her2st_stack, her2st_features, tmp_path):
     """On C2/C3/C4 every split was measured (benchmarks/bench_advise.py): with one section
     known, C3 imputes the other two best (ASIGN and the transfer baseline agree); the
     advisor must say so from the images alone."""
-    sections = [her2st_root / n for n in ("C2", "C3", "C4")]
-    result = runner.invoke(app, ["advise", *map(str, sections), "--budget", "1", "--out", str(tmp_path)])
+    import shutil
+
+    out = tmp_path / "advice"
+    shutil.copytree(her2st_features, out / "cache")  # the session's features of these sections (OUT/cache is advise's)
+    result = runner.invoke(app, ["advise", *map(str, her2st_stack), "--budget", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    table = pd.read_csv(tmp_path / "advice.csv")
+    table = pd.read_csv(out / "advice.csv")
     assert table["known"].iloc[0] == "C3" and sorted(table["known"]) == ["C2", "C3", "C4"]
 
 

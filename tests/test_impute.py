@@ -154,9 +154,11 @@ def test_train_then_predict_from_images_alone(tmp_path):
 
 
 @pytest.mark.her2st
-def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_root, tmp_path):
+def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_stack, her2st_features, tmp_path):
     """Guards the product: with C3 known, X beats the model part, the propagated part and
     register-then-copy on C2 and C4, paired over (target, gene) of the known section's panel."""
+    import shutil
+
     from scipy.stats import wilcoxon
 
     from stimpute.evaluate import pearson_columns
@@ -166,8 +168,9 @@ def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_root, tmp
     from stimpute.prepare import prepare_stack
 
     load_methods()
-    stack = read_stack([her2st_root / n for n in ("C2", "C3", "C4")])
-    prepared = prepare_stack(stack, known="C3", cache_dir=tmp_path / "cache")
+    stack = read_stack(her2st_stack)
+    cache = shutil.copytree(her2st_features, tmp_path / "cache")  # the session's features of these sections
+    prepared = prepare_stack(stack, known="C3", cache_dir=cache)
     result = impute_stack(prepared, [1], seed=0)
     rival = get_method("transfer").fit_predict(prepared, [1], [0, 2])
 
