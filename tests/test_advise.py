@@ -137,10 +137,16 @@ def test_sections_that_do_not_register_name_the_pair_and_the_figure(tmp_path):
     assert "overlay_S0_S1.png" in str(err.value) and (tmp_path / "figures" / "overlay_S0_S1.png").is_file()
 
 
-def test_cli_writes_the_ranked_advice(tmp_path):
-    folders = [write_section(s, tmp_path / "in") for s in small_stack()]
+@pytest.fixture(scope="module")
+def small_folders(tmp_path_factory) -> list[str]:
+    """`small_stack()` written as section folders once for the command-line tests."""
+    root = tmp_path_factory.mktemp("in")
+    return [str(write_section(s, root)) for s in small_stack()]
+
+
+def test_cli_writes_the_ranked_advice(small_folders, tmp_path):
     out = tmp_path / "advice"
-    result = runner.invoke(app, ["advise", *map(str, folders), "--budget", "2", "--out", str(out)])
+    result = runner.invoke(app, ["advise", *small_folders, "--budget", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "advice.csv")
     assert list(table.columns) == ["rank", "known", "expected_pcc"]
@@ -149,17 +155,16 @@ def test_cli_writes_the_ranked_advice(tmp_path):
     text = (out / "advice.md").read_text()
     assert "coverage" in text and "morphology" in text and "advice.png" in text and table["known"][0] in text
     assert (out / "advice.png").stat().st_size > 0 and any((out / "cache").iterdir())
-    again = runner.invoke(app, ["advise", *map(str, folders), "--budget", "2", "--out", str(out)])
+    again = runner.invoke(app, ["advise", *small_folders, "--budget", "2", "--out", str(out)])
     assert again.exit_code == 2 and "--force" in again.output
 
 
 @pytest.mark.parametrize("budget,n_sections,message", [(3, 3, "--budget: must be between 1 and 2"),
                                                        (0, 3, "--budget: must be between 1 and 2"),
                                                        (1, 1, "at least two sections")])
-def test_cli_errors_before_any_work(tmp_path, budget, n_sections, message):
-    folders = [write_section(s, tmp_path / "in") for s in small_stack(n_sections)]
+def test_cli_errors_before_any_work(small_folders, tmp_path, budget, n_sections, message):
     out = tmp_path / "advice"
-    result = runner.invoke(app, ["advise", *map(str, folders), "--budget", str(budget), "--out", str(out)])
+    result = runner.invoke(app, ["advise", *small_folders[:n_sections], "--budget", str(budget), "--out", str(out)])
     assert result.exit_code == 2
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], result.output

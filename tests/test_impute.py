@@ -1,5 +1,7 @@
 """Cross-layer Imputation: propagation, the fusion weighting, resume, and `stimpute impute` end to end."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from stimpute.impute import FusionWeights, fit_fusion
 from stimpute.io import write_section
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.train import GraphBatch, TrainConfig, fit
+from tests.helpers import run_cli
 
 
 def _grid(n_side, z, pitch=100.0, shift=0.0):
@@ -107,11 +110,25 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     assert TrainConfig.from_dict(TrainConfig(**cfg).to_dict()) == TrainConfig(**cfg)
 
 
-def test_impute_command_end_to_end_on_a_synthetic_stack(tmp_path):
+@pytest.fixture(scope="module")
+def stack_folders(tmp_path_factory):
+    """A 3-section synthetic stack written as section folders once, and a feature cache of
+    it filled once by `stimpute features` (a cache stimpute owns): the commands below start
+    from a copy of it, so the features are computed once for the module."""
     from stimpute.datasets import synthetic_stack
 
+    root = tmp_path_factory.mktemp("stack")
     stack = synthetic_stack(3, seed=0, n_genes=30, tissue_radius_um=350.0, image_size=800)
-    folders = [write_section(s, tmp_path / "in") for s in stack]
+    folders = [write_section(s, root / "in") for s in stack]
+    cache = root / "cache"
+    filled = run_cli("features", *folders, "--out", cache)
+    assert filled.exit_code == 0, filled.output
+    return stack, folders, cache
+
+
+def test_impute_command_end_to_end_on_a_synthetic_stack(stack_folders, tmp_path):
+    stack, folders, cache = stack_folders
+    shutil.copytree(cache, tmp_path / "out" / "cache")
     runner = CliRunner()
     args = ["impute", *map(str, folders), "--known", "S1", "--out", str(tmp_path / "out"), "--seed", "0"]
     result = runner.invoke(app, args)
@@ -134,16 +151,16 @@ def test_impute_command_end_to_end_on_a_synthetic_stack(tmp_path):
     assert again.exit_code == 2 and "--force" in again.output
 
 
-def test_train_then_predict_from_images_alone(tmp_path):
+def test_train_then_predict_from_images_alone(stack_folders, tmp_path):
     import anndata as ad
 
-    from stimpute.datasets import synthetic_stack
     from stimpute.evaluate import gene_metrics
     from stimpute.expression import panel_expression
     from stimpute.pipeline import run_predict, run_train
 
-    stack = synthetic_stack(3, seed=0, n_genes=30, tissue_radius_um=350.0, image_size=800)
-    folders = [write_section(s, tmp_path / "in") for s in stack]
+    stack, folders, cache = stack_folders
+    for out in ("model", "pred"):
+        shutil.copytree(cache, tmp_path / out / "cache")
     config = TrainConfig(max_epochs=30, model=MSAGNetConfig(width=32, variant="2d"))
     run_train(folders[:2], tmp_path / "model", config=config)
     (h5ad, figure) = run_predict(folders[2:], tmp_path / "model", tmp_path / "pred")
@@ -157,8 +174,6 @@ def test_train_then_predict_from_images_alone(tmp_path):
 def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_stack, her2st_features, tmp_path):
     """Guards the product: with C3 known, X beats the model part, the propagated part and
     register-then-copy on C2 and C4, paired over (target, gene) of the known section's panel."""
-    import shutil
-
     from scipy.stats import wilcoxon
 
     from stimpute.evaluate import pearson_columns
