@@ -145,7 +145,8 @@ def test_predict_checks_the_encoder_the_model_was_trained_with(tmp_path, folders
                                              ("architecture", "weights do not fit the resnet18 architecture"),
                                              ("unreadable", "cannot read weight file")])
 @pytest.mark.parametrize("command", [["benchmark", "--out", "{out}"], ["convert", "to-moest-h5", "--out", "{out}/x.h5"],
-                                     ["train", "--out", "{out}"], ["impute", "--known", "S1", "--out", "{out}"]])
+                                     ["train", "--out", "{out}"], ["impute", "--known", "S1", "--out", "{out}"],
+                                     ["features", "--out", "{out}"]])
 def test_every_command_takes_encoder_weights_and_refuses_a_bad_file_up_front(tmp_path, folders, weight_files, command,
                                                                              problem, message, monkeypatch):
     """A missing file, ResNet-50 weights for --encoder resnet18, or a file torch cannot read:
@@ -155,8 +156,8 @@ def test_every_command_takes_encoder_weights_and_refuses_a_bad_file_up_front(tmp
 
     weights = {"missing": tmp_path / "none.pth", "architecture": weight_files["r50"], "unreadable": tmp_path / "junk.pth"}[problem]
     (tmp_path / "junk.pth").write_bytes(b"not a weight file")
-    for module in (stimpute.io, stimpute.pipeline):
-        monkeypatch.setattr(module, "read_stack", lambda *a, **k: pytest.fail("sections read before the weights were checked"))
+    for module, reader in ((stimpute.io, "read_stack"), (stimpute.pipeline, "read_stack"), (stimpute.io, "read_section")):
+        monkeypatch.setattr(module, reader, lambda *a, **k: pytest.fail("sections read before the weights were checked"))
     args = [a.format(out=tmp_path / "out") for a in command]
     at = 2 if args[0] == "convert" else 1
     args = args[:at] + folders + args[at:] + ["--encoder", "resnet18", "--weights", str(weights)]

@@ -308,9 +308,11 @@ def features(
     from stimpute.device import parallel_options, resolve_device
     from stimpute.features import spot_features
     from stimpute.features.cache import cache_path
+    from stimpute.features.stored import check_encoder
     from stimpute.io import read_section
     from stimpute.io.run import run_ownership
 
+    check_encoder(encoder, weights)
     accelerator = resolve_device(device)
     hardware = {"accelerator": accelerator, **parallel_options(accelerator, devices, num_nodes, strategy)}
     # several processes share each section; rank 0 owns OUT and writes, the others only read its caches
