@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,21 @@ def her2st_stack(her2st_root) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def her2st_features(her2st_stack, tmp_path_factory) -> Path:
-    """A feature cache of C2, C3 and C4 (handcrafted, the default), filled once per session
+    """A feature cache of C2, C3 and C4 (handcrafted, the default), filled once per test run
     by `stimpute features`, so it is a cache stimpute owns: the tests that prepare these
-    sections (impute's accuracy guard, advise) start from a copy and compute no features."""
+    sections (impute's accuracy guard, advise) start from a copy and compute no features.
+    pytest-xdist workers share it: the first fills it under a lock, the others wait for it."""
+    from filelock import FileLock
+
     from tests.helpers import run_cli
 
-    cache = tmp_path_factory.mktemp("her2st") / "cache"
-    result = run_cli("features", *her2st_stack, "--out", cache)
-    assert result.exit_code == 0, result.output
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's folder, above every worker's own
+    cache, filled = root / "her2st_features", root / "her2st_features.filled"
+    with FileLock(f"{cache}.lock"):
+        if not filled.is_file():
+            result = run_cli("features", *her2st_stack, "--out", cache)
+            assert result.exit_code == 0, result.output
+            filled.touch()
     return cache
