@@ -137,6 +137,20 @@ def test_prediction_h5ad_is_written_atomically(tmp_path):
         write_h5ad_atomic(adata, path)
 
 
+def test_text_in_pandas_string_dtype_is_written_as_plain_strings(tmp_path):
+    """pandas 3 gives text its string dtype by default; anndata refuses to write it unless
+    told to (and anndata < 0.11 cannot read it): outputs are written as plain strings."""
+    from stimpute.io import write_h5ad_atomic
+
+    text = pd.array(["a", "b", "a"], dtype="string")
+    obs = pd.DataFrame({"spot": text, "kind": pd.Categorical(text), "z": [0.0, 1.0, 2.0]},
+                       index=pd.Index(["s1", "s2", "s3"], dtype="string"))
+    adata = ad.AnnData(np.ones((3, 2), np.float32), obs=obs, var=pd.DataFrame(index=["g1", "g2"]))
+    back = ad.read_h5ad(write_h5ad_atomic(adata, tmp_path / "strings.h5ad"))
+    assert list(back.obs["spot"]) == ["a", "b", "a"] and list(back.obs_names) == ["s1", "s2", "s3"]
+    assert list(back.obs["kind"].cat.categories) == ["a", "b"] and list(back.obs["z"]) == [0.0, 1.0, 2.0]
+
+
 def test_large_single_level_tiff_is_read_tile_by_tile(tmp_path, monkeypatch):
     """A TIFF above the decode limit stays with tiffslide even without a pyramid, and its
     thumbnail is built band by band; both agree with the pixels."""

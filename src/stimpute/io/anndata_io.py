@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from stimpute.data import Section
@@ -142,8 +143,24 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, force: bool = False) 
     path = Path(path)
     if path.exists() and not force:
         raise StimputeError(path, "already exists; pass --force to overwrite")
+    for frame in (adata.obs, adata.var):
+        classic_strings(frame)
     atomic_write(path, lambda tmp: adata.write_h5ad(tmp, compression="gzip"))
     return path
+
+
+def classic_strings(frame: pd.DataFrame) -> None:
+    """Turn pandas' string dtype (the default for text from pandas 3) into object columns,
+    index and categories, in place: anndata writes those as plain string arrays, which every
+    anndata version reads; it refuses nullable strings unless told to, and anndata < 0.11
+    cannot read them."""
+    for name, column in frame.items():
+        if isinstance(column.dtype, pd.StringDtype):
+            frame[name] = column.astype(object)
+        elif isinstance(column.dtype, pd.CategoricalDtype) and isinstance(column.cat.categories.dtype, pd.StringDtype):
+            frame[name] = column.cat.set_categories(column.cat.categories.astype(object))
+    if isinstance(frame.index.dtype, pd.StringDtype):
+        frame.index = frame.index.astype(object)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
