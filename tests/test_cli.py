@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from stimpute.io import write_h5ad_atomic
 from tests.helpers import one_error_line, run_cli, write_her2st_folder
 
 _run, _one_error_line = run_cli, one_error_line
@@ -56,7 +57,7 @@ def test_empty_gene_list(tmp_path):
 
 
 def test_h5ad_without_spatial(tmp_path):
-    ad.AnnData(X=np.ones((3, 2), np.float32)).write_h5ad(tmp_path / "s.h5ad")
+    write_h5ad_atomic(ad.AnnData(X=np.ones((3, 2), np.float32)), tmp_path / "s.h5ad", force=True)
     _one_error_line(_run("info", tmp_path / "s.h5ad"), "s.h5ad", 'obsm["spatial"]')
 
 

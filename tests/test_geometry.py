@@ -13,7 +13,7 @@ from scipy import sparse
 
 from stimpute import StimputeError
 from stimpute.errors import StimputeWarning
-from stimpute.io import read_section, read_stack
+from stimpute.io import read_section, read_stack, write_h5ad_atomic
 from stimpute.io.geometry import image_um_per_px
 
 
@@ -25,7 +25,7 @@ def _hest_sample(root, meta: dict | None, uns_spatial: dict | None = None, name:
     adata.obsm["spatial"] = np.random.default_rng(0).uniform(10, 90, (20, 2))
     if uns_spatial:
         adata.uns["spatial"] = uns_spatial
-    adata.write_h5ad(root / "st" / f"{name}.h5ad")
+    write_h5ad_atomic(adata, root / "st" / f"{name}.h5ad", force=True)
     Image.new("RGB", (100, 100), "white").save(root / "wsis" / f"{name}.tif")
     if meta is not None:
         (root / "metadata" / f"{name}.json").write_text(json.dumps(meta))

@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import sparse
 
 from stimpute import Stack, StimputeError
-from stimpute.io import read_h5ad_section, read_section, read_stack, write_section
+from stimpute.io import read_h5ad_section, read_section, read_stack, write_h5ad_atomic, write_section
 from tests.helpers import write_her2st_folder
 
 
@@ -64,7 +64,7 @@ def test_hest_style_h5ad_with_wsi_folder_and_metadata(tmp_path):
     adata = ad.AnnData(X=sparse.csr_matrix(counts))
     adata.layers["counts"] = adata.X.copy()
     adata.obsm["spatial"] = np.random.default_rng(0).uniform(10, 90, (20, 2))
-    adata.write_h5ad(tmp_path / "st" / "S9.h5ad")
+    write_h5ad_atomic(adata, tmp_path / "st" / "S9.h5ad", force=True)
     Image.new("RGB", (100, 100), "white").save(tmp_path / "wsis" / "S9.tif")
     (tmp_path / "metadata" / "S9.json").write_text(json.dumps({"pixel_size_um_estimated": 0.5}))
     s = read_section(tmp_path / "st" / "S9.h5ad")
@@ -94,7 +94,7 @@ def test_counts_that_do_not_match_the_spot_table(tmp_path):
 
 
 def test_h5ad_without_spatial_coordinates(tmp_path):
-    ad.AnnData(X=np.ones((3, 2))).write_h5ad(tmp_path / "bad.h5ad")
+    write_h5ad_atomic(ad.AnnData(X=np.ones((3, 2))), tmp_path / "bad.h5ad", force=True)
     with pytest.raises(StimputeError, match=r'bad\.h5ad: no obsm\["spatial"\]'):
         read_section(tmp_path / "bad.h5ad")
 
@@ -128,8 +128,6 @@ def test_image_regions_are_padded_white_outside(synthetic):
 
 
 def test_prediction_h5ad_is_written_atomically(tmp_path):
-    from stimpute.io import write_h5ad_atomic
-
     adata = ad.AnnData(X=np.ones((2, 2), np.float32), obs=pd.DataFrame(index=["a", "b"]))
     path = write_h5ad_atomic(adata, tmp_path / "pred.h5ad")
     assert ad.read_h5ad(path).shape == (2, 2) and not list(tmp_path.glob("*.part"))
@@ -140,8 +138,6 @@ def test_prediction_h5ad_is_written_atomically(tmp_path):
 def test_text_in_pandas_string_dtype_is_written_as_plain_strings(tmp_path):
     """pandas 3 gives text its string dtype by default; anndata refuses to write it unless
     told to (and anndata < 0.11 cannot read it): outputs are written as plain strings."""
-    from stimpute.io import write_h5ad_atomic
-
     text = pd.array(["a", "b", "a"], dtype="string")
     obs = pd.DataFrame({"spot": text, "kind": pd.Categorical(text), "z": [0.0, 1.0, 2.0]},
                        index=pd.Index(["s1", "s2", "s3"], dtype="string"))

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from stimpute.cli import app
 from stimpute.datasets import synthetic_stack
-from stimpute.io import read_sections, write_section
+from stimpute.io import read_sections, write_h5ad_atomic, write_section
 from stimpute.io.results import block_section
 
 
@@ -95,7 +95,7 @@ def test_info_reads_every_output_back(run, tmp_path):
     moved = tmp_path / "he_1.h5ad"  # the source image is not where the file says: uns['spatial'] hires is used
     adata = ad.read_h5ad(out / "he_1.h5ad")
     adata.uns["stimpute"]["image_path"] = str(tmp_path / "gone.png")
-    adata.write_h5ad(moved)
+    write_h5ad_atomic(adata, moved, force=True)
     (section,) = read_sections(moved)
     assert "hires" in section.report["image"] and section.n_spots == adata.n_obs
     assert section.spot_diameter_px == pytest.approx(55.0 / 2 * adata.uns["spatial"]["he_1"]["scalefactors"]["tissue_hires_scalef"])

@@ -16,7 +16,7 @@ from PIL import Image
 
 from stimpute import Section, SectionImage, StimputeError
 from stimpute.errors import StimputeWarning
-from stimpute.io import read_her2st
+from stimpute.io import read_her2st, write_h5ad_atomic
 from stimpute.io.validate import validate_section
 from stimpute.register.masks import View
 from tests.helpers import one_error_line, run_cli, write_her2st_folder
@@ -127,7 +127,7 @@ def _h5ad_with_image(folder, genes):
     adata.obs_names = [f"s{i}" for i in range(6)]
     adata.obsm["spatial"] = np.c_[np.arange(6) * 10 + 10, np.full(6, 20)].astype(float)
     adata.uns["stimpute"] = {"um_per_px": 1.0, "spot_diameter_um": 5.0}
-    adata.write_h5ad(folder / "A.h5ad")
+    write_h5ad_atomic(adata, folder / "A.h5ad", force=True)
     Image.fromarray(np.full((80, 80, 3), 200, np.uint8)).save(folder / "A.png")
     return folder / "A.h5ad"
 

@@ -12,7 +12,7 @@ from stimpute import StimputeError
 from stimpute.cli import app
 from stimpute.errors import StimputeWarning
 from stimpute.expression import select_panel
-from stimpute.io import read_section
+from stimpute.io import read_section, write_h5ad_atomic
 
 runner = CliRunner()
 
@@ -26,7 +26,7 @@ def _sample(tmp_path, counts=None, xy=None, ids=None, image_name="s.png", name="
     adata.var_names = ["A", "B", "C"][: counts.shape[1]]
     adata.obsm["spatial"] = np.asarray(xy if xy is not None else rng.uniform(5, 45, (len(counts), 2)), float)
     adata.uns["stimpute"] = {"um_per_px": 1.0, "image": image_name}
-    adata.write_h5ad(tmp_path / f"{name}.h5ad")
+    write_h5ad_atomic(adata, tmp_path / f"{name}.h5ad", force=True)
     Image.new("RGB", (50, 50), "white").save(tmp_path / "s.png")
     return tmp_path / f"{name}.h5ad"
 
