@@ -139,7 +139,8 @@ def add_thumbnail(adata: ad.AnnData, section: Section, max_side: int = THUMBNAIL
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, force: bool = False) -> Path:
-    """Write an `.h5ad` under a temporary name, then rename: never a half-written file."""
+    """Write an `.h5ad` under a temporary name, then rename: never a half-written file.
+    Text columns of `obs`/`var` in pandas' string dtype become object columns first (`classic_strings`)."""
     path = Path(path)
     if path.exists() and not force:
         raise StimputeError(path, "already exists; pass --force to overwrite")
