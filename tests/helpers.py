@@ -1,9 +1,11 @@
-"""Small on-disk inputs for tests (HER2-ST-like raw folders, HEST-like .h5ad samples), the
-command line run in-process, and refusals of edited 3DMoEST H5 files."""
+"""Small on-disk inputs for tests (HER2-ST-like raw folders, Space Ranger outs/ folders,
+HEST-like .h5ad samples), the command line run in-process, and refusals of edited 3DMoEST
+H5 files."""
 
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import h5py
@@ -65,3 +67,63 @@ def refuses_moest_h5(path: Path, match: str, delete=(), put=None) -> None:
             f[key] = value
     with pytest.raises(InputError, match=match):
         read_moest_h5(path)
+
+
+def write_10x_h5(path: Path, counts, barcodes, genes, feature_types=None) -> Path:
+    """A 10x feature-barcode matrix HDF5 file (Space Ranger layout: features × barcodes CSC)."""
+    from scipy import sparse
+
+    X = sparse.csr_matrix(counts)  # barcodes × features: its CSR arrays are the features × barcodes CSC arrays
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["barcodes"] = np.array(barcodes, dtype="S")
+        m["data"], m["indices"], m["indptr"] = X.data.astype(np.int32), X.indices.astype(np.int64), X.indptr.astype(np.int64)
+        m["shape"] = np.array([X.shape[1], X.shape[0]], dtype=np.int32)
+        feats = m.create_group("features")
+        feats["id"] = np.array([f"ENSG{i:011d}" for i in range(len(genes))], dtype="S")
+        feats["name"] = np.array(genes, dtype="S")
+        feats["feature_type"] = np.array(feature_types or ["Gene Expression"] * len(genes), dtype="S")
+        feats["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+    return path
+
+
+def write_spaceranger_outs(folder: Path, section, layout: str = "v2", fullres: bool = True, hires_scalef: float = 0.5,
+                           off_tissue: int = 5, antibodies: int = 0) -> Path:
+    """A Space Ranger `outs/` folder of `section` (a synthetic Section, counts on spots):
+    `layout` v1 (spatial/tissue_positions_list.csv, no header), v2 (tissue_positions.csv,
+    header) or parquet; `off_tissue` extra spots with in_tissue 0 and no counts;
+    `antibodies` extra non-gene features (CytAssist protein panels); the full-resolution
+    image as `outs/<name>_HE.tif` when `fullres`, and spatial/tissue_hires_image.png."""
+    outs = folder / "outs"
+    spatial = outs / "spatial"
+    spatial.mkdir(parents=True, exist_ok=True)
+    barcodes = [f"AAAC{i:08d}-1" for i in range(section.n_spots)]
+    counts = section.adata.X.toarray().astype(int)
+    genes = list(section.genes) + [f"CD{i}_TotalSeqC" for i in range(antibodies)]
+    counts = np.c_[counts, np.full((len(counts), antibodies), 7)]
+    write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes,
+                 ["Gene Expression"] * section.adata.n_vars + ["Antibody Capture"] * antibodies)
+    xy = section.xy
+    table = pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": section.adata.obs["array_row"].to_numpy(),
+                          "array_col": section.adata.obs["array_col"].to_numpy(),
+                          "pxl_row_in_fullres": np.round(xy[:, 1]).astype(int), "pxl_col_in_fullres": np.round(xy[:, 0]).astype(int)})
+    glass = pd.DataFrame({"barcode": [f"TTTG{i:08d}-1" for i in range(off_tissue)], "in_tissue": 0, "array_row": 0,
+                          "array_col": np.arange(off_tissue) * 2, "pxl_row_in_fullres": 5, "pxl_col_in_fullres": 5})
+    table = pd.concat([glass, table], ignore_index=True)
+    if layout == "v1":
+        table.to_csv(spatial / "tissue_positions_list.csv", header=False, index=False)
+    elif layout == "v2":
+        table.to_csv(spatial / "tissue_positions.csv", index=False)
+    else:
+        table.to_parquet(spatial / "tissue_positions.parquet", index=False)
+    factors = {"spot_diameter_fullres": section.spot_diameter_um / section.um_per_px,
+               "fiducial_diameter_fullres": 65.0 / section.um_per_px, "tissue_hires_scalef": hires_scalef,
+               "tissue_lowres_scalef": hires_scalef / 4}
+    (spatial / "scalefactors_json.json").write_text(json.dumps(factors))
+    W, H = section.image.size
+    full = Image.fromarray(section.image.read_region(0, 0, W, H))
+    full.resize((round(W * hires_scalef), round(H * hires_scalef))).save(spatial / "tissue_hires_image.png")
+    if fullres:
+        full.save(outs / f"{folder.name}_HE.tif")
+    return outs

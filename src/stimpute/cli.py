@@ -34,7 +34,7 @@ err_console = Console(stderr=True)
 
 Sections = Annotated[
     list[Path],
-    typer.Argument(help="Sections in stack order: HER2-ST raw folders, section folders, .h5ad files, or (impute) H&E images alone."),
+    typer.Argument(help="Sections in stack order: HER2-ST raw folders, section folders, .h5ad files, Space Ranger outs/ folders, or (impute) H&E images alone."),
 ]
 
 
@@ -174,6 +174,29 @@ def convert_h5ad(
         section = read_h5ad_section(h5ad, image=image, um_per_px=um_per_px)
         target = write_section(section, out, force=run.claim([f"{section.name}/"]))
     console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}")
+
+
+@convert_app.command("spaceranger")
+@guarded
+def convert_spaceranger(
+    outs: Annotated[Path, typer.Argument(help="A Space Ranger outs/ folder (filtered_feature_bc_matrix.h5 + spatial/), or the run folder holding it.")],
+    out: Annotated[Path, typer.Argument(help="Output folder; the section folder <name>/ is written in it (name: the folder above outs/).")],
+    image: Annotated[Optional[Path], typer.Option(help="The full-resolution H&E image Space Ranger was run on (its --image); default: the one image in outs/, else spatial/tissue_hires_image.png.")] = None,
+    um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per full-resolution pixel (default: from the 55 µm spot in scalefactors_json.json).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing section folder.")] = False,
+):
+    """Convert a Space Ranger outs/ folder (Visium v1, v2, CytAssist) + its full-resolution image to a section folder.
+
+    An outs/ folder is also read directly wherever a SECTION is taken; this command names the image explicitly.
+    Example: [bold]stimpute convert spaceranger runs/A1/outs sections/ --image scans/A1.tif[/]
+    """
+    from stimpute.io import read_spaceranger, write_section
+    from stimpute.io.run import run_ownership
+
+    with run_ownership(out, "convert", [outs, image], force) as run:
+        section = read_spaceranger(outs, image=image, um_per_px=um_per_px)
+        target = write_section(section, out, force=run.claim([f"{section.name}/"]))
+    console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}", highlight=False)
 
 
 @convert_app.command("moest-h5")

@@ -36,6 +36,7 @@ from stimpute.io import read_stack
 from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
 from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
 from stimpute.io.run import Run, run_ownership
+from stimpute.io.spaceranger import spaceranger_files, spaceranger_outs
 from stimpute.data import Stack
 from stimpute.device import check_batch_nodes, resolve_device
 from stimpute.distributed import is_rank_zero, rank_output
@@ -300,10 +301,13 @@ def input_records(stack, sections: Sequence[str | Path]) -> list[dict]:
 
 
 def input_hash(path: str | Path) -> str:
-    """SHA-256 over an input file, or over every file of an input folder (names and contents)."""
+    """SHA-256 over an input file, or over every file of an input folder (names and contents);
+    of a Space Ranger folder, over the files a section is read from (not its BAM)."""
     path = Path(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+    outs = None if path.is_file() else spaceranger_outs(path)
+    files = spaceranger_files(outs) if outs is not None else [path] if path.is_file() else path.rglob("*")
+    for f in sorted(p for p in files if p.is_file()):
         h.update(f.relative_to(path.parent if path.is_file() else path).as_posix().encode())
         h.update(file_digest(f).encode())
     return h.hexdigest()

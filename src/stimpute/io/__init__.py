@@ -4,6 +4,7 @@
 - a HER2-ST raw folder (`*_selection.tsv` + `*.tsv.gz` + image),
 - a project section folder (`section.h5ad` + `image.*`, written by `stimpute convert`),
 - an `.h5ad` file with `obsm["spatial"]` and an image (HEST-1k style),
+- a Space Ranger `outs/` folder, or the run folder holding it (`stimpute.io.spaceranger`),
 - a single-section 3DMoEST `.h5` file (`stimpute.io.moest_h5`; multi-section files are
   converted with `stimpute convert moest-h5`),
 - an H&E image alone (JPEG/PNG/TIFF/WSI): an unmeasured section without spots yet
@@ -30,6 +31,7 @@ from stimpute.io.anndata_io import (
 from stimpute.io.her2st import is_her2st_folder, read_her2st
 from stimpute.io.image_section import is_image_file, read_image_section
 from stimpute.io.moest_h5 import is_moest_h5, read_moest_section
+from stimpute.io.spaceranger import read_spaceranger, spaceranger_outs
 from stimpute.io.validate import validate_section
 from stimpute.timing import timed
 
@@ -51,13 +53,15 @@ def read_section(path: str | Path, image: str | Path | None = None, um_per_px: f
         return read_section_folder(path)
     if is_her2st_folder(path):
         return read_her2st(path)
+    if spaceranger_outs(path) is not None:
+        return read_spaceranger(path, image=image, um_per_px=um_per_px)
     h5ads = sorted(path.glob("*.h5ad"))
     if len(h5ads) == 1:
         return read_h5ad_section(h5ads[0], image=image, um_per_px=um_per_px)
     raise InputError(
         path,
         "not a section: expected a HER2-ST folder (*_selection.tsv), a section folder "
-        "(section.h5ad) or an .h5ad file",
+        "(section.h5ad), a Space Ranger outs/ folder (filtered_feature_bc_matrix.h5 + spatial/) or an .h5ad file",
     )
 
 
@@ -101,6 +105,7 @@ __all__ = [
     "read_sections",
     "read_her2st",
     "read_h5ad_section",
+    "read_spaceranger",
     "read_image_section",
     "write_section",
     "write_h5ad_atomic",

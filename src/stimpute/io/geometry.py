@@ -56,12 +56,12 @@ class Geometry:
 def section_geometry(h5ad_path: Path, uns: dict) -> Geometry:
     """Geometry of an `.h5ad` section from `uns["stimpute"]`, HEST metadata, Visium scale factors."""
     own = dict(uns.get("stimpute", {}))
-    geometry = Geometry(_positive(own.get("um_per_px")), _positive(own.get("spot_diameter_um")),
-                        _positive(own.get("pitch_um")))
+    geometry = Geometry(positive(own.get("um_per_px")), positive(own.get("spot_diameter_um")),
+                        positive(own.get("pitch_um")))
     geometry.sources = {k: "uns['stimpute']" for k in ("um_per_px", "spot_diameter_um", "pitch_um") if getattr(geometry, k)}
     geometry = geometry.fill(hest_geometry(h5ad_path))
     scalefactors = visium_scalefactors(h5ad_path, uns)
-    if scalefactors and geometry.um_per_px is None and _positive(scalefactors[0].get("spot_diameter_fullres")):
+    if scalefactors and geometry.um_per_px is None and positive(scalefactors[0].get("spot_diameter_fullres")):
         if geometry.spot_diameter_um is None:
             warn_default(h5ad_path, "spot diameter", VISIUM_SPOT_DIAMETER_UM, "µm, the Visium spot of Space Ranger scale factors")
         diameter_um = geometry.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM
@@ -95,12 +95,12 @@ def hest_geometry(path: Path) -> Geometry:
     meta, meta_path = found
     technology = TECHNOLOGY_GEOMETRY.get(str(meta.get("st_technology", "")).strip().lower(), (None, None))
     values = {
-        "um_per_px": (_positive(meta.get("pixel_size_um_estimated")), "pixel_size_um_estimated"),
-        "spot_diameter_um": (_positive(meta.get("spot_diameter")), "spot_diameter"),
-        "pitch_um": (_positive(meta.get("inter_spot_dist")), "inter_spot_dist"),
+        "um_per_px": (positive(meta.get("pixel_size_um_estimated")), "pixel_size_um_estimated"),
+        "spot_diameter_um": (positive(meta.get("spot_diameter")), "spot_diameter"),
+        "pitch_um": (positive(meta.get("inter_spot_dist")), "inter_spot_dist"),
     }
     if values["um_per_px"][0] is None:
-        values["um_per_px"] = (_positive(meta.get("pixel_size_um_embedded")), "pixel_size_um_embedded")
+        values["um_per_px"] = (positive(meta.get("pixel_size_um_embedded")), "pixel_size_um_embedded")
     geometry = Geometry()
     for name, (value, key) in values.items():
         if value is not None:
@@ -154,7 +154,7 @@ def _slide_mpp(path: Path) -> float | None:
             mpp = slide.properties.get("tiffslide.mpp-x")
     except Exception:
         return None
-    return _positive(mpp)
+    return positive(mpp)
 
 
 def _dpi_um_per_px(path: Path) -> float | None:
@@ -165,12 +165,13 @@ def _dpi_um_per_px(path: Path) -> float | None:
             dpi = im.info.get("dpi")
     except Exception:
         return None
-    if not dpi or not _positive(dpi[0]):
+    if not dpi or not positive(dpi[0]):
         return None
     return 25400.0 / float(dpi[0])
 
 
-def _positive(value) -> float | None:
+def positive(value) -> float | None:
+    """`value` as a float where it is a finite number > 0, else None (a missing or bad metadata field)."""
     try:
         value = float(value)
     except (TypeError, ValueError):
