@@ -26,13 +26,14 @@ import yaml
 from stimpute import __version__
 from stimpute.confidence import spot_confidence
 from stimpute.errors import StimputeError
-from stimpute.evaluate import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc
+from stimpute.evaluate import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc, top_hvg_genes
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
 from stimpute.features.encoders import match_recorded
 from stimpute.features.stored import check_encoder, check_trained_on, stored_encoder
 from stimpute.impute import MEMBERS, ImputeResult, impute_stack
 from stimpute.io import read_stack
+from stimpute.io.image_section import is_image_file
 from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
 from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
 from stimpute.io.run import Run, run_ownership
@@ -43,7 +44,7 @@ from stimpute.distributed import is_rank_zero, rank_output
 from stimpute.models import get_model
 from stimpute.prepare import known_indices, prepare_stack
 from stimpute.programs import programs_record
-from stimpute.register.grid import GridOptions, place_virtual_spots
+from stimpute.register.grid import GridOptions, grid_on_section, place_virtual_spots
 from stimpute.register.outputs import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.train import TrainConfig, torch_threads
@@ -79,7 +80,7 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
                encoder: str | None = None, members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated",
                weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
-               programs: str | int = "auto") -> ImputeRun:
+               programs: str | int = "auto", command: str = "impute") -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
 
     `known`: the measured section's name, or several joined by commas ("C2,C4").
@@ -88,10 +89,11 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
     `programs`: gene-program rank of the projection before fusion ("auto", "none" or a number).
     Image files among `sections` are H&E-only sections (scale `um_per_px` or their metadata)
     that get a virtual spot grid (`grid`) in the known section's registered frame.
+    `command`: the owner recorded in `out`'s run manifest (`stimpute demo` reruns over its own).
     """
     check_encoder(encoder, weights)
     features = {"encoder": encoder, "weights": weights}
-    with rank_output(out) as out, run_ownership(out, "impute", [*sections, genes, weights], force) as run:
+    with rank_output(out) as out, run_ownership(out, command, [*sections, genes, weights], force) as run:
         return _impute(run, out, sections, known, genes, seed, progress and is_rank_zero(), config, features, members,
                        fusion, um_per_px, grid, programs)
 
@@ -164,21 +166,30 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
 
 def evaluate_targets(prepared, targets: list[int], predictions: dict, top: np.ndarray) -> tuple[pd.DataFrame | None, RunSummary]:
     """`section,gene,pcc,mse,mae` rows for targets that carry counts, and their summaries."""
-    frames, summary = [], RunSummary()
-    measured = [i for i in targets if prepared.expression[i] is not None]
-    for i in measured:
-        frame = gene_metrics(predictions[i], prepared.expression[i], prepared.panel)
-        frame.insert(0, "section", prepared.stack[i].name)
+    return score_sections([prepared.stack[i].name for i in targets], [predictions[i] for i in targets],
+                          [prepared.expression[i] for i in targets], prepared.panel, top)
+
+
+def score_sections(names: Sequence[str], predicted: Sequence[np.ndarray], measured: Sequence[np.ndarray | None],
+                   panel: Sequence[str], top: np.ndarray) -> tuple[pd.DataFrame | None, RunSummary]:
+    """Per-gene metrics (`section,gene,pcc,mse,mae`) of the sections whose `measured`
+    expression is known, and per section (and pooled, "all") the PCC summaries over the
+    panel and its `top` genes (column indices) with the paper's per-spot PCC."""
+    frames, summary, spots = [], RunSummary(), []
+    for name, pred, truth in zip(names, predicted, measured):
+        if truth is None:
+            continue
+        frame = gene_metrics(pred, truth, panel)
+        frame.insert(0, "section", name)
         frames.append(frame)
-        spot = float(np.nanmean(spot_pcc(predictions[i], prepared.expression[i])))
-        summary.add(prepared.stack[i].name, summarise_pcc(frame.pcc), summarise_pcc(frame.pcc.to_numpy()[top]), spot)
+        spots.append(spot_pcc(pred, truth))
+        summary.add(name, summarise_pcc(frame.pcc), summarise_pcc(frame.pcc.to_numpy()[top]), float(np.nanmean(spots[-1])))
     if not frames:
         return None, summary
     if len(frames) > 1:
         pooled = np.concatenate([f.pcc.to_numpy() for f in frames])
         pooled_top = np.concatenate([f.pcc.to_numpy()[top] for f in frames])
-        spots = np.concatenate([spot_pcc(predictions[i], prepared.expression[i]) for i in measured])
-        summary.add("all", summarise_pcc(pooled), summarise_pcc(pooled_top), float(np.nanmean(spots)))
+        summary.add("all", summarise_pcc(pooled), summarise_pcc(pooled_top), float(np.nanmean(np.concatenate(spots))))
     return pd.concat(frames, ignore_index=True), summary
 
 
@@ -215,6 +226,10 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
         accelerator = resolve_device(device) if device is not None else model.config.accelerator
         model.on_device(accelerator, **(parallel or {}))
     check_encoder(encoder, weights)
+    for path in sections:
+        if is_image_file(Path(path)):
+            raise StimputeError(path, "an H&E image alone has no measured spots: `stimpute train` learns from sections "
+                                      "with counts (predict this one with `stimpute predict`)")
     features = {"encoder": encoder, "weights": weights}
     with rank_output(out) as out, run_ownership(out, "train", [*sections, genes, weights], force) as run:
         return _train(run, sections, genes, seed, progress and is_rank_zero(), features, model, mode, folds)
@@ -226,6 +241,10 @@ def _train(run: Run, sections, genes, seed, progress, features, model, mode, fol
     outputs = [saved, "cv_metrics.csv", "checkpoints/", "config.yaml"] if mode == "cv" else [saved, "config.yaml"]
     force = run.claim(list(dict.fromkeys(outputs)), caches=["cache/"]) and not run.resuming  # a killed run is resumed
     stack = read_stack(sections)
+    for section in stack:
+        if section.n_spots == 0 or not section.has_counts:
+            raise StimputeError(section.source or section.name, f"{section.n_spots} spots with counts: "
+                                "`stimpute train` learns from measured sections only")
     prepared = prepare_stack(stack, panel=genes, encoder=features["encoder"], weights=features["weights"],
                              cache_dir=out / "cache", progress=progress, register=False,
                              hardware=lightning_flags(model.config))
@@ -240,24 +259,42 @@ def _train(run: Run, sections, genes, seed, progress, features, model, mode, fol
     else:
         written = model.fit(prepared, known, seed, checkpoints=out / "checkpoints", progress=progress).save(out)
     settings = {"stimpute_version": __version__, "method": model.model_name, "seed": seed, **prepared.settings["features"],
-                "panel": list(prepared.panel), "inputs": input_records(stack, sections),
+                "panel": list(prepared.panel), "top_hvg": top_hvg_genes(prepared, known), "spots": spot_geometry(stack),
+                "inputs": input_records(stack, sections),
                 "train": {"mode": mode, "folds": folds, **model.settings()}}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(settings), sort_keys=False))
     return written
 
 
+def spot_geometry(stack: Stack) -> dict:
+    """Median spot diameter and pitch (µm) of the measured sections: the virtual grid that
+    `predict` lays on H&E images alone for a model trained on them."""
+    measured = [s for s in stack if s.has_counts]
+    pitches = [s.pitch_um for s in measured if s.pitch_um]
+    return {"spot_diameter_um": float(np.median([s.spot_diameter_um for s in measured])),
+            "pitch_um": float(np.median(pitches)) if pitches else None}
+
+
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
                 progress: bool = False, method: str | None = None, encoder: str | None = None,
-                weights: str | Path | None = None) -> list[Path]:
+                weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
+                summary: RunSummary | None = None) -> list[Path]:
     """Predict each section from its image alone with a model written by `run_train`
     (`method`, `encoder` and `weights`, if given, must be the model's); returns the `.h5ad`
-    and figure of each section, and records the model, inputs and version in `out/config.yaml`."""
+    and figure of each section, and records the model, inputs and version in `out/config.yaml`.
+
+    H&E images alone (scale `um_per_px` or their metadata) get a virtual spot grid over
+    their tissue (`grid`; default: the spot diameter and pitch the model was trained on).
+    Sections that carry counts are scored: `out/metrics.csv` (`section,gene,pcc,mse,mae`),
+    and `summary`, if given, receives their PCC summaries (top genes: the training
+    sections' top-50 HVGs)."""
     model_dir, out = Path(model_dir), Path(out)
     with run_ownership(out, "predict", [*sections, model_dir, weights], force) as run:
-        return _predict(run, sections, model_dir, progress, method, encoder, weights)
+        return _predict(run, sections, model_dir, progress, method, encoder, weights, um_per_px, grid, summary)
 
 
-def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | None, encoder, weights) -> list[Path]:
+def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | None, encoder, weights,
+             um_per_px, grid, summary) -> list[Path]:
     out = run.out
     cfg_file = model_dir / "config.yaml"
     settings = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
@@ -270,11 +307,16 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
         raise StimputeError(cfg_file, f"this model was trained with --method {trained}, not {method}")
     features = match_recorded(settings, encoder, weights, cfg_file)
     model = model_class.load(model_dir)
-    stack = read_stack(sections)
-    force = run.claim([f"{s.name}.h5ad" for s in stack] + [f"figures/{s.name}.png" for s in stack] + ["config.yaml"],
-                      caches=["cache/"])
-    files = []
+    stack = read_stack(sections, um_per_px=um_per_px)
+    force = run.claim([f"{s.name}.h5ad" for s in stack] + [f"figures/{s.name}.png" for s in stack]
+                      + ["config.yaml", "metrics.csv"], caches=["cache/"])
+    trained_grid = {k: v for k, v in settings.get("spots", {}).items() if v}
+    grid = grid or GridOptions()
+    grid = replace(grid, **{k: v for k, v in trained_grid.items() if getattr(grid, k) is None})
+    files, scored = [], {"names": [], "predicted": [], "measured": []}
     for section in stack:
+        if section.n_spots == 0:
+            grid_on_section(section, grid)
         check_trained_on(settings.get("encoder", "handcrafted"), section, model_dir)
         one = prepare_stack(Stack([section]), known=[], panel=settings["panel"], encoder=features["encoder"],
                             weights=features["weights"],
@@ -284,6 +326,8 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
         files.append(write_prediction(section, one.panel, pred, out, force=force))
         shown = [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES]
         measured = one.expression[0]
+        for key, value in zip(scored, (section.name, pred, measured)):
+            scored[key].append(value)
         pcc = None if measured is None else pearson_columns(pred, measured)[[list(one.panel).index(g) for g in shown]]
         files.append(_heatmaps(section, one.panel, shown, pred, measured, out, pcc=pcc, label="predicted"))
         section.image.release()
@@ -291,6 +335,14 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
               "seed": settings.get("seed"), **features, "encoder": settings.get("encoder", "handcrafted"),
               "panel": settings["panel"],
               "inputs": input_records(stack, sections), "train": settings.get("train")}
+    measured = [m for m in scored["measured"] if m is not None]
+    if measured:  # models from before config.yaml recorded top_hvg: the measured targets' own
+        panel = list(settings["panel"])
+        top = settings.get("top_hvg") or [panel[j] for j in top_variable(np.concatenate(measured), N_TOP_SUMMARY)]
+        metrics, scores = score_sections(**scored, panel=panel, top=np.array([panel.index(g) for g in top]))
+        write_text_atomic(out / "metrics.csv", metrics.to_csv(index=False))
+        if summary is not None:
+            summary.rows.extend(scores.rows)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(record), sort_keys=False))
     return files
 

@@ -43,6 +43,12 @@ class FeatureRun:
     cache_file: Path | None = None
     padded: dict = field(default_factory=dict)
     shares: list[int] = field(default_factory=list)
+    encode_seconds: float = 0.0  # from the first patch to the last, as the progress bar counts
+
+    @property
+    def rate(self) -> float:
+        """Patches encoded per second: the progress bar's rate (setup and cache writing excluded)."""
+        return self.n_patches / self.encode_seconds if self.encode_seconds > 0 else float("nan")
 
 
 @timed("features")
@@ -82,6 +88,7 @@ def spot_features(
         model = Encoder(spec, weights, random_init) if trainer is None else None
         normalizer = MacenkoNormalizer.fit_section(section) if stain_normalize else None
         n_total = section.n_spots * len(names)
+        encode_start = time.perf_counter()
         with _progress(progress) as bar:
             task = bar.add_task(f"{section.name} · {spec.name}", total=n_total) if bar else None
             if trainer is None:
@@ -100,11 +107,12 @@ def spot_features(
                                                 (lambda n: bar.advance(task, n)) if bar else None)
                 if bar:
                     bar.update(task, completed=n_total)
+            encode_seconds = time.perf_counter() - encode_start
         if path is not None and is_rank_zero():
             cache.write_features(path, spec.name, key, names, section.spot_ids, feats, shares)
     if runs is not None:
-        runs.append(FeatureRun(section.name, spec.name, hit, time.perf_counter() - start,
-                                section.n_spots * len(names), path, padding_report(section, scales_um), shares))
+        runs.append(FeatureRun(section.name, spec.name, hit, time.perf_counter() - start, section.n_spots * len(names),
+                               path, padding_report(section, scales_um), shares, 0.0 if hit else encode_seconds))
     return feats
 
 
@@ -156,9 +164,11 @@ def read_ahead(batches: Iterator, depth: int = 2) -> Iterator:
 
 
 class _RateColumn(ProgressColumn):
+    """Patches per second since the bar started (`FeatureRun.rate`: the summary line's rate)."""
+
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:.1f} patches/s", style="cyan")
+        elapsed = task.elapsed
+        return Text(f"{task.completed / elapsed:.1f} patches/s" if elapsed and task.completed else "", style="cyan")
 
 
 def _progress(enabled: bool):

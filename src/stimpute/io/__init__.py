@@ -65,8 +65,9 @@ def read_section(path: str | Path, image: str | Path | None = None, um_per_px: f
     )
 
 
-def read_sections(path: str | Path) -> list[Section]:
-    """Every section in `path`: all sections of a `block.h5ad`, else the one section."""
+def read_sections(path: str | Path, um_per_px: float | None = None) -> list[Section]:
+    """Every section in `path`: all sections of a `block.h5ad`, else the one section
+    (`um_per_px`: the scale of an H&E image alone, as in `read_stack`)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".h5ad":
         import anndata as ad
@@ -77,7 +78,7 @@ def read_sections(path: str | Path) -> list[Section]:
         if is_result(adata.uns) and adata.uns["stimpute"].get("block"):
             adata = adata.to_memory()
             return read_result(path, adata)
-    return [read_section(path)]
+    return [read_section(path, um_per_px=um_per_px if is_image_file(path) else None)]
 
 
 @timed("read")

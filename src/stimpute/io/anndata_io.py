@@ -25,7 +25,7 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError, StimputeError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
-from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, section_geometry, warn_default
+from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, Geometry, section_geometry, warn_default
 from stimpute.io.results import is_result, read_result
 from stimpute.io.validate import validate_section
 
@@ -47,14 +47,17 @@ def read_h5ad_section(
     image: str | Path | None = None,
     name: str | None = None,
     um_per_px: float | None = None,
+    spot_diameter_um: float | None = None,
+    pitch_um: float | None = None,
 ) -> Section:
     """Read a section from an `.h5ad` with `obsm["spatial"]` and its image.
 
     The image is `image` if given, else `uns["stimpute"]["image"]` (relative to the file),
     else a sibling image with the same stem, else HEST-1k's `../wsis/<stem>.tif`.
-    Micrometres per pixel, spot diameter and pitch: `um_per_px`, else `uns["stimpute"]`,
-    else HEST-1k metadata, else Visium scale factors (`stimpute.io.geometry`); a 55 µm
-    (Visium) spot with a warning where nothing gives the diameter.
+    Micrometres per pixel, spot diameter and pitch: `um_per_px`, `spot_diameter_um` and
+    `pitch_um` where given, else `uns["stimpute"]`, else HEST-1k metadata, else Visium
+    scale factors (`stimpute.io.geometry`); a 55 µm (Visium) spot with a warning where
+    nothing gives the diameter.
     """
     h5ad_path = Path(h5ad_path)
     adata = _read_h5ad(h5ad_path)
@@ -72,12 +75,15 @@ def read_h5ad_section(
     adata.obsm["spatial"] = xy[:, :2]
     meta = dict(adata.uns.get("stimpute", {}))
     image_path = Path(image) if image is not None else _find_image(h5ad_path, meta)
-    geometry = section_geometry(h5ad_path, dict(adata.uns))
-    scale = um_per_px or geometry.um_per_px
+    given = {"um_per_px": um_per_px, "spot_diameter_um": spot_diameter_um, "pitch_um": pitch_um}
+    geometry = section_geometry(h5ad_path, dict(adata.uns), Geometry(
+        **given, sources={k: f"--{k.replace('_', '-')}" for k, v in given.items() if v}))
+    scale = geometry.um_per_px
     if not scale:
         raise InputError(h5ad_path, "image scale unknown: pass --um-per-px (no uns['stimpute'], HEST metadata or Visium scalefactors)")
     if geometry.spot_diameter_um is None:
-        warn_default(h5ad_path, "spot diameter", VISIUM_SPOT_DIAMETER_UM, "µm, the Visium spot")
+        warn_default(h5ad_path, "spot diameter", VISIUM_SPOT_DIAMETER_UM,
+                     "µm, the Visium spot; `stimpute convert h5ad --spot-diameter-um` sets it")
     adata = counts_as_x(adata)
     section = Section(
         name=name or meta.get("section") or h5ad_path.stem,

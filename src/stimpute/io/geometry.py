@@ -53,13 +53,14 @@ class Geometry:
         return out
 
 
-def section_geometry(h5ad_path: Path, uns: dict) -> Geometry:
-    """Geometry of an `.h5ad` section from `uns["stimpute"]`, HEST metadata, Visium scale factors."""
+def section_geometry(h5ad_path: Path, uns: dict, given: Geometry | None = None) -> Geometry:
+    """Geometry of an `.h5ad` section: `given` (the user's options), then `uns["stimpute"]`,
+    HEST metadata, Visium scale factors."""
     own = dict(uns.get("stimpute", {}))
     geometry = Geometry(positive(own.get("um_per_px")), positive(own.get("spot_diameter_um")),
                         positive(own.get("pitch_um")))
     geometry.sources = {k: "uns['stimpute']" for k in ("um_per_px", "spot_diameter_um", "pitch_um") if getattr(geometry, k)}
-    geometry = geometry.fill(hest_geometry(h5ad_path))
+    geometry = (given or Geometry()).fill(geometry).fill(hest_geometry(h5ad_path))
     scalefactors = visium_scalefactors(h5ad_path, uns)
     if scalefactors and geometry.um_per_px is None and positive(scalefactors[0].get("spot_diameter_fullres")):
         if geometry.spot_diameter_um is None:

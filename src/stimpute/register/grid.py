@@ -170,24 +170,45 @@ def place_virtual_spots(stack: Stack, known: list[int], options: GridOptions | N
         lattice = known_lattice(anchor, registration.coords_ref[known[0]])
         pitch_um, diameter_um = lattice.pitch * ref_um, anchor.spot_diameter_um
     else:
-        pitch_um, diameter_um = options.pitch_um or VISIUM_PITCH_UM, options.spot_diameter_um or VISIUM_DIAMETER_UM
-        for option, value, name in (("pitch_um", pitch_um, "spot pitch"), ("spot_diameter_um", diameter_um, "spot diameter")):
-            if getattr(options, option) is None:
-                warn_default(stack[0].source or stack[0].name, f"no measured section gives the virtual {name}", value,
-                             f"µm, Visium's; pass --{option.replace('_', '-')}")
+        pitch_um, diameter_um = default_geometry(stack[0], options)
         lattice = default_lattice(pitch_um / ref_um)
     if options.pitch_um:
         lattice = lattice.scaled(options.pitch_um / pitch_um)
         pitch_um = options.pitch_um
-    lattice = lattice.scaled(options.grid_scale)
-    diameter_um = options.spot_diameter_um or diameter_um
     for i in empty:
-        section = stack[i]
-        section.adata = virtual_spots(section, registration.transforms[i], lattice, diameter_um)
-        section.spot_diameter_um = diameter_um
-        section.pitch_um = pitch_um * options.grid_scale
-        section.report.update({"virtual_spots": section.n_spots, "grid_scale": options.grid_scale,
-                               "lattice": "hexagonal" if lattice.hexagonal else "square"})
-        section.image.release()
+        _give_spots(stack[i], registration.transforms[i], lattice, pitch_um, options.spot_diameter_um or diameter_um, options)
     registration.coords_ref = [apply_transform(t, s.xy) for t, s in zip(registration.transforms, stack)]
     return registration
+
+
+def grid_on_section(section: Section, options: GridOptions | None = None) -> Section:
+    """Virtual spots on an H&E-only section by itself, in its own pixels (image-only
+    prediction: no stack to register): a hexagonal lattice of the options' pitch and
+    diameter (Visium's 100/55 µm where not given, with a warning) over its tissue."""
+    options = options or GridOptions()
+    pitch_um, diameter_um = default_geometry(section, options)
+    _give_spots(section, np.eye(3), default_lattice(pitch_um / section.um_per_px), pitch_um, diameter_um, options)
+    return section
+
+
+def default_geometry(section: Section, options: GridOptions) -> tuple[float, float]:
+    """Pitch and spot diameter (µm) of a grid no measured section gives: the options',
+    else Visium's, with one warning line for each default used."""
+    pitch_um, diameter_um = options.pitch_um or VISIUM_PITCH_UM, options.spot_diameter_um or VISIUM_DIAMETER_UM
+    for option, value, name in (("pitch_um", pitch_um, "spot pitch"), ("spot_diameter_um", diameter_um, "spot diameter")):
+        if getattr(options, option) is None:
+            warn_default(section.source or section.name, f"no measured section gives the virtual {name}", value,
+                         f"µm, Visium's; pass --{option.replace('_', '-')}")
+    return pitch_um, diameter_um
+
+
+def _give_spots(section: Section, to_ref: np.ndarray, lattice: Lattice, pitch_um: float, diameter_um: float,
+                options: GridOptions) -> None:
+    """Lay `lattice` (at the options' grid scale) on `section`'s tissue, in place."""
+    lattice = lattice.scaled(options.grid_scale)
+    section.adata = virtual_spots(section, to_ref, lattice, diameter_um)
+    section.spot_diameter_um = diameter_um
+    section.pitch_um = pitch_um * options.grid_scale
+    section.report.update({"virtual_spots": section.n_spots, "grid_scale": options.grid_scale,
+                           "lattice": "hexagonal" if lattice.hexagonal else "square"})
+    section.image.release()

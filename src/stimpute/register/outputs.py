@@ -17,6 +17,7 @@ from stimpute.data import Stack
 from stimpute.errors import StimputeError
 from stimpute.io.anndata_io import atomic_write
 from stimpute.register import StackRegistration, register_stack, section_view
+from stimpute.register.grid import GridOptions, place_virtual_spots
 from stimpute.register.figures import save_pair_overlay, save_spot_cloud
 from stimpute.register.matching import match_stack, matched_fraction
 
@@ -32,15 +33,23 @@ def registered_spots(stack: Stack, reg: StackRegistration) -> pd.DataFrame:
     )
 
 
-def write_registration(stack: Stack, out: str | Path, force: bool = False, progress: bool = False) -> dict:
-    """Register `stack` and write OUTPUT_NAMES into `out`; returns a summary for reports."""
+def write_registration(stack: Stack, out: str | Path, force: bool = False, progress: bool = False,
+                       grid: GridOptions | None = None) -> dict:
+    """Register `stack` and write OUTPUT_NAMES into `out`; returns a summary for reports.
+
+    H&E-only sections (no spots) get virtual spots (`grid`): the spot grid of the first
+    section with spots, else a Visium grid (`stimpute.register.grid`)."""
     from stimpute.graph import build_graph, save_graph
 
     out = Path(out)
     existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
     if existing and not force:
         raise StimputeError(out, f"already holds registration results ({', '.join(existing)}); pass --force to overwrite")
-    reg = register_stack(stack, progress=progress)
+    if any(s.n_spots == 0 for s in stack):
+        anchor = [i for i, s in enumerate(stack) if s.n_spots][:1]
+        reg = place_virtual_spots(stack, anchor, grid, progress=progress, default_grid=True)
+    else:
+        reg = register_stack(stack, progress=progress)
     matches = match_stack(stack, reg.coords_ref)
     graph = build_graph(stack, reg.coords_ref)
     fractions = matched_fraction(stack, matches)
