@@ -54,6 +54,7 @@ def test_predict_takes_um_per_px_on_an_he_image_and_scores_measured_sections(fol
     result = run_cli("predict", he, "--model", model, "--out", tmp_path / "p", "--um-per-px", UM_PER_PX,
                      "--spot-diameter-um", 55)
     assert result.exit_code == 0, result.output
+    assert "warning" not in result.output  # the grid is the training sections': 55 µm spots, 100 µm apart
     predicted = ad.read_h5ad(tmp_path / "p" / "S1.h5ad")
     assert predicted.n_obs > 10 and predicted.uns["stimpute"]["spot_diameter_um"] == 55
     assert not (tmp_path / "p" / "metrics.csv").exists() and "no metrics" in result.output
@@ -64,9 +65,11 @@ def test_predict_takes_um_per_px_on_an_he_image_and_scores_measured_sections(fol
     assert "prediction accuracy" in scored.output and f"{metrics.pcc.mean():.3f}" in scored.output
 
 
-def test_train_on_an_image_without_spots_is_one_error_and_writes_no_model(folders, tmp_path):
+@pytest.mark.parametrize("command", ["train", "features", "panel"])
+def test_commands_that_need_measured_spots_refuse_an_he_image_in_one_line(folders, tmp_path, command):
     (s0, _), he = folders
-    one_error_line(run_cli("train", he, s0, "--out", tmp_path / "t"), "S1.png", "no measured spots", "stimpute predict")
+    out = ["--out", tmp_path / "t"] if command != "panel" else []
+    one_error_line(run_cli(command, he, s0, *out), "S1.png", "no measured spots", f"`stimpute {command}`")
     assert not list((tmp_path / "t").rglob("*.ckpt")) and not (tmp_path / "t" / "config.yaml").exists()
 
 

@@ -195,15 +195,24 @@ def convert_h5ad(
 
     Example: [bold]stimpute convert h5ad hest/st/TENX95.h5ad sections/ --image hest/wsis/TENX95.tif[/]
     """
-    from stimpute.io import read_h5ad_section, write_section
-    from stimpute.io.run import run_ownership
+    from stimpute.io import read_h5ad_section
     from stimpute.register.grid import GridOptions
 
     GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um)  # refuses values that are not positive
-    with run_ownership(out, "convert", [h5ad, image], force) as run:
-        section = read_h5ad_section(h5ad, image=image, um_per_px=um_per_px, spot_diameter_um=spot_diameter_um, pitch_um=pitch_um)
+    _convert_one(out, [h5ad, image], force, lambda: read_h5ad_section(
+        h5ad, image=image, um_per_px=um_per_px, spot_diameter_um=spot_diameter_um, pitch_um=pitch_um))
+
+
+def _convert_one(out: Path, inputs: list, force: bool, read) -> None:
+    """Write the section that `read()` returns as a section folder in `out`, a run of
+    `convert` owning `out`, and say so."""
+    from stimpute.io import write_section
+    from stimpute.io.run import run_ownership
+
+    with run_ownership(out, "convert", inputs, force) as run:
+        section = read()
         target = write_section(section, out, force=run.claim([f"{section.name}/"]))
-    console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}")
+    console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}", highlight=False)
 
 
 @convert_app.command("spaceranger")
@@ -220,13 +229,9 @@ def convert_spaceranger(
     An outs/ folder is also read directly wherever a SECTION is taken; this command names the image explicitly.
     Example: [bold]stimpute convert spaceranger runs/A1/outs sections/ --image scans/A1.tif[/]
     """
-    from stimpute.io import read_spaceranger, write_section
-    from stimpute.io.run import run_ownership
+    from stimpute.io import read_spaceranger
 
-    with run_ownership(out, "convert", [outs, image], force) as run:
-        section = read_spaceranger(outs, image=image, um_per_px=um_per_px)
-        target = write_section(section, out, force=run.claim([f"{section.name}/"]))
-    console.print(f"{section.name}: {section.n_spots} spots, {section.adata.n_vars} genes → {target}", highlight=False)
+    _convert_one(out, [outs, image], force, lambda: read_spaceranger(outs, image=image, um_per_px=um_per_px))
 
 
 @convert_app.command("moest-h5")
@@ -272,8 +277,10 @@ def convert_to_moest_h5(
     from stimpute.io.moest_h5 import prepared_to_moest, write_moest_h5
     from stimpute.prepare import prepare_stack
 
+    from stimpute.io.image_section import refuse_images
     from stimpute.io.run import check_inputs
 
+    refuse_images(sections, "convert to-moest-h5")
     check_inputs(out, [*sections, genes], folder=False)
     if out.exists() and not force:
         raise StimputeError(out, "already exists; pass --force to overwrite")
@@ -301,7 +308,9 @@ def panel(
     from stimpute.expression import select_panel
     from stimpute.io import read_section
     from stimpute.io.anndata_io import write_text_atomic
+    from stimpute.io.image_section import refuse_images
 
+    refuse_images(sections, "panel")
     chosen = select_panel([read_section(p).adata for p in sections], n_top=n_top, genes=genes, rule=rule)
     if out is not None:
         write_text_atomic(out, "\n".join(chosen) + "\n")
@@ -369,8 +378,10 @@ def features(
     from stimpute.features.cache import cache_path
     from stimpute.features.stored import check_encoder
     from stimpute.io import read_section
+    from stimpute.io.image_section import refuse_images
     from stimpute.io.run import run_ownership
 
+    refuse_images(sections, "features")
     check_encoder(encoder, weights)
     accelerator = resolve_device(device)
     hardware = {"accelerator": accelerator, **parallel_options(accelerator, devices, num_nodes, strategy)}
@@ -639,8 +650,10 @@ def benchmark(
     from stimpute.plot import pcc_boxplot
     from stimpute.prepare import prepare_stack
 
+    from stimpute.io.image_section import refuse_images
     from stimpute.io.run import run_ownership
 
+    refuse_images(sections, "benchmark")
     check_encoder(encoder, weights)
     accelerator = resolve_device(device)
     parallel = parallel_options(accelerator, devices, num_nodes, strategy)

@@ -33,7 +33,7 @@ from stimpute.features.encoders import match_recorded
 from stimpute.features.stored import check_encoder, check_trained_on, stored_encoder
 from stimpute.impute import MEMBERS, ImputeResult, impute_stack
 from stimpute.io import read_stack
-from stimpute.io.image_section import is_image_file
+from stimpute.io.image_section import refuse_images
 from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
 from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
 from stimpute.io.run import Run, run_ownership
@@ -44,7 +44,7 @@ from stimpute.distributed import is_rank_zero, rank_output
 from stimpute.models import get_model
 from stimpute.prepare import known_indices, prepare_stack
 from stimpute.programs import programs_record
-from stimpute.register.grid import GridOptions, grid_on_section, place_virtual_spots
+from stimpute.register.grid import GridOptions, grid_on_section, known_lattice, place_virtual_spots
 from stimpute.register.outputs import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.train import TrainConfig, torch_threads
@@ -226,10 +226,7 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
         accelerator = resolve_device(device) if device is not None else model.config.accelerator
         model.on_device(accelerator, **(parallel or {}))
     check_encoder(encoder, weights)
-    for path in sections:
-        if is_image_file(Path(path)):
-            raise StimputeError(path, "an H&E image alone has no measured spots: `stimpute train` learns from sections "
-                                      "with counts (predict this one with `stimpute predict`)")
+    refuse_images(sections, "train")
     features = {"encoder": encoder, "weights": weights}
     with rank_output(out) as out, run_ownership(out, "train", [*sections, genes, weights], force) as run:
         return _train(run, sections, genes, seed, progress and is_rank_zero(), features, model, mode, folds)
@@ -267,12 +264,12 @@ def _train(run: Run, sections, genes, seed, progress, features, model, mode, fol
 
 
 def spot_geometry(stack: Stack) -> dict:
-    """Median spot diameter and pitch (µm) of the measured sections: the virtual grid that
-    `predict` lays on H&E images alone for a model trained on them."""
+    """Median spot diameter and pitch (µm; a section without one: its spot lattice's) of the
+    measured sections: the virtual grid `predict` lays on H&E images alone for a model trained on them."""
     measured = [s for s in stack if s.has_counts]
-    pitches = [s.pitch_um for s in measured if s.pitch_um]
+    pitches = [s.pitch_um or known_lattice(s, s.xy).pitch * s.um_per_px for s in measured]
     return {"spot_diameter_um": float(np.median([s.spot_diameter_um for s in measured])),
-            "pitch_um": float(np.median(pitches)) if pitches else None}
+            "pitch_um": float(np.median(pitches))}
 
 
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,

@@ -27,6 +27,14 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def refuse_images(paths, command: str) -> None:
+    """One error line for the first H&E image alone among `paths`: `command` needs measured spots."""
+    for path in paths:
+        if is_image_file(Path(path)):
+            raise InputError(path, f"an H&E image alone has no measured spots: `stimpute {command}` takes sections "
+                                   "with spots and counts (images alone: impute, register, predict, advise, info)")
+
+
 def read_image_section(path: str | Path, um_per_px: float | None = None, default_um_per_px: float | None = None) -> Section:
     """An H&E-only Section from an image file (see module docstring).
 
