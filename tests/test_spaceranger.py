@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,12 +37,14 @@ def test_outs_folder_reads_spots_under_tissue_with_their_counts(stack, tmp_path,
     assert list(section.adata.obs.columns) == ["array_row", "array_col"]
 
 
-def test_run_folder_and_fiducials_and_the_um_per_px_option(stack, tmp_path):
+def test_run_folder_and_fiducials_and_the_um_per_px_option(stack, tmp_path, monkeypatch):
     outs = write_spaceranger_outs(tmp_path / "run", stack[0])
     factors = outs / "spatial" / "scalefactors_json.json"
     factors.write_text(factors.read_text().replace("spot_diameter_fullres", "unused"))
     section = read_section(tmp_path / "run")  # the run folder holding outs/
     assert section.name == "run" and section.um_per_px == pytest.approx(stack[0].um_per_px)
+    monkeypatch.chdir(tmp_path / "run")
+    assert read_section(Path("outs")).name == read_section(Path(".")).name == "run"
     assert "fiducial_diameter_fullres (65 µm)" in section.report["geometry"]["um_per_px"]
     assert read_section(outs, um_per_px=1.5).um_per_px == 1.5
 

@@ -102,7 +102,7 @@ def read_spaceranger(path: str | Path, image: str | Path | None = None, um_per_p
     if factor != 1.0:
         geometry["image"] = f"spatial/{image_path.name} (× {factor:g} of full resolution)"
     section = Section(
-        name=outs.parent.name if outs.name == "outs" else outs.name,
+        name=_name(outs),
         adata=adata,
         image=SectionImage.open(image_path),
         um_per_px=scale / factor,
@@ -112,6 +112,12 @@ def read_spaceranger(path: str | Path, image: str | Path | None = None, um_per_p
         report={**report, "geometry": geometry},
     )
     return validate_section(section)
+
+
+def _name(outs: Path) -> str:
+    """The folder above `outs/` (`runs/A1/outs` → `A1`), else the folder's own name; `.` too is named."""
+    folder = outs.resolve()
+    return folder.parent.name if folder.name == "outs" else folder.name
 
 
 def read_10x_h5(path: Path) -> ad.AnnData:
