@@ -8,9 +8,12 @@ from its known section(s) only.
 
 Methods per row (mean per-gene PCC over the panel; per-spot PCC across the panel):
 - `asign`: X of `stimpute impute` (the default), and its two parts `model`, `propagated`;
-- the simple rivals: `ridge` (linear probe), `transfer` (register + Gaussian kNN copy,
-  k = 4, σ = one pitch) and `composite` = ½ z(ridge) + ½ z(transfer), z-scored per gene
-  within the target section;
+- the simple rivals: `ridge` (the linear probe on the encoder's features, standardised on
+  the known spots), `transfer` (register + Gaussian kNN copy, k = 4, σ = one pitch) and
+  `composite` = ½ z(ridge) + ½ z(transfer), z-scored per gene within the target section
+  (given the mean and spread of the raw average, for the per-spot PCC); `ridge·section`
+  and `composite·section`: the same on features standardised per section, as stimpute's
+  models see them;
 - `kernel ridge`, `msagnet`: the model part's members alone;
 - `mean profile`: the known sections' constant mean (per-spot PCC only: a flat map).
 
@@ -46,7 +49,8 @@ from shifts import SHIFTS, apply_scale, write_shifted  # noqa: E402
 SECTIONS = ("C2", "C3", "C4")
 SPLITS = [("C2",), ("C3",), ("C4",), ("C2", "C4")]
 VERSIONS = ("none", *SHIFTS)
-METHODS = ["asign", "model", "propagated", "composite", "ridge", "transfer", "kernel ridge", "msagnet"]
+METHODS = ["asign", "model", "propagated", "composite", "composite·section", "ridge", "ridge·section", "transfer",
+           "kernel ridge", "msagnet"]
 
 
 def z(values: np.ndarray) -> np.ndarray:
@@ -75,17 +79,19 @@ def run_parts(data: Path, out: Path, shift: str, known: tuple[str, ...], epochs:
         for section in stack:
             if section.name not in known:
                 apply_scale(section)
-    prepared = prepare_stack(stack, known=list(known), cache_dir=out / "cache" / shift)
+    prepared = prepare_stack(stack, known=list(known), cache_dir=out / "cache" / shift / "+".join(known))
     k = known_indices(stack, list(known))
     targets = [i for i in range(len(stack)) if i not in k]
     result = impute_stack(prepared, k, config=TrainConfig(max_epochs=epochs))
     known_expression = np.concatenate([prepared.known_expression(i) for i in k])
     parts = {
         "result": result, "targets": {t: stack[t].name for t in targets},
-        "ridge": get_method("ridge").fit_predict(prepared, k, targets),
+        "ridge": raw_ridge(stack, k, targets, known_expression, out / "cache" / shift / "+".join(known)),
+        "ridge·section": get_method("ridge").fit_predict(prepared, k, targets),
         "transfer": get_method("transfer").fit_predict(prepared, k, targets),
         "truth": {t: prepared.expression[t] for t in targets},
-        "known_mean": known_expression.mean(0), "top": top_variable(known_expression, 50), "panel": prepared.panel,
+        "known_mean": known_expression.mean(0), "features": prepared.features, "known": k,
+        "known_expression": {i: prepared.known_expression(i) for i in k}, "top": top_variable(known_expression, 50), "panel": prepared.panel,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
@@ -95,13 +101,29 @@ def run_parts(data: Path, out: Path, shift: str, known: tuple[str, ...], epochs:
     return path
 
 
+def raw_ridge(stack, known: list[int], targets: list[int], y: np.ndarray, cache: Path) -> dict:
+    """The rival's linear ridge as the issue defines it: on the encoder's cached features,
+    standardised with the known spots' statistics (not per section)."""
+    from stimpute.features.stored import stack_features
+    from stimpute.models.baselines import Ridge
+
+    raw, _ = stack_features(stack, cache_dir=cache)
+    flat = [f.reshape(len(f), -1) for f in raw]
+    model = Ridge().model(sum(len(flat[i]) for i in known), flat[0].shape[1], 0)
+    model.fit(np.concatenate([flat[i] for i in known]), y)
+    return {t: model.predict(flat[t]).astype(np.float32) for t in targets}
+
+
 def methods(parts: dict, t: int) -> dict[str, np.ndarray]:
     """Every method's prediction of target t from one split's parts."""
+    from stimpute.impute import zmix
+
     res = parts["result"]
     return {
         "asign": res.fused[t], "model": res.model[t], "propagated": res.propagated[t],
-        "ridge": parts["ridge"][t], "transfer": parts["transfer"][t],
-        "composite": 0.5 * z(parts["ridge"][t]) + 0.5 * z(parts["transfer"][t]),
+        "composite": zmix(parts["ridge"][t], parts["transfer"][t], 0.5),
+        "composite·section": zmix(parts["ridge·section"][t], parts["transfer"][t], 0.5),
+        "ridge": parts["ridge"][t], "ridge·section": parts["ridge·section"][t], "transfer": parts["transfer"][t],
         "kernel ridge": res.members["kernel_ridge"][t], "msagnet": res.members["msagnet"][t],
     }
 

@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from stimpute.cli import app
-from stimpute.impute import FusionWeights, fit_fusion
+from stimpute.impute import FusionWeights, fit_fusion, zmix
+from stimpute.prepare import standardise_section
 from stimpute.io import write_section
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.train import GraphBatch, TrainConfig, fit
@@ -75,6 +76,32 @@ def test_transfer_links_every_known_section_directly_and_reports_reach():
 def test_fusion_weight_is_the_gene_share_times_the_spot_reach():
     w = FusionWeights(gene_share=np.array([0.5, 0.75])).weights(np.array([0.2, 1.0]))
     assert np.allclose(w, [[0.1, 0.15], [0.5, 0.75]])
+
+
+def test_zmix_mixes_patterns_not_levels():
+    rng = np.random.default_rng(0)
+    pattern = rng.normal(size=(50, 3))
+    a, b = pattern + rng.normal(0, 0.5, (50, 3)), 100 + 10 * pattern  # b: the same pattern at another level and scale
+    mixed = zmix(a, b, 0.5)
+    raw = 0.5 * a + 0.5 * b
+    assert np.allclose(mixed.mean(0), raw.mean(0), atol=1e-3) and np.allclose(mixed.std(0), raw.std(0), rtol=1e-3)
+    r = lambda x: np.corrcoef(x[:, 0], pattern[:, 0])[0, 1]
+    assert r(mixed) > r(a)  # b's scale does not drown a, and the clean pattern helps
+    assert np.allclose(zmix(a, b, 0.0), a, atol=1e-4) and np.allclose(zmix(a, b, 1.0), b, atol=1e-3)
+    w = np.r_[np.zeros(25), np.ones(25)][:, None] * np.ones(3)  # per-spot shares: a level gap makes no step
+    stepped = zmix(np.zeros((50, 3)) + pattern, 100 + pattern, w)
+    assert np.corrcoef(stepped[:, 0], pattern[:, 0])[0, 1] > 0.99
+
+
+def test_features_are_standardised_per_section():
+    rng = np.random.default_rng(1)
+    f = rng.normal(3.0, 2.0, (40, 3, 5)).astype(np.float32)
+    f[:, 0, 0] = 7.0  # a constant feature
+    out = standardise_section(f)
+    assert np.allclose(out.mean(0), 0, atol=1e-5) and np.allclose(out[:, 1:].std(0), 1, atol=1e-4)
+    assert np.all(out[:, 0, 0] == 0)
+    shifted = standardise_section(1.5 * f + 4.0)  # a section-wide stain or scanner change of the descriptors
+    assert np.allclose(shifted, out, atol=1e-4)
 
 
 def test_fit_fusion_trusts_the_part_that_is_right():

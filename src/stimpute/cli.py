@@ -286,7 +286,7 @@ def convert_to_moest_h5(
         raise StimputeError(out, "already exists; pass --force to overwrite")
     check_encoder(encoder, weights)
     stack = read_stack(sections) if thickness_um is None else read_stack(sections, thickness_um=thickness_um)
-    prepared = prepare_stack(stack, panel=genes, encoder=encoder, weights=weights, progress=True)
+    prepared = prepare_stack(stack, panel=genes, encoder=encoder, weights=weights, progress=True, feature_norm="none")
     data = prepared_to_moest(prepared, thickness_um=thickness_um, with_patches=patches)
     write_moest_h5(data, out, force=force)
     console.print(f"wrote {len(data.sections)} sections × {len(data.gene_names)} genes to {out}", highlight=False)
@@ -414,7 +414,7 @@ def impute(
     seed: Annotated[int, typer.Option(help="Seed of the training split, initialisation and dropout.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
-    fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts, each spot's propagated share scaled by its reach: 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "calibrated",
+    fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts (as per-gene z-scores), each spot's propagated share scaled by its reach: 'fixed' (share 2/3, chosen on the validation protocol of benchmarks/README.md), 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "fixed",
     programs: Annotated[str, typer.Option(help="Gene programs: both parts are projected on this many principal axes of the known expression before fusion: 'auto' (rank cross-validated on the known spots), 'none', or a number.")] = "auto",
     encoder: StackEncoderOption = None,
     weights: WeightsOption = None,
@@ -438,6 +438,7 @@ def impute(
     Example: [bold]stimpute impute sec2.jpg ../shared/data/her2st/C3 sec4.tif --known C3 --out imputed/ --grid-scale 0.5[/]
     """
     from stimpute.device import check_batch_nodes, parallel_options, resolve_device
+    from stimpute.impute import FUSIONS
     from stimpute.pipeline import run_impute
     from stimpute.register.grid import GridOptions
     from stimpute.train import TrainConfig
@@ -446,8 +447,8 @@ def impute(
     config = TrainConfig(seed=seed, max_epochs=epochs, accelerator=accelerator,
                          **parallel_options(accelerator, devices, num_nodes, strategy),
                          **({} if batch_nodes is None else {"batch_nodes": check_batch_nodes(batch_nodes)}))
-    if fusion not in ("calibrated", "even"):
-        raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use calibrated or even)")
+    if fusion not in FUSIONS:
+        raise StimputeError("--fusion", f"unknown fusion {fusion!r} (use {', '.join(FUSIONS)})")
     if programs not in ("auto", "none") and not (programs.isdigit() and int(programs) >= 1):
         raise StimputeError("--programs", f"{programs!r} is not 'auto', 'none' or a rank ≥ 1")
     grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um, grid_scale=grid_scale)

@@ -78,7 +78,7 @@ class ImputeRun:
 
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-               encoder: str | None = None, members: tuple[str, ...] = MEMBERS, fusion: str = "calibrated",
+               encoder: str | None = None, members: tuple[str, ...] = MEMBERS, fusion: str = "fixed",
                weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
                programs: str | int = "auto", command: str = "impute") -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
@@ -155,7 +155,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
         "inputs": input_records(stack, sections),
         "panel": {"source": prepared.settings["panel_source"], "genes": list(panel)},
         "train": config.to_dict(),
-        "fusion": {"rule": "w = gene_share * reach; X = w*propagated + (1-w)*model", "mode": fusion,
+        "fusion": {"rule": "w = gene_share * reach; X = (1-w)*z(model) + w*z(propagated) per gene, given the raw mixture's mean and spread", "mode": fusion,
                    "members": list(members), "gene_share": [round(float(a), 4) for a in result.fusion.gene_share]},
         "gene_programs": programs_record(programs, result.programs),
         "registration": prepared.settings.get("registration"),
@@ -316,8 +316,8 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
             grid_on_section(section, grid)
         check_trained_on(settings.get("encoder", "handcrafted"), section, model_dir)
         one = prepare_stack(Stack([section]), known=[], panel=settings["panel"], encoder=features["encoder"],
-                            weights=features["weights"],
-                            cache_dir=out / "cache", progress=progress, register=False)
+                            weights=features["weights"], cache_dir=out / "cache", progress=progress, register=False,
+                            feature_norm=settings.get("feature_normalisation", "none"))
         with torch.no_grad(), torch_threads(1):
             pred = model.predict(one, [0])[0]
         files.append(write_prediction(section, one.panel, pred, out, force=force))

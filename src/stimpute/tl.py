@@ -79,7 +79,7 @@ def features(adatas: Sections, *, encoder: str = "handcrafted", weights: str | P
 
 def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "stimpute",
            genes: Sequence[str] | None = None, n_top: int = DEFAULT_PANEL_SIZE, seed: int = 0, epochs: int = 200,
-           fusion: str = "calibrated", members: Sequence[str] | None = None, programs: str | int = "auto",
+           fusion: str = "fixed", members: Sequence[str] | None = None, programs: str | int = "auto",
            encoder: str | None = None,
            weights: str | Path | None = None, um_per_px: float | None = None, thickness_um: float = 10.0,
            cache_dir: str | Path | None = None, progress: bool = False) -> Sections:
