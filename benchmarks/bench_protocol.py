@@ -116,7 +116,7 @@ def raw_ridge(stack, known: list[int], targets: list[int], y: np.ndarray, cache:
 
 def methods(parts: dict, t: int) -> dict[str, np.ndarray]:
     """Every method's prediction of target t from one split's parts."""
-    from stimpute.impute import zmix
+    from stimpute.combine import zmix
 
     res = parts["result"]
     return {

@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from stimpute.cli import app
-from stimpute.impute import FusionWeights, fit_fusion, zmix
+from stimpute.combine import zmix
+from stimpute.impute import FusionWeights, fit_fusion
 from stimpute.prepare import standardise_section
 from stimpute.io import write_section
 from stimpute.models.msagnet import MSAGNetConfig

@@ -39,7 +39,7 @@ from stimpute.prepare import with_known_panel
 # --------------------------------------------------------------------------- protocols
 
 PROTOCOLS = ("3d", "2d")
-METHOD_ORDER = ("asign", "asign_model", "msagnet", "msagnet2d", "propagation", "transfer", "overlap", "similarity", "ridge", "knn", "mean")
+METHOD_ORDER = ("asign", "asign_model", "msagnet", "msagnet2d", "propagation", "composite", "transfer", "overlap", "similarity", "ridge", "knn", "mean")
 RESULT_COLUMNS = ["method", "protocol", "known", "target", "gene", "pcc", "mse", "mae",
                   "status", "error", "seconds", "peak_mib", "top50"]
 TOP_HVG = 50

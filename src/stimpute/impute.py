@@ -54,6 +54,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from stimpute.combine import zmix
 from stimpute.evaluate import pearson_columns
 from stimpute.evidence import transfer
 from stimpute.models.base import Method, PreparedStack, register_method
@@ -104,20 +105,6 @@ class ImputeResult:
     programs: GenePrograms | None = None
     residual: dict[int, np.ndarray] | None = None  # per known section: measured − kernel ridge out-of-sample
     transferred: dict[int, np.ndarray] = field(default_factory=dict)  # measured expression carried over, no model
-
-
-def zmix(a: np.ndarray, b: np.ndarray, share_b) -> np.ndarray:
-    """(1 − share)·a + share·b mixed as per-gene z-scores over the spots, then given the raw
-    mixture's per-gene mean and spread (`share_b`: a number, (n_genes,) or (n_spots, n_genes))."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    raw = (1 - share_b) * a + share_b * b
-    mixed = _zscore((1 - share_b) * _zscore(a) + share_b * _zscore(b))
-    return (raw.mean(0) + raw.std(0) * mixed).astype(np.float32)
-
-
-def _zscore(values: np.ndarray) -> np.ndarray:
-    spread = values.std(0)
-    return (values - values.mean(0)) / np.where(spread > 1e-12, spread, 1.0)
 
 
 @timed("fusion")

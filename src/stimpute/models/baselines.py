@@ -9,6 +9,8 @@
 - `knn`: the k nearest training spots in the same PCA feature space.
 - `mean`: the per-gene mean of the training sections (a constant map: its per-gene PCC
   is undefined, which the metrics count as 0).
+- `transfer`: register, then copy the nearest measured spots; `composite`: ½ `ridge` +
+  ½ `transfer` as per-gene z-scores, the simple floor every imputation must clear.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from stimpute.combine import zmix
 from stimpute.models.base import Method, NotApplicable, PreparedStack, register_method
 from stimpute.register.matching import disc_iou
 
@@ -278,3 +281,17 @@ class Transfer(Method):
         if prepared.coords_ref is None:
             raise NotApplicable("transfer needs registered spot coordinates (a 3D stack)")
         return transfer(prepared, train, targets, features=False, k=4, cutoff=2.0)[0]
+
+
+@register_method
+class Composite(Method):
+    """½ linear `ridge` + ½ `transfer`, mixed as per-gene z-scores within each target section
+    (`stimpute.combine.zmix`): the simplest honest composite of image and registration."""
+
+    name = "composite"
+    needs_3d = True
+
+    def fit_predict(self, prepared, train, targets, seed=0):
+        ridge = Ridge().fit_predict(prepared, train, targets, seed)
+        copied = Transfer().fit_predict(prepared, train, targets, seed)
+        return {t: zmix(ridge[t], copied[t], 0.5) for t in targets}
