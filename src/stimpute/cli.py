@@ -619,6 +619,34 @@ def demo(
 
 @app.command()
 @guarded
+def view(
+    out: Annotated[Path, typer.Argument(help="Output folder of `stimpute impute` or `stimpute demo` (holds block.h5ad).")],
+    gene: Annotated[Optional[str], typer.Option(help="Gene shown first (default: ERBB2 or MDK where in the panel, else the most variable); the page's search box lists the others.")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Write the page to this file instead of OUT/view.html.")] = None,
+):
+    """Write the block in 3D as one self-contained page (OUT/view.html) that opens offline in a browser.
+
+    H&E planes at each section's depth, spots at true size coloured by a gene (search box) or by their confidence,
+    measured spots ringed, measured values beside imputed ones; rotate, zoom and pan. `stimpute impute` writes it too.
+    Example: [bold]stimpute view stimpute-demo --gene MDK[/]
+    """
+    from stimpute.io.results import BLOCK_FILE
+    from stimpute.io.run import run_ownership
+    from stimpute.view import VIEW_FILE, write_view
+
+    if not (out / BLOCK_FILE).is_file():
+        raise StimputeError(out, f"no {BLOCK_FILE}: give the output folder of `stimpute impute`")
+    if html is not None:
+        path = write_view(out, html, gene)
+    else:
+        with run_ownership(out, "view", force=True) as run:  # a rendering of OUT's own block: always redrawn
+            run.claim([VIEW_FILE])
+            path = write_view(out, out / VIEW_FILE, gene)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): open it in a web browser", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@guarded
 def benchmark(
     sections: Sections,
     out: Annotated[Path, typer.Option(help="Output folder: results.csv, summary.md, splits.json, spots.csv, pcc_boxplot.png and the feature cache.")],

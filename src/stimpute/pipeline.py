@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +26,7 @@ import yaml
 
 from stimpute import __version__
 from stimpute.confidence import spot_confidence
-from stimpute.errors import StimputeError
+from stimpute.errors import StimputeError, StimputeWarning
 from stimpute.evaluate import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc, top_hvg_genes
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
@@ -49,6 +50,7 @@ from stimpute.register.outputs import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.train import TrainConfig, torch_threads
 from stimpute.trainer import lightning_flags
+from stimpute.view import VIEW_FILE
 
 MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
 N_TOP_FIGURE_GENES = 4
@@ -109,7 +111,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
         raise StimputeError(None, "nothing to impute: every section is --known")
     # a killed run's partial outputs are replaced, its cache and checkpoints reused
     outputs = [f"{stack[i].name}.h5ad" for i in targets] + [f"figures/{stack[i].name}.png" for i in targets]
-    outputs += [f"figures/{name}" for name in figure_names(stack)] + [f"figures/{BLOCK_FIGURE}"]
+    outputs += [f"figures/{name}" for name in figure_names(stack)] + [f"figures/{BLOCK_FIGURE}", VIEW_FILE]
     force = run.claim(outputs + [BLOCK_FILE, "config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
     registration = place_virtual_spots(stack, k, grid, progress=progress)
     config = config or TrainConfig(seed=seed)
@@ -127,10 +129,13 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     gene_conf = result.gene_confidence  # calibration hold-out PCC of the fused value, per gene
     metrics, summary = evaluate_targets(prepared, targets, result.fused, top_variable(known_expr, N_TOP_SUMMARY))
     parts = []
+    truth = any(prepared.expression[i] is not None for i in targets)  # targets' counts kept for comparison
     for i, section in enumerate(stack):
         xyz = spatial_3d(prepared.coords_ref[i], stack[0].um_per_px, section.z_um)
+        measured = {"measured": _measured_layer(prepared, i)} if truth else {}
         if i in targets:
-            layers = {"model": result.model[i], "propagated": result.propagated[i], "propagated_weight": result.weight[i]}
+            layers = {"model": result.model[i], "propagated": result.propagated[i], "propagated_weight": result.weight[i],
+                      **measured}
             obs = {"cli_reach": result.reach[i], "confidence": spot_confidence(result.model[i], result.transferred[i])}
             parts.append(section_result(section, panel, result.fused[i], xyz, False, layers, obs, gene_conf))
             with stage("writing"):
@@ -139,13 +144,15 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
             files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
                                    pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy()))
         else:
-            parts.append(section_result(section, panel, prepared.expression[i], xyz, True, gene_confidence=gene_conf))
+            parts.append(section_result(section, panel, prepared.expression[i], xyz, True, measured, gene_confidence=gene_conf))
         section.image.release()
     with stage("writing"):
-        files.append(write_h5ad_atomic(block_result(parts), out / BLOCK_FILE, force=force))
+        block = block_result(parts)
+        files.append(write_h5ad_atomic(block, out / BLOCK_FILE, force=force))
         files.extend(write_figures(stack, registration, out / "figures"))  # registration QC overlays, 3D spot cloud
         files.append(_block_figure(parts, figure_genes[0], out))
-    del parts
+        files.extend(write_impute_view(block, out))
+    del parts, block
     if metrics is not None:
         files.append(write_text_atomic(out / "metrics.csv", metrics.to_csv(index=False)))
     settings = {
@@ -362,6 +369,24 @@ def input_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _measured_layer(prepared, i: int) -> np.ndarray:
+    """Section i's measured panel expression, NaN where it carries no counts."""
+    values = prepared.expression[i]
+    return np.full((prepared.stack[i].n_spots, len(prepared.panel)), np.nan, np.float32) if values is None else values
+
+
+def write_impute_view(block, out: Path) -> list[Path]:
+    """`view.html`, the interactive 3D view; a failure to draw it is a warning, never a failed run."""
+    from stimpute.view import write_view
+
+    try:
+        return [write_view(block, out / VIEW_FILE)]
+    except Exception as exc:  # the results are written: the view must not cost them
+        warnings.warn(f"{out / VIEW_FILE}: the 3D view was not written ({type(exc).__name__}: {exc}); "
+                      f"try `stimpute view {out}`", StimputeWarning, stacklevel=2)
+        return []
+
+
 def _block_figure(parts, gene: str, out: Path) -> Path:
     """`figures/block_3d.png`: `gene` over every section of the block, stacked in z."""
     from stimpute.plot import block_view
@@ -379,7 +404,8 @@ def _heatmaps(section, panel, genes, predicted, measured, out: Path, pcc=None, l
     cols = [list(panel).index(g) for g in genes]
     thumb, scale = section.image.thumbnail(FIGURE_SIDE)
     title = f"{section.name}: {label}" if measured is None else f"{section.name}: {label} and measured"
-    return expression_heatmaps(thumb, section.xy * scale, genes, predicted[:, cols], out / "figures" / f"{section.name}.png",
+    shown = np.maximum(predicted[:, cols], 0.0)  # as written: log1p values are clipped at 0, their floor
+    return expression_heatmaps(thumb, section.xy * scale, genes, shown, out / "figures" / f"{section.name}.png",
                                None if measured is None else measured[:, cols], title=title,
                                diameter=section.spot_diameter_px * scale, pcc=pcc, label=label)
 

@@ -95,22 +95,24 @@ def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[s
 def block_view(xyz_um: Sequence[np.ndarray], values: Sequence[np.ndarray], names: Sequence[str], gene: str,
                path: str | Path, measured: Sequence[bool] | None = None) -> Path:
     """Static 3D view of the block: each section's spots at their registered (x, y) and
-    depth z (µm), coloured by `gene` on one scale; z is stretched so the layers separate."""
+    depth z (µm), coloured by `gene` on one scale, the 1st-99th percentile of the imputed
+    sections' values (measured zeros do not stretch it); z is stretched so the layers separate."""
     import mpl_toolkits.mplot3d  # noqa: F401  (registers the 3d projection)
 
     fig = Figure(figsize=(8, 6.5), layout="constrained")
     ax = fig.add_subplot(projection="3d")
-    lo, hi = np.percentile(np.concatenate(list(values)), [1, 99])
-    for xyz, v in zip(xyz_um, values):
-        dots = ax.scatter(xyz[:, 0] / 1000, xyz[:, 1] / 1000, xyz[:, 2], c=v, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
-                          s=10, depthshade=False, linewidths=0)
     states = measured if measured is not None else [False] * len(names)
+    imputed = [v for v, m in zip(values, states) if not m] or list(values)
+    lo, hi = np.percentile(np.concatenate(imputed), [1, 99])
+    for xyz, v in zip(xyz_um, values):
+        dots = ax.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], c=v, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
+                          s=10, depthshade=False, linewidths=0)
     ax.set_zticks([float(np.median(xyz[:, 2])) for xyz in xyz_um],
                   [f"{n} ({'measured' if m else 'imputed'})" for n, m in zip(names, states)], fontsize=8)
     ax.set_box_aspect((1.0, 1.0, 0.8))
     ax.invert_yaxis()
-    ax.set_xlabel("x (mm)")
-    ax.set_ylabel("y (mm)")
+    ax.set_xlabel("x (µm)")
+    ax.set_ylabel("y (µm)")
     ax.view_init(elev=22, azim=-60)
     fig.colorbar(dots, ax=ax, shrink=0.6, label=f"{gene} (log1p)")
     ax.set_title(f"{gene} across the block (sections stacked in z)")

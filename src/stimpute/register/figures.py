@@ -44,7 +44,8 @@ def save_pair_overlay(fixed: View, moving: View, before: np.ndarray, after: np.n
 
 
 def save_spot_cloud(stack: Stack, coords_ref: list[np.ndarray], path: Path) -> Path:
-    """3D scatter of every spot at (x_ref, y_ref, z µm), one colour per section, as a PNG."""
+    """3D scatter of every spot at its registered (x, y) and depth z, all in µm, one colour
+    per section, as a PNG (`coords_ref`: reference-section pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,10 +54,11 @@ def save_spot_cloud(stack: Stack, coords_ref: list[np.ndarray], path: Path) -> P
     fig = plt.figure(figsize=(7, 6))
     ax = fig.add_subplot(projection="3d")
     for section, xy in zip(stack, coords_ref):
-        ax.scatter(xy[:, 0], xy[:, 1], np.full(len(xy), section.z_um or 0.0), s=6, label=section.name, depthshade=False)
+        xy_um = np.asarray(xy, np.float64) * stack[0].um_per_px
+        ax.scatter(xy_um[:, 0], xy_um[:, 1], np.full(len(xy), section.z_um or 0.0), s=6, label=section.name, depthshade=False)
     ax.invert_yaxis()
-    ax.set_xlabel(f"x ({stack[0].name} px)")
-    ax.set_ylabel(f"y ({stack[0].name} px)")
+    ax.set_xlabel("x (µm)")
+    ax.set_ylabel("y (µm)")
     ax.set_zlabel("z (µm)")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("registered spots")

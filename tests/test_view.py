@@ -1,0 +1,166 @@
+"""The 3D view (`stimpute view`, `OUT/view.html`, `stimpute.pl.view`): its content, its
+command, and the page in a real headless browser (Chromium through Selenium)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from stimpute.datasets import synthetic_stack
+from stimpute.errors import StimputeWarning
+from stimpute.io import write_section
+from stimpute.view import build_view, read_view_sections
+from tests.helpers import one_error_line, run_cli
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    """`stimpute impute` on a tiny synthetic stack: S0 measured (known), S1 and S2 imputed,
+    S2 carrying counts (so its measured values are shown beside)."""
+    root = tmp_path_factory.mktemp("view")
+    stack = synthetic_stack(3, seed=0, n_genes=20, tissue_radius_um=300.0, image_size=600)
+    inputs = [write_section(s, root / "in") for s in stack]
+    result = run_cli("impute", *inputs, "--known", "S0", "--out", root / "out", "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    return root / "out"
+
+
+def test_impute_writes_a_self_contained_view(out):
+    page = (out / "view.html").read_text()
+    assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*\shref=", page)  # plotly.js inline: nothing to fetch
+    assert len(page) < 8e6 and page.count('<option value="G') >= 20  # the search box lists the panel
+    block = ad.read_h5ad(out / "block.h5ad")
+    truth = block.layers["measured"]
+    on = {name: (block.obs["section"] == name).to_numpy() for name in ("S0", "S1", "S2")}
+    assert np.isnan(truth[on["S1"]]).all() and np.isfinite(truth[on["S2"]]).all()  # S1 carries no counts
+    assert np.array_equal(truth[on["S0"]], block.X[on["S0"]])
+
+
+def test_view_draws_textures_true_size_spots_and_measured_beside(out):
+    figure, data = build_view(out, gene="G3")
+    kinds = [t.type for t in figure.data]
+    assert kinds.count("surface") == 4  # S0, S1, S2 and S2's measured copy beside it
+    texture = next(t for t in figure.data if t.type == "surface")
+    assert 0.05 < (np.asarray(texture.surfacecolor) > 0).mean() < 0.95  # tissue shown, glass transparent
+    _, sections = read_view_sections(out)
+    spots = [t for t, r in zip(figure.data, data["traces"]) if r["role"] == "spots"]
+    assert len(spots) == 4 and [r["source"] for r in data["traces"] if r["role"] == "spots"] == ["values", "values", "values", "truth"]
+    first = spots[0]
+    radius = np.hypot(np.asarray(first.x[1]) - first.x[0], np.asarray(first.y[1]) - first.y[0])
+    assert radius == pytest.approx(sections[0].diameter_um / 2, rel=1e-4) and sections[0].diameter_um == pytest.approx(55.0)
+    rings = [r for r in data["traces"] if r["role"] == "ring"]
+    assert [r["section"] for r in rings] == [0, 2]  # measured spots (S0, and S2's measured copy) are ringed
+    imputed = np.concatenate([s.values[:, 3] for s in sections if not s.measured.any()])
+    scale = figure.layout.coloraxis
+    assert (scale.cmin, scale.cmax) == pytest.approx(tuple(np.percentile(imputed, [1, 99])), abs=1e-3) and scale.cmin >= 0
+    scene = figure.layout.scene
+    assert [scene[a].title.text for a in ("xaxis", "yaxis", "zaxis")] == ["x (µm)", "y (µm)", "z (µm)"]
+    assert set(data["overlays"]) == {"confidence"} and data["gene"] == "G3" and len(data["genes"]) == 20
+
+
+def test_view_command_and_python_api(out, tmp_path):
+    result = run_cli("view", out, "--gene", "G5", "--html", tmp_path / "v.html")
+    assert result.exit_code == 0, result.output
+    assert '"gene": "G5"' in (tmp_path / "v.html").read_text()
+    one_error_line(run_cli("view", out, "--gene", "NOPE", "--html", tmp_path / "w.html"), "NOPE is not in the panel")
+    one_error_line(run_cli("view", tmp_path), "no block.h5ad")
+    import stimpute
+
+    parts = [ad.read_h5ad(out / f"{name}.h5ad") for name in ("S1", "S2")]  # per-section results, not a block
+    page = stimpute.pl.view(parts, "G2", path=tmp_path / "parts.html")
+    assert (tmp_path / "parts.html").read_text() == page.html and "iframe" in page._repr_html_()
+    fig = stimpute.pl.block_3d(parts, "G2", layer="X")
+    assert [t.get_text() for t in fig.axes[0].get_zticklabels()] == ["S1 (imputed)", "S2 (imputed)"]
+
+
+def test_a_failed_view_never_fails_the_impute(out, monkeypatch):
+    import stimpute.view
+    from stimpute.pipeline import write_impute_view
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no WebGL today")
+
+    monkeypatch.setattr(stimpute.view, "write_view", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert write_impute_view(ad.read_h5ad(out / "block.h5ad"), out) == []
+    assert any(issubclass(w.category, StimputeWarning) and "no WebGL today" in str(w.message) for w in caught)
+
+
+# --- the page in a real browser --------------------------------------------------------
+
+def _browser():
+    """A headless Chromium driven by Selenium, or a skip saying what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
+    from selenium.webdriver.chrome.service import Service
+
+    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("no headless browser installed (apt-get install chromium chromium-driver; .ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--enable-unsafe-swiftshader",
+                "--use-angle=swiftshader", "--window-size=1200,800", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _canvas(browser, path: Path) -> np.ndarray:
+    """Screenshot saved to `path`; returns the 3D scene's pixels (colour bar excluded)."""
+    from PIL import Image
+
+    time.sleep(1.0)  # let WebGL finish the frame
+    browser.save_screenshot(str(path))
+    box = browser.execute_script("const r = document.querySelector('#plot .gl-container canvas')"
+                                 ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height];")
+    x, y, w, h = (int(round(v)) for v in box)
+    pixels = np.asarray(Image.open(path).convert("RGB"), np.int16)
+    return pixels[y:y + h, x:x + int(0.8 * w)]  # the colour bar sits at the right
+
+
+def _keep(paths) -> None:
+    target = os.environ.get("STIMPUTE_ARTIFACTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            shutil.copy(p, Path(target) / p.name)
+
+
+def test_view_renders_in_a_headless_browser(out, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    try:
+        browser.get((out / "view.html").resolve().as_uri())
+        shown = lambda gene: lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-shown") == gene  # noqa: E731
+        _, data = build_view(out)
+        WebDriverWait(browser, 60).until(shown(data["gene"]))
+        first = _canvas(browser, tmp_path / "view_first_gene.png")
+        other = next(g for g in data["genes"] if g != data["gene"])
+        box = browser.find_element(By.ID, "gene")
+        box.clear()
+        box.send_keys(other + "\n")
+        WebDriverWait(browser, 30).until(shown(other))
+        second = _canvas(browser, tmp_path / "view_other_gene.png")
+        logs = browser.get_log("browser")
+    finally:
+        browser.quit()
+    _keep([tmp_path / "view_first_gene.png", tmp_path / "view_other_gene.png"])
+    assert not [entry for entry in logs if entry["level"] == "SEVERE"], logs
+    grey = first.mean(axis=2)
+    background = np.median(first.reshape(-1, 3), axis=0)
+    drawn = np.abs(first - background).sum(axis=2) > 60
+    assert grey.std() > 15 and 0.05 < drawn.mean() < 0.95, (grey.std(), drawn.mean())  # not blank
+    changed = np.abs(second - first).sum(axis=2) > 30
+    assert changed.mean() > 0.002, changed.mean()  # the spots took the other gene's colours
