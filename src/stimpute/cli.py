@@ -409,7 +409,7 @@ def features(
 def impute(
     sections: ImageSections,
     known: Annotated[str, typer.Option(help="Name of the section with measured ST (e.g. C3), or several joined by commas (C2,C4): all are used for training, transfer and calibration.")],
-    out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per imputed section, block.h5ad (every section, 3D), config.yaml, figures/, metrics.csv.")],
+    out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per imputed section, block.h5ad (every section, 3D), view.html (the block in 3D), config.yaml, figures/, metrics.csv.")],
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file, one symbol per line (default: top 250 HVGs of the known section).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the training split, initialisation and dropout.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,

@@ -33,13 +33,14 @@ import numpy as np
 from stimpute.errors import StimputeError
 from stimpute.io.anndata_io import write_text_atomic
 from stimpute.io.results import BLOCK_FILE
-from stimpute.register.masks import tissue_mask
+from stimpute.register.masks import relative_density, tissue_mask
 
 VIEW_FILE = "view.html"
 TEXTURE_SIDE = 256  # texture cells along the frame's long side
 TEXTURE_COLOURS = 63  # palette of a texture; index 0 is transparent glass
 MARKER_GENES = ("ERBB2", "MDK")
 PERCENTILES = (1.0, 99.0)  # colour scale: robust range of the imputed values
+GLASS_OD = 0.08  # summed optical density over the slide's glass below which a texture cell is glass
 RING = 0.7  # measured spots: dark ring from this fraction of the radius to the rim
 REACH_COLUMNS = ("stimpute_reach", "cli_reach")  # issue 26 renames cli_reach
 TRUTH_LAYERS = ("measured", "stimpute_measured")
@@ -205,8 +206,15 @@ def texture(section: ViewSection, frame: Frame) -> tuple[np.ndarray, list[str]] 
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpAffine(image, to_image, (frame.nx, frame.ny), flags=flags, borderValue=(255, 255, 255))
     inside = cv2.warpAffine(np.ones(image.shape[:2], np.uint8), to_image, (frame.nx, frame.ny), flags=flags) > 0
-    tissue = tissue_mask(warped, frame.step, smooth_um=2 * frame.step, close_um=4 * frame.step)
-    shown = inside & (tissue if tissue.any() else True)
+    # tissue: the section's tissue mask, or near its spots (pale tissue Otsu leaves out); never glass
+    near = np.zeros((frame.ny, frame.nx), np.uint8)
+    cells = np.round((section.xyz[:, :2] - [frame.x0, frame.y0]) / frame.step).astype(int)
+    cells = cells[(cells >= 0).all(1) & (cells < [frame.nx, frame.ny]).all(1)]
+    near[cells[:, 1], cells[:, 0]] = 1
+    reach = max(1, round(_spacing(section.xyz[:, :2]) / frame.step))
+    near = cv2.dilate(near, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))) > 0
+    tissue = tissue_mask(warped, frame.step, smooth_um=2 * frame.step, close_um=4 * frame.step) | near
+    shown = inside & tissue & (cv2.GaussianBlur(relative_density(warped), (0, 0), 1.0) > GLASS_OD)
     quantised = Image.fromarray(warped).quantize(TEXTURE_COLOURS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     palette = np.asarray(quantised.getpalette()[: 3 * TEXTURE_COLOURS], np.float64).reshape(-1, 3)
     order = np.argsort(palette @ [0.299, 0.587, 0.114], kind="stable")  # by lightness: blends stay plausible
