@@ -340,7 +340,7 @@ def build_view(data, gene: str | None = None, key: str = "stimpute", title: str 
             yaxis=dict(title=dict(text="y (µm)"), range=[frame.y0 + height, frame.y0], tickformat="d"),  # image rows grow downwards
             zaxis=dict(title=dict(text="z (µm)"), range=[depths[0] - gap / 2, depths[-1] + gap / 2], tickformat="d"),
             aspectmode="manual", aspectratio=dict(x=width / longest, y=height / longest, z=0.45 if len(depths) > 1 else 0.05),
-            camera=dict(eye=dict(x=0.1, y=-1.1, z=0.75), up=dict(x=0, y=0, z=1)),
+            camera=dict(eye=dict(x=0.05, y=-0.85, z=0.6), center=dict(x=0, y=0, z=-0.08), up=dict(x=0, y=0, z=1)),
         ),
     )
     figure = go.Figure(traces, layout)
