@@ -3,6 +3,7 @@ command, and the page in a real headless browser (Chromium through Selenium)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -55,11 +56,11 @@ def test_view_draws_textures_true_size_spots_and_measured_beside(out):
     index, x, y = np.asarray(texture.surfacecolor), np.asarray(texture.x), np.asarray(texture.y)
     under = index[np.searchsorted(y, sections[0].xyz[:, 1]), np.searchsorted(x, sections[0].xyz[:, 0])]
     assert (under > 0).mean() > 0.5 and (index == 0).any()  # S0's H&E shown under its spots, glass transparent
-    spots = [t for t, r in zip(figure.data, data["traces"]) if r["role"] == "spots"]
-    assert len(spots) == 4 and [r["source"] for r in data["traces"] if r["role"] == "spots"] == ["values", "values", "values", "truth"]
-    first = spots[0]
-    radius = np.hypot(np.asarray(first.x[1]) - first.x[0], np.asarray(first.y[1]) - first.y[0])
-    assert radius == pytest.approx(sections[0].diameter_um / 2, rel=1e-4) and sections[0].diameter_um == pytest.approx(55.0)
+    spots = [r for r in data["traces"] if r["role"] == "spots"]  # discs the page builds: centres (µm) and radius
+    assert [r["source"] for r in spots] == ["values", "values", "values", "truth"]
+    centres = np.frombuffer(base64.b64decode(spots[0]["centres"]), np.float32).reshape(-1, 3)
+    assert np.allclose(centres[:, :2], sections[0].xyz[:, :2], atol=1e-3) and (centres[:, 2] > sections[0].xyz[:, 2]).all()
+    assert spots[0]["r_out"] == pytest.approx(sections[0].diameter_um / 2) and sections[0].diameter_um == pytest.approx(55.0)
     rings = [r for r in data["traces"] if r["role"] == "ring"]
     assert [r["section"] for r in rings] == [0, 2]  # measured spots (S0, and S2's measured copy) are ringed
     imputed = np.concatenate([s.values[:, 3] for s in sections if not s.measured.any()])
@@ -121,16 +122,15 @@ def _browser():
 
 
 def _canvas(browser, path: Path) -> np.ndarray:
-    """Screenshot saved to `path`; returns the 3D scene's pixels (colour bar excluded)."""
+    """Screenshot saved to `path`; returns the 3D scene's pixels (the left 80 % of the plot
+    area: the colour bar sits at the right)."""
     from PIL import Image
 
     time.sleep(1.0)  # let WebGL finish the frame
     browser.save_screenshot(str(path))
-    box = browser.execute_script("const r = document.querySelector('#plot .gl-container canvas')"
-                                 ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height];")
-    x, y, w, h = (int(round(v)) for v in box)
-    pixels = np.asarray(Image.open(path).convert("RGB"), np.int16)
-    return pixels[y:y + h, x:x + int(0.8 * w)]  # the colour bar sits at the right
+    x, y, w, h = (int(v) for v in browser.execute_script(
+        "const r = document.getElementById('plot').getBoundingClientRect(); return [r.left, r.top, r.width, r.height];"))
+    return np.asarray(Image.open(path).convert("RGB"), np.int16)[y:y + h, x:x + int(0.8 * w)]
 
 
 def _keep(paths) -> None:
@@ -142,31 +142,44 @@ def _keep(paths) -> None:
 
 
 def test_view_renders_in_a_headless_browser(out, tmp_path):
+    """No console errors; the 3D canvas is drawn; another gene, the confidence overlay and
+    one section alone each change the rendered pixels. Screenshots are kept."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    genes, sections = read_view_sections(out)
+    _, data = build_view(out)
+    values = np.concatenate([s.values for s in sections])
+    other = genes[int(np.argmin(np.corrcoef(values.T)[genes.index(data["gene"])]))]  # the least alike
+    shots = [tmp_path / f"view_{name}.png" for name in ("first_gene", "other_gene", "confidence", "one_section")]
     browser = _browser()
     try:
+        body = lambda key, value: lambda b: b.find_element(By.TAG_NAME, "body").get_attribute(f"data-{key}") == value  # noqa: E731
         browser.get((out / "view.html").resolve().as_uri())
-        shown = lambda gene: lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-shown") == gene  # noqa: E731
-        genes, sections = read_view_sections(out)
-        _, data = build_view(out)
-        WebDriverWait(browser, 60).until(shown(data["gene"]))
-        first = _canvas(browser, tmp_path / "view_first_gene.png")
-        values = np.concatenate([s.values for s in sections])
-        other = genes[int(np.argmin(np.corrcoef(values.T)[genes.index(data["gene"])]))]  # the least alike
+        WebDriverWait(browser, 120).until(body("shown", data["gene"]))
+        first = _canvas(browser, shots[0])
         box = browser.find_element(By.ID, "gene")
         box.clear()
         box.send_keys(other + "\n")
-        WebDriverWait(browser, 30).until(shown(other))
-        second = _canvas(browser, tmp_path / "view_other_gene.png")
+        WebDriverWait(browser, 60).until(body("shown", other))
+        second = _canvas(browser, shots[1])
+        Select(browser.find_element(By.ID, "colour")).select_by_value("confidence")
+        WebDriverWait(browser, 60).until(body("shown", "confidence"))
+        confidence = _canvas(browser, shots[2])
+        Select(browser.find_element(By.ID, "to")).select_by_value("0")
+        WebDriverWait(browser, 60).until(body("sections", "0-0"))
+        alone = _canvas(browser, shots[3])
         logs = browser.get_log("browser")
     finally:
         browser.quit()
-    _keep([tmp_path / "view_first_gene.png", tmp_path / "view_other_gene.png"])
+    _keep(shots)
     assert not [entry for entry in logs if entry["level"] == "SEVERE"], logs
-    drawn = np.abs(first - 255).sum(axis=2) > 30  # WebGL drew the scene's panes, textures and spots
-    coloured = drawn & (np.abs(first - [229, 236, 246]).sum(axis=2) > 80) & (np.abs(first - 255).sum(axis=2) > 80)
-    assert drawn.mean() > 0.2 and coloured.mean() > 0.01, (drawn.mean(), coloured.mean())  # not blank
-    changed = np.abs(second - first).sum(axis=2) > 30
-    assert changed.mean() > 0.002, changed.mean()  # the spots took the other gene's colours
+    assert _coloured(first) > 0.01 and (np.abs(first - 255).sum(axis=2) > 30).mean() > 0.2  # panes, textures, spots: not blank
+    for before, after in ((first, second), (second, confidence)):
+        assert (np.abs(after - before).sum(axis=2) > 30).mean() > 0.002  # the spots took other colours
+    assert _coloured(alone) < 0.8 * _coloured(confidence)  # S1 and S2 hidden
+
+
+def _coloured(pixels: np.ndarray) -> float:
+    """Share of pixels neither white nor the scene's pale panes: textures and spots."""
+    return float(((np.abs(pixels - 255).sum(axis=2) > 80) & (np.abs(pixels - [229, 236, 246]).sum(axis=2) > 80)).mean())

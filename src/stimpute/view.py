@@ -225,27 +225,6 @@ def texture(section: ViewSection, frame: Frame) -> tuple[np.ndarray, list[str]] 
     return index, colours
 
 
-def _discs(xyz: np.ndarray, r_in: float, r_out: float, sides: int) -> dict:
-    """Mesh of one flat disc (r_in = 0) or ring per centre: x, y, z, i, j, k."""
-    angles = 2 * np.pi * np.arange(sides) / sides
-    rim = np.c_[np.cos(angles), np.sin(angles)]
-    n = len(xyz)
-    if r_in == 0:
-        offsets = np.r_[[[0.0, 0.0]], r_out * rim]  # centre, then the rim
-        a = np.arange(sides)
-        tri = np.c_[np.zeros(sides, int), 1 + a, 1 + (a + 1) % sides]
-    else:
-        offsets = np.r_[r_in * rim, r_out * rim]
-        a, b = np.arange(sides), (np.arange(sides) + 1) % sides
-        tri = np.r_[np.c_[a, b, sides + a], np.c_[b, sides + b, sides + a]]
-    per = len(offsets)
-    points = np.repeat(xyz, per, axis=0)
-    points[:, :2] += np.tile(offsets, (n, 1))
-    faces = (tri[None] + per * np.arange(n)[:, None, None]).reshape(-1, 3).astype(np.int32)
-    return {"x": points[:, 0].astype(np.float32), "y": points[:, 1].astype(np.float32),
-            "z": points[:, 2].astype(np.float32), "i": faces[:, 0], "j": faces[:, 1], "k": faces[:, 2]}
-
-
 def _steps(values: np.ndarray, top: np.ndarray) -> np.ndarray:
     """(genes, spots) uint8: each value in 1/255 steps of its gene's maximum `top`."""
     return np.round(np.clip(values, 0, None) / top * 255).astype(np.uint8).T
@@ -275,7 +254,7 @@ def build_view(data, gene: str | None = None, key: str = "stimpute", title: str 
     g = genes.index(gene)
     frame = Frame.around(sections)
     n_spots = sum(len(s.values) for s in sections)
-    sides = 12 if n_spots <= 20000 else 8
+    sides = 12 if n_spots <= 20000 else 6
     depths = sorted({float(np.median(s.xyz[:, 2])) for s in sections})
     gap = min(np.diff(depths)) if len(depths) > 1 else 10.0
     lift = 0.04 * gap  # spots above their plane, no depth fighting
@@ -300,30 +279,29 @@ def build_view(data, gene: str | None = None, key: str = "stimpute", title: str 
         state = "measured" if measured else ("imputed" if not s.measured.any() else "measured + imputed")
         copies = [(0.0, state, "values", start)] + ([(shift, "measured", "truth", truth_start)] if s.truth is not None else [])
         for dx, label, source, first in copies:
-            if made is not None:
+            beside = bool(dx)
+            if made is not None:  # its z grid is filled in by the page (a constant: not worth shipping)
                 index, colours = made
-                traces.append(go.Surface(x=frame.x + dx, y=frame.y, z=np.full(index.shape, z, np.float32),
-                                         surfacecolor=index, colorscale=[[i / TEXTURE_COLOURS, c] for i, c in enumerate(colours)],
-                                         name=f"{s.name} H&E", **surface))
-                roles.append({"section": s_index, "role": "he", "beside": bool(dx)})
-            xyz = s.xyz + [dx, 0.0, lift]
-            shown = (s.truth if source == "truth" else s.values)[:, g]
-            traces.append(go.Mesh3d(**_discs(xyz, 0.0, s.diameter_um / 2, sides), intensity=np.repeat(shown, sides + 1),
-                                    name=f"{s.name} {label}", **mesh,
+                traces.append(go.Surface(x=frame.x + dx, y=frame.y, surfacecolor=index, name=f"{s.name} H&E",
+                                         colorscale=[[i / TEXTURE_COLOURS, c] for i, c in enumerate(colours)], **surface))
+                roles.append({"section": s_index, "role": "he", "beside": beside, "z": z, "nx": index.shape[1], "ny": index.shape[0]})
+            xyz = (s.xyz + [dx, 0.0, lift]).astype(np.float32)
+            ringed = s.measured if source == "values" else np.ones(len(s.values), bool)
+            # discs and rings are built by the page from their centres and radii
+            traces.append(go.Mesh3d(name=f"{s.name} {label}", **mesh,
                                     hovertemplate=f"{s.name} {label}<br>x %{{x:.0f}} µm, y %{{y:.0f}} µm, z {z:g} µm"
                                                   "<br>%{intensity:.2f}<extra></extra>"))
-            roles.append({"section": s_index, "role": "spots", "source": source, "start": int(first),
-                          "count": len(s.values), "per": sides + 1, "beside": bool(dx)})
-            ringed = s.measured if source == "values" else np.ones(len(s.values), bool)
+            roles.append({"section": s_index, "role": "spots", "source": source, "start": int(first), "count": len(s.values),
+                          "beside": beside, "centres": _b64(xyz), "r_in": 0.0, "r_out": s.diameter_um / 2, "sides": sides})
             if ringed.any():
-                traces.append(go.Mesh3d(**_discs(xyz[ringed] + [0, 0, lift / 2], RING * s.diameter_um / 2, s.diameter_um / 2, sides),
-                                        color="rgb(20,20,20)", flatshading=True, hoverinfo="skip", name=f"{s.name} measured",
+                traces.append(go.Mesh3d(color="rgb(20,20,20)", flatshading=True, hoverinfo="skip", name=f"{s.name} measured",
                                         lighting=mesh["lighting"]))
-                roles.append({"section": s_index, "role": "ring", "beside": bool(dx)})
+                roles.append({"section": s_index, "role": "ring", "beside": beside, "centres": _b64(xyz[ringed] + np.float32([0, 0, lift / 2])),
+                              "r_in": RING * s.diameter_um / 2, "r_out": s.diameter_um / 2, "sides": sides})
             traces.append(go.Scatter3d(x=[frame.x0 + dx], y=[frame.y0 + frame.ny * frame.step], z=[z], mode="text",
-                                       text=[f"<b>{s.name}</b> {label}"], textposition="top right",  # front left corner textfont=dict(size=14, color="black"),
-                                       hoverinfo="skip", showlegend=False))
-            roles.append({"section": s_index, "role": "label", "beside": bool(dx)})
+                                       text=[f"<b>{s.name}</b> {label}"], textposition="top right",  # front left corner
+                                       textfont=dict(size=14, color="black"), hoverinfo="skip", showlegend=False))
+            roles.append({"section": s_index, "role": "label", "beside": beside})
         start += len(s.values)
         truth_start += 0 if s.truth is None else len(s.truth)
 
@@ -428,11 +406,42 @@ const VALUES = decode(DATA.values, Uint8Array);
 const TRUTH = DATA.truth ? decode(DATA.truth, Uint8Array) : null;
 const OVERLAYS = Object.fromEntries(Object.entries(DATA.overlays).map(([k, v]) => [k, decode(v, Float32Array)]));
 const SPOTS = DATA.traces.map((t, i) => [t, i]).filter(([t]) => t.role === "spots");
+
+function discs(c, rIn, rOut, sides) {  // flat discs (rIn 0) or rings around centres c (x, y, z, ...)
+  const n = c.length / 3, per = rIn ? 2 * sides : sides + 1, tris = rIn ? 2 * sides : sides;
+  const x = new Float32Array(n * per), y = new Float32Array(n * per), z = new Float32Array(n * per);
+  const i = new Uint32Array(n * tris), j = new Uint32Array(n * tris), k = new Uint32Array(n * tris);
+  const radii = rIn ? [rIn, rOut] : [rOut];
+  for (let s = 0; s < n; s++) {
+    const v0 = s * per, f0 = s * tris;
+    let v = v0;
+    if (!rIn) { x[v] = c[3 * s]; y[v] = c[3 * s + 1]; z[v] = c[3 * s + 2]; v++; }
+    for (const r of radii) for (let a = 0; a < sides; a++, v++) {
+      x[v] = c[3 * s] + r * Math.cos(2 * Math.PI * a / sides); y[v] = c[3 * s + 1] + r * Math.sin(2 * Math.PI * a / sides);
+      z[v] = c[3 * s + 2];
+    }
+    for (let a = 0; a < sides; a++) {
+      const b = (a + 1) % sides;
+      if (!rIn) { i[f0 + a] = v0; j[f0 + a] = v0 + 1 + a; k[f0 + a] = v0 + 1 + b; continue; }
+      i[f0 + 2 * a] = v0 + a; j[f0 + 2 * a] = v0 + b; k[f0 + 2 * a] = v0 + sides + a;
+      i[f0 + 2 * a + 1] = v0 + b; j[f0 + 2 * a + 1] = v0 + sides + b; k[f0 + 2 * a + 1] = v0 + sides + a;
+    }
+  }
+  return {x, y, z, i, j, k};
+}
+
+DATA.traces.forEach((t, n) => {  // geometry the page builds rather than ships
+  const trace = FIGURE.data[n];
+  if (t.centres) Object.assign(trace, discs(decode(t.centres, Float32Array), t.r_in, t.r_out, t.sides));
+  if (t.role === "he") {
+    trace.z = Array.from({length: t.ny}, () => new Float32Array(t.nx).fill(t.z));
+  }
+});
 const plot = document.getElementById("plot");
 
 function intensities(g, colour) {
   return SPOTS.map(([t]) => {
-    const out = new Float32Array(t.count * t.per);
+    const per = t.sides + 1, out = new Float32Array(t.count * per);
     for (let s = 0; s < t.count; s++) {
       let v;
       if (colour === "gene") {
@@ -441,7 +450,7 @@ function intensities(g, colour) {
       } else {
         v = t.source === "truth" ? 1 : OVERLAYS[colour][t.start + s];
       }
-      out.fill(v, s * t.per, (s + 1) * t.per);
+      out.fill(v, s * per, (s + 1) * per);
     }
     return out;
   });
@@ -467,9 +476,11 @@ function visibility() {
   const he = document.getElementById("he").checked, beside = document.getElementById("beside").checked;
   const visible = DATA.traces.map(t => Math.min(a, b) <= t.section && t.section <= Math.max(a, b)
     && (t.role !== "he" || he) && (!t.beside || beside));
-  return Plotly.restyle(plot, {visible: visible});
+  return Plotly.restyle(plot, {visible: visible}).then(() => { document.body.dataset.sections = Math.min(a, b) + "-" + Math.max(a, b); });
 }
 
+const first = intensities(DATA.genes.indexOf(DATA.gene), "gene");
+SPOTS.forEach(([, n], s) => { FIGURE.data[n].intensity = first[s]; });
 Plotly.newPlot(plot, FIGURE.data, FIGURE.layout, {responsive: true, displaylogo: false}).then(() => {
   document.body.dataset.shown = DATA.gene;
   document.getElementById("gene").addEventListener("change", draw);
