@@ -50,8 +50,9 @@ def imputed(adata: ad.AnnData, genes: str | Sequence[str], *, key: str = "stimpu
 def block_3d(adatas: Sequence[ad.AnnData] | Mapping[str, ad.AnnData], gene: str, *, key: str = "stimpute",
              layer: str | None = None, cmap: str = "viridis") -> Figure:
     """Every section's spots at their registered 3D position (`obsm["spatial_3d"]`, µm),
-    coloured by `gene` (`layers[layer or key]`) on one colour scale, drawn at about their
-    true diameter, each section labelled (name, measured or imputed) at its depth."""
+    coloured by `gene` (`layers[layer or key]`) on one colour scale (1st-99th percentile of
+    the imputed spots), drawn at about their true diameter, each section labelled (name,
+    measured or imputed) at its depth."""
     import mpl_toolkits.mplot3d  # noqa: F401  (registers the 3d projection)
 
     objects = list(adatas.values()) if isinstance(adatas, Mapping) else list(adatas)
@@ -60,7 +61,8 @@ def block_3d(adatas: Sequence[ad.AnnData] | Mapping[str, ad.AnnData], gene: str,
             raise StimputeError(None, f'no obsm["{SPATIAL_3D}"]: run stimpute.tl.register or stimpute.tl.impute first')
     values = [_values(a, [gene], layer or key)[:, 0] for a in objects]
     _, sections = read_view_sections(adatas, key)
-    lo, hi = min(v.min() for v in values), max(v.max() for v in values)
+    imputed = np.concatenate([v[~s.measured] for s, v in zip(sections, values)])
+    lo, hi = np.percentile(imputed if imputed.size else np.concatenate(values), [1, 99])  # measured zeros do not stretch it
     fig = Figure(figsize=(7, 6), layout="constrained")
     ax = fig.add_subplot(projection="3d")
     extent = max(float(np.ptp(np.concatenate([s.xyz[:, :2] for s in sections]), axis=0).max()), 1e-9)

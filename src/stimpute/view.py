@@ -344,7 +344,7 @@ def view_html(data, gene: str | None = None, key: str = "stimpute", title: str =
     overlays = "".join(f'<option value="{o}">{o}</option>' for o in payload["overlays"])
     page = PAGE.format(title=html.escape(title), plotly=get_plotlyjs(), options=options, sections=sections,
                        last=len(payload["sections"]) - 1, overlays=overlays, gene=html.escape(payload["gene"]),
-                       n_genes=len(payload["genes"]), figure=figure.to_json(), payload=json.dumps(payload), script=SCRIPT)
+                       n_genes=len(payload["genes"]), figure=figure.to_json(), payload=json.dumps(payload).replace("</", "<\\/"), script=SCRIPT)
     return page
 
 
