@@ -19,6 +19,7 @@ from PIL import Image
 from stimpute.datasets import synthetic_stack
 from stimpute.errors import StimputeWarning
 from stimpute.io import write_section
+from stimpute.io.run import read_manifest
 from stimpute.view import build_view, read_view_sections
 from tests.helpers import one_error_line, run_cli
 
@@ -73,6 +74,10 @@ def test_view_draws_textures_true_size_spots_and_measured_beside(out):
 
 def test_view_command_and_python_api(out, tmp_path):
     genes = list(ad.read_h5ad(out / "block.h5ad").var_names)
+    result = run_cli("view", out, "--gene", genes[5])  # redraws OUT/view.html; the folder stays impute's
+    assert result.exit_code == 0 and f'"gene": "{genes[5]}"' in (out / "view.html").read_text(), result.output
+    manifest = read_manifest(out)
+    assert manifest["command"] == "impute" and manifest["status"] == "finished" and "view.html" in manifest["files"]
     result = run_cli("view", out, "--gene", genes[5], "--html", tmp_path / "v.html")
     assert result.exit_code == 0, result.output
     assert f'"gene": "{genes[5]}"' in (tmp_path / "v.html").read_text()
@@ -148,16 +153,15 @@ def test_view_renders_in_a_headless_browser(out, tmp_path):
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     genes, sections = read_view_sections(out)
-    _, data = build_view(out)
     values = np.concatenate([s.values for s in sections])
-    other = genes[int(np.argmin(np.corrcoef(values.T)[genes.index(data["gene"])]))]  # the least alike
     shots = [tmp_path / f"view_{name}.png" for name in ("first_gene", "other_gene", "confidence", "one_section")]
     browser = _browser()
     try:
         body = lambda key, value: lambda b: b.find_element(By.TAG_NAME, "body").get_attribute(f"data-{key}") == value  # noqa: E731
         browser.get((out / "view.html").resolve().as_uri())
-        WebDriverWait(browser, 120).until(body("shown", data["gene"]))
+        shown = WebDriverWait(browser, 120).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-shown"))
         first = _canvas(browser, shots[0])
+        other = genes[int(np.argmin(np.corrcoef(values.T)[genes.index(shown)]))]  # the least alike
         box = browser.find_element(By.ID, "gene")
         box.clear()
         box.send_keys(other + "\n")

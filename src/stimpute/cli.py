@@ -631,7 +631,7 @@ def view(
     Example: [bold]stimpute view stimpute-demo --gene MDK[/]
     """
     from stimpute.io.results import BLOCK_FILE
-    from stimpute.io.run import run_ownership
+    from stimpute.io.run import read_manifest, run_ownership
     from stimpute.view import VIEW_FILE, write_view
 
     if not (out / BLOCK_FILE).is_file():
@@ -639,7 +639,11 @@ def view(
     if html is not None:
         path = write_view(out, html, gene)
     else:
-        with run_ownership(out, "view", force=True) as run:  # a rendering of OUT's own block: always redrawn
+        previous = read_manifest(out)
+        if previous.get("status") == "running":
+            raise StimputeError(out, f"holds an unfinished `stimpute {previous.get('command')}` run: run it again to finish it first")
+        # a rendering of OUT's own block, always redrawn; the folder stays the run's (a demo reruns over it)
+        with run_ownership(out, previous.get("command", "view"), force=True) as run:
             run.claim([VIEW_FILE])
             path = write_view(out, out / VIEW_FILE, gene)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): open it in a web browser", highlight=False, soft_wrap=True)
