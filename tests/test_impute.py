@@ -200,8 +200,9 @@ def test_train_then_predict_from_images_alone(stack_folders, tmp_path):
 
 @pytest.mark.her2st
 def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_stack, her2st_features, tmp_path):
-    """Guards the product: with C3 known, X beats the model part, the propagated part and
-    register-then-copy on C2 and C4, paired over (target, gene) of the known section's panel."""
+    """Guards the product: with C3 known, X beats the model part, the propagated part,
+    register-then-copy and the ½ ridge + ½ copy composite on C2 and C4, paired over
+    (target, gene) of the known section's panel."""
     from scipy.stats import wilcoxon
 
     from stimpute.evaluate import pearson_columns
@@ -216,6 +217,7 @@ def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_stack, he
     prepared = prepare_stack(stack, known="C3", cache_dir=cache)
     result = impute_stack(prepared, [1], seed=0)
     rival = get_method("transfer").fit_predict(prepared, [1], [0, 2])
+    composite = get_method("composite").fit_predict(prepared, [1], [0, 2])
 
     def pcc(parts):
         return np.concatenate([np.nan_to_num(pearson_columns(parts[t], prepared.expression[t])) for t in (0, 2)])
@@ -224,7 +226,7 @@ def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_stack, he
     # the propagated part carries the kernel ridge prediction plus the transferred residuals,
     # so the fusion adds less to it than to the model part or to register-then-copy
     parts = {"model": (pcc(result.model), 0.01), "propagated": (pcc(result.propagated), 0.003),
-             "transfer": (pcc(rival), 0.03)}
+             "transfer": (pcc(rival), 0.03), "composite": (pcc(composite), 0.0)}
     for name, (other, margin) in parts.items():
         assert fused.mean() > other.mean() + margin, name
         assert wilcoxon(fused, other, alternative="greater").pvalue < 1e-3, name
