@@ -69,6 +69,12 @@ def test_notebook_impute_then_scanpy_and_plots(small_stack, tmp_path, monkeypatc
     assert len(fig3d.axes[0].collections) == 3
     assert not any(tmp_path.iterdir())
 
+    import anndata as ad  # every output is writable and reads back (uns included)
+    for a in result:
+        a.write_h5ad(tmp_path / "out.h5ad")
+        back = ad.read_h5ad(tmp_path / "out.h5ad")
+        assert np.array_equal(back.X, a.X) and back.uns["imp"]["panel"].tolist() == panel
+
 
 def test_register_and_features_fill_the_given_objects(small_stack):
     import stimpute

@@ -58,7 +58,7 @@ def programs_record(option: str | int, programs: GenePrograms) -> dict:
     """What config.yaml says about the projection: the option, the rank kept, the CV scores."""
     record = {"option": option, "rank": "all (no projection)" if programs.full else programs.rank}
     if programs.scores:
-        record["cv_gene_pcc"] = {r: round(v, 4) for r, v in programs.scores.items()}
+        record["cv_gene_pcc"] = {str(r): round(v, 4) for r, v in programs.scores.items()}  # h5ad keys are text
     return record
 
 
