@@ -34,8 +34,8 @@ from stimpute.features.encoders import match_recorded
 from stimpute.features.stored import check_encoder, check_trained_on, stored_encoder
 from stimpute.impute import MEMBERS, ImputeResult, impute_stack
 from stimpute.io import read_stack
-from stimpute.io.image_section import refuse_images
 from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
+from stimpute.io.image_section import refuse_images
 from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
 from stimpute.io.run import Run, run_ownership
 from stimpute.io.spaceranger import spaceranger_files, spaceranger_outs
@@ -274,9 +274,9 @@ def spot_geometry(stack: Stack) -> dict:
     """Median spot diameter and pitch (µm; a section without one: its spot lattice's) of the
     measured sections: the virtual grid `predict` lays on H&E images alone for a model trained on them."""
     measured = [s for s in stack if s.has_counts]
-    pitches = [s.pitch_um or known_lattice(s, s.xy).pitch * s.um_per_px for s in measured]
+    pitches = [s.pitch_um or known_lattice(s, s.xy).pitch * s.um_per_px for s in measured if s.pitch_um or s.n_spots >= 3]
     return {"spot_diameter_um": float(np.median([s.spot_diameter_um for s in measured])),
-            "pitch_um": float(np.median(pitches))}
+            "pitch_um": float(np.median(pitches)) if pitches else None}
 
 
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
@@ -317,7 +317,7 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
     trained_grid = {k: v for k, v in settings.get("spots", {}).items() if v}
     grid = grid or GridOptions()
     grid = replace(grid, **{k: v for k, v in trained_grid.items() if getattr(grid, k) is None})
-    files, scored = [], {"names": [], "predicted": [], "measured": []}
+    files, predicted, truths = [], [], []
     for section in stack:
         if section.n_spots == 0:
             grid_on_section(section, grid)
@@ -330,8 +330,8 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
         files.append(write_prediction(section, one.panel, pred, out, force=force))
         shown = [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES]
         measured = one.expression[0]
-        for key, value in zip(scored, (section.name, pred, measured)):
-            scored[key].append(value)
+        predicted.append(pred)
+        truths.append(measured)
         pcc = None if measured is None else pearson_columns(pred, measured)[[list(one.panel).index(g) for g in shown]]
         files.append(_heatmaps(section, one.panel, shown, pred, measured, out, pcc=pcc, label="predicted"))
         section.image.release()
@@ -339,11 +339,11 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
               "seed": settings.get("seed"), **features, "encoder": settings.get("encoder", "handcrafted"),
               "panel": settings["panel"],
               "inputs": input_records(stack, sections), "train": settings.get("train")}
-    measured = [m for m in scored["measured"] if m is not None]
+    measured = [m for m in truths if m is not None]
     if measured:  # models from before config.yaml recorded top_hvg: the measured targets' own
         panel = list(settings["panel"])
         top = settings.get("top_hvg") or [panel[j] for j in top_variable(np.concatenate(measured), N_TOP_SUMMARY)]
-        metrics, scores = score_sections(**scored, panel=panel, top=np.array([panel.index(g) for g in top]))
+        metrics, scores = score_sections(stack.names, predicted, truths, panel, np.array([panel.index(g) for g in top]))
         write_text_atomic(out / "metrics.csv", metrics.to_csv(index=False))
         if summary is not None:
             summary.rows.extend(scores.rows)
