@@ -108,8 +108,10 @@ def test_demo_runs_twice_into_its_own_folder(folders, tmp_path, monkeypatch):
     assert refused.exit_code == 2 and "error:" in refused.output and "already holds results" in refused.output
 
 
-def test_output_to_a_file_keeps_tables_and_paths_whole(tmp_path):
-    """CliRunner's output is not a terminal, as a file or pipe is: rich would lay it out in 80 columns."""
+def test_output_to_a_file_keeps_tables_and_paths_whole(tmp_path, monkeypatch):
+    """CliRunner's output is not a terminal, as a file or pipe is: rich would lay it out in
+    80 columns, or $COLUMNS."""
+    monkeypatch.setenv("COLUMNS", "80")
     name = "HER2_patient_A_section_C3_serial_block_2024"
     folder = write_her2st_folder(tmp_path / "a_rather_long_folder_name_from_the_lab" / "raw" / name, name=name)
     out = tmp_path / "another_long_output_folder_name_for_the_converted_sections"

@@ -34,14 +34,12 @@ UNWRAPPED_WIDTH = 10_000  # columns of a console writing to a file or pipe: tabl
 
 class FileConsole(Console):
     """A rich console that, writing to a file or a pipe, neither truncates tables nor
-    breaks lines: rich would lay them out in 80 columns there, cutting table cells
-    ("meth…") and paths. On a terminal (or with an explicit width) it is rich's own."""
+    breaks lines: rich would lay them out in 80 columns (or $COLUMNS) there, cutting
+    table cells ("meth…") and paths. On a terminal it is rich's own."""
 
     def _unwrapped_size(self):
         size = Console.size.fget(self)
-        if self.is_terminal or self._width is not None:
-            return size
-        return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+        return size if self.is_terminal else ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
 
     size = property(_unwrapped_size, Console.size.fset)
 
