@@ -15,7 +15,8 @@ from stimpute.datasets import synthetic_stack
 from stimpute.features import spot_features
 from stimpute.features.checkpoint import file_digest
 from stimpute.features.efficientnet import efficientnet_lite0, lite0_weights
-from stimpute.features.encoders import encoder_record, load_encoder
+from stimpute.errors import StimputeError
+from stimpute.features.encoders import encoder_record, load_encoder, match_recorded
 from stimpute.io import write_section
 from stimpute.patches import SCALES_UM
 from tests.test_features import assert_loaded, random_state
@@ -84,6 +85,12 @@ def test_installed_imagenet_weights_are_found_without_the_weights_option(tmp_pat
     record = encoder_record("efficientnet_lite0")
     assert record["weights"] is None and record["weights_sha256"] == file_digest(file)
     assert record["weights_sha256"].startswith(file.stem.rsplit("-", 1)[1])  # the file name carries its hash's head
+    # a model trained on them needs no --weights to predict, and refuses other weights
+    assert match_recorded(record, None, None, "model") == record
+    other = tmp_path / "other.pth"
+    torch.save(random_state(efficientnet_lite0(), seed=5), other)
+    with pytest.raises(StimputeError, match="not the efficientnet_lite0 weights this model was trained with"):
+        match_recorded(record, None, other, "model")
     folder = write_section(section, tmp_path / "sections")
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["features", str(folder), "--encoder", "efficientnet_lite0", "--out", str(out)])

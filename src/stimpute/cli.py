@@ -71,9 +71,9 @@ def main_options(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
 ):  # options before the command name; the help text is the app's
     pass
-EncoderOption = Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), resnet18, resnet50, uni or ciga (networks need --weights).")]
-StackEncoderOption = Annotated[Optional[str], typer.Option("--encoder", help="Feature encoder: handcrafted, resnet18, resnet50, uni or ciga (networks need --weights); default: the features the sections carry (e.g. a 3DMoEST file's uni_features), else handcrafted.")]
-WeightsOption = Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded): torchvision, timm or Lightning layout.")]
+EncoderOption = Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), efficientnet_lite0 (ImageNet weights from its optional extra), resnet18, resnet50, uni or ciga (these need --weights).")]
+StackEncoderOption = Annotated[Optional[str], typer.Option("--encoder", help="Feature encoder: handcrafted, efficientnet_lite0 (ImageNet weights from its optional extra), resnet18, resnet50, uni or ciga (these need --weights); default: the features the sections carry (e.g. a 3DMoEST file's uni_features), else handcrafted.")]
+WeightsOption = Annotated[Optional[Path], typer.Option(help="Local weight file of a network encoder (never downloaded; overrides efficientnet_lite0's installed weights): torchvision, timm or Lightning layout.")]
 DeviceOption = Annotated[str, typer.Option(help="Where models train and network encoders run: auto (a CUDA GPU when there is one, else the CPU), cpu or cuda (Lightning's accelerator; CPU training is deterministic).")]
 DevicesOption = Annotated[str, typer.Option("--devices", help="Lightning's devices: GPUs (or CPU processes) per machine that work together: a count, -1 for all, auto, or GPU ids like 0,2. More than one shares the feature extraction and trains data-parallel (DDP); only rank 0 writes to OUT.")]
 NumNodesOption = Annotated[int, typer.Option("--num-nodes", help="Lightning's num_nodes: machines that work together; start the same command on each (README: several GPUs and machines).")]
