@@ -279,7 +279,7 @@ def convert_to_moest_h5(
     from stimpute.io.run import check_inputs
 
     refuse_images(sections, "convert to-moest-h5")
-    check_inputs(out, [*sections, genes], folder=False)
+    check_inputs(out, [*sections, genes, weights])
     if out.exists() and not force:
         raise StimputeError(out, "already exists; pass --force to overwrite")
     check_encoder(encoder, weights)
@@ -307,8 +307,11 @@ def panel(
     from stimpute.io import read_section
     from stimpute.io.anndata_io import write_text_atomic
     from stimpute.io.image_section import refuse_images
+    from stimpute.io.run import check_inputs
 
     refuse_images(sections, "panel")
+    if out is not None:
+        check_inputs(out, [*sections, genes])
     chosen = select_panel([read_section(p).adata for p in sections], n_top=n_top, genes=genes, rule=rule)
     if out is not None:
         write_text_atomic(out, "\n".join(chosen) + "\n")
@@ -384,7 +387,7 @@ def features(
     accelerator = resolve_device(device)
     hardware = {"accelerator": accelerator, **parallel_options(accelerator, devices, num_nodes, strategy)}
     # several processes share each section; rank 0 owns OUT and writes, the others only read its caches
-    with run_ownership(out, "features", sections) if is_rank_zero() else nullcontext() as owner:
+    with run_ownership(out, "features", [*sections, weights]) if is_rank_zero() else nullcontext() as owner:
         for path in sections:
             section = read_section(path)
             if owner is not None:
@@ -641,8 +644,8 @@ def view(
         if previous.get("status") == "running":
             raise StimputeError(out, f"holds an unfinished `stimpute {previous.get('command')}` run: run it again to finish it first")
         # a rendering of OUT's own block, always redrawn; the folder stays the run's (a demo reruns over it)
-        with run_ownership(out, previous.get("command", "view"), force=True) as run:
-            run.claim([VIEW_FILE])
+        with run_ownership(out, previous.get("command", "view")) as run:
+            run.claim(derived=[VIEW_FILE])
             path = write_view(out, out / VIEW_FILE, gene)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): open it in a web browser", highlight=False, soft_wrap=True)
 

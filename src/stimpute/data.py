@@ -9,16 +9,31 @@ measured expression). The image stays on disk behind a lazy `SectionImage`.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 from anndata import AnnData
 
-from stimpute.errors import StimputeError
+from stimpute.errors import StimputeError, StimputeWarning
 from stimpute.image import SectionImage
 
 DEFAULT_SECTION_THICKNESS_UM = 10.0  # spacing of serial sections when the input gives no z
+MAX_NAME_BYTES = 120  # room for suffixes and a temporary file's prefix within a file system's 255
+
+
+def safe_name(name) -> str:
+    """`name` made usable as a file name in an output folder (`<name>.h5ad`, `figures/<name>.png`):
+    path separators, control characters and undecodable bytes (from a non-UTF-8 path) become
+    "_", a leading "." does too (no "..", no hidden file), an empty name is "_", and it is cut
+    to MAX_NAME_BYTES bytes of UTF-8."""
+    text = re.sub(r"[/\\\x00-\x1f\x7f\ud800-\udfff]", "_", str(name))
+    text = "_" + text[1:] if text.startswith(".") else text or "_"
+    while len(text.encode()) > MAX_NAME_BYTES:
+        text = text[:-1]
+    return text
 
 
 @dataclass
@@ -36,6 +51,11 @@ class Section:
     report: dict = field(default_factory=dict)  # what the reader dropped or assumed
 
     def __post_init__(self):
+        name = safe_name(self.name)
+        if name != self.name:
+            warnings.warn(f"{self.source or 'a section'}: the section name {self.name!r} is no safe file name; "
+                          f"it is called {name!r}", StimputeWarning, stacklevel=3)
+            self.name = name
         if "spatial" not in self.adata.obsm:
             raise StimputeError(self.source or self.name, 'spots have no obsm["spatial"] pixel coordinates')
         if not np.isfinite(self.um_per_px) or self.um_per_px <= 0:
@@ -109,8 +129,9 @@ class Stack:
         return [s.name for s in self.sections]
 
     def index(self, name: str) -> int:
+        """The position of the section `name` (as given, or as `safe_name` made it)."""
         try:
-            return self.names.index(name)
+            return self.names.index(name if name in self.names else safe_name(name))
         except ValueError:
             raise StimputeError(
                 None, f"section {name!r} is not in the stack (sections: {', '.join(self.names)})"

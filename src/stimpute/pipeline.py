@@ -120,6 +120,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
                              hardware=lightning_flags(config))
     result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress,
                           members=members, fusion=fusion, programs=programs)
+    run.keep("checkpoints/")  # a finished training of the same key is reused, not rewritten
 
     files = []
     panel = prepared.panel
@@ -252,9 +253,10 @@ def _train(run: Run, sections, genes, seed, progress, features, model, mode, fol
     prepared = prepare_stack(stack, panel=genes, encoder=features["encoder"], weights=features["weights"],
                              cache_dir=out / "cache", progress=progress, register=False,
                              hardware=lightning_flags(model.config))
-    if force:
-        for old in (out / "checkpoints").glob("*.ckpt"):
-            old.unlink()
+    if force:  # retrain: the earlier run's checkpoints (listed in the manifest) go
+        for old in (out / "checkpoints").rglob("*.ckpt"):
+            if run.owns(old.relative_to(out).as_posix()):
+                old.unlink()
     known = known_indices(stack, None)
     if mode == "cv":
         folds = folds or len(known)

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 from stimpute.batches import (SubgraphBatch, bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask,
                               spatial_order)
 from stimpute.io.anndata_io import atomic_write
+from stimpute.io.run import record_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
 from stimpute.trainer import lightning_flags, quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
 from stimpute.timing import timed
@@ -262,7 +263,7 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
     module.model.set_feature_scaling(batch.x)
     module.model.set_gene_means(batch.y[batch.train_mask].mean(0))
     with tempfile.TemporaryDirectory() as tmp:
-        best = ModelCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True,
+        best = RecordedCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True,
                                enable_version_counter=False)
         early = _early_stopping(config.patience)
         callbacks = [early, best]
@@ -290,6 +291,15 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
         module = _load_best(module, best.best_model_path)
         trainer.strategy.barrier("stimpute.best")  # every process has read the best weights before rank 0 moves on
         return module
+
+
+class RecordedCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, recording each file in the run's manifest as it writes
+    it (`stimpute.io.run.record_write`): a killed run's checkpoints stay its own."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        record_write(filepath)
+        super()._save_checkpoint(trainer, filepath)
 
 
 def _save_last(trainer: L.Trainer, path: Path) -> None:

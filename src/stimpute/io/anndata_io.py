@@ -27,6 +27,7 @@ from stimpute.errors import InputError, StimputeError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
 from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, Geometry, section_geometry, warn_default
 from stimpute.io.results import is_result, read_result
+from stimpute.io.run import record_write, temp_prefix
 from stimpute.io.validate import validate_section
 
 SECTION_FILE = "section.h5ad"
@@ -179,17 +180,20 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def atomic_write(path: str | Path, write) -> None:
     """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`: readers
-    see the old file or the whole new one, never a half-written one; `tmp` is removed on failure."""
+    see the old file or the whole new one, never a half-written one; `tmp` is removed on failure.
+    Inside a run's folder, `tmp` carries the run's id and `path` is recorded in its manifest
+    before the rename (`stimpute.io.run`)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".part", dir=path.parent)
     except OSError as exc:
         raise StimputeError(path, f"cannot write ({exc.strerror or exc})") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        record_write(path)
         os.replace(tmp, path)
     except OSError as exc:  # disk full, a folder in the way, no permission: the user's to fix
         Path(tmp).unlink(missing_ok=True)
@@ -207,6 +211,7 @@ def _umask() -> int:
 
 def _atomic_copy(src: Path, dst: Path) -> None:
     if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        record_write(dst)  # kept as this run's copy
         return
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 

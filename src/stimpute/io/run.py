@@ -1,36 +1,52 @@
 """A run owns its output folder: a lock while it runs and a manifest of the files it wrote.
 
-Every command that writes a result folder (impute, train, predict, register, benchmark,
-convert) runs inside `run_ownership(out, command, inputs, force)`:
+Every command that writes a result folder (impute, train, predict, register, features,
+advise, benchmark, convert) runs inside `run_ownership(out, command, inputs, force)`:
 
-- an `--out` that is, holds or lies inside one of the inputs is refused before any work;
-- `out/stimpute.lock` (pid, host, process start time) is held while the run lasts, so a
-  second run on the same folder is refused at once; a lock whose process is gone (same
-  host) is stale and taken over;
-- `out/stimpute-run.json` names every file stimpute runs wrote into the folder, the last
-  run's command and whether it finished. A run claims the names it will write
-  (`Run.claim`) before writing: an existing file no stimpute run wrote is never replaced
-  or deleted, even with `--force`; one an earlier run wrote is replaced only with `--force`
-  or when that run is an unfinished (killed) run of the same command, which is resumed.
-  Caches (`caches=`) are content-addressed and reused by every command without `--force`.
+- one guard, `check_inputs`, refuses a written path (`--out`, and every name a run claims
+  in it) that is, holds or lies inside a path the command reads, spelt as given and with
+  symlinks resolved, with or without `--force`; commands that write one file use it too;
+- `out/stimpute.lock` is held with an OS advisory lock (`flock`) while the run lasts, so a
+  second run on the same folder, or inside it, is refused at once; the kernel releases
+  the lock when the process dies, so a killed run's lock is taken over, atomically;
+- `out/stimpute-run.json` names every file stimpute runs wrote into the folder, each
+  recorded as it is written (`record_write`, called by `io.anndata_io.atomic_write`), the
+  last run's command, id and whether it finished. A run claims the names (files, or
+  folders ending in "/") it may write (`Run.claim`) before writing: an existing file no
+  stimpute run wrote is never replaced or deleted, even with `--force`; one an earlier run
+  wrote is replaced only with `--force` or when that run is an unfinished (killed) run of
+  the same command, which is resumed. Caches (`caches=`) are content-addressed and reused
+  by every command without `--force`. With `--force`, the earlier outputs this run does
+  not write again are removed when it finishes, with one line saying so. Temporary files
+  carry the run's id (`.NAME.RUNID.*.part`): a rerun removes only those of the run it
+  follows, never a user's `*.part`.
+
+A manifest of an older stimpute may list folders ("cache/"): their files count as that
+run's, but are removed only where listed by name.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import secrets
 import socket
+import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from stimpute.errors import StimputeError
+from stimpute.errors import StimputeError, StimputeWarning
 
 LOCK_FILE = "stimpute.lock"
 MANIFEST_FILE = "stimpute-run.json"
-STARTING_S = 10.0  # an unreadable lock younger than this belongs to a run that is starting
+_ACTIVE: list["Run"] = []  # runs held by this process, found by `record_write` and `temp_prefix`
+_GUARD = threading.Lock()
 
 
 @dataclass
@@ -41,42 +57,87 @@ class Run:
     command: str
     force: bool
     previous: dict
-    owned: set[str] = field(default_factory=set)
+    inputs: tuple = ()
+    id: str = field(default_factory=lambda: f"run-{secrets.token_hex(6)}")
+    owned: set[str] = field(default_factory=set)  # files stimpute runs wrote in `out`
+    caches: set[str] = field(default_factory=set)  # the owned files that are caches
+    stale: set[str] = field(default_factory=set)  # earlier outputs removed at the end unless written again
     claimed: list[str] = field(default_factory=list)
-    found: dict[str, tuple] = field(default_factory=dict)  # claimed files as they were at the claim
+    cache_names: list[str] = field(default_factory=list)
+    written: set[str] = field(default_factory=set)
+
+    def __post_init__(self):
+        listed = [f for f in self.previous.get("files", []) if isinstance(f, str)]
+        self.legacy = [f for f in listed if f.endswith("/")]  # an older stimpute's folder claims
+        self.owned = {f for f in listed if not f.endswith("/")}
+        self.caches = set(self.previous.get("caches", [])) & self.owned
+        if self.force:
+            self.stale = self.owned - self.caches
+        elif self.resuming:  # finish the killed run's --force
+            self.stale = set(self.previous.get("stale", [])) & self.owned
 
     @property
     def resuming(self) -> bool:
         """The last run in `out` was this command and never finished (killed)."""
         return self.previous.get("command") == self.command and self.previous.get("status") == "running"
 
-    def claim(self, outputs: Sequence[str] = (), caches: Sequence[str] = ()) -> bool:
+    def claim(self, outputs: Sequence[str] = (), caches: Sequence[str] = (), derived: Sequence[str] = ()) -> bool:
         """Declare the names (files, or folders ending in "/") this run writes, before writing.
 
-        Raises a StimputeError for an existing file that no stimpute run wrote, and for an
-        earlier run's `outputs` unless `--force` is given or that run is being resumed;
-        returns True: the claimed names may now be written. Temporary `.part` files a
-        killed run left under the claimed names are removed.
+        Raises a StimputeError for a name that is or reaches an input, for an output named
+        twice in this run, for a folder another live run holds, for an existing file that
+        no stimpute run wrote, and for an earlier run's `outputs` unless `--force` is given
+        or that run is being resumed; returns True: the claimed names may now be written.
+        `derived`: outputs drawn from the folder's own results (view.html), replaced
+        without `--force`.
         """
+        outputs = [*outputs, *derived]
+        for name in [*outputs, *caches]:
+            check_inputs(self.out / name, self.inputs)
+            if name.endswith("/") and (self.out / name).is_dir():
+                for lock in (self.out / name).rglob(LOCK_FILE):
+                    holder = _live_holder(lock)
+                    if holder is not None:
+                        raise StimputeError(lock.parent, f"is in use by {_who(holder)}: wait for it to finish or choose another --out")
+        twice = sorted({n for n in outputs if n in self.claimed or list(outputs).count(n) > 1})
+        if twice:
+            raise StimputeError(self.out / twice[0], "would be written twice by this run: section names must be unique "
+                                                     "(after replacing path separators)")
         foreign, earlier = [], []
         for name in [*outputs, *caches]:
             files = self._files(name)
-            foreign += [f for f in files if not self._owns(f)]
-            if name in outputs:
+            foreign += [f for f in files if not self.owns(f)]
+            if name in outputs and name not in derived:
                 earlier += files
         if foreign:
-            shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
-            raise StimputeError(self.out, f"holds {shown}, which no stimpute run wrote here; it is never replaced, "
+            raise StimputeError(self.out, f"holds {_shown(foreign)}, which no stimpute run wrote here; it is never replaced, "
                                           "even with --force: move it away or choose another --out")
         if earlier and not (self.force or self.resuming):
-            shown = ", ".join(earlier[:5]) + (f" (+{len(earlier) - 5} more)" if len(earlier) > 5 else "")
-            raise StimputeError(self.out, f"already holds results ({shown}); pass --force to overwrite them")
-        for name in [*outputs, *caches]:
-            _remove_partial(self.out / name)
-            self.found.update({f: _stamp(self.out / f) for f in self._files(name)})
-        self.claimed += [n for n in [*outputs, *caches] if n not in self.claimed]
-        self._save("running", self.owned | set(self.claimed))
+            raise StimputeError(self.out, f"already holds results ({_shown(earlier)}); pass --force to overwrite them")
+        if not self.claimed:
+            _remove_temps(self.out, self.previous.get("run"))
+        self.claimed += [n for n in outputs if n not in self.claimed]
+        self.cache_names += [n for n in caches if n not in self.cache_names]
+        self.stale -= {f for name in caches for f in self._files(name)}
+        self._save("running")
         return True
+
+    def record(self, rel: str) -> None:
+        """Note in the manifest that this run writes `rel` (relative to `out`), before it is renamed into place."""
+        with _GUARD:
+            self.written.add(rel)
+            self.owned.add(rel)
+            self.stale.discard(rel)
+            if any(_under(rel, name) for name in self.cache_names):
+                self.caches.add(rel)
+            self._save("running")
+
+    def keep(self, name: str) -> None:
+        """Count the owned files under the claimed `name` as this run's outputs although it
+        did not rewrite them (it reused them: a finished training's checkpoints)."""
+        for rel in self._files(name):
+            if rel in self.owned and rel not in self.written:
+                self.record(rel)
 
     def _files(self, name: str) -> list[str]:
         """Files under `name` in `out`, relative, excluding temporary `.part` files."""
@@ -84,12 +145,12 @@ class Run:
         if path.is_dir():
             return sorted(p.relative_to(self.out).as_posix() for p in path.rglob("*")
                           if not p.is_dir() and not p.name.endswith(".part"))
-        return [name] if path.exists() or path.is_symlink() else []
+        return [name.rstrip("/")] if path.exists() or path.is_symlink() else []
 
-    def _owns(self, rel: str) -> bool:
-        """Whether a stimpute run wrote `rel`: this folder's manifest says so, or that of a
+    def owns(self, rel: str) -> bool:
+        """Whether a stimpute run wrote `rel`: this folder's manifest lists it, or that of a
         subfolder that is itself a run's output (a feature cache from `stimpute features`)."""
-        if rel in self.owned or any(rel.startswith(o) for o in self.owned if o.endswith("/")):
+        if rel in self.owned or any(_under(rel, folder) for folder in self.legacy):
             return True
         parts = rel.split("/")
         for depth in range(len(parts) - 1, 0, -1):
@@ -99,19 +160,32 @@ class Run:
                 return name == MANIFEST_FILE or name in inner.get("files", [])
         return False
 
-    def _save(self, status: str, owned: set[str]) -> None:
-        _write_manifest(self.out, {"format": 1, "command": self.command, "status": status,
-                                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": sorted(owned)})
+    def _save(self, status: str) -> None:
+        _write_manifest(self.out, {"format": 1, "command": self.command, "status": status, "run": self.id,
+                                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": sorted(self.owned) + self.legacy,
+                                   "caches": sorted(self.caches), "stale": sorted(self.stale)})
 
     def _finish(self) -> None:
-        """Record exactly the files that the owned and claimed names hold now."""
-        if self.claimed:
-            self._save("finished", {f for name in self.owned | set(self.claimed) for f in self._files(name)})
+        """Remove the earlier outputs that a --force run did not write again (one line says
+        which), then record the files that stimpute runs wrote and that are still there."""
+        if not self.claimed and not self.written:
+            return
+        removed = sorted(f for f in self.stale if (self.out / f).is_file() or (self.out / f).is_symlink())
+        for rel in removed:
+            (self.out / rel).unlink()
+            _remove_empty_parents(self.out / rel, self.out)
+        if removed:
+            warnings.warn(f"{self.out}: --force removed {len(removed)} earlier output(s) that this run does not write "
+                          f"again: {_shown(removed)}", StimputeWarning, stacklevel=2)
+        self.stale = set()
+        self.owned = {f for f in self.owned if (self.out / f).exists()} | {f for d in self.legacy for f in self._files(d)}
+        self.caches &= self.owned
+        self.legacy = []
+        self._save("finished")
 
     def _abandon(self) -> None:
         """A run that failed before writing anything leaves the manifest as it found it."""
-        now = {f: _stamp(self.out / f) for name in self.claimed for f in self._files(name)}
-        if not self.claimed or now != self.found:
+        if not self.claimed or self.written:
             return
         if self.previous:
             _write_manifest(self.out, self.previous)
@@ -124,18 +198,22 @@ def run_ownership(out: str | Path, command: str, inputs: Sequence[str | Path | N
                   force: bool = False) -> Iterator[Run]:
     """Hold `out` for one run of `command` (see the module docstring); yields the `Run`."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StimputeError(out, "is a file, not a folder: --out must name a folder")
+    inputs = tuple(Path(p) for p in inputs if p is not None)
     check_inputs(out, inputs)
+    _check_ancestors(out)
     created = _make_folder(out)
     lock = out / LOCK_FILE
     try:
-        _acquire(lock, command)
+        fd = _acquire(lock, command)
     except BaseException:
         if created:
             _remove_if_empty(out)
         raise
     try:
-        run = Run(out, command, force, read_manifest(out))
-        run.owned = set(run.previous.get("files", []))
+        run = Run(out, command, force, read_manifest(out), inputs)
+        _ACTIVE.append(run)
         try:
             yield run
         except BaseException:
@@ -143,9 +221,36 @@ def run_ownership(out: str | Path, command: str, inputs: Sequence[str | Path | N
             raise
         run._finish()
     finally:
-        _release(lock)
+        if _ACTIVE and _ACTIVE[-1].out == out:
+            _ACTIVE.pop()
+        _release(lock, fd)
         if created:
             _remove_if_empty(out)
+
+
+def record_write(path: str | Path) -> None:
+    """Record `path` in the manifest of the run of this process whose folder holds it (if
+    any): every writer calls it just before the file appears under its name."""
+    for run, rel in _runs_holding(path):
+        run.record(rel)
+
+
+def temp_prefix(path: str | Path) -> str:
+    """The name prefix of a temporary file for `path`: `.NAME.RUNID.` inside a run's folder
+    (so a rerun removes exactly the killed run's temporary files), else `.NAME.`."""
+    path = Path(path)
+    held = _runs_holding(path)
+    return f".{path.name}.{held[-1][0].id}." if held else f".{path.name}."
+
+
+def _runs_holding(path: str | Path) -> list[tuple[Run, str]]:
+    target = os.path.abspath(path)
+    found = []
+    for run in list(_ACTIVE):
+        root = os.path.abspath(run.out)
+        if target.startswith(root + os.sep):
+            found.append((run, Path(os.path.relpath(target, root)).as_posix()))
+    return found
 
 
 def read_manifest(out: Path) -> dict:
@@ -154,34 +259,47 @@ def read_manifest(out: Path) -> dict:
         record = json.loads((Path(out) / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return record if isinstance(record, dict) and isinstance(record.get("files", []), list) else {}
+    if not isinstance(record, dict) or not all(isinstance(record.get(k, []), list) for k in ("files", "caches", "stale")):
+        return {}
+    return record
 
 
 def _write_manifest(out: Path, record: dict) -> None:
-    tmp = out / f".{MANIFEST_FILE}.{os.getpid()}.part"
+    tmp = out / f".{MANIFEST_FILE}.{record.get('run', os.getpid())}.part"
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST_FILE)
 
 
-def check_inputs(out: Path, inputs: Sequence[str | Path | None], folder: bool = True) -> None:
-    """Refuse an output location (a folder, or a file where not `folder`) that is, holds or
-    lies inside an input."""
-    if folder and out.exists() and not out.is_dir():
-        raise StimputeError(out, "is a file, not a folder: --out must name a folder")
-    target = out.resolve()
+def check_inputs(target: str | Path, inputs: Sequence[str | Path | None]) -> None:
+    """The one guard of every written path: refuse a file or folder `target` that is, holds
+    or lies inside one of `inputs`, comparing the paths as given (absolute) and with
+    symlinks resolved, so an input reached through a link inside `target` counts too."""
+    target = Path(target)
+    written = {Path(os.path.abspath(target)), target.resolve()}
     for given in inputs:
         if given is None:
             continue
-        path = Path(given).resolve()
-        if path == target:
-            problem = f"is the input {given}"
-        elif target in path.parents:
-            problem = f"holds the input {given}"
-        elif path.is_dir() and path in target.parents:
-            problem = f"lies inside the input folder {given}"
-        else:
-            continue
-        raise StimputeError(out, f"{problem}: results never go where inputs are; choose another --out")
+        read = {Path(os.path.abspath(given)), Path(given).resolve()}
+        for t in written:
+            for path in read:
+                if path == t:
+                    problem = f"is the input {given}"
+                elif t in path.parents:
+                    problem = f"holds the input {given}"
+                elif path.is_dir() and path in t.parents:
+                    problem = f"lies inside the input folder {given}"
+                else:
+                    continue
+                raise StimputeError(target, f"{problem}: results never go where inputs are; choose another --out")
+
+
+def _check_ancestors(out: Path) -> None:
+    """Refuse `out` inside a folder that a live run holds: that run owns everything in it."""
+    for parent in {*Path(os.path.abspath(out)).parents, *out.resolve().parents}:
+        holder = _live_holder(parent / LOCK_FILE)
+        if holder is not None:
+            raise StimputeError(out, f"lies inside {parent}, which {_who(holder)} holds: wait for it to finish "
+                                     "or choose another --out")
 
 
 def _make_folder(out: Path) -> bool:
@@ -199,47 +317,90 @@ def _make_folder(out: Path) -> bool:
     return True
 
 
-def _acquire(lock: Path, command: str) -> None:
+def _acquire(lock: Path, command: str) -> int:
+    """Take `lock` (flock, exclusive, never waiting) and write this process into it; returns
+    its descriptor. Atomic: of processes racing for it, exactly one gets it."""
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()), "command": command}
-    for _ in range(3):
+    for _ in range(10):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if holder is None or _alive(holder):
-                who = "a run that is starting" if holder is None else \
-                    f"stimpute {holder.get('command')} (pid {holder.get('pid')} on {holder.get('host')})"
-                raise StimputeError(lock.parent, f"is in use by {who}: wait for it to finish or choose another --out "
-                                                 f"(if no such run exists, delete {lock})") from None
-            lock.unlink(missing_ok=True)  # stale: the process that held it is gone
-            continue
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError:
+            raise StimputeError(lock, "is a folder, not stimpute's lock file: remove it or choose another --out") from None
         except OSError as exc:
             raise StimputeError(lock.parent, f"cannot write to the output folder ({exc.strerror or exc})") from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise _in_use(lock, _read_lock(lock)) from None
+            raise StimputeError(lock, f"cannot be locked ({exc.strerror or exc}): choose an --out on a file system "
+                                      "that supports file locks") from None
+        if not _same_file(fd, lock):  # its holder removed it meanwhile: lock the new one
+            os.close(fd)
+            continue
+        holder = _read_lock(lock)  # a lock file of an older stimpute holds no flock: ask its process
+        if holder and holder.get("pid") != os.getpid() and _alive(holder):
+            os.close(fd)
+            raise _in_use(lock, holder)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
+        return fd
     raise StimputeError(lock.parent, f"could not take the lock {lock}")
 
 
+def _release(lock: Path, fd: int) -> None:
+    try:
+        if _same_file(fd, lock):
+            lock.unlink()
+    finally:
+        os.close(fd)
+
+
+def _live_holder(lock: Path) -> dict | None:
+    """The holder recorded in `lock` ({} if unreadable) where a live process holds it, else None."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _read_lock(lock) or {}
+    finally:
+        os.close(fd)
+    return None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _in_use(lock: Path, holder: dict | None) -> StimputeError:
+    return StimputeError(lock.parent, f"is in use by {_who(holder)}: wait for it to finish or choose another --out "
+                                      f"(if no such run exists, delete {lock})")
+
+
+def _who(holder: dict | None) -> str:
+    if not holder:
+        return "a run that is starting"
+    return f"stimpute {holder.get('command')} (pid {holder.get('pid')} on {holder.get('host')})"
+
+
 def _read_lock(lock: Path) -> dict | None:
-    """The holder recorded in `lock`; None while it is being written; {} when unreadable and old."""
+    """The holder recorded in `lock`, None where it is missing, empty or unreadable."""
     try:
         record = json.loads(lock.read_text())
-        if isinstance(record, dict) and "pid" in record:
-            return record
     except (OSError, ValueError):
-        pass
-    try:
-        young = time.time() - lock.stat().st_mtime < STARTING_S
-    except OSError:
-        return {}  # gone meanwhile: take it
-    return None if young else {}
+        return None
+    return record if isinstance(record, dict) and "pid" in record else None
 
 
 def _alive(holder: dict) -> bool:
     """Whether the process that wrote `holder` still runs (assumed so on another host)."""
-    if not holder:
-        return False
     if holder.get("host") != socket.gethostname():
         return True
     pid = holder.get("pid")
@@ -266,25 +427,31 @@ def _start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
-def _release(lock: Path) -> None:
-    holder = _read_lock(lock)
-    if holder and holder.get("pid") == os.getpid():
-        lock.unlink(missing_ok=True)
+def _remove_temps(out: Path, run_id: str | None) -> None:
+    """Delete the temporary files that the run `run_id` (killed) left in `out`: only names
+    carrying its id, never a user's `*.part`."""
+    if isinstance(run_id, str) and run_id.startswith("run-") and run_id[4:].isalnum():
+        for part in out.rglob(f".*.{run_id}.*part"):
+            if part.is_file():
+                part.unlink(missing_ok=True)
 
 
-def _remove_partial(path: Path) -> None:
-    """Delete the temporary files a killed write left for `path` (a file, or a folder's files)."""
-    if path.is_dir():
-        stale = path.rglob(".*.part")
-    else:
-        stale = path.parent.glob(f".{path.name}.*.part") if path.parent.is_dir() else []
-    for part in stale:
-        part.unlink(missing_ok=True)
+def _under(rel: str, name: str) -> bool:
+    return rel == name or (name.endswith("/") and rel.startswith(name))
 
 
-def _stamp(path: Path) -> tuple:
-    st = path.lstat()
-    return st.st_ino, st.st_size, st.st_mtime_ns
+def _shown(files: Sequence[str]) -> str:
+    return ", ".join(files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")
+
+
+def _remove_empty_parents(path: Path, out: Path) -> None:
+    for parent in path.parents:
+        if parent == out or out not in parent.parents:
+            return
+        try:
+            parent.rmdir()
+        except OSError:
+            return
 
 
 def _remove_if_empty(out: Path) -> None:
