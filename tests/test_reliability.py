@@ -239,3 +239,18 @@ def test_impute_rerun_on_a_cache_filled_by_stimpute_features_is_bit_identical(fo
     run_impute(folders, "S0", out, seed=0, config=TrainConfig(seed=0, max_epochs=EPOCHS))
     assert_same_results(reference, out)
     assert {f: f.stat().st_mtime_ns for f in cache} == cache
+
+
+def test_force_rerun_with_another_known_leaves_no_earlier_output(folders, reference, tmp_path):
+    """Issue 30, case 5: a `--force` rerun with another `--known` kept the old `S1.h5ad` and
+    `figures/S1.png` and listed them as its own, against its config.yaml."""
+    from stimpute.errors import StimputeWarning
+    from stimpute.io.run import MANIFEST_FILE, read_manifest
+
+    out = shutil.copytree(reference, tmp_path / "out")
+    with pytest.warns(StimputeWarning, match=r"--force removed .*S1\.h5ad, figures/S1\.png"):
+        run_impute(folders, "S1", out, seed=0, force=True, config=TrainConfig(seed=0, max_epochs=3))
+    assert (out / "S0.h5ad").is_file() and not (out / "S1.h5ad").exists() and not (out / "figures" / "S1.png").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["targets"] == ["S0"]
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    assert read_manifest(out)["files"] == on_disk
