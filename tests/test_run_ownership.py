@@ -16,7 +16,7 @@ from stimpute.errors import StimputeError
 from stimpute.io import write_section
 from stimpute.io.anndata_io import write_text_atomic
 from stimpute.io.run import LOCK_FILE, MANIFEST_FILE, read_manifest, run_ownership
-from tests.helpers import one_error_line, run_cli, write_her2st_folder
+from tests.helpers import one_error_line, run_cli, write_her2st_folder, write_spaceranger_outs
 
 _run, _one_error_line = run_cli, one_error_line
 
@@ -196,10 +196,12 @@ def test_every_command_refuses_to_write_where_it_reads(stack_dir, tmp_path):
     image = next((stack_dir / "S1").glob("image.*"))
     s0, s1 = stack_dir / "S0", stack_dir / "S1"
     raw = write_her2st_folder(tmp_path / "raw" / "X1")
+    outs = write_spaceranger_outs(tmp_path / "sr" / "A1", synthetic_stack(1, seed=2, n_genes=10, tissue_radius_um=200.0, image_size=300)[0])
     cases = [
         ["panel", s0, "--genes", genes, "--out", genes],
         ["convert", "her2st", raw.parent, raw / "out"],
         ["convert", "h5ad", s1 / "section.h5ad", s1, "--image", image],
+        ["convert", "spaceranger", outs, outs / "spatial"],
         ["convert", "to-moest-h5", s0, s1, "--genes", genes, "--out", genes],
         ["features", s0, "--encoder", "resnet18", "--weights", weights, "--out", weights.parent],
         ["register", s0, s1, "--out", s1],
