@@ -458,3 +458,14 @@ def test_safe_names_fuzz(tmp_path):
 
     check()
     assert safe_name("C2") == "C2" and safe_name("TENX95 left_1-a") == "TENX95 left_1-a"
+
+
+def test_a_run_that_only_reads_its_caches_finishes(tmp_path):
+    out = tmp_path / "cache"
+    with run_ownership(out, "features") as run:
+        run.claim(caches=["S0.features.h5"])
+        write_text_atomic(out / "S0.features.h5", "h5")
+    with run_ownership(out, "features") as run:
+        run.claim(caches=["S0.features.h5"])
+        run.claim(caches=["S0.features.h5"])  # the same section given twice reads one cache
+    assert read_manifest(out)["status"] == "finished" and read_manifest(out)["caches"] == ["S0.features.h5"]

@@ -62,13 +62,14 @@ class Run:
     owned: set[str] = field(default_factory=set)  # files stimpute runs wrote in `out`
     caches: set[str] = field(default_factory=set)  # the owned files that are caches
     stale: set[str] = field(default_factory=set)  # earlier outputs removed at the end unless written again
-    claimed: list[str] = field(default_factory=list)
+    claimed: list[str] = field(default_factory=list)  # names claimed, outputs and caches
     cache_names: list[str] = field(default_factory=list)
     written: set[str] = field(default_factory=set)
+    legacy: list[str] = field(default_factory=list)  # folders an older stimpute's manifest listed
 
     def __post_init__(self):
         listed = [f for f in self.previous.get("files", []) if isinstance(f, str)]
-        self.legacy = [f for f in listed if f.endswith("/")]  # an older stimpute's folder claims
+        self.legacy = [f for f in listed if f.endswith("/")]
         self.owned = {f for f in listed if not f.endswith("/")}
         self.caches = set(self.previous.get("caches", [])) & self.owned
         if self.force:
@@ -99,7 +100,7 @@ class Run:
                     holder = _live_holder(lock)
                     if holder is not None:
                         raise StimputeError(lock.parent, f"is in use by {_who(holder)}: wait for it to finish or choose another --out")
-        twice = sorted({n for n in outputs if n in self.claimed or list(outputs).count(n) > 1})
+        twice = sorted({n for n in outputs if n in self.claimed and n not in self.cache_names or list(outputs).count(n) > 1})
         if twice:
             raise StimputeError(self.out / twice[0], "would be written twice by this run: section names must be unique "
                                                      "(after replacing path separators)")
@@ -116,7 +117,7 @@ class Run:
             raise StimputeError(self.out, f"already holds results ({_shown(earlier)}); pass --force to overwrite them")
         if not self.claimed:
             _remove_temps(self.out, self.previous.get("run"))
-        self.claimed += [n for n in outputs if n not in self.claimed]
+        self.claimed += [n for n in [*outputs, *caches] if n not in self.claimed]
         self.cache_names += [n for n in caches if n not in self.cache_names]
         self.stale -= {f for name in caches for f in self._files(name)}
         self._save("running")
@@ -168,7 +169,7 @@ class Run:
     def _finish(self) -> None:
         """Remove the earlier outputs that a --force run did not write again (one line says
         which), then record the files that stimpute runs wrote and that are still there."""
-        if not self.claimed and not self.written:
+        if not self.claimed:
             return
         removed = sorted(f for f in self.stale if (self.out / f).is_file() or (self.out / f).is_symlink())
         for rel in removed:
@@ -211,9 +212,9 @@ def run_ownership(out: str | Path, command: str, inputs: Sequence[str | Path | N
         if created:
             _remove_if_empty(out)
         raise
+    run = Run(out, command, force, read_manifest(out), inputs)
+    _ACTIVE.append(run)
     try:
-        run = Run(out, command, force, read_manifest(out), inputs)
-        _ACTIVE.append(run)
         try:
             yield run
         except BaseException:
@@ -221,8 +222,7 @@ def run_ownership(out: str | Path, command: str, inputs: Sequence[str | Path | N
             raise
         run._finish()
     finally:
-        if _ACTIVE and _ACTIVE[-1].out == out:
-            _ACTIVE.pop()
+        _ACTIVE.remove(run)
         _release(lock, fd)
         if created:
             _remove_if_empty(out)
