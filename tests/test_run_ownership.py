@@ -469,3 +469,31 @@ def test_a_run_that_only_reads_its_caches_finishes(tmp_path):
         run.claim(caches=["S0.features.h5"])
         run.claim(caches=["S0.features.h5"])  # the same section given twice reads one cache
     assert read_manifest(out)["status"] == "finished" and read_manifest(out)["caches"] == ["S0.features.h5"]
+
+
+FORKS_THEN_DIES = """
+import os, signal, sys, time
+from stimpute.io.run import run_ownership
+with run_ownership(sys.argv[1], "impute"):
+    child = os.fork()
+    if child == 0:  # a feature worker, forked while the run holds its lock
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1), os.dup2(null, 2)  # the test reads the parent's output to its end
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_lock_ends_with_the_runs_process_not_with_its_forked_workers(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", FORKS_THEN_DIES, str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    child = int(proc.stdout.split()[0])
+    try:
+        assert proc.returncode == -9 and os.path.exists(f"/proc/{child}")
+        with run_ownership(out, "impute") as run:  # taken over at once, the worker still alive
+            assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid() and run.previous == {}
+    finally:
+        os.kill(child, 9)

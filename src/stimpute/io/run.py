@@ -46,7 +46,23 @@ from stimpute.errors import StimputeError, StimputeWarning
 LOCK_FILE = "stimpute.lock"
 MANIFEST_FILE = "stimpute-run.json"
 _ACTIVE: list["Run"] = []  # runs held by this process, found by `record_write` and `temp_prefix`
+_LOCKS: set[int] = set()  # descriptors of the locks this process holds
 _GUARD = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    """A forked child (a feature worker) drops its copy of the parent's locks and runs: the
+    lock must end with the run's process, not outlive it in a worker."""
+    for fd in _LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCKS.clear()
+    _ACTIVE.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @dataclass
@@ -345,6 +361,7 @@ def _acquire(lock: Path, command: str) -> int:
             raise _in_use(lock, holder)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(me).encode())
+        _LOCKS.add(fd)
         return fd
     raise StimputeError(lock.parent, f"could not take the lock {lock}")
 
@@ -354,6 +371,7 @@ def _release(lock: Path, fd: int) -> None:
         if _same_file(fd, lock):
             lock.unlink()
     finally:
+        _LOCKS.discard(fd)
         os.close(fd)
 
 
