@@ -196,6 +196,9 @@ def test_every_command_refuses_to_write_where_it_reads(stack_dir, tmp_path):
     image = next((stack_dir / "S1").glob("image.*"))
     s0, s1 = stack_dir / "S0", stack_dir / "S1"
     raw = write_her2st_folder(tmp_path / "raw" / "X1")
+    result = tmp_path / "result"  # an impute's output, as far as `view` checks before reading it
+    result.mkdir()
+    (result / "block.h5ad").write_text("the block")
     outs = write_spaceranger_outs(tmp_path / "sr" / "A1", synthetic_stack(1, seed=2, n_genes=10, tissue_radius_um=200.0, image_size=300)[0])
     cases = [
         ["panel", s0, "--genes", genes, "--out", genes],
@@ -210,10 +213,11 @@ def test_every_command_refuses_to_write_where_it_reads(stack_dir, tmp_path):
         ["impute", s0, s1, "--known", "S0", "--encoder", "resnet18", "--weights", weights, "--out", weights.parent],
         ["advise", s0, s1, "--budget", "1", "--out", s0],
         ["benchmark", s0, s1, "--encoder", "resnet18", "--weights", weights, "--out", weights.parent],
+        ["view", result, "--html", result / "block.h5ad"],
     ]
     before = _snapshot(tmp_path), _snapshot(stack_dir)
     for args in cases:
-        for force in ([], ["--force"]) if args[0] not in ("panel", "features") else ([],):
+        for force in ([], ["--force"]) if args[0] not in ("panel", "features", "view") else ([],):
             _one_error_line(_run(*args, *force), "results never go where inputs are")
     assert (_snapshot(tmp_path), _snapshot(stack_dir)) == before
 
@@ -497,3 +501,23 @@ def test_the_lock_ends_with_the_runs_process_not_with_its_forked_workers(tmp_pat
             assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid() and run.previous == {}
     finally:
         os.kill(child, 9)
+
+
+def test_a_derived_file_is_redrawn_without_force_and_keeps_the_runs_outputs(tmp_path):
+    """`stimpute view OUT` redraws view.html into a finished run's folder: no --force needed,
+    the run's outputs stay; a later --force run that does not draw it again removes it."""
+    out = tmp_path / "out"
+    with run_ownership(out, "impute") as run:
+        run.claim(["block.h5ad", "view.html"])
+        write_text_atomic(out / "block.h5ad", "block")
+        write_text_atomic(out / "view.html", "first")
+    for _ in range(2):
+        with run_ownership(out, "impute") as run:
+            run.claim(derived=["view.html"])
+            write_text_atomic(out / "view.html", "redrawn")
+    assert read_manifest(out)["files"] == ["block.h5ad", "view.html"] and read_manifest(out)["command"] == "impute"
+    with pytest.warns(Warning, match="removed 1 earlier output.*view.html"):
+        with run_ownership(out, "impute", force=True) as run:
+            run.claim(["block.h5ad"])
+            write_text_atomic(out / "block.h5ad", "block 2")
+    assert read_manifest(out)["files"] == ["block.h5ad"] and not (out / "view.html").exists()

@@ -632,12 +632,13 @@ def view(
     Example: [bold]stimpute view stimpute-demo --gene MDK[/]
     """
     from stimpute.io.results import BLOCK_FILE
-    from stimpute.io.run import read_manifest, run_ownership
+    from stimpute.io.run import check_inputs, read_manifest, run_ownership
     from stimpute.view import VIEW_FILE, write_view
 
     if not (out / BLOCK_FILE).is_file():
         raise StimputeError(out, f"no {BLOCK_FILE}: give the output folder of `stimpute impute`")
     if html is not None:
+        check_inputs(html, [out / BLOCK_FILE])
         path = write_view(out, html, gene)
     else:
         previous = read_manifest(out)
