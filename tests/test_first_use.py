@@ -87,6 +87,7 @@ def test_demo_runs_twice_into_its_own_folder(folders, tmp_path, monkeypatch):
     """The demo on a small stand-in for the mini stack (C2, C3, C4), run twice; `impute`
     results of the user's are still refused without --force."""
     import stimpute.datasets
+    from stimpute.io.anndata_io import write_text_atomic
     from stimpute.io.run import run_ownership
 
     stand_in = tmp_path / "mini"
@@ -103,7 +104,7 @@ def test_demo_runs_twice_into_its_own_folder(folders, tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     with run_ownership(mine, "impute") as run:  # the user's own imputation there
         run.claim(["C2.h5ad"])
-        (mine / "C2.h5ad").write_text("imputed by the user")
+        write_text_atomic(mine / "C2.h5ad", "imputed by the user")  # a run records each file it writes
     refused = run_cli("demo", "--out", mine)
     assert refused.exit_code == 2 and "error:" in refused.output and "already holds results" in refused.output
 
