@@ -17,7 +17,7 @@ import yaml
 
 import stimpute
 from stimpute.device import parallel_options
-from stimpute.distributed import RANK_VARIABLES, global_rank, rank_output
+from stimpute.distributed import RANK_VARIABLES, global_rank, launch, rank_output
 from stimpute.errors import StimputeError
 from stimpute.features import spot_features
 from stimpute.io import read_section
@@ -37,7 +37,8 @@ def test_global_rank_is_zero_only_where_every_launcher_variable_is(no_rank):
     assert global_rank() == 0
     no_rank.setenv("LOCAL_RANK", "0")
     no_rank.setenv("NODE_RANK", "1")  # local rank 0 of the second machine
-    assert global_rank() > 0
+    with launch(devices=1, num_nodes=2):
+        assert global_rank() > 0
     no_rank.setenv("NODE_RANK", "0")
     assert global_rank() == 0
 
@@ -52,7 +53,7 @@ def test_other_ranks_read_the_caches_and_checkpoints_of_out_and_write_elsewhere(
         assert folder == out
     no_rank.setenv("LOCAL_RANK", "1")
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-    with rank_output(out) as scratch:
+    with launch(devices=2), rank_output(out) as scratch:
         assert scratch != out and (scratch / "cache" / "S0.features.h5").read_text() == "features"
         (scratch / "result.h5ad").write_text("x")
         tmp = scratch / "checkpoints" / "last.ckpt.part"

@@ -15,8 +15,8 @@ import typer
 from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
-from stimpute.distributed import is_rank_zero
-from stimpute.errors import StimputeError, StimputeWarning
+from stimpute.distributed import is_rank_zero, launch
+from stimpute.errors import StimputeError, StimputeWarning, check_text_path
 from stimpute.expression import DEFAULT_PANEL_SIZE
 
 app = typer.Typer(
@@ -83,15 +83,20 @@ BatchNodesOption = Annotated[Optional[int], typer.Option("--batch-nodes", help="
 
 def guarded(command):
     """Turn user errors into clear lines on stderr (one per problem) and exit code 2;
-    print stimpute's warnings (input it fixed) as one line each."""
+    print stimpute's warnings (input it fixed) as one line each. The command's
+    `--devices/--num-nodes` say whether rank variables of the environment count (`launch`)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), launch(kwargs.get("devices", 1), kwargs.get("num_nodes", 1)):
             warnings.simplefilter("always", StimputeWarning)
             warnings.showwarning = _show_warning
             console.quiet = not is_rank_zero()  # several training processes: rank 0 alone reports
             try:
+                for value in kwargs.values():  # every path the command reads or writes, before any work
+                    for path in value if isinstance(value, list) else [value]:
+                        if isinstance(path, Path):
+                            check_text_path(path)
                 return command(*args, **kwargs)
             except StimputeError as exc:
                 for line in exc.lines():

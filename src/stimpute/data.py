@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 from anndata import AnnData
 
-from stimpute.errors import StimputeError, StimputeWarning
+from stimpute.errors import StimputeError, StimputeWarning, check_text_path
 from stimpute.image import SectionImage
 
 DEFAULT_SECTION_THICKNESS_UM = 10.0  # spacing of serial sections when the input gives no z
@@ -51,6 +51,9 @@ class Section:
     report: dict = field(default_factory=dict)  # what the reader dropped or assumed
 
     def __post_init__(self):
+        for path in (self.source, self.image.path):  # both are written into the outputs as text
+            if path is not None:
+                check_text_path(path)
         name = safe_name(self.name)
         if name != self.name:
             warnings.warn(f"{self.source or 'a section'}: the section name {self.name!r} is no safe file name; "

@@ -18,20 +18,71 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from stimpute.errors import StimputeWarning
 from stimpute.io.run import MANIFEST_FILE
 
 RANK_VARIABLES = ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID")  # set by Lightning, torchrun or SLURM
+WORLD_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS")  # how many processes the launcher started
 SHARED = ("cache", "checkpoints", "features")  # folders of OUT the other ranks read (caches, checkpoints)
+
+_launch = {"processes": None, "warned": False}  # this command's request (`launch`); the stray-variable warning
+
+
+@contextmanager
+def launch(devices: int | str | None = 1, num_nodes: int | None = 1) -> Iterator[None]:
+    """Run a command that asked for `devices` per machine on `num_nodes` machines (its
+    `--devices/--num-nodes`): within it, only a request for several processes makes the
+    rank variables of the environment count (`global_rank`)."""
+    before = dict(_launch)
+    _launch.update(processes=_requested_processes(devices, num_nodes), warned=False)
+    try:
+        yield
+    finally:
+        _launch.update(before)
+
+
+def _requested_processes(devices, num_nodes) -> int | None:
+    """Processes asked for: devices per machine × machines; None where Lightning decides
+    (`auto`, -1: every GPU)."""
+    text = str(1 if devices is None else devices).strip()
+    per_machine = len(text.split(",")) if "," in text else int(text) if text.isdigit() else None
+    nodes = int(num_nodes or 1)
+    return None if per_machine is None else per_machine * nodes
 
 
 def global_rank() -> int:
-    """This process's global rank: 0 unless a launcher set one of `RANK_VARIABLES` (the
-    global rank is 0 exactly where every one of them is 0)."""
-    return max((int(os.environ.get(name) or 0) for name in RANK_VARIABLES), default=0)
+    """This process's global rank: non-zero only where a launcher set one of
+    `RANK_VARIABLES` (the global rank is 0 exactly where every one of them is 0) and the
+    launch runs more processes than that rank: as many as this command's
+    `--devices/--num-nodes` ask for (`launch`) or, where they leave it open (outside a
+    command, `--devices auto`), the launcher's world size (`WORLD_VARIABLES`). Otherwise the
+    variable is a stray (a multi-task SLURM step, an exported shell variable): one warning,
+    and rank 0."""
+    rank = max(_variable(name) for name in RANK_VARIABLES)
+    if rank == 0:
+        return 0
+    requested = _launch["processes"]
+    limit = requested if requested is not None else max(_variable(name) for name in WORLD_VARIABLES)
+    if rank < limit:
+        return rank
+    if not _launch["warned"]:
+        _launch["warned"] = True
+        stray = ", ".join(f"{name}={os.environ[name]}" for name in RANK_VARIABLES if _variable(name))
+        warnings.warn(f"{stray} in the environment, but this launch runs {max(limit, 1)} process(es): running as rank 0 "
+                      "(a stray variable? unset it; --devices/--num-nodes share the work among processes)",
+                      StimputeWarning, stacklevel=2)
+    return 0
+
+
+def _variable(name: str) -> int:
+    """An environment variable's integer value; 0 where it is unset or not an integer."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else 0
 
 
 def is_rank_zero() -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from os import PathLike
+from os import PathLike, fspath
 
 
 class StimputeError(Exception):
@@ -37,6 +37,18 @@ class StimputeError(Exception):
 
 class InputError(StimputeError):
     """A file on disk is missing, unreadable or inconsistent."""
+
+
+def check_text_path(path: str | PathLike) -> None:
+    """Refuse a path whose name is not valid UTF-8 (bytes that Python keeps as surrogates):
+    outputs record input paths as text (`.h5ad`, config.yaml), which cannot hold it. Called
+    before any work, so no run fails at its end; the error shows the bytes escaped."""
+    text = fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise StimputeError(shown, "the path is not valid UTF-8 text, which outputs record paths as: rename it") from None
 
 
 class StimputeWarning(UserWarning):

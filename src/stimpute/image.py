@@ -119,9 +119,12 @@ class SectionImage:
 
     def verify(self) -> None:
         """Decode a flat image's whole file to catch truncated or corrupt files, at reduced
-        scale where the format allows (JPEG), so a large slide never sits in memory."""
+        scale where the format allows (JPEG), so a large slide never sits in memory. A JPEG
+        too small for the size its header claims is refused first: its decoder would pad the
+        missing pixels with grey and raise nothing (`_check_jpeg_data`)."""
         if self._array is not None or self._open_slide() is not None:
             return
+        _check_jpeg_data(self.path, self.size)
         self.thumbnail()
 
     def _full(self) -> np.ndarray:
@@ -363,6 +366,37 @@ def _crop_padded(img: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
     if sx1 > sx0 and sy1 > sy0:
         out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = img[sy0:sy1, sx0:sx1]
     return out
+
+
+HUFFMAN_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7}  # JPEG start-of-frame markers of Huffman-coded images
+
+
+def _check_jpeg_data(path: Path, size: tuple[int, int]) -> None:
+    """Refuse a Huffman-coded JPEG smaller than its header's size allows: each 8×8 block of
+    the first component codes its DC term in at least one bit (baseline and progressive)."""
+    with open(path, "rb") as fh:
+        frame = _jpeg_frame(fh)
+    if frame not in HUFFMAN_FRAMES:
+        return
+    W, H = size
+    need, have = math.ceil(W / 8) * math.ceil(H / 8) // 8, path.stat().st_size
+    if have < need:
+        raise InputError(path, f"the JPEG header claims {W}×{H} px, which takes at least {need:,} bytes of image data, "
+                               f"but the file holds {have:,}: truncated, or a false header")
+
+
+def _jpeg_frame(fh) -> int | None:
+    """The start-of-frame marker of a JPEG stream (0xC0..0xCF), or None (not a JPEG, no frame)."""
+    if fh.read(2) != b"\xff\xd8":
+        return None
+    while (head := fh.read(4)) and len(head) == 4 and head[0] == 0xFF:
+        marker, length = head[1], int.from_bytes(head[2:], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        fh.seek(length - 2, 1)
+    return None
 
 
 def _reason(exc: Exception) -> str:

@@ -26,7 +26,7 @@ import yaml
 
 from stimpute import __version__
 from stimpute.confidence import spot_confidence
-from stimpute.errors import StimputeError, StimputeWarning
+from stimpute.errors import InputError, StimputeError, StimputeWarning
 from stimpute.evaluate import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc, top_hvg_genes
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
@@ -42,7 +42,7 @@ from stimpute.io.spaceranger import spaceranger_files, spaceranger_outs
 from stimpute.data import Stack
 from stimpute.device import check_batch_nodes, resolve_device
 from stimpute.distributed import is_rank_zero, rank_output
-from stimpute.models import get_model
+from stimpute.models import MODELS, get_model
 from stimpute.prepare import known_indices, prepare_stack
 from stimpute.programs import programs_record
 from stimpute.register.grid import GridOptions, grid_on_section, known_lattice, place_virtual_spots
@@ -93,6 +93,8 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
     that get a virtual spot grid (`grid`) in the known section's registered frame.
     `command`: the owner recorded in `out`'s run manifest (`stimpute demo` reruns over its own).
     """
+    if not [name for name in str(known).split(",") if name.strip()]:
+        raise StimputeError("--known", "the list of known sections is empty: name the measured section(s), e.g. --known C3")
     check_encoder(encoder, weights)
     features = {"encoder": encoder, "weights": weights}
     with rank_output(out) as out, run_ownership(out, command, [*sections, genes, weights], force) as run:
@@ -303,16 +305,24 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
              um_per_px, grid, summary) -> list[Path]:
     out = run.out
     cfg_file = model_dir / "config.yaml"
-    settings = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+    settings = read_model_config(cfg_file) if cfg_file.is_file() else {}
     trained = settings.get("method", "msagnet")  # folders from before config.yaml recorded it
-    model_class = get_model(trained)
+    try:
+        model_class = get_model(trained)
+    except StimputeError:
+        raise InputError(cfg_file, f"records an unknown method {trained!r} (known: {', '.join(sorted(MODELS))})") from None
     ckpt = model_dir / model_class.saved
     if not ckpt.exists() or not cfg_file.is_file():
         raise StimputeError(model_dir, f"not a trained model folder: expected {model_class.saved} and config.yaml (from `stimpute train`)")
     if method is not None and method != trained:
         raise StimputeError(cfg_file, f"this model was trained with --method {trained}, not {method}")
     features = match_recorded(settings, encoder, weights, cfg_file)
-    model = model_class.load(model_dir)
+    try:
+        model = model_class.load(model_dir)
+    except StimputeError:
+        raise
+    except Exception as exc:  # a damaged file: unpickling, zip or shape errors of torch and the model
+        raise InputError(ckpt, f"cannot load the model ({type(exc).__name__}: {_first_line(exc)})") from None
     stack = read_stack(sections, um_per_px=um_per_px)
     force = run.claim([f"{s.name}.h5ad" for s in stack] + [f"figures/{s.name}.png" for s in stack]
                       + ["config.yaml", "metrics.csv"], caches=["cache/"])
@@ -329,6 +339,10 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
                             feature_norm=settings.get("feature_normalisation", "none"))
         with torch.no_grad(), torch_threads(1):
             pred = model.predict(one, [0])[0]
+        if pred.shape[1] != len(one.panel):
+            raise InputError(cfg_file, f"its panel names {len(one.panel)} genes, but the model {ckpt} predicts {pred.shape[1]}")
+        if not np.isfinite(pred).all():
+            raise InputError(ckpt, f"the model predicts non-finite values for {section.name}: a damaged model file?")
         files.append(write_prediction(section, one.panel, pred, out, force=force))
         shown = [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES]
         measured = one.expression[0]
@@ -351,6 +365,47 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
             summary.rows.extend(scores.rows)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(_plain(record), sort_keys=False))
     return files
+
+
+MODEL_CONFIG_FIELDS = {"method": str, "encoder": str, "weights": (str, type(None)), "weights_sha256": (str, type(None)),
+                       "seed": (int, type(None)), "train": (dict, type(None)), "spots": dict}  # what `predict` reads, and its types
+SPOT_FIELDS = ("spot_diameter_um", "pitch_um")  # the training sections' spot geometry (`spot_geometry`)
+
+
+def read_model_config(path: Path) -> dict:
+    """A model folder's `config.yaml` (written by `run_train`), checked where `predict` reads
+    it: a mapping with a `panel` of gene names and the fields of `MODEL_CONFIG_FIELDS`;
+    anything else is one line naming the file and the problem."""
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read ({_first_line(exc)})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InputError(path, f"not valid YAML ({getattr(exc, 'problem', None) or _first_line(exc)}{where})") from None
+    if not isinstance(settings, dict):
+        raise InputError(path, f"not a model config: expected a mapping of settings (method, panel, ...), got {type(settings).__name__}")
+    panel = settings.get("panel")
+    if not (isinstance(panel, list) and panel and all(isinstance(g, str) and g for g in panel)):
+        raise InputError(path, "no gene panel: 'panel' must be a list of gene names (rewrite the model with `stimpute train`)")
+    for name, kind in MODEL_CONFIG_FIELDS.items():
+        if name in settings and not isinstance(settings[name], kind) or isinstance(settings.get(name), bool):
+            raise InputError(path, f"{name!r} is {settings[name]!r}, not a {_type_names(kind)}")
+    for name, value in settings.get("spots", {}).items():
+        if name not in SPOT_FIELDS or not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+                                           and np.isfinite(value) and value > 0):
+            raise InputError(path, f"'spots' holds {name}: {value!r}; expected {' and '.join(SPOT_FIELDS)}, sizes > 0 µm")
+    return settings
+
+
+def _type_names(kind) -> str:
+    names = {"str": "text", "dict": "mapping", "int": "whole number", "NoneType": "null"}
+    return " or ".join(names[k.__name__] for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
 def input_records(stack, sections: Sequence[str | Path]) -> list[dict]:

@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 
 from stimpute.batches import (SubgraphBatch, bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask,
                               spatial_order)
+from stimpute.errors import StimputeWarning
 from stimpute.io.anndata_io import atomic_write
 from stimpute.io.run import record_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
@@ -321,19 +322,31 @@ def training_key(batch: GraphBatch, config: TrainConfig) -> str:
 
 
 def _previous_run(ckpt_dir: Path, key: str, max_epochs: int) -> tuple[Path | None, bool]:
-    """(`last.ckpt` to resume, whether it is finished) for a matching key; stale checkpoints are deleted."""
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file() and (ckpt_dir / "best.ckpt").is_file():
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=False)
-        except Exception:  # cut short by a kill while Lightning wrote it: start afresh
-            state = {}
-        if state.get("hyper_parameters", {}).get("key") == key:
+    """(`last.ckpt` to resume, whether it is finished) for a matching key, where both it and
+    `best.ckpt` read whole; stale or unreadable checkpoints are deleted (a miss: training
+    starts afresh)."""
+    last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    if last.is_file() and best.is_file():
+        state = _read_checkpoint(last)
+        if state.get("hyper_parameters", {}).get("key") == key and _read_checkpoint(best):
             stopped = state.get("callbacks", {}).get(_early_stopping().state_key, {}).get("stopped_epoch", 0) > 0
             return last, stopped or state["epoch"] + 1 >= max_epochs
     for old in [*ckpt_dir.glob("best*.ckpt"), *ckpt_dir.glob("last*.ckpt")]:
         old.unlink()
     return None, False
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A checkpoint's content; {} with a warning where it does not load (damaged, cut short)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and "state_dict" in state:
+            return state
+        problem = "not a Lightning checkpoint"
+    except Exception as exc:
+        problem = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    warnings.warn(f"{path}: unreadable checkpoint ({problem}); the model is trained afresh", StimputeWarning, stacklevel=2)
+    return {}
 
 
 def _early_stopping(patience: int = TrainConfig.patience) -> EarlyStopping:

@@ -7,7 +7,8 @@ SHA-256 over everything the features depend on: the image (file size, mtime and 
 bytes, or the pixels of an in-memory image), the spot ids and coordinates, the scale
 settings, stain normalisation, and the encoder name with its weights' digest. A matching
 key is reused; any change recomputes. Files are written to a temporary name and renamed,
-so a crash never leaves a half-written cache.
+so a crash never leaves a half-written cache. An unreadable file (truncated, damaged, not
+HDF5) is a miss, with a warning, and is replaced whole by the next write.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,7 @@ import h5py
 import numpy as np
 
 from stimpute.data import Section
+from stimpute.errors import StimputeWarning
 from stimpute.io.anndata_io import atomic_write
 
 CACHE_VERSION = 2  # of how patches are made: 2 = resampled by pixel-area averaging (`stimpute.image.resample`)
@@ -71,7 +73,7 @@ def cache_path(cache_dir: str | Path, section: Section) -> Path:
 
 
 def read_features(path: Path, encoder: str, key: str, scale_names: Sequence[str]) -> np.ndarray | None:
-    """Cached (n_spots, n_scales, dim) features, or None when absent or stale."""
+    """Cached (n_spots, n_scales, dim) features, or None when absent, stale or unreadable."""
     if not path.is_file():
         return None
     try:
@@ -80,22 +82,22 @@ def read_features(path: Path, encoder: str, key: str, scale_names: Sequence[str]
             if group is None or group.attrs.get("key") != key or not all(s in group for s in scale_names):
                 return None
             return np.stack([group[s][()] for s in scale_names], axis=1).astype(np.float32)
-    except OSError:  # unreadable / foreign file: treat as a miss and rewrite it
+    except Exception as exc:  # truncated, damaged or foreign: a miss, rewritten by `write_features`
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        warnings.warn(f"{path}: unreadable feature cache ({reason}); its features are computed again and rewritten",
+                      StimputeWarning, stacklevel=2)
         return None
 
 
 def write_features(path: Path, encoder: str, key: str, scale_names: Sequence[str], spot_ids: Sequence[str],
                    features: np.ndarray, shares: Sequence[int] = ()) -> None:
-    """Store features (n_spots, n_scales, dim) under `/encoder`, keeping other encoders' groups;
-    `shares`: the spots each process encoded, recorded as the attribute `spots_per_process`."""
+    """Store features (n_spots, n_scales, dim) under `/encoder`, keeping other encoders' groups
+    where the old file reads whole; `shares`: the spots each process encoded, recorded as the
+    attribute `spots_per_process`."""
 
     def write(tmp: str) -> None:
-        keep = path.is_file() and h5py.is_hdf5(path)
-        if keep:
-            shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a" if keep else "w") as f:
-            if encoder in f:
-                del f[encoder]
+        with h5py.File(tmp, "w") as f:
+            _copy_other_encoders(path, f, encoder)
             group = f.create_group(encoder)
             group.attrs["key"] = key
             group.attrs["spots_per_process"] = np.asarray(shares, np.int64)
@@ -104,3 +106,19 @@ def write_features(path: Path, encoder: str, key: str, scale_names: Sequence[str
                 group.create_dataset(name, data=features[:, s].astype(np.float32), compression="gzip")
 
     atomic_write(path, write)
+
+
+def _copy_other_encoders(path: Path, target: h5py.File, encoder: str) -> None:
+    """Copy every group but `encoder` of the cache file at `path` into `target`; a file that
+    does not read whole is dropped (`read_features` has warned), never half-copied."""
+    if not path.is_file():
+        return
+    try:
+        with h5py.File(path, "r") as old:
+            for name in old:
+                if name != encoder:
+                    old.copy(old[name], target)
+    except Exception:
+        for name in list(target):
+            del target[name]
+

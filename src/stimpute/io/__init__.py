@@ -28,6 +28,7 @@ from stimpute.io.anndata_io import (
     write_h5ad_atomic,
     write_section,
 )
+from stimpute.io.geometry import check_um_per_px
 from stimpute.io.her2st import is_her2st_folder, read_her2st
 from stimpute.io.image_section import is_image_file, read_image_section
 from stimpute.io.moest_h5 import is_moest_h5, read_moest_section
@@ -88,6 +89,7 @@ def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None, u
     `um_per_px` is the scale of the H&E-only members (image files); without it and without
     image metadata they take the measured sections' median scale, with a warning.
     """
+    check_um_per_px(um_per_px)
     images = [is_image_file(Path(p)) for p in paths]
     read = {i: read_section(p) for i, p in enumerate(paths) if not images[i]}
     scales = [s.um_per_px for s in read.values() if s.has_counts]

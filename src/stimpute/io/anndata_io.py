@@ -25,7 +25,7 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError, StimputeError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
-from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, Geometry, section_geometry, warn_default
+from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, Geometry, check_um_per_px, section_geometry, warn_default
 from stimpute.io.results import is_result, read_result
 from stimpute.io.run import record_write, temp_prefix
 from stimpute.io.validate import validate_section
@@ -61,6 +61,7 @@ def read_h5ad_section(
     nothing gives the diameter.
     """
     h5ad_path = Path(h5ad_path)
+    check_um_per_px(um_per_px)
     adata = _read_h5ad(h5ad_path)
     if is_result(adata.uns):  # stimpute's own output: log1p predictions, not counts
         sections = read_result(h5ad_path, adata)
@@ -210,10 +211,22 @@ def _umask() -> int:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+    """Copy `src` to `dst` unless `dst` already holds the same bytes (size and mtime do not
+    tell: another image of the same size may be older)."""
+    if dst.is_file() and _same_bytes(src, dst):
         record_write(dst)  # kept as this run's copy
         return
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while block := fa.read(chunk):
+            if block != fb.read(chunk):
+                return False
+    return True
 
 
 def _read_h5ad(path: Path) -> ad.AnnData:

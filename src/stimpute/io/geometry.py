@@ -14,11 +14,12 @@ Where none gives a value, the technology's default is used and one warning line 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stimpute.errors import InputError, StimputeWarning
+from stimpute.errors import InputError, StimputeError, StimputeWarning
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_PITCH_UM = 100.0
@@ -29,6 +30,13 @@ TECHNOLOGY_GEOMETRY = {  # st_technology (lower case) -> (spot diameter, pitch) 
     "visium": (VISIUM_SPOT_DIAMETER_UM, VISIUM_PITCH_UM),
     "spatial transcriptomics": (LEGACY_ST_SPOT_DIAMETER_UM, LEGACY_ST_PITCH_UM),
 }
+
+
+def check_um_per_px(um_per_px: float | None) -> float | None:
+    """The user's `--um-per-px` (None: not given): a pixel size must be a positive number."""
+    if um_per_px is not None and not (math.isfinite(um_per_px) and um_per_px > 0):
+        raise StimputeError("--um-per-px", f"must be a pixel size > 0 µm, got {um_per_px:g}")
+    return um_per_px
 
 
 @dataclass

@@ -67,7 +67,6 @@ def read_her2st(folder: str | Path) -> Section:
     )
     adata.obsm["spatial"] = spots[["pixel_x", "pixel_y"]].to_numpy(np.float64)
     _check_join(spots, report, selection_path, counts_path)
-    adata.var_names_make_unique()
     image = SectionImage.open(image_path)
     section = Section(
         name=name,
@@ -137,10 +136,19 @@ def _read_selection(path: Path) -> pd.DataFrame:
 
 
 def _read_counts(path: Path) -> pd.DataFrame:
+    """The counts table with its gene names as written: pandas would rename duplicated
+    headers (`G.1`); `validate_section` makes them unique as `NAME-1` with a warning."""
     try:
-        counts = pd.read_csv(path, sep="\t", index_col=0)
+        header = pd.read_csv(path, sep="\t", header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
+        counts = pd.read_csv(path, sep="\t", header=None, skiprows=1, index_col=0)
+    except pd.errors.EmptyDataError:
+        raise InputError(path, "counts table has no spots or no genes") from None
     except Exception as exc:
         raise InputError(path, f"cannot read counts table ({str(exc).splitlines()[0]})") from None
+    extra = len(header) - counts.shape[1]  # 1 where the header names the spot id column, 0 where it does not
+    if extra not in (0, 1):
+        raise InputError(path, f"the header has {len(header)} fields but the rows hold {counts.shape[1]} counts after the spot id")
+    counts.columns = header.to_numpy()[extra:]
     if counts.empty:
         raise InputError(path, "counts table has no spots or no genes")
     counts.index = counts.index.astype(str)

@@ -19,7 +19,7 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
-from stimpute.io.geometry import hest_geometry, image_um_per_px, warn_default
+from stimpute.io.geometry import check_um_per_px, hest_geometry, image_um_per_px, warn_default
 
 
 def is_image_file(path: Path) -> bool:
@@ -42,7 +42,7 @@ def read_image_section(path: str | Path, um_per_px: float | None = None, default
     """
     path = Path(path)
     image = SectionImage.open(path)
-    source = "--um-per-px" if um_per_px else None
+    source = "--um-per-px" if check_um_per_px(um_per_px) else None
     if not um_per_px:
         found = image_um_per_px(path)
         meta = hest_geometry(path)

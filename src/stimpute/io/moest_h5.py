@@ -45,6 +45,7 @@ from stimpute.data import DEFAULT_SECTION_THICKNESS_UM, Section, Stack
 from stimpute.errors import InputError, StimputeError
 from stimpute.image import SectionImage
 from stimpute.io.anndata_io import atomic_write
+from stimpute.io.geometry import check_um_per_px
 
 GENE_NAMES = "gene_names"
 ARRAYS = ("coords_3d", "sobel_gradients", "expression", "patches")  # besides the features
@@ -225,6 +226,7 @@ def moest_to_stack(data: MoestData, source: str | Path | None = None, um_per_px:
     every = np.concatenate([s.coords_3d[:, :2] for s in data.sections])
     origin = every.min(axis=0) - PATCH_UM
     extent = float((every.max(axis=0) + PATCH_UM - origin).max())
+    check_um_per_px(um_per_px)
     stored = min(float(s.attrs.get("um_per_px", 0.0) or np.inf) for s in data.sections)
     scale = float(um_per_px or max(extent / MOSAIC_MAX_SIDE, stored if np.isfinite(stored) else 0.0))
     thickness = float(data.attrs.get("thickness_um", DEFAULT_SECTION_THICKNESS_UM))

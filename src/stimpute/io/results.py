@@ -6,7 +6,9 @@ README ("Outputs"):
 
 - `X`: expression on the normalize_total(1e4) + log1p scale, never negative (imputed
   values are clipped at 0, the floor of that scale); `layers` likewise;
-- `obs["section"]`, `obs["measured"]`, `obs["confidence"]`; `obsm["spatial"]` (x, y) in
+- `obs["section"]`, `obs["measured"]`, `obs["confidence"]` (never NaN: where it is undefined,
+  as for an image-only prediction with no transferred expression to compare with, it is
+  `UNDEFINED_CONFIDENCE` and `uns["stimpute"]["confidence"]` says why); `obsm["spatial"]` (x, y) in
   full-resolution pixels of the section's own image; `obsm["spatial_3d"]` (x, y, z) in
   µm in the block's registered frame;
 - `var["calibration_pcc"]`: per-gene confidence, the PCC of the fused value on known
@@ -44,6 +46,9 @@ HIRES_SIDE = 2000  # Space Ranger's tissue_hires_image size
 LOWRES_SIDE = 600  # Space Ranger's tissue_lowres_image size
 SCALE = "normalize_total(1e4) + log1p"
 BLOCK_FILE = "block.h5ad"
+UNDEFINED_CONFIDENCE = 0.0  # obs["confidence"] where no second estimate exists: no evidence of agreement
+NO_SECOND_ESTIMATE = ("undefined: no expression transferred from measured sections to compare the prediction with "
+                      f"(image-only prediction); obs['confidence'] is {UNDEFINED_CONFIDENCE:g}")
 
 
 def spatial_3d(xy_ref: np.ndarray, ref_um_per_px: float, z_um: float | None) -> np.ndarray:
@@ -74,8 +79,9 @@ def section_result(section: Section, genes: Sequence[str], X: np.ndarray, xyz_um
     adata.obs["measured"] = measured
     for name, values in (obs or {}).items():
         adata.obs[name] = np.asarray(values)
+    undefined = "confidence" not in adata.obs and not measured
     if "confidence" not in adata.obs:
-        adata.obs["confidence"] = np.float32(1.0) if measured else np.float32(np.nan)
+        adata.obs["confidence"] = np.float32(UNDEFINED_CONFIDENCE if undefined else 1.0)
     adata.obsm["spatial"] = section.xy
     adata.obsm["spatial_3d"] = np.asarray(xyz_um, np.float64)
     if gene_confidence is not None:
@@ -85,6 +91,7 @@ def section_result(section: Section, genes: Sequence[str], X: np.ndarray, xyz_um
         "um_per_px": float(section.um_per_px), "spot_diameter_um": float(section.spot_diameter_um),
         **({"pitch_um": float(section.pitch_um)} if section.pitch_um else {}),
         **({"image_path": str(section.image.path.resolve())} if section.image.path else {}),
+        **({"confidence": NO_SECOND_ESTIMATE} if undefined else {}),
     }
     adata.uns["spatial"] = {section.name: spatial_entry(section)}
     return adata

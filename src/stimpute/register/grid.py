@@ -33,6 +33,7 @@ from stimpute.register.masks import section_view
 MASK_UM_PER_PX = 25.0  # tissue-mask view: finer views lose pale stroma under Otsu (HER2-ST: 10 µm/px misses a third)
 MASK_SIDE = 2048  # at most this many px a side (very large slides)
 MIN_SPOTS_PER_SECTION = 3
+MAX_VIRTUAL_SPOTS = 200_000  # per section: a finer grid takes hours to encode and gigabytes to hold
 VISIUM_PITCH_UM, VISIUM_DIAMETER_UM = 100.0, 55.0  # the grid of a stack without any spots (`default_grid`)
 
 
@@ -60,6 +61,11 @@ class Lattice:
     origin: np.ndarray
     basis: np.ndarray  # (2, 2): columns are the reference-px steps of one array column / row
     hexagonal: bool
+
+    @property
+    def cell_area(self) -> float:
+        """Area per lattice point (reference px²): hexagonal lattices use every second index pair."""
+        return abs(float(np.linalg.det(self.basis))) * (2 if self.hexagonal else 1)
 
     @property
     def pitch(self) -> float:
@@ -145,6 +151,33 @@ def virtual_spots(section: Section, to_ref: np.ndarray, lattice: Lattice, spot_d
     return adata
 
 
+def _check_spot_count(section: Section, pitch_um: float, cell_um2: float, grid_scale: float) -> None:
+    """Refuse a grid of `cell_um2` µm² per point (pitch `pitch_um`, grid scale included) that
+    would lay more than `MAX_VIRTUAL_SPOTS` on `section`'s image, counted as the image area
+    over the area per point (rotation and translation change neither): before any work."""
+    W, H = section.image.size
+    count = W * H * section.um_per_px ** 2 / cell_um2
+    if count > MAX_VIRTUAL_SPOTS:
+        raise StimputeError(section.source or section.name,
+                            f"--grid-scale {grid_scale:g} at a {pitch_um:.3g} µm pitch would lay about {count:,.0f} virtual "
+                            f"spots on this image, over the limit of {MAX_VIRTUAL_SPOTS:,} per section: raise "
+                            "--grid-scale or --pitch-um")
+
+
+def _grid_size_um(stack: Stack, known: list[int], options: GridOptions) -> tuple[float, float]:
+    """Pitch (µm) and area per point (µm²) of the virtual grid `place_virtual_spots` will lay,
+    from the known section's lattice in its own pixels (the same lattice up to a rigid move)."""
+    if known:
+        anchor = stack[known[0]]
+        own = known_lattice(anchor, anchor.xy)
+        pitch_um, cell_um2 = own.pitch * anchor.um_per_px, own.cell_area * anchor.um_per_px ** 2
+    else:
+        pitch_um = options.pitch_um or VISIUM_PITCH_UM
+        cell_um2 = default_lattice(pitch_um).cell_area
+    factor = (options.pitch_um / pitch_um if options.pitch_um else 1.0) * options.grid_scale
+    return pitch_um * factor, cell_um2 * factor ** 2
+
+
 def default_lattice(pitch_px: float) -> Lattice:
     """A hexagonal (Visium) lattice of the given pitch in reference px, origin at (0, 0)."""
     return Lattice(origin=np.zeros(2), basis=np.diag([pitch_px / 2, pitch_px * np.sqrt(3) / 2]), hexagonal=True)
@@ -163,6 +196,10 @@ def place_virtual_spots(stack: Stack, known: list[int], options: GridOptions | N
     if empty and not known and not default_grid:
         raise StimputeError(stack[empty[0]].source, "an H&E-only section needs a measured (--known) section to copy its spot grid from")
     options = options or GridOptions()
+    if empty:
+        pitch_um, cell_um2 = _grid_size_um(stack, known, options)
+        for i in empty:
+            _check_spot_count(stack[i], pitch_um, cell_um2, options.grid_scale)
     registration = register_stack(stack, progress=progress)
     ref_um = stack[0].um_per_px
     if known:
@@ -187,6 +224,8 @@ def grid_on_section(section: Section, options: GridOptions | None = None) -> Sec
     diameter (Visium's 100/55 µm where not given, with a warning) over its tissue."""
     options = options or GridOptions()
     pitch_um, diameter_um = default_geometry(section, options)
+    _check_spot_count(section, pitch_um * options.grid_scale,
+                      default_lattice(pitch_um * options.grid_scale).cell_area, options.grid_scale)
     _give_spots(section, np.eye(3), default_lattice(pitch_um / section.um_per_px), pitch_um, diameter_um, options)
     return section
 
