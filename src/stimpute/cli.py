@@ -84,7 +84,8 @@ BatchNodesOption = Annotated[Optional[int], typer.Option("--batch-nodes", help="
 def guarded(command):
     """Turn user errors into clear lines on stderr (one per problem) and exit code 2;
     print stimpute's warnings (input it fixed) as one line each. The command's
-    `--devices/--num-nodes` say whether rank variables of the environment count (`launch`)."""
+    `--devices/--num-nodes` say whether rank variables of the environment count (`launch`);
+    a path argument that is not UTF-8 is refused before any work (`check_text_path`)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):

@@ -37,7 +37,7 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError, StimputeWarning
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
-from stimpute.io.geometry import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, positive
+from stimpute.io.geometry import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, check_um_per_px, positive
 from stimpute.io.validate import validate_section
 
 MATRIX_FILE = "filtered_feature_bc_matrix.h5"
@@ -77,7 +77,7 @@ def read_spaceranger(path: str | Path, image: str | Path | None = None, um_per_p
         raise InputError(path, f"not a Space Ranger outs/ folder: expected {MATRIX_FILE} and spatial/")
     factors, factors_path = _scalefactors(outs)
     scale, source = _full_um_per_px(factors, factors_path)
-    if um_per_px:
+    if check_um_per_px(um_per_px):
         scale, source = float(um_per_px), "--um-per-px"
     spots = _positions(outs)
     counts = read_10x_h5(outs / MATRIX_FILE)
