@@ -236,6 +236,7 @@ def test_a_grid_over_the_spot_limit_fails_before_any_work(folders, tmp_path):
     ("panel: [G0]\nmethod: [1]\n", "'method' is [1], not a text"),
     ("panel: [G0]\nmethod: nothing\n", "records an unknown method 'nothing'"),
     ("panel: [G0]\nspots: [1]\n", "'spots' is [1], not a mapping"),
+    ("panel: [G0]\ntop_hvg: [G0, null]\n", "'top_hvg' names None, which is not in the panel"),
     ("panel: [G0]\nspots: {pitch_um: -5}\n", "'spots' holds pitch_um: -5; expected spot_diameter_um and pitch_um"),
     ("\udcff", "cannot read"),
 ])
@@ -247,12 +248,13 @@ def test_a_damaged_model_config_is_one_line(text, needle, folders, model, tmp_pa
 
 
 def _predict_one_line_or_success(model: Path, section: Path) -> None:
-    """`stimpute predict` with `model` ends in a prediction or in one error line (figures
-    are not drawn: they cost seconds and are not what is fuzzed)."""
+    """`stimpute predict` with `model` ends in a prediction or in one error line, no
+    traceback (warnings about the data may come first; figures are not drawn: they cost
+    seconds and are not what is fuzzed)."""
     with tempfile.TemporaryDirectory() as tmp, mock.patch("stimpute.pipeline._heatmaps", lambda *a, **k: Path(tmp)):
         result = run_cli("predict", section, "--model", model, "--out", Path(tmp) / "pred")
-        if result.exit_code != 0:
-            one_error_line(result)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 0 or (result.exit_code == 2 and len(errors) == 1), result.output
 
 
 YAML_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),

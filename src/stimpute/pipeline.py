@@ -368,7 +368,8 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
 
 
 MODEL_CONFIG_FIELDS = {"method": str, "encoder": str, "weights": (str, type(None)), "weights_sha256": (str, type(None)),
-                       "seed": (int, type(None)), "train": (dict, type(None)), "spots": dict}  # what `predict` reads, and its types
+                       "seed": (int, type(None)), "train": (dict, type(None)), "spots": dict,
+                       "top_hvg": (list, type(None))}  # what `predict` reads, and its types
 SPOT_FIELDS = ("spot_diameter_um", "pitch_um")  # the training sections' spot geometry (`spot_geometry`)
 
 
@@ -392,6 +393,9 @@ def read_model_config(path: Path) -> dict:
     for name, kind in MODEL_CONFIG_FIELDS.items():
         if name in settings and not isinstance(settings[name], kind) or isinstance(settings.get(name), bool):
             raise InputError(path, f"{name!r} is {settings[name]!r}, not a {_type_names(kind)}")
+    outside = [g for g in settings.get("top_hvg") or [] if g not in panel]
+    if outside:
+        raise InputError(path, f"'top_hvg' names {outside[0]!r}, which is not in the panel")
     for name, value in settings.get("spots", {}).items():
         if name not in SPOT_FIELDS or not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
                                            and np.isfinite(value) and value > 0):
