@@ -43,7 +43,7 @@ from stimpute.data import Stack
 from stimpute.device import check_batch_nodes, resolve_device
 from stimpute.distributed import is_rank_zero, rank_output
 from stimpute.models import MODELS, get_model
-from stimpute.prepare import known_indices, prepare_stack
+from stimpute.prepare import FEATURE_NORMS, known_indices, prepare_stack
 from stimpute.programs import programs_record
 from stimpute.register.grid import GridOptions, grid_on_section, known_lattice, place_virtual_spots
 from stimpute.register.outputs import figure_names, write_figures
@@ -393,6 +393,9 @@ def read_model_config(path: Path) -> dict:
     for name, kind in MODEL_CONFIG_FIELDS.items():
         if name in settings and not isinstance(settings[name], kind) or isinstance(settings.get(name), bool):
             raise InputError(path, f"{name!r} is {settings[name]!r}, not a {_type_names(kind)}")
+    norm = settings.get("feature_normalisation", "none")
+    if norm not in FEATURE_NORMS:
+        raise InputError(path, f"'feature_normalisation' is {norm!r}, not one of {', '.join(FEATURE_NORMS)}")
     outside = [g for g in settings.get("top_hvg") or [] if g not in panel]
     if outside:
         raise InputError(path, f"'top_hvg' names {outside[0]!r}, which is not in the panel")
