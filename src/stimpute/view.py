@@ -308,6 +308,7 @@ def build_view(data, gene: str | None = None, key: str = "stimpute", title: str 
     width = frame.nx * frame.step + (shift if truths else 0.0)
     height = frame.ny * frame.step
     longest = max(width, height)
+    back = float(np.clip(1 + 0.9 * (min(width, height) / longest - 0.45) / 0.55, 1.0, 1.9))  # a deep box needs the camera further back
     layout = go.Layout(
         title=dict(text=title, x=0.01, font=dict(size=14)), margin=dict(l=0, r=0, t=30, b=0), showlegend=False,
         paper_bgcolor="white", uirevision="stimpute",
@@ -318,7 +319,7 @@ def build_view(data, gene: str | None = None, key: str = "stimpute", title: str 
             yaxis=dict(title=dict(text="y (µm)"), range=[frame.y0 + height, frame.y0], tickformat="d"),  # image rows grow downwards
             zaxis=dict(title=dict(text="z (µm)"), range=[depths[0] - gap / 2, depths[-1] + gap / 2], tickformat="d"),
             aspectmode="manual", aspectratio=dict(x=width / longest, y=height / longest, z=0.45 if len(depths) > 1 else 0.05),
-            camera=dict(eye=dict(x=0.05, y=-0.85, z=0.6), center=dict(x=0, y=0, z=-0.08), up=dict(x=0, y=0, z=1)),
+            camera=dict(eye=dict(x=0.05 * back, y=-0.85 * back, z=0.6 * back), center=dict(x=0, y=0, z=-0.08), up=dict(x=0, y=0, z=1)),
         ),
     )
     figure = go.Figure(traces, layout)
@@ -399,7 +400,8 @@ document.getElementById("to").value = "{last}";
 
 SCRIPT = """
 function decode(text, Type) {
-  const bytes = Uint8Array.from(atob(text), c => c.charCodeAt(0));
+  const chars = atob(text), bytes = new Uint8Array(chars.length);
+  for (let i = 0; i < chars.length; i++) bytes[i] = chars.charCodeAt(i);
   return new Type(bytes.buffer);
 }
 const VALUES = decode(DATA.values, Uint8Array);
