@@ -136,7 +136,7 @@ def test_stored_features_are_used_as_given(monkeypatch):
     given = [_store(s, "uni_features", i) for i, s in enumerate(stack)]
     monkeypatch.setattr(stored, "spot_features", _no_image_encoding)
     for encoder in (None, "uni"):  # default, or naming the stored encoder (no weights needed)
-        prepared = prepare_stack(stack, known="S0,S1", encoder=encoder, register=False)
+        prepared = prepare_stack(stack, known="S0,S1", encoder=encoder, register=False, feature_norm="none")  # as stored
         for feats, spot in zip(prepared.features, given):
             assert feats.shape == (len(spot), 3, DIM) and feats.dtype == np.float32
             for scale in range(3):  # one stored scale stands for all three
@@ -173,7 +173,7 @@ def test_sections_without_stored_features_get_the_same_encoder_at_the_spot_scale
         return np.stack([np.full((section.n_spots, DIM), s, np.float32) for s in (1.0, 2.0, 3.0)], axis=1)
 
     monkeypatch.setattr(stored, "spot_features", fake)
-    prepared = prepare_stack(stack, known="S0,S1", register=False)
+    prepared = prepare_stack(stack, known="S0,S1", register=False, feature_norm="none")  # the values as encoded
     assert calls == [("S1", "handcrafted"), ("S2", "handcrafted")]
     np.testing.assert_array_equal(prepared.features[0][:, 2], given)
     assert (prepared.features[1] == 1.0).all() and (prepared.features[2] == 1.0).all()
