@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stimpute.datasets import her2st_mini, synthetic_stack, synthetic_truth
+from stimpute.datasets import her2st_mini, her2st_mini_stack, synthetic_stack, synthetic_truth
 from stimpute.expression import normalize_log1p
 
 
@@ -83,7 +83,7 @@ def test_expression_is_driven_by_programmes_that_drive_texture(synthetic):
 def test_her2st_mini_is_packaged_and_small():
     from stimpute.datasets import her2st_mini_path
 
-    stack = her2st_mini()
+    stack = her2st_mini_stack()
     assert stack.names == ["C2", "C3", "C4"] and stack.measured == ["C2", "C3", "C4"]
     assert [s.n_spots for s in stack] == [187, 180, 184]
     assert all(s.um_per_px == pytest.approx(4 * 0.687, abs=0.03) for s in stack)
@@ -91,6 +91,31 @@ def test_her2st_mini_is_packaged_and_small():
     size = sum(p.stat().st_size for p in her2st_mini_path().rglob("*") if p.is_file())
     assert size < 8 * 2**20
     assert "Andersson" in (her2st_mini_path() / "README.md").read_text()
+
+
+def test_her2st_mini_is_anndata_that_tl_takes():
+    """The notebook's first line: the same sections as the `Stack`, image in `uns["spatial"]`
+    at full detail, and `st.tl` encodes, registers and imputes them as they come."""
+    import stimpute as st
+    from stimpute.io.inmemory import section_from_anndata
+
+    adatas, stack = st.datasets.her2st_mini(), her2st_mini_stack()
+    assert [a.n_obs for a in adatas] == [187, 180, 184] and all("ERBB2" in a.var_names for a in adatas)
+    for adata, section in zip(adatas, stack):
+        assert list(adata.uns["spatial"]) == [section.name]
+        back = section_from_anndata(adata, section.name)
+        assert np.array_equal(back.xy, section.xy) and back.um_per_px == pytest.approx(section.um_per_px)
+        assert back.image.size == section.image.size and (back.adata.X != section.adata.X).nnz == 0
+        patch = (1000, 1000, 64, 64)
+        diff = np.abs(back.image.read_region(*patch).astype(int) - section.image.read_region(*patch).astype(int))
+        assert diff.mean() < 1.0  # the same JPEG, decoded once as a whole, once as a region
+
+    pair = adatas[:2]  # C2 and C3: enough for every step, in half the time
+    st.tl.features(pair)
+    assert pair[1].obsm["X_stimpute_features"].shape[0] == 180
+    out = st.tl.impute(pair, known="C3", genes=["ERBB2", "GNAS"], members=["ridge"], programs="none")  # registers them too
+    assert out[0].shape == (187, 2) and np.isfinite(out[0].X).all() and out[0].X.std(axis=0).min() > 0
+    assert out[0].obsm["spatial_3d"].shape == (187, 3) and out[0].uns["stimpute"]["registration"]["reference"] == "C2"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import networkx as nx
 import stimpute
 
 SRC = Path(stimpute.__file__).parent
-LEAVES = ("stimpute.metrics", "stimpute.trainer", "stimpute.errors", "stimpute.combine")
+LEAVES = ("stimpute.metrics", "stimpute.trainer", "stimpute.errors", "stimpute.combine", "stimpute.defaults")
 
 
 def part(module: str) -> str:

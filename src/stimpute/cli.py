@@ -15,9 +15,9 @@ import typer
 from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
+from stimpute.defaults import DEFAULT_PANEL_SIZE
 from stimpute.distributed import is_rank_zero, launch
 from stimpute.errors import StimputeError, StimputeWarning, check_text_path
-from stimpute.expression import DEFAULT_PANEL_SIZE
 
 app = typer.Typer(
     name="stimpute",

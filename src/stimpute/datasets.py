@@ -502,12 +502,23 @@ def her2st_mini_path() -> Path:
     return Path(str(resources.files("stimpute") / "data" / "her2st_mini"))
 
 
-def her2st_mini() -> Stack:
-    """HER2-ST patient C sections C2, C3, C4 (Andersson et al., Nat Commun 2021), reduced.
+def her2st_mini() -> list[ad.AnnData]:
+    """HER2-ST patient C sections C2, C3, C4 (Andersson et al., Nat Commun 2021), reduced,
+    as AnnData objects in stack order, ready for `stimpute.tl`.
 
-    Images downscaled 4×, genes limited to those detected in ≥1% of spots; made by
-    `scripts/make_her2st_mini.py` from the full data. See the folder's README for citation.
+    Each holds raw counts in `X`, spot centres in `obsm["spatial"]` (full-resolution
+    pixels) and its whole H&E image as `uns["spatial"][name]["images"]["hires"]` (scale 1:
+    the packaged image, no detail lost), with the scale in `uns["stimpute"]`. Images are
+    downscaled 4× from the originals and genes limited to those detected in ≥1% of spots
+    (`scripts/make_her2st_mini.py`); see the folder's README for citation.
     """
+    from stimpute.io.inmemory import section_to_anndata
+
+    return [section_to_anndata(section, hires_side=max(section.image.size)) for section in her2st_mini_stack()]
+
+
+def her2st_mini_stack() -> Stack:
+    """The same sections as `her2st_mini`, as the `Stack` the file-based steps take."""
     from stimpute.io import read_stack
 
     root = her2st_mini_path()

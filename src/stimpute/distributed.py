@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterator
 
 from stimpute.errors import StimputeWarning
-from stimpute.io.run import MANIFEST_FILE
 
 RANK_VARIABLES = ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID")  # set by Lightning, torchrun or SLURM
 WORLD_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS")  # how many processes the launcher started
@@ -93,6 +92,8 @@ def is_rank_zero() -> bool:
 def rank_output(out: str | Path) -> Iterator[Path]:
     """`out` on rank 0; on any other rank, a scratch folder that reads `out`'s caches and
     checkpoints through links and is removed at the end (module docstring)."""
+    from stimpute.io.run import MANIFEST_FILE  # deferred: stimpute.io loads anndata, and the CLI imports this module at start-up
+
     out = Path(out)
     if is_rank_zero():
         yield out

@@ -16,10 +16,10 @@ import numpy as np
 import scanpy as sc
 from scipy import sparse
 
+from stimpute.defaults import DEFAULT_PANEL_SIZE
 from stimpute.errors import InputError, StimputeError, StimputeWarning
 
 TARGET_SUM = 1e4
-DEFAULT_PANEL_SIZE = 250
 MIN_SPOT_FRACTION = 0.1  # HVG candidates: detected in ≥10% of spots, else dispersion favours noise
 Normalisation = Literal["log1p", "reference"]
 PanelRule = Literal["hvg", "mean"]
