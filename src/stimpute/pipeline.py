@@ -141,6 +141,7 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
                       **measured}
             obs = {"cli_reach": result.reach[i], "confidence": spot_confidence(result.model[i], result.transferred[i])}
             parts.append(section_result(section, panel, result.fused[i], xyz, False, layers, obs, gene_conf))
+            parts[-1].uns["stimpute"]["has_counts"] = prepared.expression[i] is not None
             with stage("writing"):
                 files.append(write_h5ad_atomic(parts[-1], out / f"{section.name}.h5ad", force=force))
             pcc = None if metrics is None else metrics[metrics.section == section.name].set_index("gene").pcc
@@ -434,9 +435,10 @@ def input_hash(path: str | Path) -> str:
 
 
 def _measured_layer(prepared, i: int) -> np.ndarray:
-    """Section i's measured panel expression, NaN where it carries no counts."""
+    """Section i's measured panel expression; zeros where it carries no counts (outputs hold
+    no NaN: `uns["stimpute"]["has_counts"]` says which sections the layer is real for)."""
     values = prepared.expression[i]
-    return np.full((prepared.stack[i].n_spots, len(prepared.panel)), np.nan, np.float32) if values is None else values
+    return np.zeros((prepared.stack[i].n_spots, len(prepared.panel)), np.float32) if values is None else values
 
 
 def write_impute_view(block, out: Path) -> list[Path]:

@@ -98,7 +98,8 @@ def _view_section(name: str, part: ad.AnnData, library: dict, own_px: str, key: 
     flag = next((c for c in ("measured", f"{key}_measured") if c in obs), None)
     measured = obs[flag].to_numpy(bool) if flag else np.full(part.n_obs, bool(record.get("measured", False)))
     truth_layer = next((t for t in TRUTH_LAYERS if t in part.layers), None)
-    truth = None if truth_layer is None or measured.all() else _dense(part.layers[truth_layer])
+    no_counts = record.get("has_counts") is False  # the layer holds zeros there (older files: NaN)
+    truth = None if truth_layer is None or measured.all() or no_counts else _dense(part.layers[truth_layer])
     reach = next((c for c in (f"{key}_reach", *REACH_COLUMNS) if c in obs), None)
     images, factors = dict(library.get("images", {})), dict(library.get("scalefactors", {}))
     image, scale = None, 1.0
