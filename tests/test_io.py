@@ -57,6 +57,15 @@ def test_section_folder_round_trip_synthetic(synthetic, tmp_path):
         write_section(src, tmp_path)
 
 
+def test_a_section_read_back_from_its_folder_writes_again(synthetic, tmp_path):
+    """`convert h5ad` of a project section.h5ad: its report comes back from h5ad as arrays."""
+    src = synthetic[1]
+    src.report = {"dropped": ["a", "b"], "counts": [1, 2]}
+    back = read_section(write_section(src, tmp_path / "one"))
+    again = read_section(write_section(back, tmp_path / "two"))
+    assert list(again.report["dropped"]) == ["a", "b"] and list(again.report["counts"]) == [1, 2]
+
+
 def test_hest_style_h5ad_with_wsi_folder_and_metadata(tmp_path):
     (tmp_path / "st").mkdir(), (tmp_path / "wsis").mkdir(), (tmp_path / "metadata").mkdir()
     counts = np.random.default_rng(0).poisson(3, (20, 5)).astype(np.float32)

@@ -101,6 +101,13 @@ def read_h5ad_section(
     return validate_section(section)
 
 
+def _json_plain(value):
+    """numpy arrays and scalars (a report read back from an .h5ad) as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def write_section(section: Section, out_dir: str | Path, force: bool = False, thumbnail_side: int = THUMBNAIL_SIDE) -> Path:
     """Write a section as a project section folder `out_dir/<name>/` (image copied)."""
     folder = Path(out_dir) / section.name
@@ -124,7 +131,7 @@ def write_section(section: Section, out_dir: str | Path, force: bool = False, th
         "um_per_px": float(section.um_per_px),
         "spot_diameter_um": float(section.spot_diameter_um),
         **({"pitch_um": float(section.pitch_um)} if section.pitch_um else {}),
-        "report": json.loads(json.dumps(section.report)),
+        "report": json.loads(json.dumps(section.report, default=_json_plain)),
         **({"z_um": float(section.z_um)} if section.z_um is not None else {}),
     }
     add_thumbnail(adata, section, thumbnail_side)
