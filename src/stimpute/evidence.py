@@ -8,7 +8,7 @@ morphology term where image features are given. The kernel-weighted mean of the 
 spots' measured expression is the spot's *transferred* expression; the amount of kernel
 weight it has (its *reach*, in [0, 1)) says how close it lies to measured tissue.
 
-`transfer(..., features=False, k=4, cutoff=2)` is the plain "register, then copy the
+`copy_nearest` (`transfer(..., features=False, k=4, cutoff=2)`) is the plain "register, then copy the
 nearest measured spots" rival that every 3D method must beat (`stimpute.models.baselines`);
 ASIGN's propagation uses the same links with the morphology term and a wider reach.
 """
@@ -19,6 +19,8 @@ import numpy as np
 
 from stimpute.register.matching import KERNEL_CUTOFF, KERNEL_K, kernel_links, spot_pitch_um
 from stimpute.timing import timed
+
+COPY_K, COPY_CUTOFF = 4, 2.0  # the plain copy: 4 nearest measured spots, none beyond two pitches
 
 
 def registered_um(prepared, i: int) -> np.ndarray:
@@ -63,3 +65,10 @@ def transfer(prepared, known: list[int], targets: list[int], values: list[np.nda
         predicted[t] = out.astype(np.float32)
         reach[t] = 1.0 - np.exp(-np.asarray(spatial.sum(axis=1)).ravel())
     return predicted, reach
+
+
+def copy_nearest(prepared, known: list[int], targets: list[int],
+                 exclude: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """The plain copy: each target spot gets the Gaussian-weighted mean of the nearest
+    measured spots of the known sections (no image term), `COPY_K` at most, within `COPY_CUTOFF` pitches."""
+    return transfer(prepared, known, targets, features=False, k=COPY_K, cutoff=COPY_CUTOFF, exclude=exclude)[0]

@@ -20,8 +20,8 @@ correlation loss, and an RBF kernel ridge probe on the same features) are fitted
 known sections and averaged: on HER2-ST each alone is noisy and their errors differ.
 
 **Propagated part.** The kriged residual transfer above is joined by a plain copy of the
-nearest measured spots through the registration (`COPY_K` = 4 spots, σ one pitch, nothing
-beyond `COPY_CUTOFF` = 2 pitches, no image term): two cross-layer estimates, one of them
+nearest measured spots through the registration (`stimpute.evidence.copy_nearest`: 4 spots,
+σ one pitch, nothing beyond 2 pitches, no image term; the `transfer` rival): two cross-layer estimates, one of them
 free of the image, so a target whose staining or focus differs from the known section
 still gets a propagated part that does not move with its image.
 
@@ -56,7 +56,7 @@ import torch
 
 from stimpute.combine import zmix
 from stimpute.evaluate import pearson_columns
-from stimpute.evidence import transfer
+from stimpute.evidence import copy_nearest, transfer
 from stimpute.models.base import Method, PreparedStack, register_method
 from stimpute.programs import GenePrograms, resolve_programs
 from stimpute.timing import timed
@@ -68,7 +68,7 @@ MEMBERS = ("msagnet", "kernel_ridge")  # chosen on HER2-ST known C4 → C3 (benc
 PROBE_MAX_SPOTS = 4000  # the kernel ridge's n × n kernel: 128 MB and seconds at this size
 FUSIONS = ("fixed", "calibrated", "even")
 FIXED_SHARE = 2 / 3  # the propagated part's share, chosen on the validation protocol (module doc)
-COPY_K, COPY_CUTOFF, COPY_SHARE = 4, 2.0, 0.5  # the plain copy in the propagated part, and its share there
+COPY_SHARE = 0.5  # the plain copy's share in the propagated part
 
 
 @dataclass
@@ -182,7 +182,7 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     carried, reach = transfer(prepared, known, targets, values, features=morphology)
     n_genes = len(prepared.panel)
     transferred = {i: c[:, :n_genes] for i, c in carried.items()}
-    copied = _copy(prepared, known, targets)
+    copied = copy_nearest(prepared, known, targets)
     propagated = {i: zmix(gene_programs.project(c[:, n_genes:] + probe[i] if probe else c), copied[i], COPY_SHARE)
                   for i, c in carried.items()}
 
@@ -210,11 +210,6 @@ def _propagate(prepared, known, targets, residual: dict | None, morphology, excl
     return transfer(prepared, known, targets, values, features=morphology, exclude=exclude)
 
 
-def _copy(prepared, known, targets, exclude=None) -> dict[int, np.ndarray]:
-    """The plain copy of the known sections' measured spots (no image term) at each target spot."""
-    return transfer(prepared, known, targets, features=False, k=COPY_K, cutoff=COPY_CUTOFF, exclude=exclude)[0]
-
-
 def _calibration(prepared, known, held, member_held, morphology, programs: GenePrograms, probe: dict | None) -> dict:
     """Held-out known spots: truth, the model's honest prediction and a propagated value
     from other sections (two or more known) or from the rest of their own section (one),
@@ -229,7 +224,7 @@ def _calibration(prepared, known, held, member_held, morphology, programs: GeneP
         if probe:
             prop[i][held[i]] += probe["held_by_section"][j]
         parts["propagated"].append(prop[i][held[i]])
-        parts["copied"].append(_copy(prepared, sources, [i], exclude)[i][held[i]])
+        parts["copied"].append(copy_nearest(prepared, sources, [i], exclude)[i][held[i]])
         parts["reach"].append(reach[i][held[i]])
         parts["truth"].append(prepared.known_expression(i)[held[i]])
     out = {k: np.concatenate(v) for k, v in parts.items()}
