@@ -55,10 +55,10 @@ def actual_from_csv(path: Path, variant: str) -> dict[tuple[str, str], float]:
 
 def actual_transfer(stack, description, known_sets) -> dict[tuple[str, str], float]:
     """The stand-in: the `transfer` baseline's mean per-gene PCC per (known set, target)."""
-    from stimpute.evaluate import pearson_columns
+    from stimpute.metrics import pearson_columns
     from stimpute.expression import panel_expression, select_panel
     from stimpute.models import get_method, load_methods
-    from stimpute.models.base import PreparedStack
+    from stimpute.prepare import PreparedStack
 
     load_methods()
     coords = [xy / stack[0].um_per_px for xy in description.xy_um]
@@ -79,7 +79,7 @@ def actual_impute(stack, known_sets, cache: Path, epochs: int) -> dict[tuple[str
     """ASIGN's fused output per split (`impute_stack`, default settings): mean per-gene PCC
     per (known set, target). One preparation (registration, features, graph) serves every
     split; each split's panel comes from its known sections only (`with_known_panel`)."""
-    from stimpute.evaluate import pearson_columns
+    from stimpute.metrics import pearson_columns
     from stimpute.impute import impute_stack
     from stimpute.prepare import prepare_stack, with_known_panel
     from stimpute.train import TrainConfig

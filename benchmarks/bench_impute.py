@@ -118,7 +118,7 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
 
 def score(stack, out: dict, truth: dict, known: tuple[str, ...], top: np.ndarray, seconds: float) -> pd.DataFrame:
     """One row per variant, target and gene: per-gene PCC (undefined → 0)."""
-    from stimpute.evaluate import pearson_columns
+    from stimpute.metrics import pearson_columns
 
     rows = []
     for variant, preds in out.items():

@@ -130,7 +130,7 @@ def methods(parts: dict, t: int) -> dict[str, np.ndarray]:
 
 def score(out: Path, variants=methods) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-gene PCC (row, method, gene) and per-row summaries (mean per-gene and per-spot PCC)."""
-    from stimpute.evaluate import pearson_columns, spot_pcc
+    from stimpute.metrics import pearson_columns, spot_pcc
 
     genes, rows = [], []
     for path in sorted((out / "parts").glob("*.pkl")):

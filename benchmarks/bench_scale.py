@@ -102,7 +102,7 @@ def accuracy(files, out: Path, n_sections: int, spots: int) -> dict:
     import anndata as ad
 
     from stimpute.datasets import PROGRAMMES_KEY, block_expected_expression
-    from stimpute.evaluate import pearson_columns
+    from stimpute.metrics import pearson_columns
 
     truth_pcc, n_spots = [], 0
     for path in files.sections[1:n_sections]:

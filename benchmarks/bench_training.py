@@ -73,7 +73,7 @@ def visium_graph(n_sections: int, spots: int, seed: int = 0, dim: int = 201, n_g
 
 def run_one(n_sections: int, spots: int, epochs: int, budget: int, seed: int) -> dict:
     """Train and predict once in this process; the row of training.csv."""
-    from stimpute.evaluate import pearson_columns
+    from stimpute.metrics import pearson_columns
     from stimpute.timing import proc_status_mib, reset_peak_rss
     from stimpute.train import TrainConfig, fit, predict_graph, torch_threads
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from stimpute.evaluate import pearson_columns
+from stimpute.metrics import pearson_columns
 from stimpute.expression import panel_expression, top_variable
 from stimpute.io import read_section
 from stimpute.pipeline import run_impute
@@ -68,7 +68,7 @@ def confidence_check(out: Path, name: str, measured, panel: list[str]) -> float:
     """Spearman ρ between `obs["confidence"]` and the spot's actual PCC across genes (real spots)."""
     from scipy.stats import spearmanr
 
-    from stimpute.evaluate import spot_pcc
+    from stimpute.metrics import spot_pcc
 
     result = ad.read_h5ad(out / f"{name}.h5ad")
     actual = spot_pcc(np.asarray(result[measured.spot_ids, panel].X), panel_expression(measured, panel))
@@ -90,7 +90,7 @@ def main() -> None:
     real = run_impute([args.data / n for n in order], "C3", args.out / "real", seed=args.seed, force=True)
     t_real = time.perf_counter() - start
     start = time.perf_counter()
-    virtual = run_impute([images.get(n, args.data / n) for n in order], "C3", args.out / "virtual", seed=args.seed,
+    run_impute([images.get(n, args.data / n) for n in order], "C3", args.out / "virtual", seed=args.seed,
                          force=True, grid=GridOptions(grid_scale=args.grid_scale))
     t_virtual = time.perf_counter() - start
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stimpute.evaluate import gene_metrics, summarise_pcc, top_hvg_genes
+from stimpute.metrics import gene_metrics, summarise_pcc
+from stimpute.prepare import top_hvg_genes
 from stimpute.io import read_stack
 from stimpute.models import get_method, load_methods
-from stimpute.plot import expression_heatmaps, routing_map
+from stimpute.figures import expression_heatmaps, routing_map
 from stimpute.prepare import prepare_stack
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,11 +20,12 @@ from pathlib import Path
 import yaml
 
 from stimpute.data import Stack
-from stimpute.evaluate import run_benchmark
+from stimpute.benchmark import run_benchmark
 from stimpute.expression import panel_expression, select_panel
 from stimpute.features import spot_features
 from stimpute.io import read_section
-from stimpute.models import METHODS, PreparedStack, load_methods
+from stimpute.models import METHODS, load_methods
+from stimpute.prepare import PreparedStack
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,14 +14,15 @@ from torch_geometric.data import Data
 
 from stimpute.data import Stack
 from stimpute.datasets import synthetic_truth
-from stimpute.evaluate import RESULT_COLUMNS, image_only, protocol_splits, run_benchmark, run_split
+from stimpute.benchmark import RESULT_COLUMNS, image_only, protocol_splits, run_benchmark, run_split
 from stimpute.errors import StimputeError
 from stimpute.expression import select_panel
 from stimpute.expression import panel_expression
-from stimpute.models import METHODS, Method, NotApplicable, PreparedStack, get_method, register_method
+from stimpute.models import METHODS, Method, NotApplicable, get_method, register_method
+from stimpute.prepare import PreparedStack
 from stimpute.models.baselines import cosine_top_k, overlap_weights
 from stimpute.register.matching import disc_iou
-from stimpute.plot import pcc_boxplot
+from stimpute.figures import pcc_boxplot
 
 FIRST_COLUMNS = ["method", "protocol", "known", "target", "gene", "pcc", "mse", "mae"]
 
@@ -292,7 +293,7 @@ def test_kernel_ridge_picks_its_penalty_by_exact_leave_one_out():
 
 
 def test_transfer_copies_the_registered_known_layer(prepared):
-    from stimpute.evaluate import pearson_columns
+    from stimpute.metrics import pearson_columns
     from stimpute.models import get_method
 
     out = get_method("transfer").fit_predict(prepared, [1], [0, 2])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stimpute.datasets import her2st_mini, her2st_mini_stack, synthetic_stack, synthetic_truth
+from stimpute.datasets import her2st_mini_stack, synthetic_stack, synthetic_truth
 from stimpute.expression import normalize_log1p
 
 

@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from stimpute.device import resolve_device
 from stimpute.errors import StimputeError
 from stimpute.expression import panel_expression
-from stimpute.models import PreparedStack, get_method, load_methods
+from stimpute.prepare import PreparedStack
+from stimpute.models import get_method, load_methods
 from stimpute.models import nh2st
 from stimpute.models.nh2st import NH2STConfig, NH2STData, train_nh2st
 from stimpute.train import GraphData

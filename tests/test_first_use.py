@@ -87,8 +87,8 @@ def test_demo_runs_twice_into_its_own_folder(folders, tmp_path, monkeypatch):
     """The demo on a small stand-in for the mini stack (C2, C3, C4), run twice; `impute`
     results of the user's are still refused without --force."""
     import stimpute.datasets
-    from stimpute.io.anndata_io import write_text_atomic
-    from stimpute.io.run import run_ownership
+    from stimpute.files import write_text_atomic
+    from stimpute.files import run_ownership
 
     stand_in = tmp_path / "mini"
     for name, s in zip(("C2", "C3", "C4"), synthetic_stack(3, seed=4, n_genes=20, tissue_radius_um=300.0, image_size=500)):

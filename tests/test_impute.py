@@ -182,7 +182,7 @@ def test_impute_command_end_to_end_on_a_synthetic_stack(stack_folders, tmp_path)
 def test_train_then_predict_from_images_alone(stack_folders, tmp_path):
     import anndata as ad
 
-    from stimpute.evaluate import gene_metrics
+    from stimpute.metrics import gene_metrics
     from stimpute.expression import panel_expression
     from stimpute.pipeline import run_predict, run_train
 
@@ -205,7 +205,7 @@ def test_fused_beats_its_parts_and_the_transfer_rival_on_her2st(her2st_stack, he
     (target, gene) of the known section's panel."""
     from scipy.stats import wilcoxon
 
-    from stimpute.evaluate import pearson_columns
+    from stimpute.metrics import pearson_columns
     from stimpute.impute import impute_stack
     from stimpute.io import read_stack
     from stimpute.models import get_method, load_methods

@@ -1,6 +1,6 @@
 """Layers point one way: the module-level imports between stimpute's parts form no cycle.
 
-A part is a top-level module (`stimpute/evaluate.py`) or a subpackage (`stimpute/models/`).
+A part is a top-level module (`stimpute/benchmark.py`) or a subpackage (`stimpute/models/`).
 Imports inside functions (deferred, for start-up time) are not counted here.
 """
 
@@ -14,7 +14,7 @@ import networkx as nx
 import stimpute
 
 SRC = Path(stimpute.__file__).parent
-LEAVES = ("stimpute.metrics", "stimpute.trainer", "stimpute.errors", "stimpute.combine", "stimpute.defaults")
+LEAVES = ("stimpute.metrics", "stimpute.trainer", "stimpute.errors", "stimpute.combine", "stimpute.defaults", "stimpute.files")
 
 
 def part(module: str) -> str:
@@ -56,13 +56,13 @@ def test_no_import_cycles_between_parts():
 
 def test_leaves_import_no_other_part():
     graph = import_graph()
-    for leaf in LEAVES:
-        assert not list(graph.successors(leaf)), (leaf, list(graph.successors(leaf)))
+    for leaf in LEAVES:  # a leaf may raise stimpute's errors, and import nothing else of it
+        assert set(graph.successors(leaf)) <= {"stimpute.errors"}, (leaf, list(graph.successors(leaf)))
 
 
 def test_the_cycle_check_sees_a_cycle():
     graph = import_graph()
-    graph.add_edge("stimpute.metrics", "stimpute.evaluate", file="(test)")
+    graph.add_edge("stimpute.metrics", "stimpute.benchmark", file="(test)")
     assert list(nx.simple_cycles(graph))
 
 

@@ -11,7 +11,7 @@ from scipy import stats
 
 from stimpute.datasets import PROGRAMMES_KEY, synthetic_truth
 from stimpute.errors import InputError, StimputeError
-from stimpute.evaluate import gene_metrics, summarise_pcc
+from stimpute.metrics import gene_metrics, summarise_pcc
 from stimpute.expression import panel_expression, select_panel
 from stimpute.io.moest_h5 import (
     MoestData,
@@ -23,7 +23,7 @@ from stimpute.io.moest_h5 import (
     read_moest_h5,
     write_moest_h5,
 )
-from stimpute.models.base import PreparedStack
+from stimpute.prepare import PreparedStack
 from stimpute.models.moe3d import (
     FourierEncoding,
     MoE3D,

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from stimpute.data import Section
-from stimpute.evaluate import pearson_columns
+from stimpute.metrics import pearson_columns
 from stimpute.expression import panel_expression
 from stimpute.image import SectionImage
-from stimpute.models import PreparedStack, get_method
+from stimpute.prepare import PreparedStack
+from stimpute.models import get_method
 from stimpute.models.nh2st import (NH2ST, NH2STConfig, NH2STNet, info_nce, load_nh2st, neighbour_grid,
                                    predict_nh2st, train_nh2st)
-from stimpute.plot import expression_heatmaps
+from stimpute.figures import expression_heatmaps
 
 
 def lattice_section(cols, rows) -> Section:

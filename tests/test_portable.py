@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from stimpute.evaluate import ResourceMeter, image_only, run_benchmark
+from stimpute.benchmark import ResourceMeter, image_only, run_benchmark
 from stimpute.models import get_method, load_methods
 from tests.test_benchmark import prepared  # noqa: F401  (module fixture)
 

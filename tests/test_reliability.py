@@ -118,7 +118,7 @@ def _second_runs_refused(out: Path, args: list[str]):
     from typer.testing import CliRunner
 
     from stimpute.cli import app
-    from stimpute.io.run import LOCK_FILE
+    from stimpute.files import LOCK_FILE
 
     def refuse(pid: int) -> bool:
         try:
@@ -142,7 +142,7 @@ def _second_runs_refused(out: Path, args: list[str]):
 def test_impute_killed_after_features_during_training_and_writing_then_rerun_equals_an_uninterrupted_run(folders, reference, tmp_path):
     """One run killed at each stage in turn, resumed each time without --force; while one of
     them runs, a second run on the same --out is refused at once and the first goes on."""
-    from stimpute.io.run import LOCK_FILE
+    from stimpute.files import LOCK_FILE
 
     out, log = tmp_path / "out", tmp_path / "log.txt"
     args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
@@ -245,7 +245,7 @@ def test_force_rerun_with_another_known_leaves_no_earlier_output(folders, refere
     """Issue 30, case 5: a `--force` rerun with another `--known` kept the old `S1.h5ad` and
     `figures/S1.png` and listed them as its own, against its config.yaml."""
     from stimpute.errors import StimputeWarning
-    from stimpute.io.run import MANIFEST_FILE, read_manifest
+    from stimpute.files import MANIFEST_FILE, read_manifest
 
     out = shutil.copytree(reference, tmp_path / "out")
     with pytest.warns(StimputeWarning, match=r"--force removed .*S1\.h5ad, figures/S1\.png"):

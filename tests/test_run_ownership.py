@@ -14,8 +14,8 @@ import pytest
 from stimpute.datasets import synthetic_stack
 from stimpute.errors import StimputeError
 from stimpute.io import write_section
-from stimpute.io.anndata_io import write_text_atomic
-from stimpute.io.run import LOCK_FILE, MANIFEST_FILE, read_manifest, run_ownership
+from stimpute.files import write_text_atomic
+from stimpute.files import LOCK_FILE, MANIFEST_FILE, read_manifest, run_ownership
 from tests.helpers import one_error_line, run_cli, write_her2st_folder, write_spaceranger_outs
 
 _run, _one_error_line = run_cli, one_error_line
@@ -286,8 +286,8 @@ def test_names_are_unique_within_a_run(tmp_path):
 KILLED_RUN = """
 import os, signal, sys
 from pathlib import Path
-from stimpute.io.anndata_io import atomic_write
-from stimpute.io.run import run_ownership
+from stimpute.files import atomic_write
+from stimpute.files import run_ownership
 out = Path(sys.argv[1])
 with run_ownership(out, "train") as run:
     run.claim(["checkpoints/", "config.yaml"], caches=["cache/"])
@@ -477,7 +477,7 @@ def test_a_run_that_only_reads_its_caches_finishes(tmp_path):
 
 FORKS_THEN_DIES = """
 import os, signal, sys, time
-from stimpute.io.run import run_ownership
+from stimpute.files import run_ownership
 with run_ownership(sys.argv[1], "impute"):
     child = os.fork()
     if child == 0:  # a feature worker, forked while the run holds its lock

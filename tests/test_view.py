@@ -19,7 +19,7 @@ from PIL import Image
 from stimpute.datasets import synthetic_stack
 from stimpute.errors import StimputeWarning
 from stimpute.io import write_section
-from stimpute.io.run import read_manifest
+from stimpute.files import read_manifest
 from stimpute.view import build_view, read_view_sections
 from tests.helpers import one_error_line, run_cli
 

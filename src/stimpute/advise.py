@@ -202,7 +202,7 @@ def _check_registration(stack: Stack, registration, qc_dir: str | Path | None) -
     row = bad.iloc[0]
     where = ""
     if qc_dir is not None:
-        from stimpute.register.outputs import write_figures
+        from stimpute.io.registration import write_figures
 
         write_figures(stack, registration, Path(qc_dir))
         where = f"; look at {Path(qc_dir) / f'overlay_{row.fixed}_{row.moving}.png'}"
@@ -265,7 +265,7 @@ def run_advise(sections, budget: int, out: str | Path, encoder: str | None = Non
     stack (features cached in OUT/cache, shared with `impute`; registration QC figures in
     OUT/figures when it fails), rank the candidates and write OUTPUT_NAMES into OUT."""
     from stimpute.io import read_stack
-    from stimpute.io.run import run_ownership
+    from stimpute.files import run_ownership
 
     out = Path(out)
     with run_ownership(out, "advise", sections, force) as run:
@@ -283,8 +283,8 @@ OUTPUT_NAMES = ("advice.csv", "advice.md", "advice.png")
 
 def write_advice(result: Advice, out: str | Path) -> list[Path]:
     """advice.csv (rank, known, expected_pcc), advice.md (the reasoning) and advice.png."""
-    from stimpute.io.anndata_io import write_text_atomic
-    from stimpute.plot import advice_figure
+    from stimpute.files import write_text_atomic
+    from stimpute.figures import advice_figure
 
     out = Path(out)
     csv = write_text_atomic(out / "advice.csv", result.table.to_csv(index=False))

@@ -172,7 +172,7 @@ def convert_her2st(
     from stimpute.io import read_her2st, write_section
     from stimpute.io.her2st import is_her2st_folder
 
-    from stimpute.io.run import run_ownership
+    from stimpute.files import run_ownership
 
     folders = [src] if is_her2st_folder(src) else sorted(p for p in src.glob("*") if is_her2st_folder(p))
     if not folders:
@@ -211,7 +211,7 @@ def _convert_one(out: Path, inputs: list, force: bool, read) -> None:
     """Write the section that `read()` returns as a section folder in `out`, a run of
     `convert` owning `out`, and say so."""
     from stimpute.io import write_section
-    from stimpute.io.run import run_ownership
+    from stimpute.files import run_ownership
 
     with run_ownership(out, "convert", inputs, force) as run:
         section = read()
@@ -252,7 +252,7 @@ def convert_moest_h5(
     """
     from stimpute.io import write_section
     from stimpute.io.moest_h5 import moest_to_stack, read_moest_h5
-    from stimpute.io.run import run_ownership
+    from stimpute.files import run_ownership
 
     with run_ownership(out, "convert", [h5], force) as run:
         for section in moest_to_stack(read_moest_h5(h5), source=h5, um_per_px=um_per_px):
@@ -282,7 +282,7 @@ def convert_to_moest_h5(
     from stimpute.prepare import prepare_stack
 
     from stimpute.io.image_section import refuse_images
-    from stimpute.io.run import check_inputs
+    from stimpute.files import check_inputs
 
     refuse_images(sections, "convert to-moest-h5")
     check_inputs(out, [*sections, genes, weights])
@@ -311,9 +311,9 @@ def panel(
     """
     from stimpute.expression import select_panel
     from stimpute.io import read_section
-    from stimpute.io.anndata_io import write_text_atomic
+    from stimpute.files import write_text_atomic
     from stimpute.io.image_section import refuse_images
-    from stimpute.io.run import check_inputs
+    from stimpute.files import check_inputs
 
     refuse_images(sections, "panel")
     if out is not None:
@@ -341,9 +341,9 @@ def register(
     Example: [bold]stimpute register he/C2.jpg ../shared/data/her2st/C3 he/C4.jpg --um-per-px 0.5 --out registered/[/]
     """
     from stimpute.io import read_stack
-    from stimpute.io.run import run_ownership
+    from stimpute.files import run_ownership
     from stimpute.register.grid import GridOptions
-    from stimpute.register.outputs import OUTPUT_NAMES, write_registration
+    from stimpute.io.registration import OUTPUT_NAMES, write_registration
 
     grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um)
     with run_ownership(out, "register", sections, force) as run:
@@ -386,7 +386,7 @@ def features(
     from stimpute.features.stored import check_encoder
     from stimpute.io import read_section
     from stimpute.io.image_section import refuse_images
-    from stimpute.io.run import run_ownership
+    from stimpute.files import run_ownership
 
     refuse_images(sections, "features")
     check_encoder(encoder, weights)
@@ -615,7 +615,7 @@ def demo(
     Example: [bold]stimpute demo --out stimpute-demo[/]
     """
     from stimpute.datasets import HER2ST_MINI_SECTIONS, her2st_mini_path
-    from stimpute.io.run import read_manifest
+    from stimpute.files import read_manifest
     from stimpute.pipeline import run_impute
 
     sections = [her2st_mini_path() / name for name in HER2ST_MINI_SECTIONS]
@@ -638,7 +638,7 @@ def view(
     Example: [bold]stimpute view stimpute-demo --gene MDK[/]
     """
     from stimpute.io.results import BLOCK_FILE
-    from stimpute.io.run import check_inputs, read_manifest, run_ownership
+    from stimpute.files import check_inputs, read_manifest, run_ownership
     from stimpute.view import VIEW_FILE, write_view
 
     if not (out / BLOCK_FILE).is_file():
@@ -684,15 +684,15 @@ def benchmark(
 
     from stimpute.device import parallel_options, resolve_device
     from stimpute.distributed import rank_output
-    from stimpute.evaluate import check_benchmark, run_benchmark
+    from stimpute.benchmark import check_benchmark, run_benchmark
     from stimpute.features.stored import check_encoder
     from stimpute.io import read_stack
     from stimpute.pipeline import input_records
-    from stimpute.plot import pcc_boxplot
+    from stimpute.figures import pcc_boxplot
     from stimpute.prepare import prepare_stack
 
     from stimpute.io.image_section import refuse_images
-    from stimpute.io.run import run_ownership
+    from stimpute.files import run_ownership
 
     refuse_images(sections, "benchmark")
     check_encoder(encoder, weights)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stimpute.evaluate import pearson_columns
+from stimpute.metrics import pearson_columns
 
 
 def spot_confidence(model: np.ndarray, propagated: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from anndata import AnnData
@@ -152,3 +152,13 @@ class Stack:
     def __repr__(self) -> str:
         return f"Stack({self.names}, measured={self.measured})"
 
+
+def coords_3d(stack: Stack, coords_ref: Sequence[np.ndarray], thickness_um: float | None = None) -> list[np.ndarray]:
+    """(n_i, 3) µm coordinates per section: registered x, y (reference frame) and z.
+
+    x, y = `coords_ref` (pixels of section 0) × section 0's µm/px; z = index × thickness
+    (default: the stack's `thickness_um`).
+    """
+    thickness = stack.thickness_um if thickness_um is None else float(thickness_um)
+    scale = stack[0].um_per_px
+    return [np.column_stack([np.asarray(xy, float) * scale, np.full(len(xy), i * thickness)]) for i, xy in enumerate(coords_ref)]

@@ -347,7 +347,8 @@ def write_visium_block(
     """
     from rich.progress import Progress
 
-    from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
+    from stimpute.io.anndata_io import write_h5ad_atomic
+    from stimpute.files import write_text_atomic
     from stimpute.io.wsi import write_pyramid_tiff
 
     root = Path(out)

@@ -92,7 +92,7 @@ def is_rank_zero() -> bool:
 def rank_output(out: str | Path) -> Iterator[Path]:
     """`out` on rank 0; on any other rank, a scratch folder that reads `out`'s caches and
     checkpoints through links and is removed at the end (module docstring)."""
-    from stimpute.io.run import MANIFEST_FILE  # deferred: stimpute.io loads anndata, and the CLI imports this module at start-up
+    from stimpute.files import MANIFEST_FILE
 
     out = Path(out)
     if is_rank_zero():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from os import PathLike, fspath
 
 
@@ -54,3 +55,8 @@ def check_text_path(path: str | PathLike) -> None:
 class StimputeWarning(UserWarning):
     """Something in the input was fixed and recorded in the section's report; the CLI
     prints it as one line."""
+
+
+def warn_default(source: str | PathLike, what: str, value: float, option: str) -> None:
+    """The one warning line printed when a geometry default is used."""
+    warnings.warn(f"{source}: {what} not found in its metadata; using {value:g} ({option})", StimputeWarning, stacklevel=4)

@@ -19,7 +19,7 @@ from torch_geometric.data import Data
 
 from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError
-from stimpute.io.anndata_io import atomic_write
+from stimpute.files import atomic_write
 from stimpute.register.matching import K_CROSS, match_stack
 from stimpute.timing import timed
 

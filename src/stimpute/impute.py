@@ -55,9 +55,10 @@ import numpy as np
 import torch
 
 from stimpute.combine import zmix
-from stimpute.evaluate import pearson_columns
+from stimpute.metrics import pearson_columns
 from stimpute.evidence import copy_nearest, transfer
-from stimpute.models.base import Method, PreparedStack, register_method
+from stimpute.models.base import Method, register_method
+from stimpute.prepare import PreparedStack
 from stimpute.programs import GenePrograms, resolve_programs
 from stimpute.timing import timed
 from stimpute.train import GraphBatch, TrainConfig, fit, predict_graph, split_known, threads_for, torch_threads

@@ -27,17 +27,19 @@ import yaml
 from stimpute import __version__
 from stimpute.confidence import spot_confidence
 from stimpute.errors import InputError, StimputeError, StimputeWarning
-from stimpute.evaluate import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc, top_hvg_genes
+from stimpute.metrics import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc
+from stimpute.prepare import top_hvg_genes
 from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
 from stimpute.features.encoders import match_recorded
 from stimpute.features.stored import check_encoder, check_trained_on, stored_encoder
 from stimpute.impute import MEMBERS, ImputeResult, impute_stack
 from stimpute.io import read_stack
-from stimpute.io.anndata_io import write_h5ad_atomic, write_text_atomic
+from stimpute.io.anndata_io import write_h5ad_atomic
+from stimpute.files import write_text_atomic
 from stimpute.io.image_section import refuse_images
 from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
-from stimpute.io.run import Run, run_ownership
+from stimpute.files import Run, run_ownership
 from stimpute.io.spaceranger import spaceranger_files, spaceranger_outs
 from stimpute.data import Stack
 from stimpute.device import check_batch_nodes, resolve_device
@@ -46,7 +48,7 @@ from stimpute.models import MODELS, get_model
 from stimpute.prepare import FEATURE_NORMS, known_indices, prepare_stack
 from stimpute.programs import programs_record
 from stimpute.register.grid import GridOptions, grid_on_section, known_lattice, place_virtual_spots
-from stimpute.register.outputs import figure_names, write_figures
+from stimpute.io.registration import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.train import TrainConfig, torch_threads
 from stimpute.trainer import lightning_flags
@@ -455,7 +457,7 @@ def write_impute_view(block, out: Path) -> list[Path]:
 
 def _block_figure(parts, gene: str, out: Path) -> Path:
     """`figures/block_3d.png`: `gene` over every section of the block, stacked in z."""
-    from stimpute.plot import block_view
+    from stimpute.figures import block_view
 
     values = [np.asarray(p[:, gene].X).ravel() for p in parts]
     return block_view([p.obsm["spatial_3d"] for p in parts], values, [p.uns["stimpute"]["section"] for p in parts], gene,
@@ -465,7 +467,7 @@ def _block_figure(parts, gene: str, out: Path) -> Path:
 @timed("writing")
 def _heatmaps(section, panel, genes, predicted, measured, out: Path, pcc=None, label: str = "imputed") -> Path:
     """`figures/<section>.png`: the genes' maps at true spot size on the H&E (with PCC where measured)."""
-    from stimpute.plot import expression_heatmaps
+    from stimpute.figures import expression_heatmaps
 
     cols = [list(panel).index(g) for g in genes]
     thumb, scale = section.image.thumbnail(FIGURE_SIDE)

@@ -20,19 +20,58 @@ their config) predict from raw features; `convert to-moest-h5` exports raw featu
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from stimpute.data import Stack
 from stimpute.errors import StimputeError, StimputeWarning
-from stimpute.expression import DEFAULT_PANEL_SIZE, panel_expression, select_panel
-from stimpute.models.base import PreparedStack
+from stimpute.expression import DEFAULT_PANEL_SIZE, panel_expression, select_panel, top_variable
 
 FEATURE_NORMS = ("section", "none")
 MIN_KNOWN_SPOTS = 30  # fewer measured spots cannot train (or hold out validation for) a model
+TOP_HVG = 50  # the top variable genes of the accuracy summaries (`top_hvg_genes`)
+
+
+@dataclass
+class PreparedStack:
+    """A stack made ready for models: panel expression, spot features, registration, graph.
+
+    - `expression[i]`: (n_i, n_genes) normalise_total(1e4)+log1p panel expression of
+      section i, or None where it has no counts. Methods read only the rows of the
+      sections they are told are known/trained on.
+    - `features[i]`: (n_i, n_scales, dim) patch features (scales: spot, 512, 1024 regions).
+    - `coords_ref[i]`: (n_i, 2) spot centres registered to the first section's pixels.
+    - `graph`: the 3D spot graph (torch_geometric Data; nodes section by section), or None.
+    """
+
+    stack: Stack
+    panel: list[str]
+    expression: list[np.ndarray | None]
+    features: list[np.ndarray]
+    coords_ref: list[np.ndarray] | None = None
+    graph: Any = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Node index of each section's first spot in the 3D graph (and a final total)."""
+        return np.concatenate([[0], np.cumsum([s.n_spots for s in self.stack])])
+
+    def known_expression(self, i: int) -> np.ndarray:
+        expr = self.expression[i]
+        if expr is None:
+            name = self.stack[i].name
+            raise StimputeError(self.stack[i].source or name, f"section {name} has no measured counts to learn from")
+        return expr
+
+
+def top_hvg_genes(prepared: PreparedStack, known: Sequence[int], n: int = TOP_HVG) -> list[str]:
+    """The panel's `n` most variable genes over the `known` sections' spots (the top-50 summary)."""
+    pooled = np.concatenate([prepared.expression[i] for i in known])
+    return [prepared.panel[i] for i in top_variable(pooled, n)]
 
 
 def known_indices(stack: Stack, known: str | Sequence[str] | None) -> list[int]:

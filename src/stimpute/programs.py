@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stimpute.evaluate import pearson_columns
+from stimpute.metrics import pearson_columns
 from stimpute.timing import timed
 
 RANKS = (2, 3, 5, 8, 10, 15, 20, 30, 50)

@@ -69,7 +69,7 @@ class StageTimer:
                 for name, r in self.records.items()}
 
     def write(self, path: str | Path) -> Path:
-        from stimpute.io.anndata_io import write_text_atomic
+        from stimpute.files import write_text_atomic
 
         return write_text_atomic(Path(path), json.dumps({"stages": self.to_dict()}, indent=1))
 

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
@@ -36,8 +35,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 from stimpute.batches import (SubgraphBatch, bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask,
                               spatial_order)
 from stimpute.errors import StimputeWarning
-from stimpute.io.anndata_io import atomic_write
-from stimpute.io.run import record_write
+from stimpute.files import atomic_write
+from stimpute.files import record_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
 from stimpute.trainer import lightning_flags, quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
 from stimpute.timing import timed

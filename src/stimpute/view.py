@@ -31,7 +31,7 @@ import anndata as ad
 import numpy as np
 
 from stimpute.errors import StimputeError
-from stimpute.io.anndata_io import write_text_atomic
+from stimpute.files import write_text_atomic
 from stimpute.io.results import BLOCK_FILE
 from stimpute.register.masks import relative_density, tissue_mask
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from stimpute.data import Section
 from stimpute.errors import StimputeWarning
-from stimpute.io.anndata_io import atomic_write
+from stimpute.files import atomic_write
 
 CACHE_VERSION = 2  # of how patches are made: 2 = resampled by pixel-area averaging (`stimpute.image.resample`)
 SAMPLE_CHUNKS = 16  # image bytes hashed: 16 evenly spaced 64 KiB chunks (+ size and mtime)

@@ -12,9 +12,7 @@ squidpy plot the section directly.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -25,9 +23,10 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError, StimputeError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
-from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, Geometry, check_um_per_px, section_geometry, warn_default
+from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, Geometry, check_um_per_px, section_geometry
+from stimpute.errors import warn_default
 from stimpute.io.results import is_result, read_result
-from stimpute.io.run import record_write, temp_prefix
+from stimpute.files import atomic_write, record_write, write_text_atomic  # noqa: F401  (atomic_write, write_text_atomic: re-exported)
 from stimpute.io.validate import validate_section
 
 SECTION_FILE = "section.h5ad"
@@ -177,44 +176,6 @@ def classic_strings(frame: pd.DataFrame) -> None:
             frame[name] = column.cat.set_categories(column.cat.categories.astype(object))
     if isinstance(frame.index.dtype, pd.StringDtype):
         frame.index = frame.index.astype(object)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a small text file (config, gene list) atomically."""
-    path = Path(path)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`: readers
-    see the old file or the whole new one, never a half-written one; `tmp` is removed on failure.
-    Inside a run's folder, `tmp` carries the run's id and `path` is recorded in its manifest
-    before the rename (`stimpute.io.run`)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".part", dir=path.parent)
-    except OSError as exc:
-        raise StimputeError(path, f"cannot write ({exc.strerror or exc})") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        record_write(path)
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, a folder in the way, no permission: the user's to fix
-        Path(tmp).unlink(missing_ok=True)
-        raise StimputeError(path, f"cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:

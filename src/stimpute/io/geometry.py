@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stimpute.errors import InputError, StimputeError, StimputeWarning
+from stimpute.errors import InputError, StimputeError, warn_default
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_PITCH_UM = 100.0
@@ -148,11 +147,6 @@ def image_um_per_px(path: Path) -> tuple[float, str] | None:
     if value is None or not 0 < value <= MAX_MICROSCOPE_UM_PER_PX:
         return None
     return value, "image resolution tags"
-
-
-def warn_default(source: str | Path, what: str, value: float, option: str) -> None:
-    """The one warning line printed when a geometry default is used."""
-    warnings.warn(f"{source}: {what} not found in its metadata; using {value:g} ({option})", StimputeWarning, stacklevel=4)
 
 
 def _slide_mpp(path: Path) -> float | None:

@@ -19,7 +19,8 @@ from scipy import sparse
 from stimpute.data import Section
 from stimpute.errors import InputError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
-from stimpute.io.geometry import check_um_per_px, hest_geometry, image_um_per_px, warn_default
+from stimpute.io.geometry import check_um_per_px, hest_geometry, image_um_per_px
+from stimpute.errors import warn_default
 
 
 def is_image_file(path: Path) -> bool:

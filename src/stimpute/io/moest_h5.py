@@ -41,10 +41,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from stimpute.data import DEFAULT_SECTION_THICKNESS_UM, Section, Stack
+from stimpute.data import DEFAULT_SECTION_THICKNESS_UM, Section, Stack, coords_3d
 from stimpute.errors import InputError, StimputeError
 from stimpute.image import SectionImage
-from stimpute.io.anndata_io import atomic_write
+from stimpute.files import atomic_write
 from stimpute.io.geometry import check_um_per_px
 
 GENE_NAMES = "gene_names"
@@ -151,17 +151,6 @@ def write_moest_h5(data: MoestData, path: str | Path, force: bool = False) -> Pa
 
 
 # -- stimpute -> 3DMoEST -------------------------------------------------------------------
-def coords_3d(stack: Stack, coords_ref: Sequence[np.ndarray], thickness_um: float | None = None) -> list[np.ndarray]:
-    """(n_i, 3) µm coordinates per section: registered x, y (reference frame) and z.
-
-    x, y = `coords_ref` (pixels of section 0) × section 0's µm/px; z = index × thickness
-    (default: the stack's `thickness_um`).
-    """
-    thickness = stack.thickness_um if thickness_um is None else float(thickness_um)
-    scale = stack[0].um_per_px
-    return [np.column_stack([np.asarray(xy, float) * scale, np.full(len(xy), i * thickness)]) for i, xy in enumerate(coords_ref)]
-
-
 def prepared_to_moest(
     prepared,
     thickness_um: float | None = None,
@@ -252,7 +241,7 @@ def moest_to_prepared(data: MoestData, panel: Sequence[str] | None = None, sourc
     log1p panel expression of the sections with counts."""
     from stimpute.expression import panel_expression
     from stimpute.features.stored import stack_features
-    from stimpute.models.base import PreparedStack
+    from stimpute.prepare import PreparedStack
 
     stack = moest_to_stack(data, source=source)
     genes = list(panel or data.gene_names)

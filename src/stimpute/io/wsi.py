@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from stimpute.io.anndata_io import atomic_write
+from stimpute.files import atomic_write
 
 DEFAULT_TILE = 512
 MIN_LEVEL_SIDE = 1024  # the coarsest level is the first whose longer side is at most this

@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 
 from stimpute.errors import StimputeError
-from stimpute.models.base import (METHODS, MODELS, Method, Model, NotApplicable, PreparedStack, get_method,
+from stimpute.models.base import (METHODS, MODELS, Method, Model, NotApplicable, get_method,
                                   register_method)
 from stimpute.models import baselines  # noqa: F401  (registers overlap, similarity, ridge, knn, mean)
 

@@ -1,4 +1,4 @@
-"""The `Method` and `Model` interfaces, the prepared inputs every method reads, and the registry.
+"""The `Method` and `Model` interfaces, and the registry (the prepared inputs every method reads, `PreparedStack`, live in `stimpute.prepare`).
 
 A `Method` predicts held-out sections of one stack (`fit_predict`: the benchmark's unit).
 A `Model` is a method that is trained once, saved to a folder and loaded later to predict
@@ -9,49 +9,16 @@ predict` find it in `MODELS` by its `model_name`, and know nothing else about it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from stimpute.data import Stack
 from stimpute.errors import StimputeError
 from stimpute.metrics import gene_metrics
-
-
-@dataclass
-class PreparedStack:
-    """A stack made ready for models: panel expression, spot features, registration, graph.
-
-    - `expression[i]`: (n_i, n_genes) normalise_total(1e4)+log1p panel expression of
-      section i, or None where it has no counts. Methods read only the rows of the
-      sections they are told are known/trained on.
-    - `features[i]`: (n_i, n_scales, dim) patch features (scales: spot, 512, 1024 regions).
-    - `coords_ref[i]`: (n_i, 2) spot centres registered to the first section's pixels.
-    - `graph`: the 3D spot graph (torch_geometric Data; nodes section by section), or None.
-    """
-
-    stack: Stack
-    panel: list[str]
-    expression: list[np.ndarray | None]
-    features: list[np.ndarray]
-    coords_ref: list[np.ndarray] | None = None
-    graph: Any = None
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """Node index of each section's first spot in the 3D graph (and a final total)."""
-        return np.concatenate([[0], np.cumsum([s.n_spots for s in self.stack])])
-
-    def known_expression(self, i: int) -> np.ndarray:
-        expr = self.expression[i]
-        if expr is None:
-            name = self.stack[i].name
-            raise StimputeError(self.stack[i].source or name, f"section {name} has no measured counts to learn from")
-        return expr
+from stimpute.prepare import PreparedStack
 
 
 class NotApplicable(Exception):

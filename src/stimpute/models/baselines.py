@@ -29,7 +29,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from stimpute.combine import zmix
-from stimpute.models.base import Method, NotApplicable, PreparedStack, register_method
+from stimpute.models.base import Method, NotApplicable, register_method
+from stimpute.prepare import PreparedStack
 from stimpute.register.matching import disc_iou
 
 PCA_DIMS = 256  # HEST-Benchmark: patch embeddings reduced to 256 principal components

@@ -36,9 +36,10 @@ from torch import nn
 
 from stimpute.errors import InputError, StimputeError
 from stimpute.expression import TARGET_SUM
-from stimpute.io.anndata_io import atomic_write
-from stimpute.io.moest_h5 import coords_3d
-from stimpute.models.base import Model, PreparedStack, register_method
+from stimpute.files import atomic_write
+from stimpute.data import coords_3d
+from stimpute.models.base import Model, register_method
+from stimpute.prepare import PreparedStack
 from stimpute.patches import SCALES_UM, iter_patches
 
 SOBEL_SIZE = 32  # side of the stored gradient map (the 3DMoEST H5 `sobel_gradients`)

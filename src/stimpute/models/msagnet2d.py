@@ -8,15 +8,16 @@ from their H&E alone) as well as the 3D one. Saved as the Lightning checkpoint
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from stimpute.errors import InputError
-from stimpute.io.anndata_io import atomic_write
-from stimpute.models.base import Model, PreparedStack, register_method
+from stimpute.files import atomic_write
+from stimpute.models.base import Model, register_method
+from stimpute.prepare import PreparedStack
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.trainer import lightning_checkpoint
 

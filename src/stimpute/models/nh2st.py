@@ -32,8 +32,9 @@ from torch.nn import functional as F
 from stimpute.data import Section
 from stimpute.errors import StimputeError
 from stimpute.metrics import gene_metrics, pearson_columns
-from stimpute.io.anndata_io import atomic_write
-from stimpute.models.base import Model, PreparedStack, register_method
+from stimpute.files import atomic_write
+from stimpute.models.base import Model, register_method
+from stimpute.prepare import PreparedStack
 from stimpute.trainer import lightning_checkpoint, lightning_flags, quiet_trainer, split_known, torch_threads
 
 SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stimpute.data import Stack
-from stimpute.io.anndata_io import atomic_write
+from stimpute.files import atomic_write
 from stimpute.register.masks import View
 from stimpute.register.refine import warp_to_fixed
 from stimpute.register.rigid import view_matrix

@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 
 from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError
-from stimpute.io.geometry import warn_default
+from stimpute.errors import warn_default
 from stimpute.register import StackRegistration, apply_transform, register_stack
 from stimpute.register.masks import section_view
 

@@ -15,7 +15,7 @@ import pandas as pd
 from stimpute import __version__
 from stimpute.data import Stack
 from stimpute.errors import StimputeError
-from stimpute.io.anndata_io import atomic_write
+from stimpute.files import atomic_write
 from stimpute.register import StackRegistration, register_stack, section_view
 from stimpute.register.grid import GridOptions, place_virtual_spots
 from stimpute.register.figures import save_pair_overlay, save_spot_cloud

@@ -1,0 +1,188 @@
+"""Figures. Plotting never computes: functions take finished tables/arrays and write files.
+
+Built on matplotlib's object API (`Figure`, no pyplot state), so it needs no display and
+is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from stimpute.files import atomic_write
+
+PANEL_IN = 3.6  # inches per map panel
+
+
+def pcc_boxplot(results: pd.DataFrame, path: str | Path, methods: Sequence[str] | None = None) -> Path:
+    """Box plot of per-gene PCC per method, one panel per protocol (like ASIGN's Figure 4).
+
+    `results`: rows `method, protocol, pcc, status` (benchmark `results.csv`); only `ok`
+    rows are drawn, undefined PCCs (constant prediction or truth) as 0, as in the means.
+    """
+    ok = results[results.status == "ok"]
+    protocols = list(dict.fromkeys(results.protocol))
+    methods = list(methods) if methods else list(dict.fromkeys(results.method))
+    fig = Figure(figsize=(1.1 * len(methods) * len(protocols) + 2, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(protocols), sharey=True, squeeze=False)[0]
+    for ax, protocol in zip(axes, protocols):
+        part = ok[ok.protocol == protocol]
+        shown = [m for m in methods if (part.method == m).any()]
+        values = [np.nan_to_num(part.pcc[part.method == m].to_numpy(float), nan=0.0) for m in shown]
+        if shown:
+            ax.boxplot(values, tick_labels=shown, showmeans=True, flierprops={"markersize": 2})
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.set_title(f"{protocol} protocol")
+        ax.tick_params(axis="x", labelrotation=45)
+    axes[0].set_ylabel("per-gene PCC across spots (▲ mean)")
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    return path
+
+
+def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[str], predicted: np.ndarray,
+                        path: str | Path, measured: np.ndarray | None = None, title: str = "",
+                        diameter: float | None = None, pcc: Sequence[float] | None = None, label: str = "imputed") -> Path:
+    """Expression of `genes` as spots drawn at their true size on the H&E, beside the H&E alone.
+
+    `xy`: spot centres in thumbnail pixels; `diameter`: spot diameter in thumbnail pixels
+    (default: half the median neighbour distance); `predicted`/`measured`: (n_spots,
+    len(genes)). Panels are cropped to the spots. With `measured`, each gene shows measured
+    and predicted on one colour scale (1st-99th percentile) and the predicted panel's title
+    gives the gene's PCC (`pcc`); without, one panel per gene titled `label`.
+    """
+    from matplotlib.collections import EllipseCollection
+
+    xy = np.asarray(xy, float)
+    d = float(diameter) if diameter else 0.5 * _median_spacing(xy)
+    h, w = thumbnail.shape[:2]
+    x0, y0 = np.clip(np.floor(xy.min(0) - 1.5 * d), 0, None).astype(int)
+    x1, y1 = np.ceil(xy.max(0) + 1.5 * d).astype(int)
+    crop, xy = thumbnail[y0:min(y1, h), x0:min(x1, w)], xy - [x0, y0]
+    columns = [(label, predicted)] if measured is None else [("measured", measured), ("predicted", predicted)]
+    panel_h = float(np.clip(PANEL_IN * crop.shape[0] / max(crop.shape[1], 1), 2.0, 6.0))
+    fig = Figure(figsize=(PANEL_IN * (len(columns) + 1) + 1.0, panel_h * len(genes) + 0.6), layout="constrained")
+    axes = fig.subplot_mosaic([["H&E"] + [f"{g}:{name}" for name, _ in columns] for g in range(len(genes))])
+    axes["H&E"].imshow(crop)
+    axes["H&E"].set_title("H&E", fontsize=10)
+    axes["H&E"].set_axis_off()
+    for g, gene in enumerate(genes):
+        both = np.concatenate([v[:, g] for _, v in columns])
+        lo, hi = np.percentile(both, [1, 99]) if both.size else (0.0, 1.0)
+        for name, values in columns:
+            ax = axes[f"{g}:{name}"]
+            ax.imshow(crop)
+            spots = EllipseCollection(d, d, 0.0, units="xy", offsets=xy, offset_transform=ax.transData,
+                                      array=values[:, g], cmap="viridis", clim=(lo, max(hi, lo + 1e-6)), linewidths=0)
+            ax.add_collection(spots)
+            shown = f"{gene} · {name}"
+            if name == "predicted" and pcc is not None and np.isfinite(pcc[g]):
+                shown += f" (PCC {pcc[g]:.2f})"
+            ax.set_title(shown, fontsize=10)
+            ax.set_axis_off()
+        fig.colorbar(spots, ax=[axes[f"{g}:{name}"] for name, _ in columns], shrink=0.8, label="log1p expression")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format=path.suffix.lstrip(".") or "png"))
+    return path
+
+
+def block_view(xyz_um: Sequence[np.ndarray], values: Sequence[np.ndarray], names: Sequence[str], gene: str,
+               path: str | Path, measured: Sequence[bool] | None = None) -> Path:
+    """Static 3D view of the block: each section's spots at their registered (x, y) and
+    depth z (µm), coloured by `gene` on one scale, the 1st-99th percentile of the imputed
+    sections' values (measured zeros do not stretch it); z is stretched so the layers separate."""
+    import mpl_toolkits.mplot3d  # noqa: F401  (registers the 3d projection)
+
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    ax = fig.add_subplot(projection="3d")
+    states = measured if measured is not None else [False] * len(names)
+    imputed = [v for v, m in zip(values, states) if not m] or list(values)
+    lo, hi = np.percentile(np.concatenate(imputed), [1, 99])
+    for xyz, v in zip(xyz_um, values):
+        dots = ax.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], c=v, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
+                          s=10, depthshade=False, linewidths=0)
+    ax.set_zticks([float(np.median(xyz[:, 2])) for xyz in xyz_um],
+                  [f"{n} ({'measured' if m else 'imputed'})" for n, m in zip(names, states)], fontsize=8)
+    ax.set_box_aspect((1.0, 1.0, 0.8))
+    ax.invert_yaxis()
+    ax.set_xlabel("x (µm)")
+    ax.set_ylabel("y (µm)")
+    ax.view_init(elev=22, azim=-60)
+    fig.colorbar(dots, ax=ax, shrink=0.6, label=f"{gene} (log1p)")
+    ax.set_title(f"{gene} across the block (sections stacked in z)")
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png"))
+    return path
+
+
+def routing_map(thumbnails: Sequence[np.ndarray], xys: Sequence[np.ndarray], gates: Sequence[np.ndarray],
+                titles: Sequence[str], path: str | Path) -> Path:
+    """Which expert each spot used (3DMoEST): one panel per section, spots on the tissue
+    thumbnail coloured by their top-weighted expert, more opaque the larger its gate.
+
+    `xys[i]`: spot centres in thumbnail pixels of section i; `gates[i]`: (n_spots, n_experts).
+    """
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    n_experts = gates[0].shape[1]
+    colours = colormaps["tab10" if n_experts <= 10 else "tab20"](np.arange(n_experts))
+    fig = Figure(figsize=(3.6 * len(titles) + 1.4, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(titles), squeeze=False)[0]
+    for ax, thumb, xy, g, title in zip(axes, thumbnails, xys, gates, titles):
+        top = g.argmax(axis=1)
+        rgba = colours[top].copy()
+        rgba[:, 3] = 0.35 + 0.65 * g.max(axis=1)
+        ax.imshow(thumb)
+        ax.scatter(xy[:, 0], xy[:, 1], c=rgba, s=max(6.0, 9000.0 / max(len(xy), 1)), linewidths=0)
+        counts = np.bincount(top, minlength=n_experts)
+        ax.set_title(f"{title}\nspots per expert: {' '.join(map(str, counts))}", fontsize=9)
+        ax.set_axis_off()
+    handles = [Line2D([], [], marker="o", linestyle="", color=colours[e], label=f"expert {e}") for e in range(n_experts)]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, title="top expert")
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
+    return path
+
+
+def advice_figure(details: dict[str, pd.DataFrame], sections: Sequence[str], path: str | Path, n_shown: int = 3) -> Path:
+    """`stimpute advise`'s reasoning for its top candidates: one panel per known set, per
+    section of the stack (cutting order) its coverage and morphological coverage as bars
+    and its expected PCC as a dot; the known sections are shaded.
+
+    `details[label]`: rows section, coverage, morphology, expected_pcc (targets only).
+    """
+    shown = list(details.items())[:n_shown]
+    fig = Figure(figsize=(max(4.0, 0.55 * len(sections) + 1.5) * len(shown), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(shown), sharey=True, squeeze=False)[0]
+    x = np.arange(len(sections))
+    for rank, (ax, (label, frame)) in enumerate(zip(axes, shown), start=1):
+        rows = frame.set_index("section").reindex(sections)
+        known = rows["coverage"].isna().to_numpy()
+        for i in np.flatnonzero(known):
+            ax.axvspan(i - 0.5, i + 0.5, color="gold", alpha=0.35, linewidth=0)
+        ax.bar(x - 0.2, rows["coverage"].fillna(0), 0.4, label="coverage", color="tab:blue")
+        ax.bar(x + 0.2, rows["morphology"].fillna(0), 0.4, label="morphological coverage", color="tab:green")
+        ax.plot(x, rows["expected_pcc"], "o", color="black", label="expected PCC")
+        ax.set_xticks(x, [f"{s}\n(known)" if k else s for s, k in zip(sections, known)], fontsize=8)
+        ax.set_title(f"#{rank}: known {label}", fontsize=10)
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("fraction of spots / PCC")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return path
+
+
+def _median_spacing(xy: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    if len(xy) < 2:
+        return 10.0
+    return float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
