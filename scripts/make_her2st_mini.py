@@ -52,7 +52,7 @@ def main(src: Path, out: Path) -> None:
         tmp = out / f".{s.name}.jpg"
         small.save(tmp, quality=JPEG_QUALITY, optimize=True)
         mini = Section(s.name, adata, SectionImage.open(tmp), s.um_per_px * DOWNSCALE, s.spot_diameter_um, source=s.source, report=s.report)
-        write_section(mini, out, force=True, thumbnail_side=300)
+        write_section(mini, out, force=True, hires_side=300)
         tmp.unlink()
         print(f"{s.name}: {adata.n_obs} spots, {adata.n_vars} genes, image {small.size}")
     (out / "README.md").write_text(CITATION.format(ds=DOWNSCALE))

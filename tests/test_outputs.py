@@ -34,9 +34,11 @@ def test_image_section_output_contract(run):
     xy = adata.obsm["spatial"]
     assert adata.n_obs > 20 and (xy >= 0).all() and (xy < 800).all()  # own full-resolution pixels
     assert all("x" in name for name in adata.obs_names) and not adata.obs["measured"].any()
-    assert (adata.X >= 0).all() and all((adata.layers[k] >= 0).all() for k in ("model", "propagated"))
+    assert (adata.X >= 0).all() and all((adata.layers[f"stimpute{k}"] >= 0).all() for k in ("", "_model", "_propagated"))
+    assert ((adata.layers["stimpute_weight"] >= 0) & (adata.layers["stimpute_weight"] <= 1)).all()
+    assert adata.obs["stimpute_reach"].between(0, 1).all()
     assert adata.obsm["spatial_3d"].shape == (adata.n_obs, 3) and np.allclose(adata.obsm["spatial_3d"][:, 2], 10.0)
-    assert adata.var["calibration_pcc"].notna().mean() > 0.9 and adata.obs["confidence"].between(-1, 1).all()
+    assert adata.var["stimpute_confidence"].notna().mean() > 0.9 and adata.obs["stimpute_confidence"].between(-1, 1).all()
     lib = adata.uns["spatial"]["he_1"]
     assert max(lib["images"]["hires"].shape) <= 2000 and max(lib["images"]["lowres"].shape) <= 600
     assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(55.0 / 2)
@@ -59,7 +61,7 @@ def test_block_holds_every_section(run):
     assert (block.obs["section"] == "S0").sum() == stack[0].n_spots and block.obs_names.is_unique
     z = block.obsm["spatial_3d"][:, 2]
     assert sorted(set(np.round(z, 6))) == [0.0, 10.0, 20.0] and (block.X >= 0).all()
-    assert set(block.uns["spatial"]) == {"S0"} and "calibration_pcc" in block.var  # one library: default plots
+    assert set(block.uns["spatial"]) == {"S0"} and "stimpute_confidence" in block.var  # one library: default plots
     assert set(block.uns["stimpute"]["sections"]["he_1"]["spatial"]["images"]) == {"hires", "lowres"}
     on_reference = block.obs["section"] == "S0"  # the reference frame is S0's own pixels
     assert np.allclose(block.obsm["spatial"][on_reference], block.obsm["spatial_section"][on_reference], atol=1e-6)

@@ -34,7 +34,7 @@ def test_notebook_impute_then_scanpy_and_plots(small_stack, tmp_path, monkeypatc
     result = stimpute.tl.impute(adatas, known="S1", key_added="imp", n_top=20, epochs=30)
 
     assert len(result) == 3 and all(a.n_vars == 20 for a in result)
-    panel = result[0].uns["imp"]["panel"]
+    panel = list(result[0].uns["imp"]["panel"])
     for a, given, section in zip(result, inputs, small_stack):
         assert list(a.obs_names) == list(given.obs_names) and list(a.var_names) == panel
         assert {"imp", "imp_model", "imp_propagated"} <= set(a.layers)
@@ -44,8 +44,9 @@ def test_notebook_impute_then_scanpy_and_plots(small_stack, tmp_path, monkeypatc
     for a, given in zip(adatas, inputs):  # the given objects are left as they were
         assert a.n_vars == given.n_vars and "spatial_3d" not in a.obsm
     known, target = result[1], result[0]
-    assert known.obs["imp_measured"].all() and (known.obs["imp_reach"] == 1).all()
-    assert not target.obs["imp_measured"].any() and 0 <= target.obs["imp_reach"].min() < target.obs["imp_reach"].max() < 1
+    assert known.obs["measured"].all() and (known.obs["imp_reach"] == 1).all()
+    assert not target.obs["measured"].any() and 0 <= target.obs["imp_reach"].min() < target.obs["imp_reach"].max() < 1
+    assert {"imp_weight"} <= set(target.layers) and target.obs["imp_confidence"].between(-1, 1).all()
     assert target.var["imp_confidence"].shape == (20,) and target.uns["imp"]["known"] == ["S1"]
     assert target.uns["imp"]["registration"]["matrix"].shape == (3, 3)
 

@@ -149,13 +149,20 @@ def sections_table(sections) -> Table:
             section.name,
             str(section.n_spots),
             f"{dropped} (+{extra} counts rows)" if extra else str(dropped),
-            f"{rep['imputed_genes']} imputed" if "imputed_genes" in rep else str(section.adata.n_vars),
+            _genes(section),
             f"{W}×{H}",
             f"{section.um_per_px:.4g}",
             f"{section.spot_diameter_px:.0f}",
-            "yes" if section.has_counts else "no",
+            "yes" if section.has_counts or rep.get("measured") else "no",
         )
     return table
+
+
+def _genes(section) -> str:
+    """The genes column: a result's panel, measured or imputed; else the section's genes."""
+    if "imputed_genes" not in section.report:
+        return str(section.adata.n_vars)
+    return f"{section.report['imputed_genes']} {'measured' if section.report.get('measured') else 'imputed'}"
 
 
 @convert_app.command("her2st")

@@ -25,7 +25,6 @@ import torch
 import yaml
 
 from stimpute import __version__
-from stimpute.confidence import spot_confidence
 from stimpute.errors import InputError, StimputeError, StimputeWarning
 from stimpute.metrics import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc
 from stimpute.prepare import top_hvg_genes
@@ -33,7 +32,7 @@ from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
 from stimpute.features.encoders import match_recorded
 from stimpute.features.stored import check_encoder, check_trained_on, stored_encoder
-from stimpute.impute import MEMBERS, ImputeResult, impute_stack
+from stimpute.impute import MEMBERS, ImputeResult
 from stimpute.io import read_stack
 from stimpute.io.anndata_io import write_h5ad_atomic
 from stimpute.files import write_text_atomic
@@ -47,9 +46,10 @@ from stimpute.distributed import is_rank_zero, rank_output
 from stimpute.models import MODELS, get_model
 from stimpute.prepare import FEATURE_NORMS, known_indices, prepare_stack
 from stimpute.programs import programs_record
-from stimpute.register.grid import GridOptions, grid_on_section, known_lattice, place_virtual_spots
+from stimpute.register.grid import GridOptions, grid_on_section, known_lattice
 from stimpute.io.registration import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
+from stimpute.tl import given_features, impute_sections
 from stimpute.train import TrainConfig, torch_threads
 from stimpute.trainer import lightning_flags
 from stimpute.view import VIEW_FILE
@@ -117,13 +117,12 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     outputs = [f"{stack[i].name}.h5ad" for i in targets] + [f"figures/{stack[i].name}.png" for i in targets]
     outputs += [f"figures/{name}" for name in figure_names(stack)] + [f"figures/{BLOCK_FIGURE}", VIEW_FILE]
     force = run.claim(outputs + [BLOCK_FILE, "config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
-    registration = place_virtual_spots(stack, k, grid, progress=progress)
     config = config or TrainConfig(seed=seed)
-    prepared = prepare_stack(stack, known=known, panel=genes, encoder=features["encoder"], weights=features["weights"],
-                             cache_dir=out / "cache", progress=progress, registration=registration,
-                             hardware=lightning_flags(config))
-    result = impute_stack(prepared, k, seed=seed, config=config, ckpt_dir=out / "checkpoints", progress=progress,
-                          members=members, fusion=fusion, programs=programs)
+    done = impute_sections(stack, known, genes=genes, config=config, members=members, fusion=fusion, programs=programs,
+                           encoder=features["encoder"], weights=features["weights"],
+                           features=given_features(stack, features["encoder"]), grid=grid, cache_dir=out / "cache",
+                           checkpoints=out / "checkpoints", progress=progress)
+    prepared, result, parts = done.prepared, done.result, done.adatas
     run.keep("checkpoints/")  # a finished training of the same key is reused, not rewritten
 
     files = []
@@ -131,31 +130,19 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     known_expr = np.concatenate([prepared.known_expression(i) for i in k])
     figure_genes = [g for g in MARKER_GENES if g in panel]
     figure_genes += [panel[j] for j in top_variable(known_expr, N_TOP_FIGURE_GENES) if panel[j] not in figure_genes]
-    gene_conf = result.gene_confidence  # calibration hold-out PCC of the fused value, per gene
     metrics, summary = evaluate_targets(prepared, targets, result.fused, top_variable(known_expr, N_TOP_SUMMARY))
-    parts = []
-    truth = any(prepared.expression[i] is not None for i in targets)  # targets' counts kept for comparison
-    for i, section in enumerate(stack):
-        xyz = spatial_3d(prepared.coords_ref[i], stack[0].um_per_px, section.z_um)
-        measured = {"measured": _measured_layer(prepared, i)} if truth else {}
-        if i in targets:
-            layers = {"model": result.model[i], "propagated": result.propagated[i], "propagated_weight": result.weight[i],
-                      **measured}
-            obs = {"cli_reach": result.reach[i], "confidence": spot_confidence(result.model[i], result.transferred[i])}
-            parts.append(section_result(section, panel, result.fused[i], xyz, False, layers, obs, gene_conf))
-            parts[-1].uns["stimpute"]["has_counts"] = prepared.expression[i] is not None
-            with stage("writing"):
-                files.append(write_h5ad_atomic(parts[-1], out / f"{section.name}.h5ad", force=force))
-            pcc = None if metrics is None else metrics[metrics.section == section.name].set_index("gene").pcc
-            files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
-                                   pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy()))
-        else:
-            parts.append(section_result(section, panel, prepared.expression[i], xyz, True, measured, gene_confidence=gene_conf))
+    for i in targets:
+        section = stack[i]
+        with stage("writing"):
+            files.append(write_h5ad_atomic(parts[i], out / f"{section.name}.h5ad", force=force))
+        pcc = None if metrics is None else metrics[metrics.section == section.name].set_index("gene").pcc
+        files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
+                               pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy()))
         section.image.release()
     with stage("writing"):
         block = block_result(parts)
         files.append(write_h5ad_atomic(block, out / BLOCK_FILE, force=force))
-        files.extend(write_figures(stack, registration, out / "figures"))  # registration QC overlays, 3D spot cloud
+        files.extend(write_figures(stack, done.registration, out / "figures"))  # registration QC overlays, 3D spot cloud
         files.append(_block_figure(parts, figure_genes[0], out))
         files.extend(write_impute_view(block, out))
     del parts, block
@@ -434,13 +421,6 @@ def input_hash(path: str | Path) -> str:
         h.update(f.relative_to(path.parent if path.is_file() else path).as_posix().encode())
         h.update(file_digest(f).encode())
     return h.hexdigest()
-
-
-def _measured_layer(prepared, i: int) -> np.ndarray:
-    """Section i's measured panel expression; zeros where it carries no counts (outputs hold
-    no NaN: `uns["stimpute"]["has_counts"]` says which sections the layer is real for)."""
-    values = prepared.expression[i]
-    return np.zeros((prepared.stack[i].n_spots, len(prepared.panel)), np.float32) if values is None else values
 
 
 def write_impute_view(block, out: Path) -> list[Path]:

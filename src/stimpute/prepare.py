@@ -106,6 +106,7 @@ def prepare_stack(
     registration=None,
     hardware: dict | None = None,
     feature_norm: str = "section",
+    features: tuple[list[np.ndarray], dict] | None = None,
 ) -> PreparedStack:
     """Panel, expression, features, registration and 3D graph of `stack` (see module doc).
 
@@ -120,6 +121,8 @@ def prepare_stack(
     that share the feature encoding (`stimpute.features.spot_features`).
     `feature_norm`: "section" standardises each section's features over its own spots
     (module doc), "none" keeps the encoder's values.
+    `features`: each section's (n_spots, n_scales, dim) features and their record, already
+    computed (`stimpute.tl.features`); default: `stack_features`.
     """
     from stimpute.features.stored import stack_features
     from stimpute.graph import WITHIN, build_graph, build_graph_2d
@@ -134,8 +137,8 @@ def prepare_stack(
         raise StimputeError(None, "no known section: give a gene panel to predict")
     _warn_implausible(stack, known_idx, genes)
     expression = [panel_expression(s, genes) if _has_panel(s, genes) else None for s in stack]
-    features, record = stack_features(stack, encoder, weights, cache_dir=cache_dir, progress=progress,
-                                      hardware=hardware)
+    features, record = features or stack_features(stack, encoder, weights, cache_dir=cache_dir, progress=progress,
+                                                  hardware=hardware)
     if feature_norm not in FEATURE_NORMS:
         raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
     if feature_norm == "section":

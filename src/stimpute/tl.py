@@ -9,12 +9,21 @@ image where scanpy and squidpy keep it (`uns["spatial"][library_id]`; the resolu
 is the highest present: see `stimpute.io.inmemory`). Nothing is read from or written to
 disk unless `cache_dir` is given.
 
+The functions build on each other: `impute` reuses the registration `register` left in
+`obsm["spatial_3d"]` and the features `features` left in `obsm["X_stimpute_features"]`
+instead of computing them again. Spots are treated alike by all three: positions and
+image features exist for every spot; spots of a measured section with zero counts are
+dropped (with a warning) where expression is learnt, so `impute` returns the kept spots.
+`stimpute impute` (the command) is this module on the sections it reads
+(`impute_sections`), its results written as they are.
+
 `register` and `features` add fields to the given objects and return them; `impute`
 returns new objects, because its values exist only for the gene panel (their `var`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,148 +32,258 @@ import numpy as np
 import pandas as pd
 
 from stimpute.data import Stack
+from stimpute.defaults import DEFAULT_PANEL_SIZE
 from stimpute.errors import StimputeError
-from stimpute.expression import DEFAULT_PANEL_SIZE
 from stimpute.io.inmemory import section_from_anndata
+from stimpute.io.results import spatial_3d as registered_xyz
 
 Sections = Sequence[ad.AnnData] | Mapping[str, ad.AnnData]
 SPATIAL_3D = "spatial_3d"
+FEATURES_KEY = "X_stimpute_features"
+FIT_TOLERANCE_PX = 0.5  # a section's spatial_3d is a rigid (or mirrored) map of its pixels to this precision
 
 
 def register(adatas: Sections, *, key_added: str = "stimpute", um_per_px: float | None = None,
-             thickness_um: float = 10.0, progress: bool = False) -> Sections:
+             thickness_um: float = 10.0, device: str = "auto", seed: int = 0, progress: bool = False) -> Sections:
     """Align every section onto the first one (rigid + mirror search, ECC refinement).
 
-    Sets on each object:
-    - `obsm["spatial_3d"]`: (n_spots, 3) registered x, y and the section's z, in µm of
-      the first section's frame (z = position × `thickness_um` unless `uns["stimpute"]["z_um"]`).
-    - `uns[key_added]["registration"]`: `matrix` (3×3, this section's pixels -> the first
-      section's pixels), `reference` (the first section's name).
-    """
-    from stimpute.register import register_stack
+    Parameters
+    ----------
+    adatas
+        The sections in cutting order (list, or mapping name -> AnnData).
+    key_added
+        Where the transforms go: `uns[key_added]["registration"]`.
+    um_per_px
+        Micrometres per full-resolution pixel (default: `uns["stimpute"]`, else Visium scale factors).
+    thickness_um
+        Section spacing: z = position × `thickness_um` unless `uns["stimpute"]["z_um"]`.
+    device, seed
+        Accepted for a uniform signature: registration runs on the CPU and draws no random numbers.
+    progress
+        Show a progress bar.
 
-    names, objects, stack = _stack(adatas, um_per_px, thickness_um)
+    Returns
+    -------
+    The given objects, each with `obsm["spatial_3d"]` ((n_obs, 3) registered x, y and z in
+    µm of the first section's frame, for every spot) and `uns[key_added]["registration"]`
+    (`matrix`: 3×3, this section's pixels -> the first section's pixels; `reference`).
+    """
+    from stimpute.register import apply_transform, register_stack
+
+    names, objects, stack = _stack(adatas, um_per_px, thickness_um, counts=False)
     stack.require_3d()
     registration = register_stack(stack, progress=progress)
-    for adata, section, xy_ref, matrix in zip(objects, stack, registration.coords_ref, registration.transforms):
-        _check_spots_kept(adata, section)
-        adata.obsm[SPATIAL_3D] = _spatial_3d(stack, section, xy_ref)
+    for adata, section, matrix in zip(objects, stack, registration.transforms):
+        adata.obsm[SPATIAL_3D] = registered_xyz(apply_transform(matrix, section.xy), stack[0].um_per_px, section.z_um)
         _uns(adata, key_added)["registration"] = {"matrix": np.asarray(matrix), "reference": names[0]}
     return adatas
 
 
-def features(adatas: Sections, *, encoder: str = "handcrafted", weights: str | Path | None = None,
-             key_added: str = "X_stimpute_features", um_per_px: float | None = None,
-             cache_dir: str | Path | None = None, progress: bool = False) -> Sections:
+def features(adatas: Sections, *, encoder: str | None = None, weights: str | Path | None = None,
+             key_added: str = FEATURES_KEY, um_per_px: float | None = None, cache_dir: str | Path | None = None,
+             device: str = "auto", seed: int = 0, progress: bool = False) -> Sections:
     """Per-spot image features at three scales (spot, 512 µm and 1024 µm windows).
 
-    `encoder`: `handcrafted` (no weights) or a network (`resnet18`, `resnet50`, `uni`,
-    `ciga`) with a local `weights` file. Sets on each object:
-    - `obsm[key_added]`: (n_spots, 3 × dim) float32, the three scales side by side
-      (usable as `sc.pp.neighbors(adata, use_rep=key_added)`).
-    - `uns[key_added]`: `encoder`, `scales` (names), `dim` (per scale).
+    Parameters
+    ----------
+    adatas
+        The sections (list, or mapping name -> AnnData).
+    encoder
+        `handcrafted` (no weights) or a network (`resnet18`, `resnet50`, `uni`, `ciga`) with a
+        local `weights` file; default: the features the objects carry (`obsm["uni_features"]`,
+        ...), else handcrafted (`stimpute.features.stored`).
+    key_added
+        `obsm` and `uns` key of the result; `stimpute.tl.impute` reads the default one.
+    cache_dir
+        Feature cache folder (default: none, nothing written).
+    device
+        Where a network encoder runs: "auto", "cpu" or "cuda".
+    seed
+        Accepted for a uniform signature: feature extraction draws no random numbers.
+
+    Returns
+    -------
+    The given objects, each with `obsm[key_added]` ((n_obs, n_scales × dim) float32, the
+    scales side by side, for every spot; usable as `sc.pp.neighbors(adata, use_rep=key_added)`)
+    and `uns[key_added]` (`encoder`, `scales`, `dim`).
     """
-    from stimpute.features import spot_features
+    from stimpute.device import resolve_device
+    from stimpute.features.stored import stack_features
+    from stimpute.io.results import writable
     from stimpute.patches import SCALES_UM, scale_names
 
-    _, objects, stack = _stack(adatas, um_per_px)
-    for adata, section in zip(objects, stack):
-        _check_spots_kept(adata, section)
-        feats = spot_features(section, encoder=encoder, weights=weights, cache_dir=cache_dir, progress=progress)
-        section.image.release()
-        adata.obsm[key_added] = feats.reshape(len(feats), -1)
-        adata.uns[key_added] = {"encoder": encoder, "scales": scale_names(SCALES_UM), "dim": int(feats.shape[2])}
+    _, objects, stack = _stack(adatas, um_per_px, counts=False)
+    feats, record = stack_features(stack, encoder, weights, cache_dir=cache_dir, progress=progress,
+                                   hardware={"accelerator": resolve_device(device)})
+    for adata, values in zip(objects, feats):
+        adata.obsm[key_added] = values.reshape(len(values), -1)
+        adata.uns[key_added] = writable({**record, "scales": scale_names(SCALES_UM), "dim": int(values.shape[2])})
     return adatas
 
 
 def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "stimpute",
            genes: Sequence[str] | None = None, n_top: int = DEFAULT_PANEL_SIZE, seed: int = 0, epochs: int = 200,
-           fusion: str = "fixed", members: Sequence[str] | None = None, programs: str | int = "auto",
-           encoder: str | None = None,
-           weights: str | Path | None = None, um_per_px: float | None = None, thickness_um: float = 10.0,
-           cache_dir: str | Path | None = None, progress: bool = False) -> Sections:
-    """ASIGN on in-memory sections: register them, learn from the `known` ones (a name, a
-    list, or names joined by commas) and impute every other section (`stimpute.impute`).
+           device: str = "auto", fusion: str = "fixed", members: Sequence[str] | None = None,
+           programs: str | int = "auto", encoder: str | None = None, weights: str | Path | None = None,
+           um_per_px: float | None = None, thickness_um: float = 10.0, cache_dir: str | Path | None = None,
+           progress: bool = False) -> Sections:
+    """ASIGN on in-memory sections: learn from the `known` ones and impute every other section.
 
-    Returns one new AnnData per section (same container type and order as `adatas`), with
-    `var` = the gene panel (`genes`, else the top `n_top` highly variable genes of the known
-    sections) and the input's `obs`, `obsm` and `uns` carried over. Values are
-    normalize_total(1e4) + log1p. Sets:
-    - `X` and `layers[key_added]`: the fused imputation, clipped at 0; on known sections
-      their measured panel expression.
-    - `layers[f"{key_added}_model"]`, `layers[f"{key_added}_propagated"]`: the image
-      models' part and the cross-layer propagated part (known sections: measured).
-    - `obs[f"{key_added}_reach"]`: how much measured tissue a spot sees through the
-      registration, in [0, 1) (known sections: 1); `obs[f"{key_added}_measured"]`.
-    - `obsm["spatial_3d"]`: registered x, y, z in µm (see `register`).
-    - `var[f"{key_added}_confidence"]`: per-gene PCC of the fused value on held-out known
-      spots; `var[f"{key_added}_share"]`: the gene's share of the propagated part.
-    - `uns[key_added]`: `panel`, `known`, `targets`, `settings`, `gene_confidence`,
-      `registration` (this section's `matrix` and the `reference`).
+    Registration and features are reused where `register` and `features` left them
+    (`obsm["spatial_3d"]`, `obsm["X_stimpute_features"]`), computed otherwise.
 
-    `programs`: rank of the gene-program projection of both parts ("auto": cross-validated
-    on the known spots; "none"; or a number). `encoder` (default: the features the objects
-    carry in `obsm["<encoder>_features"]`, e.g. 3DMoEST's `uni_features`, else handcrafted)
-    and its `weights`: see `stimpute.features.stored`. The given objects are not changed. Training
-    runs on CPU; `epochs` caps MSAGNet's.
+    Parameters
+    ----------
+    adatas
+        The sections in cutting order (list, or mapping name -> AnnData).
+    known
+        The measured section(s): a name, a list, or names joined by commas.
+    key_added
+        Prefix of every field set (below).
+    genes, n_top
+        The gene panel: `genes`, else the top `n_top` highly variable genes of the known sections.
+    seed
+        Seed of the training split, initialisation and dropout.
+    epochs
+        Cap on MSAGNet's training epochs (early stopping on held-out known spots).
+    device
+        Where training runs: "auto" (a GPU where there is one), "cpu" or "cuda".
+    fusion, members, programs
+        ASIGN's fusion rule, image members and gene-program rank (`stimpute.impute.impute_stack`).
+    encoder, weights
+        Feature encoder (default: the features the objects carry, else handcrafted).
+
+    Returns
+    -------
+    One new AnnData per section (same container type and order as `adatas`; the kept
+    spots), `var` = the gene panel, values normalize_total(1e4) + log1p, in the layout of
+    `stimpute.io.results`: `X` and `layers[key_added]` (the imputation; measured sections:
+    their values), `layers[f"{key_added}_model"]`, `layers[f"{key_added}_propagated"]`,
+    `layers[f"{key_added}_weight"]`, `obs["section"]`, `obs["measured"]`,
+    `obs[f"{key_added}_reach"]`, `obs[f"{key_added}_confidence"]`, `obsm["spatial_3d"]`,
+    `var[f"{key_added}_confidence"]`, `var[f"{key_added}_share"]`, `uns["spatial"]`
+    (hires and lowres images), `uns["stimpute"]` and `uns[key_added]` (`panel`, `known`,
+    `targets`, `settings`, `registration`). The given objects are not changed.
     """
-    from stimpute import __version__
-    from stimpute.impute import MEMBERS, impute_stack
-    from stimpute.prepare import known_indices, prepare_stack
-    from stimpute.programs import programs_record
+    from stimpute.device import resolve_device
     from stimpute.train import TrainConfig
 
     names, objects, stack = _stack(adatas, um_per_px, thickness_um)
     stack.require_3d()
+    config = TrainConfig(seed=seed, max_epochs=epochs, accelerator=resolve_device(device))
+    done = impute_sections(stack, known, key_added=key_added, genes=list(genes) if genes else None, n_top=n_top,
+                           config=config, members=members, fusion=fusion, programs=programs, encoder=encoder,
+                           weights=weights, features=given_features(stack, encoder), cache_dir=cache_dir,
+                           progress=progress)
+    return dict(zip(names, done.adatas)) if isinstance(adatas, Mapping) else done.adatas
+
+
+@dataclass
+class Imputation:
+    """What `impute_sections` made: the prepared stack, its registration, ASIGN's result,
+    the known and target stack indices, and every section's result AnnData (stack order)."""
+
+    prepared: object
+    registration: object
+    result: object
+    known: list[int]
+    targets: list[int]
+    adatas: list[ad.AnnData]
+
+
+def impute_sections(stack: Stack, known, *, key_added: str = "stimpute", genes=None, n_top: int = DEFAULT_PANEL_SIZE,
+                    config=None, members: Sequence[str] | None = None, fusion: str = "fixed",
+                    programs: str | int = "auto", encoder: str | None = None, weights: str | Path | None = None,
+                    features: tuple[list[np.ndarray], dict] | None = None, grid=None,
+                    cache_dir: str | Path | None = None, checkpoints: str | Path | None = None,
+                    progress: bool = False) -> Imputation:
+    """ASIGN on a `Stack` (what `impute` and `stimpute impute` both run).
+
+    Registration: the positions the sections carry (`obsm["spatial_3d"]`, `given_registration`),
+    else registered here, H&E-only sections given virtual spots (`grid`,
+    `stimpute.register.grid`). `features`: per section (n, n_scales, dim) and their record,
+    else computed (cached in `cache_dir`). `config`: MSAGNet's `TrainConfig` (seed, epochs,
+    device); `checkpoints`: its checkpoint folder (a finished training is reused).
+    """
+    from stimpute import __version__
+    from stimpute.confidence import spot_confidence
+    from stimpute.impute import MEMBERS, impute_stack
+    from stimpute.io.results import asign_results
+    from stimpute.prepare import known_indices, prepare_stack
+    from stimpute.programs import programs_record
+    from stimpute.register.grid import place_virtual_spots
+    from stimpute.train import TrainConfig
+    from stimpute.trainer import lightning_flags
+
     k = known_indices(stack, known)
     targets = [i for i in range(len(stack)) if i not in k]
     if not targets:
         raise StimputeError(None, "nothing to impute: every section is known")
     members = tuple(members or MEMBERS)
-    prepared = prepare_stack(stack, known=[names[i] for i in k], panel=list(genes) if genes else None, n_top=n_top,
-                             encoder=encoder, weights=weights, cache_dir=cache_dir, progress=progress)
-    config = TrainConfig(seed=seed, max_epochs=epochs)
-    result = impute_stack(prepared, k, seed=seed, config=config, members=members, fusion=fusion, programs=programs)
-    settings = {"stimpute_version": __version__, "seed": seed, "epochs": epochs, "fusion": fusion,
-                "gene_programs": programs_record(programs, result.programs),
-                "members": list(members), "encoder": prepared.settings["encoder"], "panel_source": prepared.settings["panel_source"],
+    config = config or TrainConfig()
+    registration = given_registration(stack) or place_virtual_spots(stack, k, grid, progress=progress)
+    prepared = prepare_stack(stack, known=[stack[i].name for i in k], panel=genes, n_top=n_top, encoder=encoder,
+                             weights=weights, cache_dir=cache_dir, progress=progress, registration=registration,
+                             hardware=lightning_flags(config), features=features)
+    result = impute_stack(prepared, k, seed=config.seed, config=config, ckpt_dir=checkpoints, progress=progress,
+                          members=members, fusion=fusion, programs=programs)
+    settings = {"stimpute_version": __version__, "seed": config.seed, "epochs": config.max_epochs, "fusion": fusion,
+                "gene_programs": programs_record(programs, result.programs), "members": list(members),
+                "encoder": prepared.settings["encoder"], "panel_source": prepared.settings["panel_source"],
                 "scale": "normalize_total(1e4) + log1p"}
-    var = pd.DataFrame({f"{key_added}_confidence": result.gene_confidence.astype(np.float32),
-                        f"{key_added}_share": result.fusion.gene_share.astype(np.float32)},
-                       index=pd.Index(prepared.panel, name="gene"))
-    transforms = prepared.settings.get("registration", {}).get("sections", [])
-    out = []
-    for i, (adata, section) in enumerate(zip(objects, stack)):
-        measured = i in k
-        if measured:
-            parts = {"": prepared.expression[i]} | {f"_{p}": prepared.expression[i] for p in ("model", "propagated")}
-        else:
-            parts = {"": np.maximum(result.fused[i], 0), "_model": result.model[i], "_propagated": result.propagated[i]}
-        spots = adata[list(section.adata.obs_names)] if adata.n_obs != section.n_spots else adata
-        new = ad.AnnData(X=np.asarray(parts[""], np.float32), obs=spots.obs.copy(), var=var.copy(),
-                         obsm=dict(spots.obsm), uns=dict(adata.uns))
-        for suffix, values in parts.items():
-            new.layers[key_added + suffix] = np.asarray(values, np.float32)
-        new.obs[f"{key_added}_reach"] = np.ones(section.n_spots, np.float32) if measured else result.reach[i].astype(np.float32)
-        new.obs[f"{key_added}_measured"] = measured
-        new.obsm[SPATIAL_3D] = _spatial_3d(stack, section, prepared.coords_ref[i])
-        new.uns[key_added] = {
-            "panel": list(prepared.panel), "known": [names[j] for j in k], "targets": [names[j] for j in targets],
-            "settings": settings, "gene_confidence": result.gene_confidence.astype(np.float32),
-            "registration": {"matrix": np.asarray(transforms[i]["matrix"]) if transforms else np.eye(3),
-                             "reference": names[0]},
-        }
-        out.append(new)
-    return dict(zip(names, out)) if isinstance(adatas, Mapping) else out
+    run = {"panel": list(prepared.panel), "known": [stack[i].name for i in k], "targets": [stack[i].name for i in targets], "settings": settings}
+    confidence = {i: spot_confidence(result.model[i], result.transferred[i]) for i in targets}
+    adatas = asign_results(prepared, result, k, confidence, key=key_added, run=run)
+    return Imputation(prepared, registration, result, k, targets, adatas)
+
+
+def given_registration(stack: Stack):
+    """The `StackRegistration` the sections carry in `obsm["spatial_3d"]` (from `register`,
+    or an earlier run): each section's map of its pixels to the first section's, fitted to
+    its spots (exact for a rigid or mirrored map). None where a section carries none, has
+    fewer than 3 spots, or its positions are no such map (its images are registered then)."""
+    from stimpute.register import StackRegistration, apply_transform
+
+    transforms = []
+    for section in stack:
+        xyz = section.adata.obsm.get(SPATIAL_3D)
+        if xyz is None or section.n_spots < 3:
+            return None
+        ref_px = np.asarray(xyz, np.float64)[:, :2] / stack[0].um_per_px
+        design = np.c_[section.xy, np.ones(section.n_spots)]
+        coef, *_ = np.linalg.lstsq(design, ref_px, rcond=None)
+        matrix = np.vstack([coef.T, [0.0, 0.0, 1.0]])
+        if np.abs(apply_transform(matrix, section.xy) - ref_px).max() > FIT_TOLERANCE_PX:
+            return None
+        transforms.append(matrix)
+    return StackRegistration(stack.names, transforms, [apply_transform(t, s.xy) for t, s in zip(transforms, stack)])
+
+
+def given_features(stack: Stack, encoder: str | None = None) -> tuple[list[np.ndarray], dict] | None:
+    """The features `features` left on every section (`obsm["X_stimpute_features"]` and its
+    `uns` record), as (n_spots, n_scales, dim) per section and their record; None where a
+    section lacks them or `encoder` names another encoder (they are computed then)."""
+    found = []
+    for section in stack:
+        values, record = section.adata.obsm.get(FEATURES_KEY), dict(section.adata.uns.get(FEATURES_KEY, {}))
+        if values is None or "dim" not in record or encoder not in (None, record.get("encoder")):
+            return None
+        values = np.asarray(values, np.float32)
+        found.append((values.reshape(len(values), -1, int(record["dim"])), record))
+    record = {k: v for k, v in found[0][1].items() if k not in ("scales", "dim")}
+    return [values for values, _ in found], {"weights": None, "weights_sha256": None, **record}
 
 
 def advise(adatas: Sections, budget: int, *, encoder: str | None = None, um_per_px: float | None = None,
            thickness_um: float = 10.0, cache_dir: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
-    """Which `budget` sections to measure: every candidate known set ranked by the expected
-    mean per-gene PCC of the other sections, from images and registration only (counts,
-    where present, are never read; see `stimpute.advise`).
+    """Which `budget` sections to measure, from images and registration only.
 
-    Returns the table `rank, known, expected_pcc` (`known`: names joined by `+`); its
+    Every candidate known set is ranked by the expected mean per-gene PCC of the other
+    sections (counts, where present, are never read; see `stimpute.advise`).
+
+    Returns
+    -------
+    The table `rank, known, expected_pcc` (`known`: names joined by `+`); its
     `attrs["details"]` holds, per top candidate, each target's coverage, z distance,
     morphological coverage and expected PCC. The given objects are not changed.
     """
@@ -179,8 +298,10 @@ def advise(adatas: Sections, budget: int, *, encoder: str | None = None, um_per_
     return table
 
 
-def _stack(adatas: Sections, um_per_px: float | None, thickness_um: float = 10.0) -> tuple[list[str], list[ad.AnnData], Stack]:
-    """Names, objects and the in-memory `Stack` of the given sections."""
+def _stack(adatas: Sections, um_per_px: float | None, thickness_um: float = 10.0,
+           counts: bool = True) -> tuple[list[str], list[ad.AnnData], Stack]:
+    """Names, objects and the in-memory `Stack` of the given sections; `counts=False`: their
+    spots and images only (every spot kept, for the image-only steps)."""
     objects = list(adatas.values()) if isinstance(adatas, Mapping) else list(adatas)
     if not objects:
         raise StimputeError(None, "no sections given")
@@ -188,7 +309,9 @@ def _stack(adatas: Sections, um_per_px: float | None, thickness_um: float = 10.0
         if not isinstance(a, ad.AnnData):
             raise StimputeError(f"section {i}", f"expected an AnnData, got {type(a).__name__}")
     names = [str(n) for n in adatas] if isinstance(adatas, Mapping) else [_name(a, i) for i, a in enumerate(objects)]
-    sections = [section_from_anndata(a, n, um_per_px=um_per_px) for n, a in zip(names, objects)]
+    if not counts:
+        objects_seen = [ad.AnnData(obs=a.obs[[]], obsm=dict(a.obsm), uns=dict(a.uns)) for a in objects]
+    sections = [section_from_anndata(a, n, um_per_px=um_per_px) for n, a in zip(names, objects if counts else objects_seen)]
     return names, objects, Stack(sections, thickness_um=thickness_um)
 
 
@@ -197,21 +320,9 @@ def _name(adata: ad.AnnData, i: int) -> str:
     return str(libraries[0]) if len(libraries) == 1 else f"section{i}"
 
 
-def _spatial_3d(stack: Stack, section, xy_ref: np.ndarray) -> np.ndarray:
-    """(n, 3) registered x, y (reference section's pixels -> µm) and z in µm."""
-    xy_um = np.asarray(xy_ref, np.float64) * stack[0].um_per_px
-    return np.column_stack([xy_um, np.full(len(xy_um), float(section.z_um))])
-
-
-def _check_spots_kept(adata: ad.AnnData, section) -> None:
-    if adata.n_obs != section.n_spots:
-        raise StimputeError(section.name, f"{adata.n_obs - section.n_spots} spot(s) have zero counts; "
-                                          "drop them first (sc.pp.filter_cells(adata, min_counts=1))")
-
-
 def _uns(adata: ad.AnnData, key: str) -> dict:
     adata.uns[key] = dict(adata.uns.get(key, {}))
     return adata.uns[key]
 
 
-__all__ = ["register", "features", "impute", "advise"]
+__all__ = ["register", "features", "impute", "advise", "impute_sections"]

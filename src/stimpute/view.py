@@ -32,7 +32,7 @@ import numpy as np
 
 from stimpute.errors import StimputeError
 from stimpute.files import write_text_atomic
-from stimpute.io.results import BLOCK_FILE
+from stimpute.io.results import BLOCK_FILE, result_field
 from stimpute.register.masks import relative_density, tissue_mask
 
 VIEW_FILE = "view.html"
@@ -101,6 +101,7 @@ def _view_section(name: str, part: ad.AnnData, library: dict, own_px: str, key: 
     no_counts = record.get("has_counts") is False  # the layer holds zeros there (older files: NaN)
     truth = None if truth_layer is None or measured.all() or no_counts else _dense(part.layers[truth_layer])
     reach = next((c for c in (f"{key}_reach", *REACH_COLUMNS) if c in obs), None)
+    confidence = result_field(obs, key, "confidence", "confidence")
     images, factors = dict(library.get("images", {})), dict(library.get("scalefactors", {}))
     image, scale = None, 1.0
     for kind, factor in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
@@ -115,7 +116,7 @@ def _view_section(name: str, part: ad.AnnData, library: dict, own_px: str, key: 
     return ViewSection(name=name, measured=measured, xyz=xyz, xy_px=xy_px, image=image, image_scale=scale,
                        diameter_um=float(diameter or 0.5 * _spacing(xyz[:, :2])), values=_dense(part.X),
                        truth=None if truth is None or np.isnan(truth).all() else np.nan_to_num(truth),
-                       confidence=obs["confidence"].to_numpy(np.float64) if "confidence" in obs else None,
+                       confidence=None if confidence is None else confidence.to_numpy(np.float64),
                        reach=obs[reach].to_numpy(np.float64) if reach else None)
 
 

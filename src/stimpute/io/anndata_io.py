@@ -2,11 +2,13 @@
 
 Project section folder (what `stimpute convert` writes)::
 
-    <name>/section.h5ad   counts, obsm["spatial"], uns["stimpute"] geometry, uns["spatial"] thumbnail
+    <name>/section.h5ad   counts, obsm["spatial"], uns["stimpute"] geometry, uns["spatial"] images
     <name>/image.<ext>    the H&E image, unchanged
 
-The thumbnail follows scanpy's `uns["spatial"][library]` convention so `sc.pl.spatial` and
-squidpy plot the section directly.
+`uns["spatial"][library]` follows scanpy's convention (`hires` and `lowres` images, their
+scale factors, `metadata["source_image_path"]`: the copied image, absolute) so
+`sc.pl.spatial` and squidpy plot the section directly; `uns["stimpute"]["image"]` names
+the image relative to the file, which the readers resolve (a moved folder still reads).
 """
 
 from __future__ import annotations
@@ -25,12 +27,11 @@ from stimpute.errors import InputError, StimputeError
 from stimpute.image import IMAGE_SUFFIXES, SectionImage
 from stimpute.io.geometry import VISIUM_SPOT_DIAMETER_UM, Geometry, check_um_per_px, section_geometry
 from stimpute.errors import warn_default
-from stimpute.io.results import is_result, read_result
+from stimpute.io.results import HIRES_SIDE, is_result, read_result, source_image_path, spatial_entry
 from stimpute.files import atomic_write, record_write, write_text_atomic  # noqa: F401  (atomic_write, write_text_atomic: re-exported)
 from stimpute.io.validate import validate_section
 
 SECTION_FILE = "section.h5ad"
-THUMBNAIL_SIDE = 1000
 
 
 def is_section_folder(path: Path) -> bool:
@@ -53,7 +54,8 @@ def read_h5ad_section(
     """Read a section from an `.h5ad` with `obsm["spatial"]` and its image.
 
     The image is `image` if given, else `uns["stimpute"]["image"]` (relative to the file),
-    else a sibling image with the same stem, else HEST-1k's `../wsis/<stem>.tif`.
+    else the one `uns["spatial"]` library's `metadata["source_image_path"]`, else a sibling
+    image with the same stem, else HEST-1k's `../wsis/<stem>.tif`.
     Micrometres per pixel, spot diameter and pitch: `um_per_px`, `spot_diameter_um` and
     `pitch_um` where given, else `uns["stimpute"]`, else HEST-1k metadata, else Visium
     scale factors (`stimpute.io.geometry`); a 55 µm (Visium) spot with a warning where
@@ -75,7 +77,7 @@ def read_h5ad_section(
         raise InputError(h5ad_path, f'obsm["spatial"] must be (n_spots, 2), got shape {xy.shape}')
     adata.obsm["spatial"] = xy[:, :2]
     meta = dict(adata.uns.get("stimpute", {}))
-    image_path = Path(image) if image is not None else _find_image(h5ad_path, meta)
+    image_path = Path(image) if image is not None else _find_image(h5ad_path, meta, dict(adata.uns.get("spatial", {})))
     given = {"um_per_px": um_per_px, "spot_diameter_um": spot_diameter_um, "pitch_um": pitch_um}
     geometry = section_geometry(h5ad_path, dict(adata.uns), Geometry(
         **given, sources={k: f"--{k.replace('_', '-')}" for k, v in given.items() if v}))
@@ -107,8 +109,9 @@ def _json_plain(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def write_section(section: Section, out_dir: str | Path, force: bool = False, thumbnail_side: int = THUMBNAIL_SIDE) -> Path:
-    """Write a section as a project section folder `out_dir/<name>/` (image copied)."""
+def write_section(section: Section, out_dir: str | Path, force: bool = False, hires_side: int = HIRES_SIDE) -> Path:
+    """Write a section as a project section folder `out_dir/<name>/` (image copied; its
+    `hires` copy at most `hires_side` px a side, `lowres` at most 600 px, `io.results.spatial_entry`)."""
     folder = Path(out_dir) / section.name
     target = folder / SECTION_FILE
     if target.exists() and not force:
@@ -133,23 +136,9 @@ def write_section(section: Section, out_dir: str | Path, force: bool = False, th
         "report": json.loads(json.dumps(section.report, default=_json_plain)),
         **({"z_um": float(section.z_um)} if section.z_um is not None else {}),
     }
-    add_thumbnail(adata, section, thumbnail_side)
+    adata.uns["spatial"] = {section.name: spatial_entry(section, hires_side, source=folder / image_name)}
     write_h5ad_atomic(adata, target, force=True)
     return folder
-
-
-def add_thumbnail(adata: ad.AnnData, section: Section, max_side: int = THUMBNAIL_SIDE) -> None:
-    """Store a small image in scanpy's `uns["spatial"]` layout (for sc.pl.spatial/squidpy)."""
-    thumb, scale = section.image.thumbnail(max_side)
-    adata.uns["spatial"] = {
-        section.name: {
-            "images": {"lowres": thumb},
-            "scalefactors": {
-                "tissue_lowres_scalef": float(scale),
-                "spot_diameter_fullres": float(section.spot_diameter_px),
-            },
-        }
-    }
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, force: bool = False) -> Path:
@@ -214,16 +203,20 @@ def counts_as_x(adata: ad.AnnData) -> ad.AnnData:
     out = ad.AnnData(X=sparse.csr_matrix(X, dtype=np.float32), obs=adata.obs.copy(), var=adata.var.copy())
     for key, value in adata.obsm.items():  # spatial, plus per-spot arrays such as 3DMoEST's uni_features
         out.obsm[key] = value
-    if "spatial" in adata.uns:  # the scanpy/squidpy image entry travels with the spots
-        out.uns["spatial"] = adata.uns["spatial"]
+    for key in ("spatial", *adata.obsm):  # the scanpy/squidpy image entry, and the records of per-spot arrays
+        if key in adata.uns:  # (`stimpute.tl.features`'s encoder), travel with the spots
+            out.uns[key] = adata.uns[key]
     out.obs_names = out.obs_names.astype(str)
     out.var_names = out.var_names.astype(str)
     return out
 
 
-def _find_image(h5ad_path: Path, meta: dict) -> Path:
+def _find_image(h5ad_path: Path, meta: dict, spatial: dict) -> Path:
     if meta.get("image"):
         return h5ad_path.parent / meta["image"]
+    recorded = [Path(p) for p in map(source_image_path, map(dict, spatial.values())) if p]
+    if len(recorded) == 1 and recorded[0].is_file():
+        return recorded[0]
     for p in sorted(h5ad_path.parent.glob(h5ad_path.stem + ".*")):
         if p.suffix.lower() in IMAGE_SUFFIXES:
             return p

@@ -5,8 +5,9 @@ and raw counts in `layers["counts"]` or `X` (no genes: an unmeasured section). I
 image is found in `uns["spatial"][library_id]`, the highest resolution first:
 
 1. `images["fullres"]`: a full-resolution RGB array;
-2. an image file: `metadata["source_image_path"]` (what `sc.read_visium` records) or
-   `uns["stimpute"]["image"]`, read lazily region by region at full resolution;
+2. an image file: `metadata["source_image_path"]` (what `sc.read_visium` records; older
+   stimpute files: `source_image`) or `uns["stimpute"]["image"]`, read lazily region by
+   region at full resolution;
 3. `images["hires"]` with `scalefactors["tissue_hires_scalef"]`, else `images["lowres"]`
    with `tissue_lowres_scalef`: a downscaled copy, resampled on the fly (coordinates stay
    in full-resolution pixels; features then see only the detail that copy holds).
@@ -26,6 +27,7 @@ from stimpute.data import Section
 from stimpute.errors import InputError
 from stimpute.image import SectionImage
 from stimpute.io.anndata_io import VISIUM_SPOT_DIAMETER_UM, counts_as_x
+from stimpute.io.results import source_image_path
 from stimpute.io.validate import validate_section
 
 HIRES_SIDE = 2000  # px of the longer side of the hires image `section_to_anndata` stores (Space Ranger's size)
@@ -59,13 +61,15 @@ def section_from_anndata(adata: ad.AnnData, name: str, um_per_px: float | None =
 def section_to_anndata(section: Section, hires_side: int = HIRES_SIDE, counts: bool = True) -> ad.AnnData:
     """The section as a user holds it in scanpy: counts in X (`counts=False`: no genes, an
     unmeasured section), `obsm["spatial"]` in full-resolution pixels, the image as
-    `uns["spatial"][name]["images"]["hires"]` with its scalefactors, geometry in `uns["stimpute"]`."""
+    `uns["spatial"][name]["images"]["hires"]` with its scalefactors and the image file's path
+    (`metadata["source_image_path"]`, where it has one), geometry in `uns["stimpute"]`."""
     adata = section.adata.copy() if counts else ad.AnnData(obs=section.adata.obs.copy())
     adata.obsm["spatial"] = section.xy
     hires, scale = section.image.thumbnail(hires_side)
     adata.uns["spatial"] = {section.name: {
         "images": {"hires": hires},
         "scalefactors": {"tissue_hires_scalef": float(scale), "spot_diameter_fullres": float(section.spot_diameter_px)},
+        "metadata": {"source_image_path": str(section.image.path.resolve()) if section.image.path else ""},
     }}
     adata.uns["stimpute"] = {"section": section.name, "um_per_px": float(section.um_per_px),
                              "spot_diameter_um": float(section.spot_diameter_um)}
@@ -99,7 +103,7 @@ def _image(library: dict, meta: dict, name: str) -> SectionImage:
     images, factors = dict(library.get("images", {})), dict(library.get("scalefactors", {}))
     if "fullres" in images:
         return SectionImage(array=np.asarray(images["fullres"]))
-    path = dict(library.get("metadata", {})).get("source_image_path") or meta.get("image")
+    path = source_image_path(library) or meta.get("image")
     if path and Path(str(path)).is_file():
         return SectionImage.open(str(path))
     for key, factor in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):

@@ -1,21 +1,32 @@
-"""What `stimpute impute` writes, as AnnData users open in scanpy and squidpy, and read back.
+"""The one builder of stimpute's output AnnData (`stimpute.tl.impute` and every command use it), and its readers.
 
-`DIR/<section>.h5ad` (one per imputed section) and `DIR/block.h5ad` (every section of the
-block, the measured ones included) share one layout, documented field by field in the
-README ("Outputs"):
+`DIR/<section>.h5ad` (one per imputed section), `DIR/block.h5ad` (every section of the
+block, the measured ones included) and the objects `stimpute.tl.impute` returns share one
+layout, scverse style, its fields prefixed by `key` (`key_added`, default "stimpute"),
+documented field by field in the README ("Outputs"):
 
-- `X`: expression on the normalize_total(1e4) + log1p scale, never negative (imputed
-  values are clipped at 0, the floor of that scale); `layers` likewise;
-- `obs["section"]`, `obs["measured"]`, `obs["confidence"]` (never NaN: where it is undefined,
-  as for an image-only prediction with no transferred expression to compare with, it is
-  `UNDEFINED_CONFIDENCE` and `uns["stimpute"]["confidence"]` says why); `obsm["spatial"]` (x, y) in
-  full-resolution pixels of the section's own image; `obsm["spatial_3d"]` (x, y, z) in
-  µm in the block's registered frame;
-- `var["calibration_pcc"]`: per-gene confidence, the PCC of the fused value on known
-  spots held out of training;
-- `uns["spatial"][section]`: `images` `hires` (≤ 2000 px) and `lowres` (≤ 600 px) and
+- `X` and `layers[key]`: expression on the normalize_total(1e4) + log1p scale, never
+  negative (imputed values are clipped at 0, the floor of that scale); on measured
+  sections their measured values;
+- `layers[f"{key}_model"]`, `layers[f"{key}_propagated"]`, `layers[f"{key}_weight"]`: the
+  two parts of the fused value and the propagated share per spot and gene (measured
+  sections: their values, share 1); `layers["measured"]` where imputed sections carry counts;
+- `obs["section"]`, `obs["measured"]`, `obs[f"{key}_reach"]`, `obs[f"{key}_confidence"]`
+  (never NaN: where it is undefined, as for an image-only prediction with no transferred
+  expression to compare with, it is `UNDEFINED_CONFIDENCE` and `uns["stimpute"]["confidence"]`
+  says why); `obsm["spatial"]` (x, y) in full-resolution pixels of the section's own image;
+  `obsm["spatial_3d"]` (x, y, z) in µm in the block's registered frame;
+- `var[f"{key}_confidence"]`: per-gene confidence, the PCC of the fused value on known
+  spots held out of training; `var[f"{key}_share"]`: the gene's propagated share;
+- `uns["spatial"][section]`: `images` `hires` (≤ 2000 px) and `lowres` (≤ 600 px),
   `scalefactors` (`tissue_hires_scalef`, `tissue_lowres_scalef`, `spot_diameter_fullres`)
-  as Space Ranger/scanpy/squidpy expect; `uns["stimpute"]` the geometry and source image.
+  and `metadata["source_image_path"]` (absolute) as Space Ranger/scanpy/squidpy expect;
+  `uns["stimpute"]` the geometry and source image, `uns[key]` the run (known, targets,
+  settings, registration). Everything in `uns` is writable by `write_h5ad` (`writable`).
+
+Files from before issue 26 name the fields `layers["model"/"propagated"/"propagated_weight"]`,
+`obs["cli_reach"]`, `obs["confidence"]` and `var["calibration_pcc"]`: `result_field` finds
+either name.
 
 `block.h5ad` differs in two places, so that scanpy and squidpy plot it with default
 arguments (they refuse several `uns["spatial"]` libraries unless told which): its
@@ -57,44 +68,132 @@ def spatial_3d(xy_ref: np.ndarray, ref_um_per_px: float, z_um: float | None) -> 
     return np.c_[xy_ref * ref_um_per_px, np.full(len(xy_ref), float(z_um or 0.0))]
 
 
-def spatial_entry(section: Section) -> dict:
-    """`uns["spatial"][name]` of a section: hires and lowres images and their scale factors."""
-    hires, hires_scale = section.image.thumbnail(HIRES_SIDE)
-    lowres, lowres_scale = section.image.thumbnail(LOWRES_SIDE)
+def spatial_entry(section: Section, hires_side: int = HIRES_SIDE, source: Path | None = None) -> dict:
+    """`uns["spatial"][name]` of a section: hires and lowres images, their scale factors and
+    the absolute path of the source image (scanpy's `metadata["source_image_path"]`;
+    `source`, else the section's image file, else "")."""
+    hires, hires_scale = section.image.thumbnail(hires_side)
+    lowres, lowres_scale = section.image.thumbnail(min(LOWRES_SIDE, hires_side))
+    source = source or section.image.path
+    source = str(Path(source).resolve()) if source else ""
     return {
         "images": {"hires": hires, "lowres": lowres},
         "scalefactors": {"tissue_hires_scalef": float(hires_scale), "tissue_lowres_scalef": float(lowres_scale),
                          "spot_diameter_fullres": float(section.spot_diameter_px)},
-        "metadata": {"source_image": str(section.image.path) if section.image.path else ""},
+        "metadata": {"source_image_path": source},
     }
 
 
-def section_result(section: Section, genes: Sequence[str], X: np.ndarray, xyz_um: np.ndarray, measured: bool,
-                   layers: dict | None = None, obs: dict | None = None, gene_confidence: np.ndarray | None = None) -> ad.AnnData:
-    """One section's result AnnData (module docstring); imputed values are clipped at 0."""
-    adata = ad.AnnData(X=_floor(X), obs=section.adata.obs.copy(), var=pd.DataFrame(index=pd.Index(list(genes), name="gene")))
-    for name, values in (layers or {}).items():
-        adata.layers[name] = _floor(values)
+def source_image_path(library: dict) -> str:
+    """The source image recorded in a `uns["spatial"]` library (scanpy's name, or
+    `source_image` as files from before issue 26 wrote it); "" where none is."""
+    metadata = dict(library.get("metadata", {}))
+    return str(metadata.get("source_image_path") or metadata.get("source_image") or "")
+
+
+def section_result(section: Section, genes: Sequence[str], X: np.ndarray, xyz_um: np.ndarray, measured: bool, *,
+                   key: str = "stimpute", parts: dict | None = None, reach: np.ndarray | None = None,
+                   confidence: np.ndarray | None = None, gene_fields: dict | None = None, truth: np.ndarray | None = None,
+                   run: dict | None = None) -> ad.AnnData:
+    """One section's result AnnData (module docstring); values are clipped at 0.
+
+    `parts`: `layers[f"{key}_{name}"]` (model, propagated, weight); `reach`, `confidence`:
+    per spot (defaults: 1 on measured sections; confidence `UNDEFINED_CONFIDENCE` elsewhere);
+    `gene_fields`: `var[f"{key}_{name}"]`; `truth`: `layers["measured"]`; `run`: `uns[key]`.
+    """
+    X = _floor(X)
+    adata = ad.AnnData(X=X, obs=section.adata.obs.copy(), var=pd.DataFrame(index=pd.Index(list(genes), name="gene")))
+    adata.layers[key] = X.copy()
+    for name, values in (parts or {}).items():
+        adata.layers[f"{key}_{name}"] = _floor(values)
+    if truth is not None:
+        adata.layers["measured"] = _floor(truth)
     adata.obs["section"] = pd.Categorical([section.name] * adata.n_obs)
     adata.obs["measured"] = measured
-    for name, values in (obs or {}).items():
-        adata.obs[name] = np.asarray(values)
-    undefined = "confidence" not in adata.obs and not measured
-    if "confidence" not in adata.obs:
-        adata.obs["confidence"] = np.float32(UNDEFINED_CONFIDENCE if undefined else 1.0)
+    undefined = confidence is None and not measured
+    if reach is not None or measured:
+        adata.obs[f"{key}_reach"] = np.asarray(1.0 if reach is None else reach, np.float32)
+    adata.obs[f"{key}_confidence"] = np.asarray(
+        confidence if confidence is not None else UNDEFINED_CONFIDENCE if undefined else 1.0, np.float32)
+    for name, values in section.adata.obsm.items():  # what the section brought: features, given positions
+        adata.obsm[name] = np.asarray(values)
     adata.obsm["spatial"] = section.xy
     adata.obsm["spatial_3d"] = np.asarray(xyz_um, np.float64)
-    if gene_confidence is not None:
-        adata.var["calibration_pcc"] = np.asarray(gene_confidence, np.float32)
+    for name, values in (gene_fields or {}).items():
+        adata.var[f"{key}_{name}"] = np.asarray(values, np.float32)
     adata.uns["stimpute"] = {
-        "section": section.name, "scale": SCALE, "measured": bool(measured),
+        "section": section.name, "scale": SCALE, "measured": bool(measured), "key": key,
         "um_per_px": float(section.um_per_px), "spot_diameter_um": float(section.spot_diameter_um),
         **({"pitch_um": float(section.pitch_um)} if section.pitch_um else {}),
         **({"image_path": str(section.image.path.resolve())} if section.image.path else {}),
         **({"confidence": NO_SECOND_ESTIMATE} if undefined else {}),
     }
+    if run:
+        adata.uns[key] = {**dict(adata.uns.get(key, {})), **writable(run)}
     adata.uns["spatial"] = {section.name: spatial_entry(section)}
     return adata
+
+
+def asign_results(prepared, result, known: Sequence[int], confidence: dict, key: str = "stimpute",
+                  run: dict | None = None) -> list[ad.AnnData]:
+    """Every section's result of an ASIGN run (`stimpute.impute.ImputeResult` on its
+    `PreparedStack`), in stack order: imputed sections with their parts, reach and
+    per-spot `confidence` (dict by stack index), measured sections with their values.
+    `layers["measured"]` is there where some imputed section carries counts (zeros on
+    those without, marked by `uns["stimpute"]["has_counts"]` False: no output holds NaN)."""
+    stack, panel = prepared.stack, list(prepared.panel)
+    with_truth = any(prepared.expression[i] is not None for i in range(len(stack)) if i not in known)
+    genes = {"confidence": result.gene_confidence, "share": result.fusion.gene_share}
+    out = []
+    for i, section in enumerate(stack):
+        xyz = spatial_3d(prepared.coords_ref[i], stack[0].um_per_px, section.z_um)
+        values = prepared.expression[i]
+        truth = (np.zeros((section.n_spots, len(panel)), np.float32) if values is None else values) if with_truth else None
+        record = {**(run or {}), "registration": _registration(prepared, i)}
+        if i in known:
+            ones = np.ones_like(values, np.float32)
+            adata = section_result(section, panel, values, xyz, True, key=key, truth=truth, gene_fields=genes, run=record,
+                                   parts={"model": values, "propagated": values, "weight": ones})
+        else:
+            adata = section_result(section, panel, result.fused[i], xyz, False, key=key, truth=truth, gene_fields=genes,
+                                   parts={"model": result.model[i], "propagated": result.propagated[i],
+                                          "weight": result.weight[i]},
+                                   reach=result.reach[i], confidence=confidence[i], run=record)
+        adata.uns["stimpute"]["has_counts"] = values is not None
+        out.append(adata)
+    return out
+
+
+def _registration(prepared, i: int) -> dict:
+    """Section i's transform to the reference section's pixels (identity where unregistered)."""
+    sections = prepared.settings.get("registration", {}).get("sections", [])
+    matrix = np.asarray(sections[i]["matrix"], np.float64) if sections else np.eye(3)
+    return {"matrix": matrix, "reference": prepared.stack[0].name}
+
+
+def writable(value):
+    """`value` as `write_h5ad` stores it in `uns`: text keys, no None (dropped), numpy for
+    tuples and numbers, a list of mappings as a mapping by position."""
+    if isinstance(value, dict):
+        return {str(k): writable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, dict) for v in value):
+            return {str(i): writable(v) for i, v in enumerate(value)}
+        if any(v is None or isinstance(v, (dict, list, tuple)) for v in value):
+            return {str(i): writable(v) for i, v in enumerate(value) if v is not None}
+        return np.asarray(value) if value else np.asarray([], dtype=object).astype(str)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def result_field(frame, key: str, name: str, old: str | None = None):
+    """The column or layer `f"{key}_{name}"` of `frame` (obs, var or layers), or its name in
+    files from before issue 26 (`old`); None where neither is there."""
+    for candidate in (f"{key}_{name}", old):
+        if candidate is not None and candidate in frame:
+            return frame[candidate]
+    return None
 
 
 def block_result(parts: Sequence[ad.AnnData]) -> ad.AnnData:
@@ -113,8 +212,11 @@ def block_result(parts: Sequence[ad.AnnData]) -> ad.AnnData:
     block.obsm["spatial_section"] = block.obsm["spatial"]
     block.obsm["spatial"] = block.obsm["spatial_3d"][:, :2] / float(parts[0].uns["stimpute"]["um_per_px"])
     block.uns["spatial"] = {reference: parts[0].uns["spatial"][reference]}
-    sections = {name: {**dict(p.uns["stimpute"]), "spatial": p.uns["spatial"][name]} for p, name in zip(parts, names)}
-    block.uns["stimpute"] = {"block": True, "scale": SCALE, "order": names, "reference": reference, "sections": sections}
+    key = parts[0].uns["stimpute"].get("key", "stimpute")
+    sections = {name: {**dict(p.uns.get(key, {})), **dict(p.uns["stimpute"]), "spatial": p.uns["spatial"][name]}
+                for p, name in zip(parts, names)}
+    block.uns["stimpute"] = {"block": True, "scale": SCALE, "key": key, "order": names, "reference": reference,
+                             "sections": sections}
     return block
 
 
