@@ -53,6 +53,7 @@ def section_from_anndata(adata: ad.AnnData, name: str, um_per_px: float | None =
     section = Section(
         name=name, adata=counts, image=_image(library, meta, name), um_per_px=float(scale),
         spot_diameter_um=float(spot_diameter_um or meta.get("spot_diameter_um") or VISIUM_SPOT_DIAMETER_UM),
+        pitch_um=meta.get("pitch_um"),
         z_um=z_um if z_um is not None else meta.get("z_um"), source=name,
     )
     return validate_section(section)
@@ -72,7 +73,8 @@ def section_to_anndata(section: Section, hires_side: int = HIRES_SIDE, counts: b
         "metadata": {"source_image_path": str(section.image.path.resolve()) if section.image.path else ""},
     }}
     adata.uns["stimpute"] = {"section": section.name, "um_per_px": float(section.um_per_px),
-                             "spot_diameter_um": float(section.spot_diameter_um)}
+                             "spot_diameter_um": float(section.spot_diameter_um),
+                             **({"pitch_um": float(section.pitch_um)} if section.pitch_um else {})}
     return adata
 
 
