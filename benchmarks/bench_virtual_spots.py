@@ -65,14 +65,14 @@ def nearest_pcc(out: Path, file_stem: str, measured, panel: list[str]) -> tuple[
 
 
 def confidence_check(out: Path, name: str, measured, panel: list[str]) -> float:
-    """Spearman ρ between `obs["confidence"]` and the spot's actual PCC across genes (real spots)."""
+    """Spearman ρ between `obs["stimpute_confidence"]` and the spot's actual PCC across genes (real spots)."""
     from scipy.stats import spearmanr
 
     from stimpute.metrics import spot_pcc
 
     result = ad.read_h5ad(out / f"{name}.h5ad")
     actual = spot_pcc(np.asarray(result[measured.spot_ids, panel].X), panel_expression(measured, panel))
-    return float(spearmanr(result[measured.spot_ids].obs["confidence"], actual, nan_policy="omit").statistic)
+    return float(spearmanr(result[measured.spot_ids].obs["stimpute_confidence"], actual, nan_policy="omit").statistic)
 
 
 def main() -> None:

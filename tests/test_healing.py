@@ -169,7 +169,7 @@ def test_predict_writes_no_nan_and_says_why_confidence_is_undefined(folders, mod
     assert result.exit_code == 0, result.output
     assert_no_nan(tmp_path / "pred")
     adata = ad.read_h5ad(tmp_path / "pred" / "S1.h5ad")
-    assert (adata.obs["confidence"] == 0).all() and "undefined" in adata.uns["stimpute"]["confidence"]
+    assert (adata.obs["stimpute_confidence"] == 0).all() and "undefined" in adata.uns["stimpute"]["confidence"]
 
 
 def test_impute_writes_no_nan(folders, tmp_path):

@@ -167,7 +167,7 @@ def test_impute_command_end_to_end_on_a_synthetic_stack(stack_folders, tmp_path)
 
         adata = ad.read_h5ad(out / f"{name}.h5ad")
         assert list(adata.obs_names) == list(stack[name].adata.obs_names)
-        assert set(adata.layers) >= {"model", "propagated"} and "spatial" in adata.obsm and "spatial" in adata.uns
+        assert set(adata.layers) >= {"stimpute_model", "stimpute_propagated"} and "spatial" in adata.obsm and "spatial" in adata.uns
         assert adata.n_vars == 30 and (out / "figures" / f"{name}.png").is_file()
     assert (out / "config.yaml").is_file() and not (out / "S1.h5ad").exists()
     metrics = pd.read_csv(out / "metrics.csv")

@@ -57,7 +57,7 @@ HIRES_SIDE = 2000  # Space Ranger's tissue_hires_image size
 LOWRES_SIDE = 600  # Space Ranger's tissue_lowres_image size
 SCALE = "normalize_total(1e4) + log1p"
 BLOCK_FILE = "block.h5ad"
-UNDEFINED_CONFIDENCE = 0.0  # obs["confidence"] where no second estimate exists: no evidence of agreement
+UNDEFINED_CONFIDENCE = 0.0  # obs[f"{key}_confidence"] where no second estimate exists: no evidence of agreement
 NO_SECOND_ESTIMATE = ("undefined: no expression transferred from measured sections to compare the prediction with "
                       f"(image-only prediction); obs['confidence'] is {UNDEFINED_CONFIDENCE:g}")
 
