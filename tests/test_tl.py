@@ -144,3 +144,36 @@ def test_scaled_array_image_reads_like_its_source():
     assert image.thumbnail(48)[0].shape == (32, 48, 3)
     with pytest.raises(ValueError):
         SectionImage(array=half, scale=0.0)
+
+
+def test_dropped_spots_are_treated_alike_and_register_features_are_reused(small_stack, monkeypatch):
+    """A zero-count spot: register and features give it a position and features (image
+    only), impute drops it from the measured section (as every reader does) and reuses both."""
+    import warnings
+
+    import stimpute
+    import stimpute.features.stored as stored
+    import stimpute.register as register
+
+    adatas = _as_user_has_them(small_stack)
+    X = adatas[1].X.tolil()
+    X[0, :] = 0
+    adatas[1].X = X.tocsr()
+    stimpute.tl.register(adatas)
+    stimpute.tl.features(adatas)
+    for a in adatas:
+        assert a.obsm["spatial_3d"].shape == (a.n_obs, 3) and len(a.obsm["X_stimpute_features"]) == a.n_obs
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(register, "register_stack", refuse)
+    monkeypatch.setattr(stored, "spot_features", refuse)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = stimpute.tl.impute(adatas, known="S1", n_top=20, epochs=2, device="cpu")
+    assert any("dropped 1 spot" in str(w.message) for w in caught)
+    assert result[1].n_obs == adatas[1].n_obs - 1 and adatas[1].obs_names[0] not in result[1].obs_names
+    assert result[0].n_obs == adatas[0].n_obs
+    kept = adatas[1].obs_names.get_indexer(result[1].obs_names)
+    np.testing.assert_allclose(result[1].obsm["spatial_3d"], adatas[1].obsm["spatial_3d"][kept], atol=1e-6)

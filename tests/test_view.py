@@ -70,7 +70,7 @@ def test_view_draws_textures_true_size_spots_and_measured_beside(out):
     assert (scale.cmin, scale.cmax) == pytest.approx(tuple(np.percentile(imputed, [1, 99])), abs=1e-3) and scale.cmin >= 0
     scene = figure.layout.scene
     assert [scene[a].title.text for a in ("xaxis", "yaxis", "zaxis")] == ["x (µm)", "y (µm)", "z (µm)"]
-    assert set(data["overlays"]) == {"confidence"} and data["gene"] == genes[3] and data["genes"] == genes
+    assert set(data["overlays"]) == {"confidence", "reach"} and data["gene"] == genes[3] and data["genes"] == genes
 
 
 def test_view_command_and_python_api(out, tmp_path):

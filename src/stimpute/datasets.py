@@ -504,14 +504,17 @@ def her2st_mini_path() -> Path:
 
 
 def her2st_mini() -> list[ad.AnnData]:
-    """HER2-ST patient C sections C2, C3, C4 (Andersson et al., Nat Commun 2021), reduced,
-    as AnnData objects in stack order, ready for `stimpute.tl`.
+    """HER2-ST patient C sections C2, C3, C4 (Andersson et al., Nat Commun 2021), reduced.
 
-    Each holds raw counts in `X`, spot centres in `obsm["spatial"]` (full-resolution
-    pixels) and its whole H&E image as `uns["spatial"][name]["images"]["hires"]` (scale 1:
-    the packaged image, no detail lost), with the scale in `uns["stimpute"]`. Images are
-    downscaled 4× from the originals and genes limited to those detected in ≥1% of spots
-    (`scripts/make_her2st_mini.py`); see the folder's README for citation.
+    Images are downscaled 4× from the originals and genes limited to those detected in
+    ≥1% of spots (`scripts/make_her2st_mini.py`); see the folder's README for citation.
+
+    Returns
+    -------
+    Three AnnData objects in stack order, ready for `stimpute.tl`: raw counts in `X`, spot
+    centres in `obsm["spatial"]` (full-resolution pixels), the whole H&E image as
+    `uns["spatial"][name]["images"]["hires"]` (scale 1: the packaged image, no detail lost)
+    with its file in `metadata["source_image_path"]`, the geometry in `uns["stimpute"]`.
     """
     from stimpute.io.inmemory import section_to_anndata
 

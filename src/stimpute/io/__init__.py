@@ -38,7 +38,22 @@ from stimpute.timing import timed
 
 
 def read_section(path: str | Path, image: str | Path | None = None, um_per_px: float | None = None) -> Section:
-    """Read one section from any supported source (see module docstring), validated."""
+    """Read one section from any supported source (see module docstring), validated.
+
+    Parameters
+    ----------
+    path
+        A HER2-ST folder, a section folder, a Space Ranger `outs/` folder, an `.h5ad`, a
+        3DMoEST H5 file or an H&E image alone.
+    image
+        The H&E image of an `.h5ad` or Space Ranger section (default: found beside it).
+    um_per_px
+        Micrometres per full-resolution pixel (default: the source's metadata).
+
+    Returns
+    -------
+    The `Section`: spots (zero-count spots dropped with a warning), counts, lazy image, geometry.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "not found")
@@ -67,8 +82,19 @@ def read_section(path: str | Path, image: str | Path | None = None, um_per_px: f
 
 
 def read_sections(path: str | Path, um_per_px: float | None = None) -> list[Section]:
-    """Every section in `path`: all sections of a `block.h5ad`, else the one section
-    (`um_per_px`: the scale of an H&E image alone, as in `read_stack`)."""
+    """Every section in `path`.
+
+    Parameters
+    ----------
+    path
+        Anything `read_section` reads, or a `block.h5ad` of `stimpute impute`.
+    um_per_px
+        The scale of an H&E image alone, as in `read_stack`.
+
+    Returns
+    -------
+    All sections of a block, else the one section, as a list.
+    """
     path = Path(path)
     if path.is_file() and path.suffix == ".h5ad":
         import anndata as ad
@@ -86,8 +112,19 @@ def read_sections(path: str | Path, um_per_px: float | None = None) -> list[Sect
 def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None, um_per_px: float | None = None) -> Stack:
     """Read sections given in cutting order into a Stack.
 
-    `um_per_px` is the scale of the H&E-only members (image files); without it and without
-    image metadata they take the measured sections' median scale, with a warning.
+    Parameters
+    ----------
+    paths
+        The sections in cutting order (anything `read_section` reads).
+    thickness_um
+        Section spacing (z = position × thickness), default the `Stack`'s.
+    um_per_px
+        The scale of the H&E-only members (image files); without it and without image
+        metadata they take the measured sections' median scale, with a warning.
+
+    Returns
+    -------
+    The `Stack`.
     """
     check_um_per_px(um_per_px)
     images = [is_image_file(Path(p)) for p in paths]
