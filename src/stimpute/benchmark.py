@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from stimpute import __version__
 from stimpute.errors import StimputeError
 from stimpute.files import atomic_write, write_text_atomic
-from stimpute.models import METHODS, NotApplicable, get_method, load_methods
+from stimpute.models import METHOD_ALIASES, METHODS, NotApplicable, current_name, get_method, load_methods
 from stimpute.prepare import PreparedStack, top_hvg_genes
 from stimpute.metrics import Summary, gene_metrics, paired_test, pearson_columns, spot_pcc, summarise_pcc  # noqa: F401  (re-exported)
 from stimpute.prepare import with_known_panel
@@ -39,7 +39,7 @@ from stimpute.prepare import with_known_panel
 # --------------------------------------------------------------------------- protocols
 
 PROTOCOLS = ("3d", "2d")
-METHOD_ORDER = ("asign", "asign_model", "msagnet", "msagnet2d", "propagation", "composite", "transfer", "overlap", "similarity", "ridge", "knn", "mean")
+METHOD_ORDER = ("asign", "asign_model", "msagnet_3d", "msagnet_2d", "propagation", "composite", "transfer", "overlap", "similarity", "ridge", "knn", "mean")
 RESULT_COLUMNS = ["method", "protocol", "known", "target", "gene", "pcc", "mse", "mae",
                   "status", "error", "seconds", "peak_mib", "top50"]
 
@@ -266,7 +266,7 @@ def check_benchmark(out_dir: Path, methods: Sequence[str] | None, protocols: Seq
         raise StimputeError("--protocols", f"unknown protocol(s) {', '.join(unknown) or '(none given)'} (use {' and/or '.join(PROTOCOLS)})")
     if not methods or not set(methods) <= set(METHODS):
         load_methods()  # torch methods are imported only when asked for
-    methods = list(methods) if methods else default_methods()
+    methods = [current_name(m, METHOD_ALIASES, "method") for m in methods] if methods else default_methods()
     for name in methods:
         get_method(name)  # unknown names fail here, naming the available ones
     return methods, list(protocols)

@@ -452,7 +452,7 @@ def impute(
     Example: [bold]stimpute impute sec2.jpg ../shared/data/her2st/C3 sec4.tif --known C3 --out imputed/ --grid-scale 0.5[/]
     """
     from stimpute.device import check_batch_nodes, parallel_options, resolve_device
-    from stimpute.impute import FUSIONS
+    from stimpute.models.asign import FUSIONS
     from stimpute.pipeline import run_impute
     from stimpute.register.grid import GridOptions
     from stimpute.train import TrainConfig
@@ -530,12 +530,12 @@ def advise(
 @guarded
 def train(
     sections: Sections,
-    out: Annotated[Path, typer.Option(help="Model folder: the model (msagnet: checkpoints/best.ckpt) and config.yaml.")],
+    out: Annotated[Path, typer.Option(help="Model folder: the model (msagnet_2d: checkpoints/best.ckpt; asign: asign/) and config.yaml.")],
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file (default: top 250 HVGs of the sections).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on held-out spots; moe3d trains a fixed number of full-batch steps).", min=1)] = 300,
     force: Annotated[bool, typer.Option(help="Overwrite an earlier model in OUT.")] = False,
-    method: Annotated[str, typer.Option(help="A registered model: msagnet (2D MSAGNet), nh2st (NH²2ST), moe3d (3DMoEST without coordinates), ... (stimpute.models.MODELS).")] = "msagnet",
+    method: Annotated[str, typer.Option(help="A registered model: msagnet_2d (2D MSAGNet), asign (ASIGN: registers the sections and keeps them to impute new ones), nh2st (NH²2ST), moe3d (3DMoEST without coordinates), ... (stimpute.models.MODELS; msagnet: the old name of msagnet_2d).")] = "msagnet_2d",
     mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section, writing cv_metrics.csv.")] = "train",
     folds: Annotated[Optional[int], typer.Option(help="Folds of --mode cv (default: one per section).", min=2)] = None,
     encoder: StackEncoderOption = None,
@@ -546,10 +546,11 @@ def train(
     strategy: StrategyOption = "auto",
     batch_nodes: BatchNodesOption = None,
 ):
-    """Train an image-only model (2D MSAGNet, NH²2ST or 3DMoEST) on measured sections, for `stimpute predict`.
+    """Train a model (2D MSAGNet, NH²2ST, 3DMoEST or ASIGN) on measured sections, for `stimpute predict`.
 
     Example: [bold]stimpute train ../shared/data/her2st/C2 ../shared/data/her2st/C4 --out model/ --method moe3d[/]
     Example: [bold]stimpute train ../shared/data/her2st/C2 ../shared/data/her2st/C3 ../shared/data/her2st/C4 --out cv/ --method nh2st --mode cv[/]
+    Example: [bold]stimpute train ../shared/data/her2st/C3 ../shared/data/her2st/C4 --out asign-model/ --method asign[/]
     """
     from stimpute.device import parallel_options, resolve_device
     from stimpute.pipeline import run_train
@@ -584,19 +585,22 @@ def predict(
     model: Annotated[Path, typer.Option(help="Model folder written by `stimpute train`.")],
     out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per section, figures/, config.yaml, metrics.csv when sections carry counts.")],
     force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT.")] = False,
-    method: Annotated[Optional[str], typer.Option(help="The model's method (msagnet, nh2st or moe3d); read from the model folder, checked when given.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="The model's method (msagnet_2d, nh2st, moe3d or asign); read from the model folder, checked when given.")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="The model's feature encoder; read from the model folder, checked when given.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="The encoder's local weight file, checked against the one the model was trained with (default: the recorded path).")] = None,
     um_per_px: UmPerPxOption = None,
     spot_diameter_um: Annotated[Optional[float], typer.Option(help="Virtual spot diameter in µm on H&E-only sections (default: the training sections', else Visium's 55).")] = None,
     pitch_um: Annotated[Optional[float], typer.Option(help="Virtual spot pitch in µm on H&E-only sections (default: the training sections', else Visium's 100).")] = None,
+    order: Annotated[Optional[str], typer.Option(help="An ASIGN model: every section's name, its known ones and the new ones, in cutting order, joined by commas (default: the known sections, then the new ones).")] = None,
 ):
-    """Predict expression from the H&E image alone with a trained model (2D MSAGNet, NH²2ST or 3DMoEST).
+    """Predict expression with a trained model: from the H&E image alone (2D MSAGNet, NH²2ST or 3DMoEST), or with ASIGN.
 
-    A section may be an H&E image alone: a hexagonal grid of virtual spots is laid on its tissue. Sections that carry
-    counts are scored (metrics.csv and the accuracy table).
+    A section may be an H&E image alone: a hexagonal grid of virtual spots is laid on its tissue. An ASIGN model registers
+    each section onto its nearest known section and imputes it from its image and the stored known spots. Sections that
+    carry counts are scored (metrics.csv and the accuracy table).
     Example: [bold]stimpute predict ../shared/data/her2st/C3 --model model/ --out predicted/[/]
     Example: [bold]stimpute predict he/C5.tif --um-per-px 0.5 --model model/ --out predicted/[/]
+    Example: [bold]stimpute predict ../shared/data/her2st/C2 --model asign-model/ --order C2,C3,C4 --out predicted/[/]
     """
     from stimpute.pipeline import RunSummary, run_predict
     from stimpute.register.grid import GridOptions
@@ -604,7 +608,8 @@ def predict(
     grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um)
     summary = RunSummary()
     files = run_predict(sections, model, out, force=force, progress=True, method=method, encoder=encoder, weights=weights,
-                        um_per_px=um_per_px, grid=grid, summary=summary)
+                        um_per_px=um_per_px, grid=grid, summary=summary,
+                        order=[n.strip() for n in order.split(",") if n.strip()] if order else None)
     console.print(f"wrote {len(files)} files to {out}", highlight=False)
     _report_accuracy(summary, "prediction")
 

@@ -6,7 +6,8 @@ then write one `.h5ad` per imputed section, heatmaps, `metrics.csv` where target
 counts and, last, `config.yaml` (then `timings.json`: seconds and peak RSS per stage). Every run
 owns its output folder (`stimpute.io.run`): a killed run is unfinished, and rerunning it resumes
 (feature cache, training checkpoint) and replaces its partial outputs. `run_train`/`run_predict`
-are the image-only (2D) route for stacks without any measured section. Earlier results are
+train a registered model once and apply it to sections scanned later: an image-only one
+(MSAGNet 2D, NH²2ST, ...) or ASIGN itself, which keeps its known sections. Earlier results are
 never overwritten without `force`, and files no stimpute run wrote never are.
 """
 
@@ -32,7 +33,6 @@ from stimpute.expression import top_variable
 from stimpute.features.checkpoint import file_digest
 from stimpute.features.encoders import match_recorded
 from stimpute.features.stored import check_encoder, check_trained_on, stored_encoder
-from stimpute.impute import MEMBERS, ImputeResult
 from stimpute.io import read_stack
 from stimpute.io.anndata_io import write_h5ad_atomic
 from stimpute.files import write_text_atomic
@@ -43,10 +43,11 @@ from stimpute.io.spaceranger import spaceranger_files, spaceranger_outs
 from stimpute.data import Stack
 from stimpute.device import check_batch_nodes, resolve_device
 from stimpute.distributed import is_rank_zero, rank_output
-from stimpute.models import MODELS, get_model
+from stimpute.models import MODEL_ALIASES, MODELS, current_name, get_model
+from stimpute.models.asign import MEMBERS, ImputeResult
 from stimpute.prepare import FEATURE_NORMS, known_indices, prepare_stack
 from stimpute.programs import programs_record
-from stimpute.register.grid import GridOptions, grid_on_section, known_lattice
+from stimpute.register.grid import GridOptions, known_lattice
 from stimpute.io.registration import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.tl import given_features, impute_sections
@@ -203,12 +204,12 @@ def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, fo
 
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
               force: bool = False, progress: bool = False, config=None, encoder: str | None = None,
-              method: str = "msagnet", mode: str = "train", folds: int | None = None,
+              method: str = "msagnet_2d", mode: str = "train", folds: int | None = None,
               weights: str | Path | None = None, epochs: int | None = None, device: str | None = None,
               parallel: dict | None = None, batch_nodes: int | None = None) -> Path:
-    """Train the registered model `method` (`stimpute.models.MODELS`: msagnet (2D), nh2st,
-    moe3d without coordinates, ...) on every measured section (images only, no
-    registration) and save it in `out`. `config`: the model's settings (default: its
+    """Train the registered model `method` (`stimpute.models.MODELS`: msagnet_2d, nh2st,
+    moe3d without coordinates, asign, ...) on every measured section and save it in `out`
+    (sections are registered for models that read the 3D stack, `needs_3d`: asign). `config`: the model's settings (default: its
     `train_config(epochs)`). `mode="cv"`: k-fold cross-validation by section instead,
     writing `cv_metrics.csv` (and each fold's model under `checkpoints/`). `device`: auto, cpu
     or cuda (`stimpute.device`; default: the config's); `parallel`: Lightning's `devices`,
@@ -220,7 +221,7 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
     model = model_class(config if config is not None else model_class.train_config(epochs))
     if batch_nodes is not None:
         if not hasattr(model.config, "batch_nodes"):
-            raise StimputeError("--batch-nodes", f"{method} trains on spots, not a graph: it has no node budget (msagnet has)")
+            raise StimputeError("--batch-nodes", f"{method} trains on spots, not a graph: it has no node budget (msagnet_2d has)")
         model.config = replace(model.config, batch_nodes=check_batch_nodes(batch_nodes))
     if device is not None or parallel:
         accelerator = resolve_device(device) if device is not None else model.config.accelerator
@@ -235,7 +236,7 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
 def _train(run: Run, sections, genes, seed, progress, features, model, mode, folds) -> Path:
     out = run.out
     saved = "checkpoints/" if model.saved.startswith("checkpoints/") else model.saved
-    outputs = [saved, "cv_metrics.csv", "checkpoints/", "config.yaml"] if mode == "cv" else [saved, "config.yaml"]
+    outputs = [saved, "checkpoints/", "config.yaml"] + (["cv_metrics.csv"] if mode == "cv" else [])
     force = run.claim(list(dict.fromkeys(outputs)), caches=["cache/"]) and not run.resuming  # a killed run is resumed
     stack = read_stack(sections)
     for section in stack:
@@ -243,8 +244,8 @@ def _train(run: Run, sections, genes, seed, progress, features, model, mode, fol
             raise StimputeError(section.source or section.name, f"{section.n_spots} spots with counts: "
                                 "`stimpute train` learns from measured sections only")
     prepared = prepare_stack(stack, panel=genes, encoder=features["encoder"], weights=features["weights"],
-                             cache_dir=out / "cache", progress=progress, register=False,
-                             hardware=lightning_flags(model.config))
+                             cache_dir=out / "cache", progress=progress, register=model.needs_3d,
+                             hardware=lightning_flags(getattr(model.config, "train", model.config)))
     if force:  # retrain: the earlier run's checkpoints (listed in the manifest) go
         for old in (out / "checkpoints").rglob("*.ckpt"):
             if run.owns(old.relative_to(out).as_posix()):
@@ -276,35 +277,39 @@ def spot_geometry(stack: Stack) -> dict:
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
                 progress: bool = False, method: str | None = None, encoder: str | None = None,
                 weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
-                summary: RunSummary | None = None) -> list[Path]:
+                summary: RunSummary | None = None, order: Sequence[str] | None = None) -> list[Path]:
     """Predict each section from its image alone with a model written by `run_train`
     (`method`, `encoder` and `weights`, if given, must be the model's); returns the `.h5ad`
     and figure of each section, and records the model, inputs and version in `out/config.yaml`.
 
     H&E images alone (scale `um_per_px` or their metadata) get a virtual spot grid over
     their tissue (`grid`; default: the spot diameter and pitch the model was trained on).
+    An ASIGN model registers each section onto its nearest known section and imputes it
+    with them; `order`: every section's name, known and new, in cutting order (default: the
+    known sections, then the new ones).
     Sections that carry counts are scored: `out/metrics.csv` (`section,gene,pcc,mse,mae`),
     and `summary`, if given, receives their PCC summaries (top genes: the training
     sections' top-50 HVGs)."""
     model_dir, out = Path(model_dir), Path(out)
     with run_ownership(out, "predict", [*sections, model_dir, weights], force) as run:
-        return _predict(run, sections, model_dir, progress, method, encoder, weights, um_per_px, grid, summary)
+        return _predict(run, sections, model_dir, progress, method, encoder, weights, um_per_px, grid, summary, order)
 
 
 def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | None, encoder, weights,
-             um_per_px, grid, summary) -> list[Path]:
+             um_per_px, grid, summary, order) -> list[Path]:
     out = run.out
     cfg_file = model_dir / "config.yaml"
     settings = read_model_config(cfg_file) if cfg_file.is_file() else {}
-    trained = settings.get("method", "msagnet")  # folders from before config.yaml recorded it
+    trained = settings.get("method", "msagnet")  # folders from before config.yaml recorded it: the 2D model
     try:
         model_class = get_model(trained)
+        trained = model_class.model_name
     except StimputeError:
         raise InputError(cfg_file, f"records an unknown method {trained!r} (known: {', '.join(sorted(MODELS))})") from None
     ckpt = model_dir / model_class.saved
     if not ckpt.exists() or not cfg_file.is_file():
         raise StimputeError(model_dir, f"not a trained model folder: expected {model_class.saved} and config.yaml (from `stimpute train`)")
-    if method is not None and method != trained:
+    if method is not None and current_name(method, MODEL_ALIASES, "--method") != trained:
         raise StimputeError(cfg_file, f"this model was trained with --method {trained}, not {method}")
     features = match_recorded(settings, encoder, weights, cfg_file)
     try:
@@ -319,35 +324,35 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
     trained_grid = {k: v for k, v in settings.get("spots", {}).items() if v}
     grid = grid or GridOptions()
     grid = replace(grid, **{k: v for k, v in trained_grid.items() if getattr(grid, k) is None})
-    files, predicted, truths = [], [], []
+    panel = list(settings["panel"])
     for section in stack:
-        if section.n_spots == 0:
-            grid_on_section(section, grid)
         check_trained_on(settings.get("encoder", "handcrafted"), section, model_dir)
-        one = prepare_stack(Stack([section]), known=[], panel=settings["panel"], encoder=features["encoder"],
-                            weights=features["weights"], cache_dir=out / "cache", progress=progress, register=False,
-                            feature_norm=settings.get("feature_normalisation", "none"))
-        with torch.no_grad(), torch_threads(1):
-            pred = model.predict(one, [0])[0]
-        if pred.shape[1] != len(one.panel):
-            raise InputError(cfg_file, f"its panel names {len(one.panel)} genes, but the model {ckpt} predicts {pred.shape[1]}")
-        if not np.isfinite(pred).all():
-            raise InputError(ckpt, f"the model predicts non-finite values for {section.name}: a damaged model file?")
-        files.append(write_prediction(section, one.panel, pred, out, force=force))
-        shown = [g for g in MARKER_GENES if g in one.panel] or one.panel[:N_TOP_FIGURE_GENES]
-        measured = one.expression[0]
-        predicted.append(pred)
-        truths.append(measured)
-        pcc = None if measured is None else pearson_columns(pred, measured)[[list(one.panel).index(g) for g in shown]]
-        files.append(_heatmaps(section, one.panel, shown, pred, measured, out, pcc=pcc, label="predicted"))
-        section.image.release()
+
+    def prepare(sections: Stack):
+        return prepare_stack(sections, known=[], panel=panel, encoder=features["encoder"], weights=features["weights"],
+                             cache_dir=out / "cache", progress=progress, register=False,
+                             feature_norm=settings.get("feature_normalisation", "none"))
+
+    files, predicted, truths = [], [], []
+    with torch.no_grad(), torch_threads(1):
+        for section, measured, pred in model.predict_sections(stack, prepare, grid, order):
+            if pred.shape[1] != len(panel):
+                raise InputError(cfg_file, f"its panel names {len(panel)} genes, but the model {ckpt} predicts {pred.shape[1]}")
+            if not np.isfinite(pred).all():
+                raise InputError(ckpt, f"the model predicts non-finite values for {section.name}: a damaged model file?")
+            files.append(write_prediction(section, panel, pred, out, force=force))
+            shown = [g for g in MARKER_GENES if g in panel] or panel[:N_TOP_FIGURE_GENES]
+            predicted.append(pred)
+            truths.append(measured)
+            pcc = None if measured is None else pearson_columns(pred, measured)[[panel.index(g) for g in shown]]
+            files.append(_heatmaps(section, panel, shown, pred, measured, out, pcc=pcc, label="predicted"))
+            section.image.release()
     record = {"stimpute_version": __version__, "method": trained, "model": str(model_dir), "model_sha256": input_hash(ckpt),
               "seed": settings.get("seed"), **features, "encoder": settings.get("encoder", "handcrafted"),
               "panel": settings["panel"],
               "inputs": input_records(stack, sections), "train": settings.get("train")}
     measured = [m for m in truths if m is not None]
     if measured:  # models from before config.yaml recorded top_hvg: the measured targets' own
-        panel = list(settings["panel"])
         top = settings.get("top_hvg") or [panel[j] for j in top_variable(np.concatenate(measured), N_TOP_SUMMARY)]
         metrics, scores = score_sections(stack.names, predicted, truths, panel, np.array([panel.index(g) for g in top]))
         write_text_atomic(out / "metrics.csv", metrics.to_csv(index=False))

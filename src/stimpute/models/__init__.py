@@ -12,18 +12,15 @@ import importlib
 import pkgutil
 
 from stimpute.errors import StimputeError
-from stimpute.models.base import (METHODS, MODELS, Method, Model, NotApplicable, get_method,
-                                  register_method)
+from stimpute.models.base import (METHOD_ALIASES, METHODS, MODEL_ALIASES, MODELS, Method, Model, NotApplicable,
+                                  current_name, get_method, register_method)
 from stimpute.models import baselines  # noqa: F401  (registers overlap, similarity, ridge, knn, mean)
-
-# Modules outside this package that register methods (ASIGN and its parts); imported on
-# demand with this package's modules (torch/lightning are slow to import).
-METHOD_MODULES = ("stimpute.impute",)
 
 
 def load_methods() -> dict:
-    """Import every method module (this package's and `METHOD_MODULES`) so the registry is complete."""
-    modules = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)] + list(METHOD_MODULES)
+    """Import every method module of this package (torch/lightning ones on demand: slow to
+    import) so the registry is complete."""
+    modules = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)]
     for module in modules:
         try:
             importlib.import_module(module)
@@ -36,10 +33,11 @@ def load_methods() -> dict:
 def get_model(name: str) -> type[Model]:
     """The registered `Model` class that `stimpute train --method name` trains."""
     load_methods()
+    name = current_name(name, MODEL_ALIASES, "--method")
     if name not in MODELS:
         raise StimputeError("--method", f"cannot train {name!r} for `stimpute predict` (use {' or '.join(sorted(MODELS))})")
     return MODELS[name]
 
 
-__all__ = ["METHODS", "MODELS", "Method", "Model", "NotApplicable", "PreparedStack", "get_method", "get_model",
+__all__ = ["METHOD_ALIASES", "METHODS", "MODEL_ALIASES", "MODELS", "current_name", "Method", "Model", "NotApplicable", "get_method", "get_model",
            "load_methods", "register_method"]

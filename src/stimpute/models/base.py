@@ -8,6 +8,7 @@ predict` find it in `MODELS` by its `model_name`, and know nothing else about it
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from stimpute.errors import StimputeError
+from stimpute.data import Stack
+from stimpute.errors import StimputeError, StimputeWarning
 from stimpute.metrics import gene_metrics
 from stimpute.prepare import PreparedStack
 
@@ -105,6 +107,24 @@ class Model(Method):
     def fit_predict(self, prepared, train, targets, seed=0):
         return self.fit(prepared, list(train), seed).predict(prepared, list(targets))
 
+    def predict_sections(self, stack: Stack, prepare: Callable[[Stack], PreparedStack], grid=None,
+                         order: list[str] | None = None):
+        """`stimpute predict`: each section of `stack` from its image alone (an H&E image
+        alone gets a virtual spot grid, `grid`, over its tissue); `prepare` makes a stack of
+        sections ready (features, the model's panel). Yields (section, panel expression or
+        None, prediction) in `stack` order. `order` places new sections among a model's
+        stored known sections; a model of images alone has none."""
+        from stimpute.register.grid import grid_on_section
+
+        if order:
+            raise StimputeError("--order", f"{self.model_name} predicts each section from its image alone: "
+                                "there are no known sections to place new ones among")
+        for section in stack:
+            if section.n_spots == 0:
+                grid_on_section(section, grid)
+            one = prepare(Stack([section]))
+            yield section, one.expression[0], self.predict(one, [0])[0]
+
     def cross_validate(self, prepared: PreparedStack, sections: list[int], n_folds: int, seed: int = 0,
                        folder: Path | None = None) -> pd.DataFrame:
         """k-fold cross-validation by section: each fold's sections are predicted by a fresh
@@ -125,6 +145,18 @@ class Model(Method):
 
 METHODS: dict[str, Callable[..., Method]] = {}
 MODELS: dict[str, type[Model]] = {}
+# old names, kept working with a deprecation line: "msagnet" meant the 3D net to the
+# benchmark and the 2D model to `stimpute train` and in model folders
+METHOD_ALIASES = {"msagnet": "msagnet_3d", "msagnet2d": "msagnet_2d"}
+MODEL_ALIASES = {"msagnet": "msagnet_2d"}
+
+
+def current_name(name: str, aliases: dict[str, str], what: str) -> str:
+    """`name`, or the name an old one became (with one deprecation warning line)."""
+    if name not in aliases:
+        return name
+    warnings.warn(f"{what} {name!r} is deprecated: it is called {aliases[name]!r} now", StimputeWarning, stacklevel=3)
+    return aliases[name]
 
 
 def register_method(factory: Callable[..., Method]) -> Callable[..., Method]:
@@ -138,6 +170,7 @@ def register_method(factory: Callable[..., Method]) -> Callable[..., Method]:
 
 
 def get_method(name: str, **options) -> Method:
+    name = current_name(name, METHOD_ALIASES, "method")
     if name not in METHODS:
         raise StimputeError("--method", f"unknown method {name!r} (available: {', '.join(sorted(METHODS))})")
     return METHODS[name](**options)
