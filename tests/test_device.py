@@ -51,7 +51,7 @@ def test_every_training_command_refuses_cuda_without_a_gpu_in_one_line(command, 
 
 def test_on_device_sets_the_accelerator_of_every_lightning_model():
     load_methods()
-    for name in ("msagnet2d", "nh2st", "moe3d"):
+    for name in ("msagnet_2d", "msagnet_3d", "nh2st", "moe3d"):
         method = get_method(name)
         assert method.config.accelerator == "cpu"
         assert method.on_device("cuda").config.accelerator == "cuda", name

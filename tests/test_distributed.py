@@ -131,6 +131,6 @@ def test_every_lightning_model_records_the_parallel_flags():
 
     load_methods()
     flags = {"devices": 2, "num_nodes": 3, "strategy": "ddp"}
-    for name in ("msagnet2d", "nh2st", "moe3d"):
+    for name in ("msagnet_2d", "msagnet_3d", "nh2st", "moe3d"):
         assert lightning_flags(get_method(name).on_device("cpu", **flags).config) == {"accelerator": "cpu", **flags}, name
-    assert get_method("asign").on_device("cpu", **flags).hardware == {"accelerator": "cpu", **flags}
+    assert lightning_flags(get_method("asign").on_device("cpu", **flags).config.train) == {"accelerator": "cpu", **flags}

@@ -244,7 +244,7 @@ def test_known_takes_several_sections_joined_by_commas(synthetic):
 def test_calibration_with_two_known_sections_propagates_from_the_other_one():
     """Leave-one-known-section-out: each known section's held-out spots get their
     propagated value from the other known section, never from their own neighbours."""
-    from stimpute.impute import _calibration
+    from stimpute.models.asign import _calibration
     from stimpute.programs import fit_programs
 
     coords = [_grid(5, 0), _grid(5, 0, shift=10.0)]
@@ -262,19 +262,17 @@ def test_calibration_with_two_known_sections_propagates_from_the_other_one():
 def test_residuals_transferred_are_out_of_sample():
     """Regression kriging carries measured minus *out-of-sample* prediction: a spot's own
     value never explains itself (in-sample residuals of a flexible probe are ~0)."""
-    from types import SimpleNamespace
-
-    from stimpute.impute import _kernel_ridge_member
-    from stimpute.models import load_methods
+    from stimpute.models.asign.members import KernelRidgeMember
     from stimpute.models.baselines import KernelRidgeLOO
 
-    load_methods()
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(49, 3, 4)), rng.normal(size=(49, 3, 4))]
     expr = [np.c_[np.sin(feats[0][:, 0, 0]), feats[0][:, 1, 1]] + rng.normal(scale=0.3, size=(49, 2)), None]
     prepared = _Stub([_grid(7, 0), _grid(7, 0)], [0.0, 10.0], feats, expr)
     held = {0: np.arange(49) % 5 == 0}
-    out = _kernel_ridge_member(prepared, [0], [1], held, None, SimpleNamespace(seed=0), None, None, False)
+    member = KernelRidgeMember().fit(prepared, [0], held, seed=0)
+    out = {"residual": member.residual, "residual_honest": member.residual_honest, "held": member.held_,
+           1: member.predict(prepared, [1])[1]}
     raw, train = feats[0].reshape(49, -1), ~held[0]
     x = (raw - raw.mean(0)) / raw.std(0)
     full = KernelRidgeLOO().fit(x, expr[0])
@@ -287,22 +285,17 @@ def test_residuals_transferred_are_out_of_sample():
 
 
 def test_probe_learns_from_a_bounded_subset_and_predicts_the_rest_out_of_sample(monkeypatch):
-    from types import SimpleNamespace
+    import stimpute.models.asign.members as members
 
-    import stimpute.impute as impute
-    from stimpute.models import load_methods
-
-    load_methods()
     rng = np.random.default_rng(1)
     feats = [rng.normal(size=(49, 3, 4)), rng.normal(size=(49, 3, 4))]
     expr = [feats[0][:, 0, :2] + rng.normal(scale=0.3, size=(49, 2)), None]
     prepared = _Stub([_grid(7, 0), _grid(7, 0)], [0.0, 10.0], feats, expr)
     held = {0: np.arange(49) % 5 == 0}
-    config = SimpleNamespace(seed=0)
-    whole = impute._kernel_ridge_member(prepared, [0], [1], held, None, config, None, None, False)
-    monkeypatch.setattr(impute, "PROBE_MAX_SPOTS", 20)
-    bounded = impute._kernel_ridge_member(prepared, [0], [1], held, None, config, None, None, False)
-    assert bounded["residual"][0].shape == (49, 2) and np.isfinite(bounded["residual"][0]).all()
-    assert not np.allclose(bounded[1], whole[1])  # fitted on 20 spots, not 49
-    again = impute._kernel_ridge_member(prepared, [0], [1], held, None, config, None, None, False)
-    assert np.array_equal(again["residual"][0], bounded["residual"][0])  # the subset is seeded
+    whole = members.KernelRidgeMember().fit(prepared, [0], held, seed=0)
+    monkeypatch.setattr(members, "PROBE_MAX_SPOTS", 20)
+    bounded = members.KernelRidgeMember().fit(prepared, [0], held, seed=0)
+    assert bounded.residual[0].shape == (49, 2) and np.isfinite(bounded.residual[0]).all()
+    assert not np.allclose(bounded.predict(prepared, [1])[1], whole.predict(prepared, [1])[1])  # fitted on 20 spots, not 49
+    again = members.KernelRidgeMember().fit(prepared, [0], held, seed=0)
+    assert np.array_equal(again.residual[0], bounded.residual[0])  # the subset is seeded

@@ -102,15 +102,18 @@ def test_a_registered_model_is_cross_validated_by_section(registered, folders, t
 
 def test_unknown_model_names_the_registered_ones(folders, tmp_path):
     result = run_cli("train", *folders[0][:1], "--out", tmp_path / "m", "--method", "no_such_model")
-    one_error_line(result, "--method", "no_such_model", "moe3d", "msagnet", "nh2st")
+    one_error_line(result, "--method", "no_such_model", "asign", "moe3d", "msagnet_2d", "nh2st")
 
 
 def test_builtin_models_share_the_interface():
     """Each built-in model: a config dataclass, the file `save` writes, and what `train` calls it."""
-    get_model("msagnet")
+    get_model("msagnet_2d")
     assert {name: cls.saved for name, cls in MODELS.items() if name != "shrunk_mean"} == {
-        "msagnet": "checkpoints/best.ckpt", "nh2st": "checkpoints/nh2st.ckpt", "moe3d": "moe3d.pt"}
-    assert get_model("msagnet").train_config(epochs=7).max_epochs == 7
-    assert get_model("msagnet").train_config().model.variant == "2d"
+        "msagnet_2d": "checkpoints/best.ckpt", "msagnet_3d": "checkpoints/best.ckpt", "nh2st": "checkpoints/nh2st.ckpt",
+        "moe3d": "moe3d.pt", "asign": "asign/", "asign_model": "asign/"}
+    assert get_model("msagnet_2d").train_config(epochs=7).max_epochs == 7
+    assert get_model("msagnet_2d").train_config().model.variant == "2d"
+    assert get_model("msagnet_3d").train_config().model.variant == "3d"
+    assert get_model("asign").train_config(epochs=7).train.max_epochs == 7
     assert get_model("nh2st").train_config(epochs=7).max_epochs == 7
     assert get_model("moe3d").train_config(epochs=7).use_coords is False

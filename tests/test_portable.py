@@ -1,4 +1,4 @@
-"""The benchmark's resource meter without Linux's /proc, and `msagnet2d` as a 2D method."""
+"""The benchmark's resource meter without Linux's /proc, and `msagnet_2d` as a 2D method."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def test_benchmark_runs_without_proc(prepared, tmp_path, monkeypatch):  # noqa: 
     assert (tmp_path / "results.csv").is_file()
 
 
-def test_msagnet2d_is_a_registered_image_only_method(prepared):  # noqa: F811
-    assert "msagnet2d" in load_methods()
-    method = get_method("msagnet2d", max_epochs=3)
+def test_msagnet_2d_is_a_registered_image_only_method(prepared):  # noqa: F811
+    assert "msagnet_2d" in load_methods()
+    method = get_method("msagnet_2d", max_epochs=3)
     assert not method.needs_3d
     preds = method.fit_predict(image_only(prepared), [0, 1], [2], seed=0)
     assert set(preds) == {2} and preds[2].shape == (prepared.stack[2].n_spots, len(prepared.panel))
