@@ -95,16 +95,16 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
         w = shares.weights(res.reach[t] if reach is None else reach)
         return w * prop + (1 - w) * model
 
-    old_model = {t: (old.members["msagnet"][t] + res.members["kernel_ridge"][t]) / 2 for t in targets}
+    old_model = {t: (old.members["msagnet_3d"][t] + res.members["kernel_ridge"][t]) / 2 for t in targets}
     out = {
         "asign": res.fused, "model": res.model, "propagated": res.propagated, "transfer": rival, "ridge": ridge,
         "½ ridge + ½ transfer": {t: 0.5 * z(ridge[t]) + 0.5 * z(rival[t]) for t in targets},
         "kernel ridge": res.members["kernel_ridge"],
-        "msagnet (alone)": res.members["msagnet"],
+        "msagnet (alone)": res.members["msagnet_3d"],
         "msagnet spot loss": {t: fuse(t, model=old_model[t]) for t in targets},
-        "model w/o kernel ridge": {t: fuse(t, model=res.members["msagnet"][t]) for t in targets},
+        "model w/o kernel ridge": {t: fuse(t, model=res.members["msagnet_3d"][t]) for t in targets},
         "model w/o msagnet": {t: fuse(t, model=res.members["kernel_ridge"][t]) for t in targets},
-        "linear ridge member": {t: fuse(t, model=(res.members["msagnet"][t] + ridge[t]) / 2) for t in targets},
+        "linear ridge member": {t: fuse(t, model=(res.members["msagnet_3d"][t] + ridge[t]) / 2) for t in targets},
         "propagation w/o morphology": {t: fuse(t, prop=plain[t]) for t in targets},
         "even fusion": {t: fuse(t, shares=even) for t in targets},
         "fusion w/o reach": {t: fuse(t, reach=np.ones_like(res.reach[t])) for t in targets},

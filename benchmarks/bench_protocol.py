@@ -124,7 +124,7 @@ def methods(parts: dict, t: int) -> dict[str, np.ndarray]:
         "composite": zmix(parts["ridge"][t], parts["transfer"][t], 0.5),
         "composite·section": zmix(parts["ridge·section"][t], parts["transfer"][t], 0.5),
         "ridge": parts["ridge"][t], "ridge·section": parts["ridge·section"][t], "transfer": parts["transfer"][t],
-        "kernel ridge": res.members["kernel_ridge"][t], "msagnet": res.members["msagnet"][t],
+        "kernel ridge": res.members["kernel_ridge"][t], "msagnet": res.members["msagnet_3d"][t],
     }
 
 
