@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -13,6 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+
+import stimpute
+
+HEAVY = ("torch", "scanpy", "anndata", "sklearn", "lightning")
+SRC = Path(stimpute.__file__).parents[1]  # the tree under test, also in the subprocess
 
 
 def write_her2st_folder(folder: Path, name: str = "X1", n_side: int = 6, pitch: float = 40.0, seed: int = 0,
@@ -34,6 +42,15 @@ def write_her2st_folder(folder: Path, name: str = "X1", n_side: int = 6, pitch: 
     size = int(pitch * (n_side + 1))
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"HE_{name}.jpg")
     return folder
+
+
+def heavy_after(code: str) -> list[str]:
+    """The heavy libraries in `sys.modules` after a fresh interpreter runs `code`."""
+    probe = f"{code}\nimport sys\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return eval(done.stdout.strip().splitlines()[-1])
 
 
 def run_cli(*args):

@@ -4,26 +4,10 @@ first use, and neither it nor the command line imports a heavy library at start-
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-import stimpute
-
-HEAVY = ("torch", "scanpy", "anndata", "sklearn", "lightning")
-SRC = Path(stimpute.__file__).parents[1]  # the tree under test, also in the subprocess
-
-
-def heavy_after(code: str) -> list[str]:
-    """The heavy libraries in `sys.modules` after a fresh interpreter runs `code`."""
-    probe = f"{code}\nimport sys\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return eval(done.stdout.strip().splitlines()[-1])
+from tests.helpers import heavy_after
 
 
 @pytest.mark.parametrize("code", [

@@ -16,7 +16,7 @@ from stimpute.errors import StimputeError
 from stimpute.io import write_section
 from stimpute.files import write_text_atomic
 from stimpute.files import LOCK_FILE, MANIFEST_FILE, read_manifest, run_ownership
-from tests.helpers import one_error_line, run_cli, write_her2st_folder, write_spaceranger_outs
+from tests.helpers import heavy_after, one_error_line, run_cli, write_her2st_folder, write_spaceranger_outs
 
 _run, _one_error_line = run_cli, one_error_line
 
@@ -108,6 +108,23 @@ def test_a_live_lock_refuses_at_once_and_a_stale_one_is_taken_over(tmp_path):
         write_text_atomic(out / "a.txt", "result")
     assert not (out / LOCK_FILE).exists()
     assert read_manifest(out)["files"] == ["a.txt"] and read_manifest(out)["status"] == "finished"
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_busy_out_is_refused_before_the_heavy_imports(stack_dir, tmp_path, inside):
+    """Issue 26: a refused run cost 7.9 CPU s (torch, anndata, scanpy loaded first). The
+    command line now says so, one line and exit code 2, with no heavy library imported;
+    also for an --out inside a folder that a live run holds."""
+    held = tmp_path / "held"
+    out = held / "inner" if inside else held
+    probe = ("from typer.testing import CliRunner\nfrom stimpute.cli import app\n"
+             f"r = CliRunner().invoke(app, ['impute', {str(stack_dir / 'S0')!r}, {str(stack_dir / 'S1')!r}, "
+             f"'--known', 'S0', '--out', {str(out)!r}])\n"
+             "assert r.exit_code == 2 and r.output.startswith('error:') and len(r.output.strip().splitlines()) == 1, r.output\n"
+             f"assert {'lies inside' if inside else 'is in use by stimpute impute'!r} in r.output, r.output")
+    with run_ownership(held, "impute"):
+        assert heavy_after(probe) == []
+    assert not out.exists()
 
 
 def test_manifest_names_exactly_the_files_written_and_a_failed_run_leaves_nothing(tmp_path):

@@ -18,6 +18,7 @@ from rich.table import Table
 from stimpute.defaults import DEFAULT_PANEL_SIZE
 from stimpute.distributed import is_rank_zero, launch
 from stimpute.errors import StimputeError, StimputeWarning, check_text_path
+from stimpute.files import refuse_if_held
 
 app = typer.Typer(
     name="stimpute",
@@ -85,7 +86,8 @@ def guarded(command):
     """Turn user errors into clear lines on stderr (one per problem) and exit code 2;
     print stimpute's warnings (input it fixed) as one line each. The command's
     `--devices/--num-nodes` say whether rank variables of the environment count (`launch`);
-    a path argument that is not UTF-8 is refused before any work (`check_text_path`)."""
+    a path argument that is not UTF-8 is refused before any work (`check_text_path`), and so
+    is an `--out` that a live run holds (`refuse_if_held`)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -98,6 +100,8 @@ def guarded(command):
                     for path in value if isinstance(value, list) else [value]:
                         if isinstance(path, Path):
                             check_text_path(path)
+                if isinstance(kwargs.get("out"), Path):  # a busy --out is refused before the heavy imports
+                    refuse_if_held(kwargs["out"])
                 return command(*args, **kwargs)
             except StimputeError as exc:
                 for line in exc.lines():

@@ -311,6 +311,17 @@ def check_inputs(target: str | Path, inputs: Sequence[str | Path | None]) -> Non
                 raise StimputeError(target, f"{problem}: results never go where inputs are; choose another --out")
 
 
+def refuse_if_held(out: str | Path) -> None:
+    """Refuse at once an `out` that a live run holds, or that lies inside a folder one holds:
+    the check a command makes before it imports its libraries, so a refused run costs a
+    fraction of a CPU second. `run_ownership` takes the lock itself later (atomically)."""
+    out = Path(out)
+    holder = _live_holder(out / LOCK_FILE)
+    if holder is not None:
+        raise _in_use(out / LOCK_FILE, holder)
+    _check_ancestors(out)
+
+
 def _check_ancestors(out: Path) -> None:
     """Refuse `out` inside a folder that a live run holds: that run owns everything in it."""
     for parent in {*Path(os.path.abspath(out)).parents, *out.resolve().parents}:
