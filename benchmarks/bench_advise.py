@@ -82,7 +82,7 @@ def actual_impute(stack, known_sets, cache: Path, epochs: int) -> dict[tuple[str
     from stimpute.metrics import pearson_columns
     from stimpute.impute import impute_stack
     from stimpute.prepare import prepare_stack, with_known_panel
-    from stimpute.train import TrainConfig
+    from stimpute.models.msagnet_training import TrainConfig
 
     prepared = prepare_stack(stack, cache_dir=cache)
     out = {}

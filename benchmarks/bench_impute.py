@@ -70,7 +70,7 @@ def split_predictions(stack, known: tuple[str, ...], cache: Path, epochs: int) -
     from stimpute.impute import FusionWeights, impute_stack
     from stimpute.models import get_method, load_methods
     from stimpute.prepare import known_indices, prepare_stack
-    from stimpute.train import TrainConfig
+    from stimpute.models.msagnet_training import TrainConfig
 
     load_methods()
     prepared = prepare_stack(stack, known=list(known), cache_dir=cache)

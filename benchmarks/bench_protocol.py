@@ -68,7 +68,7 @@ def run_parts(data: Path, out: Path, shift: str, known: tuple[str, ...], epochs:
     from stimpute.io import read_stack
     from stimpute.models import get_method, load_methods
     from stimpute.prepare import known_indices, prepare_stack
-    from stimpute.train import TrainConfig
+    from stimpute.models.msagnet_training import TrainConfig
 
     load_methods()
     image_shift = shift not in ("none", "scale")

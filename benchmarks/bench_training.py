@@ -30,12 +30,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def visium_graph(n_sections: int, spots: int, seed: int = 0, dim: int = 201, n_genes: int = 60):
-    """A `stimpute.train.GraphBatch` of `n_sections` hexagonal Visium sections (first known)."""
+    """A `stimpute.models.msagnet_training.GraphBatch` of `n_sections` hexagonal Visium sections (first known)."""
     import torch
     from scipy.spatial import cKDTree
 
     from stimpute.impute import split_known
-    from stimpute.train import GraphBatch
+    from stimpute.models.msagnet_training import GraphBatch
 
     rng = np.random.default_rng(seed)
     side = int(np.ceil(np.sqrt(spots)))
@@ -75,7 +75,7 @@ def run_one(n_sections: int, spots: int, epochs: int, budget: int, seed: int) ->
     """Train and predict once in this process; the row of training.csv."""
     from stimpute.metrics import pearson_columns
     from stimpute.timing import proc_status_mib, reset_peak_rss
-    from stimpute.train import TrainConfig, fit, predict_graph, torch_threads
+    from stimpute.models.msagnet_training import TrainConfig, fit, predict_graph, torch_threads
 
     batch = visium_graph(n_sections, spots, seed)
     config = TrainConfig(max_epochs=epochs, patience=epochs, seed=seed, batch_nodes=budget)

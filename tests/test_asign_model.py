@@ -17,7 +17,7 @@ from stimpute.metrics import pearson_columns
 from stimpute.models.asign import Asign, AsignConfig
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.prepare import prepare_stack
-from stimpute.train import TrainConfig
+from stimpute.models.msagnet_training import TrainConfig
 from tests.helpers import run_cli
 
 SMALL = {"n_genes": 30, "tissue_radius_um": 350.0, "image_size": 800}

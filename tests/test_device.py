@@ -13,7 +13,7 @@ from stimpute.prepare import PreparedStack
 from stimpute.models import get_method, load_methods
 from stimpute.models import nh2st
 from stimpute.models.nh2st import NH2STConfig, NH2STData, train_nh2st
-from stimpute.train import GraphData
+from stimpute.models.msagnet_training import GraphData
 
 from .helpers import one_error_line, run_cli
 from .test_impute import _tiny_batch
@@ -91,7 +91,7 @@ def test_nh2st_keeps_its_best_epoch_with_lightning_callbacks(prepared, tmp_path,
 
 def test_msagnet_best_checkpoint_is_written_by_model_checkpoint_and_restored(tmp_path):
     from stimpute.models.msagnet import MSAGNetConfig
-    from stimpute.train import TrainConfig, fit
+    from stimpute.models.msagnet_training import TrainConfig, fit
 
     batch = _tiny_batch()
     config = TrainConfig(max_epochs=8, patience=2, model=MSAGNetConfig(width=16, heads=2, transformer_layers=1))

@@ -32,7 +32,7 @@ from stimpute.image import SectionImage
 from stimpute.io import read_section, write_h5ad_atomic, write_section
 from stimpute.models.msagnet import MSAGNetConfig
 from stimpute.pipeline import run_impute
-from stimpute.train import TrainConfig, fit
+from stimpute.models.msagnet_training import TrainConfig, fit
 from tests.helpers import one_error_line, run_cli, write_her2st_folder
 from tests.test_impute import _tiny_batch
 

@@ -14,7 +14,7 @@ from stimpute.impute import FusionWeights, fit_fusion
 from stimpute.prepare import standardise_section
 from stimpute.io import write_section
 from stimpute.models.msagnet import MSAGNetConfig
-from stimpute.train import GraphBatch, TrainConfig, fit
+from stimpute.models.msagnet_training import GraphBatch, TrainConfig, fit
 from tests.helpers import run_cli
 
 
@@ -245,7 +245,7 @@ def test_calibration_with_two_known_sections_propagates_from_the_other_one():
     """Leave-one-known-section-out: each known section's held-out spots get their
     propagated value from the other known section, never from their own neighbours."""
     from stimpute.models.asign import _calibration
-    from stimpute.programs import fit_programs
+    from stimpute.models.asign.programs import fit_programs
 
     coords = [_grid(5, 0), _grid(5, 0, shift=10.0)]
     expr = [np.zeros((25, 1)), np.ones((25, 1))]

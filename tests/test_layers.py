@@ -1,7 +1,8 @@
-"""Layers point one way: the module-level imports between stimpute's parts form no cycle.
+"""Layers point one way: the imports between stimpute's parts form no cycle.
 
 A part is a top-level module (`stimpute/benchmark.py`) or a subpackage (`stimpute/models/`).
-Imports inside functions (deferred, for start-up time) are not counted here.
+Imports inside functions (deferred, for start-up time) count like module-level ones: a
+deferred import still ties the two parts together.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ def part(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def module_level_imports(path: Path) -> set[str]:
-    """stimpute modules imported at module level (top, or in a top-level if/try block)."""
-    found, body = set(), list(ast.parse(path.read_text()).body)
-    while body:
-        node = body.pop()
-        if isinstance(node, (ast.If, ast.Try)):
-            body += node.body + node.orelse + getattr(node, "finalbody", []) + [s for h in getattr(node, "handlers", []) for s in h.body]
-        elif isinstance(node, ast.Import):
+def stimpute_imports(path: Path) -> set[str]:
+    """stimpute modules that `path` imports, at module level or inside functions and classes."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
@@ -40,7 +38,7 @@ def import_graph() -> nx.DiGraph:
     for path in SRC.rglob("*.py"):
         me = part(".".join(("stimpute", *path.relative_to(SRC).with_suffix("").parts)))
         graph.add_node(me)
-        for target in module_level_imports(path):
+        for target in stimpute_imports(path):
             if part(target) != me and target != "stimpute":
                 graph.add_edge(me, part(target), file=str(path.relative_to(SRC)))
     return graph
@@ -73,3 +71,9 @@ def test_no_module_imports_another_modules_private_names():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stimpute"):
                 private += [f"{path.relative_to(SRC)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not private, "make these public or keep them in their module:\n" + "\n".join(private)
+
+
+def test_function_level_imports_count(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from stimpute.benchmark import run_benchmark\n")
+    assert stimpute_imports(source) == {"stimpute.benchmark"}

@@ -179,7 +179,7 @@ def test_version():
 
 def test_training_prints_no_progress_lines_or_checkpoint_notes_off_a_terminal(tmp_path, capfd):
     from stimpute.models.msagnet import MSAGNetConfig
-    from stimpute.train import TrainConfig, fit
+    from stimpute.models.msagnet_training import TrainConfig, fit
     from tests.test_impute import _tiny_batch
 
     config = TrainConfig(max_epochs=3, seed=0, model=MSAGNetConfig(width=16, heads=2, transformer_layers=1))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stimpute.programs import choose_rank, fit_programs, resolve_programs
+from stimpute.models.asign.programs import choose_rank, fit_programs, resolve_programs
 from tests.test_impute import _grid, _Stub
 
 

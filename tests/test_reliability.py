@@ -23,7 +23,7 @@ from stimpute.datasets import synthetic_stack
 from stimpute.image import SectionImage
 from stimpute.io import write_section
 from stimpute.pipeline import run_impute
-from stimpute.train import TrainConfig
+from stimpute.models.msagnet_training import TrainConfig
 from tests.helpers import run_cli
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -99,7 +99,7 @@ def node_chunks(n_nodes: int, edge_index: torch.Tensor, hops: int, budget: int,
 
 
 def restrict(batch, sub: SubgraphBatch, **masks):
-    """`batch` (a `stimpute.train.GraphBatch`) cut to the subgraph `sub`; `masks` replace its
+    """`batch` (a `stimpute.models.msagnet_training.GraphBatch`) cut to the subgraph `sub`; `masks` replace its
     train/val masks (over the subgraph's nodes)."""
     return replace(batch, x=batch.x[sub.nodes], edge_index=sub.edge_index, edge_type=batch.edge_type[sub.edge_mask],
                    edge_weight=batch.edge_weight[sub.edge_mask], y=batch.y[sub.nodes],

@@ -459,7 +459,7 @@ def impute(
     from stimpute.models.asign import FUSIONS
     from stimpute.pipeline import run_impute
     from stimpute.register.grid import GridOptions
-    from stimpute.train import TrainConfig
+    from stimpute.models.msagnet_training import TrainConfig
 
     accelerator = resolve_device(device)
     config = TrainConfig(seed=seed, max_epochs=epochs, accelerator=accelerator,

@@ -46,12 +46,12 @@ from stimpute.distributed import is_rank_zero, rank_output
 from stimpute.models import MODEL_ALIASES, MODELS, current_name, get_model
 from stimpute.models.asign import MEMBERS, ImputeResult
 from stimpute.prepare import FEATURE_NORMS, known_indices, prepare_stack
-from stimpute.programs import programs_record
+from stimpute.models.asign.programs import programs_record
 from stimpute.register.grid import GridOptions, known_lattice
 from stimpute.io.registration import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.tl import given_features, impute_sections
-from stimpute.train import TrainConfig, torch_threads
+from stimpute.models.msagnet_training import TrainConfig, torch_threads
 from stimpute.trainer import lightning_flags
 from stimpute.view import VIEW_FILE
 

@@ -166,7 +166,7 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
     `targets`, `settings`, `registration`). The given objects are not changed.
     """
     from stimpute.device import resolve_device
-    from stimpute.train import TrainConfig
+    from stimpute.models.msagnet_training import TrainConfig
 
     names, objects, stack = _stack(adatas, um_per_px, thickness_um)
     stack.require_3d()
@@ -210,9 +210,9 @@ def impute_sections(stack: Stack, known, *, key_added: str = "stimpute", genes=N
     from stimpute.impute import MEMBERS, impute_stack
     from stimpute.io.results import asign_results
     from stimpute.prepare import known_indices, prepare_stack
-    from stimpute.programs import programs_record
+    from stimpute.models.asign.programs import programs_record
     from stimpute.register.grid import place_virtual_spots
-    from stimpute.train import TrainConfig
+    from stimpute.models.msagnet_training import TrainConfig
     from stimpute.trainer import lightning_flags
 
     k = known_indices(stack, known)

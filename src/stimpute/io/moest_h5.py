@@ -165,7 +165,7 @@ def prepared_to_moest(
     get no `expression` dataset.
     """
     from stimpute.features.encoders import base_encoder
-    from stimpute.models.moe3d import SOBEL_SIZE, sobel_gradients
+    from stimpute.features.sobel import SOBEL_SIZE, sobel_gradients
     from stimpute.patches import SCALES_UM, iter_patches
 
     stack = prepared.stack

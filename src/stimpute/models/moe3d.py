@@ -26,7 +26,6 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import cv2
 import lightning
 import numpy as np
 import torch
@@ -40,9 +39,8 @@ from stimpute.files import atomic_write
 from stimpute.data import coords_3d
 from stimpute.models.base import Model, register_method
 from stimpute.prepare import PreparedStack
-from stimpute.patches import SCALES_UM, iter_patches
+from stimpute.features.sobel import sobel_gradients
 
-SOBEL_SIZE = 32  # side of the stored gradient map (the 3DMoEST H5 `sobel_gradients`)
 EDGE_LEVELS = (0.05, 0.1, 0.2)  # gradient magnitudes (grey levels / 255 per px) counted as edges
 
 
@@ -78,25 +76,6 @@ PREDICTIONS = ("mean", "expected")
 
 
 # -- morphology ------------------------------------------------------------------------------
-def sobel_gradients(section, size: int = SOBEL_SIZE) -> np.ndarray:
-    """(n_spots, size, size) float32 Sobel gradient magnitude of each spot patch.
-
-    Uses `adata.obsm["sobel_gradients"]` when the section carries it (3DMoEST H5 input);
-    otherwise reads the spot patch (`SCALES_UM[0]` µm) at 4 × `size` px, takes the Sobel
-    magnitude of its grey levels (0..1) and area-averages it down to `size`.
-    """
-    stored = section.adata.obsm.get("sobel_gradients")
-    if stored is not None:
-        return np.asarray(stored, np.float32)
-    maps = np.empty((section.n_spots, size, size), np.float32)
-    for batch in iter_patches(section, SCALES_UM[:1], out_size=4 * size, batch_size=64):
-        for j, patch in zip(batch.index, batch.patches[:, 0]):
-            grey = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-            magnitude = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
-            maps[j] = cv2.resize(magnitude, (size, size), interpolation=cv2.INTER_AREA)
-    return maps
-
-
 def sobel_summary(maps: np.ndarray) -> np.ndarray:
     """Rotation-invariant router inputs (n, 10): mean, sd, 5 quantiles of the gradient
     magnitude, and the share of pixels above each of `EDGE_LEVELS`."""

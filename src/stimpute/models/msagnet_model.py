@@ -38,7 +38,7 @@ def held_out(prepared: PreparedStack, known: list[int], seed: int, val_fraction:
 def graph_batch(prepared: PreparedStack, known: list[int], seed: int, val_fraction: float):
     """Tensors for training on the known sections (labels on their spots, a seeded hold-out
     of them for validation: `held_out`)."""
-    from stimpute.train import GraphBatch
+    from stimpute.models.msagnet_training import GraphBatch
 
     off = prepared.offsets
     y = np.zeros((off[-1], len(prepared.panel)), np.float32)
@@ -59,7 +59,7 @@ def graph_batch(prepared: PreparedStack, known: list[int], seed: int, val_fracti
 
 class MSAGNetModel(Model):
     """MSAGNet trained on the known spots of a stack's graph. `config` is a
-    `stimpute.train.TrainConfig` (training settings and the network's sizes)."""
+    `stimpute.models.msagnet_training.TrainConfig` (training settings and the network's sizes)."""
 
     saved = "checkpoints/best.ckpt"
     epochs_field = "max_epochs"
@@ -73,7 +73,7 @@ class MSAGNetModel(Model):
 
     @classmethod
     def default_config(cls):
-        from stimpute.train import TrainConfig
+        from stimpute.models.msagnet_training import TrainConfig
 
         return TrainConfig(model=MSAGNetConfig(variant=cls.variant))
 
@@ -84,7 +84,7 @@ class MSAGNetModel(Model):
             progress: bool = False) -> "MSAGNetModel":
         """Train on every spot graph of `prepared` with labels on `train`; `checkpoints` keeps
         `best.ckpt`/`last.ckpt` (a rerun with the same inputs resumes or reuses them)."""
-        from stimpute.train import fit
+        from stimpute.models.msagnet_training import fit
 
         self.config = replace(self.config, seed=seed)
         batch = graph_batch(prepared, list(train), seed, self.config.val_fraction)
@@ -92,7 +92,7 @@ class MSAGNetModel(Model):
         return self
 
     def predict(self, prepared: PreparedStack, targets: list[int]) -> dict[int, np.ndarray]:
-        from stimpute.train import GraphBatch, predict_graph, threads_for, torch_threads
+        from stimpute.models.msagnet_training import GraphBatch, predict_graph, threads_for, torch_threads
 
         g = prepared.graph
         x = torch.as_tensor(np.concatenate(prepared.features), dtype=torch.float32)
@@ -111,7 +111,7 @@ class MSAGNetModel(Model):
 
     @classmethod
     def load(cls, folder: Path) -> "MSAGNetModel":
-        from stimpute.train import MSAGNetModule, TrainConfig
+        from stimpute.models.msagnet_training import MSAGNetModule, TrainConfig
 
         path = Path(folder) / cls.saved
         try:

@@ -21,7 +21,7 @@ The stages run one way down:
    image term; the `transfer` rival), an estimate free of the image, so a target whose
    staining or focus differs from the known section still gets a propagated part that does
    not move with its image.
-3. **Gene programs** (`stimpute.programs`). Both parts are projected onto the leading
+3. **Gene programs** (`stimpute.models.asign.programs`). Both parts are projected onto the leading
    principal axes of the known sections' expression, with the rank cross-validated on the
    known spots: a prediction keeps the directions the block varies along and loses
    gene-by-gene noise. The members (`ImputeResult.members`) stay unprojected.
@@ -64,7 +64,7 @@ from stimpute.models.asign.members import KernelRidgeMember
 from stimpute.models.base import METHOD_ALIASES, Method, Model, current_name, register_method
 from stimpute.models.msagnet_model import held_out
 from stimpute.prepare import PreparedStack
-from stimpute.programs import GenePrograms, resolve_programs
+from stimpute.models.asign.programs import GenePrograms, resolve_programs
 from stimpute.timing import timed
 
 FUSION_STEPS = 300
@@ -134,14 +134,14 @@ def fit_fusion(propagated: np.ndarray, model: np.ndarray, truth: np.ndarray, rea
 
 
 def _train_config():
-    from stimpute.train import TrainConfig
+    from stimpute.models.msagnet_training import TrainConfig
 
     return TrainConfig()
 
 
 @dataclass
 class AsignConfig:
-    """Every setting of ASIGN. `train`: MSAGNet's `stimpute.train.TrainConfig`; `members`:
+    """Every setting of ASIGN. `train`: MSAGNet's `stimpute.models.msagnet_training.TrainConfig`; `members`:
     image members averaged into the model part (`msagnet_3d`, `kernel_ridge`, `ridge`);
     `fusion`: "fixed", "calibrated" or "even"; `morphology`: feature term in the propagation
     kernel; `programs`: gene-program rank ("auto", "none" or a number); `residual`: transfer
@@ -165,7 +165,7 @@ class AsignConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "AsignConfig":
-        from stimpute.train import TrainConfig
+        from stimpute.models.msagnet_training import TrainConfig
 
         return cls(**{**values, "train": TrainConfig.from_dict(values["train"]), "members": tuple(values["members"])})
 
@@ -444,7 +444,7 @@ def impute_stack(prepared: PreparedStack, known: list[int], seed: int = 0, confi
     """ASIGN end to end on a prepared stack: fit on the `known` sections, impute every other
     one (`Asign`; `config`: MSAGNet's `TrainConfig`, default seeded with `seed`; the other
     options are `AsignConfig`'s)."""
-    from stimpute.train import TrainConfig
+    from stimpute.models.msagnet_training import TrainConfig
 
     config = config or TrainConfig(seed=seed)
     model = Asign(AsignConfig(config, tuple(members), fusion, morphology, programs, residual))
