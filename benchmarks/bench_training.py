@@ -7,9 +7,11 @@ that depends on them, the first section known; then, once per budget and in a fr
 process each (clean peak memory), trains `--epochs` epochs and predicts every node:
 
     python benchmarks/bench_training.py --sections 3 --spots 3200 --epochs 3 --batch-nodes 20000,4000 --out DIR
+    [--models 128x2,64x1]   (MSAGNet width x transformer layers, one run each)
 
 Writes DIR/training.csv: sections, spots, nodes, batch_nodes, batches (training batches
-per epoch), epochs, train_s / train_cpu_s (wall and CPU seconds of `fit`), predict_s,
+per epoch), epochs, model, train_s / train_cpu_s (wall and CPU seconds of `fit`),
+cpu_s_per_epoch, predict_s,
 peak_mib (peak RSS during training and prediction, Linux VmHWM reset before), val_pcc
 (mean per-gene PCC on the held-out known spots).
 """
@@ -17,10 +19,12 @@ peak_mib (peak RSS during training and prediction, Linux VmHWM reset before), va
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,27 +75,33 @@ def visium_graph(n_sections: int, spots: int, seed: int = 0, dim: int = 201, n_g
                       torch.as_tensor(pos, dtype=torch.float32))
 
 
-def run_one(n_sections: int, spots: int, epochs: int, budget: int, seed: int) -> dict:
+def run_one(n_sections: int, spots: int, epochs: int, budget: int, seed: int, model: str | None = None) -> dict:
     """Train and predict once in this process; the row of training.csv."""
     from stimpute.metrics import pearson_columns
     from stimpute.timing import proc_status_mib, reset_peak_rss
-    from stimpute.models.msagnet_training import TrainConfig, fit, predict_graph, torch_threads
+    from stimpute.models.msagnet import MSAGNetConfig
+    from stimpute.models.msagnet_training import TrainConfig, fit, predict_graph, threads_for, torch_threads
 
     batch = visium_graph(n_sections, spots, seed)
-    config = TrainConfig(max_epochs=epochs, patience=epochs, seed=seed, batch_nodes=budget)
+    config = TrainConfig(max_epochs=epochs, patience=epochs, min_delta=0.0, seed=seed, batch_nodes=budget)  # every epoch runs
+    if model:
+        width, layers = map(int, model.split("x"))
+        config = replace(config, model=MSAGNetConfig(width=width, transformer_layers=layers))
     reset_peak_rss()
     start, cpu = time.perf_counter(), time.process_time()
     module = fit(batch, config)
     train_s, train_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
-    with torch_threads(config.threads):
+    with torch_threads(threads_for(config, len(batch.x))):
         pred = predict_graph(module.model, batch, budget).numpy()
     predict_s = time.perf_counter() - start
     data = module.trainer.datamodule
     held = batch.val_mask.numpy()
     return {"sections": n_sections, "spots": spots, "nodes": len(batch.x), "batch_nodes": budget,
             "batches": 1 if data.plan is None else len(data.plan), "epochs": epochs,
-            "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu, 1), "predict_s": round(predict_s, 1),
+            "model": f"{config.model.width}x{config.model.transformer_layers}",
+            "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu, 1), "cpu_s_per_epoch": round(train_cpu / epochs, 3),
+            "predict_s": round(predict_s, 1),
             "peak_mib": round(proc_status_mib("VmHWM"), 0),
             "val_pcc": round(float(np.nanmean(pearson_columns(pred[held], batch.y.numpy()[held]))), 3)}
 
@@ -103,19 +113,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-nodes", default="20000,4000", help="comma-separated node budgets, one run each")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default="", help="MSAGNet sizes WIDTHxLAYERS (transformer layers), comma-separated, "
+                                                 "one run each per budget, e.g. 128x2,64x1 (default: TrainConfig's)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single run, row as JSON on stdout
     args = ap.parse_args()
     budgets = [int(b) for b in args.batch_nodes.split(",")]
     if args.one:
-        print(json.dumps(run_one(args.sections, args.spots, args.epochs, budgets[0], args.seed)))
+        print(json.dumps(run_one(args.sections, args.spots, args.epochs, budgets[0], args.seed, args.models or None)))
         return
     import pandas as pd
 
     rows = []
-    for budget in budgets:
+    for budget, model in itertools.product(budgets, args.models.split(",")):
         cmd = [sys.executable, __file__, "--one", "--sections", str(args.sections), "--spots", str(args.spots),
-               "--epochs", str(args.epochs), "--batch-nodes", str(budget), "--seed", str(args.seed), "--out", str(args.out)]
+               "--epochs", str(args.epochs), "--batch-nodes", str(budget), "--seed", str(args.seed), "--out", str(args.out),
+               "--models", model]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)

@@ -143,3 +143,14 @@ def test_threads_follow_the_graph_size_unless_set():
     assert threads_for(TrainConfig(threads=3), 10) == 3
     assert threads_for(TrainConfig(), LARGE_GRAPH_NODES - 1) == 1
     assert threads_for(TrainConfig(), LARGE_GRAPH_NODES) == (os.cpu_count() or 1)
+
+
+def test_early_stopping_counts_only_gains_of_min_delta():
+    """Issue 28: training stops once the held-out loss has not improved by `min_delta` for
+    `patience` epochs; gains below it (jitter of a flat loss) no longer keep it going."""
+    batch = grid_stack(known=(1, 2))
+    cfg = dict(max_epochs=60, patience=3, seed=1, model=SMALL, lr=3e-3)
+    strict = fit(batch, TrainConfig(min_delta=1.0, **cfg))  # no gain is that large: stops after `patience`
+    assert strict.trainer.current_epoch == 4
+    loose = fit(batch, TrainConfig(min_delta=0.0, **cfg))
+    assert loose.trainer.current_epoch > 4

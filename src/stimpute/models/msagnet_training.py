@@ -49,7 +49,8 @@ class TrainConfig:
     """Training settings; saved as YAML beside every result (`to_yaml`)."""
 
     max_epochs: int = 200  # counted in optimiser steps' worth of epochs: see `schedule`
-    patience: int = 20
+    patience: int = 10
+    min_delta: float = 0.002  # held-out loss gain (1 - PCC) that counts as an improvement: below it the loss only jitters
     lr: float = 1e-3
     weight_decay: float = 1e-2
     val_fraction: float = 0.25
@@ -62,7 +63,8 @@ class TrainConfig:
     band_spots: int = 512  # labelled spots per optimiser step at most: more known spots, more steps per epoch
     threads: int = 0  # CPU intra-op threads; 0: one for small graphs (steps too small to share), every core from LARGE_GRAPH_NODES
     loss: str = "gene_pcc"  # or "spot_pcc", the reference's (stimpute.models.msagnet.LOSSES)
-    model: MSAGNetConfig = field(default_factory=MSAGNetConfig)
+    # width 64, one transformer layer: measured per epoch and on the validation protocol (benchmarks/README)
+    model: MSAGNetConfig = field(default_factory=lambda: MSAGNetConfig(width=64, transformer_layers=1))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -265,7 +267,7 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
     with tempfile.TemporaryDirectory() as tmp:
         best = RecordedCheckpoint(dirpath=ckpt_dir or tmp, filename="best", monitor="val_loss", save_last=True,
                                enable_version_counter=False)
-        early = _early_stopping(config.patience)
+        early = _early_stopping(config.patience, config.min_delta)
         callbacks = [early, best]
         progress = progress and sys.stdout.isatty()  # a live bar on a terminal; in a log, one line per refresh
         if progress:
@@ -348,10 +350,10 @@ def _read_checkpoint(path: Path) -> dict:
     return {}
 
 
-def _early_stopping(patience: int = TrainConfig.patience) -> EarlyStopping:
+def _early_stopping(patience: int = TrainConfig.patience, min_delta: float = TrainConfig.min_delta) -> EarlyStopping:
     """Lightning's early stopping on the held-out loss; its `state_key` (the same for any
-    patience) finds its state in a checkpoint."""
-    return EarlyStopping("val_loss", patience=patience)
+    patience and min_delta) finds its state in a checkpoint."""
+    return EarlyStopping("val_loss", patience=patience, min_delta=min_delta)
 
 
 def _load_best(module: MSAGNetModule, path: str | Path) -> MSAGNetModule:
