@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from skimage import morphology
 
 from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError, StimputeWarning
@@ -33,7 +32,8 @@ from stimpute.register.rigid import Candidate, rotation_search
 from stimpute.timing import timed
 
 COARSE_SIDE = 256  # px of the largest image's side in the rotation-search views
-FINE_SIDE = 1024  # px of the largest image's side in the refinement views
+FINE_SIDE = 1024  # px of the largest image's side in the refinement views, at most
+SPOT_PX = 8  # refinement view px across the smallest spot: finer buys the spots nothing (ECC is sub-pixel)
 MAX_OFF_TISSUE = 0.5  # share of spots on glass (spot disc off the tissue mask): coordinates are suspect
 SUSPECT_OFF_TISSUE = 0.15  # HER2-ST: 0-10 % as given, 17-39 % with pixel x and y swapped
 SWAP_MARGIN = 0.1  # ... and swapping them back would put clearly more spots on tissue
@@ -87,6 +87,9 @@ def register_stack(
 ) -> StackRegistration:
     """Register every section of `stack` onto the first one (see module docstring).
 
+    The rotation search sees `coarse_side` px across the largest image; the refinement
+    `SPOT_PX` px across the smallest spot, never more than `fine_side` px across the image.
+
     Raises StimputeError (naming the file) for a single-section stack, spots outside
     their image, or a section without tissue.
     """
@@ -95,13 +98,14 @@ def register_stack(
     if given is not None:
         return given
     extent_um = max(max(s.image.size) * s.um_per_px for s in stack)
+    fine_um = max(extent_um / fine_side, min(s.spot_diameter_um for s in stack) / SPOT_PX)
     views = []  # the last two sections' views: memory does not grow with the stack
     transforms = [np.eye(3)]
     rows = []
     with _progress(progress) as bar:
         task = bar.add_task("registering sections", total=2 * len(stack) - 1)
         for i, section in enumerate(stack):
-            views = views[-1:] + [(section_view(section, extent_um / coarse_side), section_view(section, extent_um / fine_side))]
+            views = views[-1:] + [(section_view(section, extent_um / coarse_side), section_view(section, fine_um))]
             section.image.release()
             _warn_off_tissue(section, views[-1][1])
             bar.advance(task)
@@ -144,12 +148,15 @@ def given_registration(stack: Stack) -> StackRegistration | None:
 def off_tissue(section: Section, view: View, xy: np.ndarray | None = None) -> np.ndarray:
     """Spots (at `xy`, default the section's own) whose disc misses the tissue mask of `view`."""
     radius = max(1, int(np.ceil(section.spot_diameter_px / 2 * view.scale)))
-    mask = ndimage.binary_dilation(view.mask, structure=morphology.disk(radius))
     xy = np.rint(apply_transform(view.to_view, section.xy if xy is None else xy)).astype(int)
-    h, w = mask.shape
+    h, w = view.shape
     inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < w) & (xy[:, 1] < h)
+    if not view.mask.any():
+        return np.ones(len(xy), bool)
+    # within `radius` of tissue = on the mask dilated by skimage's disk(radius), at any disk size
+    near = ndimage.distance_transform_edt(~view.mask)[xy[inside, 1], xy[inside, 0]] ** 2 <= radius**2
     on = np.zeros(len(xy), bool)
-    on[inside] = mask[xy[inside, 1], xy[inside, 0]]
+    on[inside] = near
     return ~on
 
 

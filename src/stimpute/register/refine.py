@@ -16,7 +16,7 @@ from stimpute.register.rigid import full_matrix, view_matrix
 
 ECC_ITERATIONS = 200
 ECC_EPS = 1e-6
-ECC_BLUR = 5  # Gaussian kernel (view px) ECC applies to both images
+ECC_BLUR = 3  # Gaussian kernel (view px) ECC applies to both images: ~37 µm at the HER2-ST refinement scale
 
 
 def warp_to_fixed(fixed: View, image: np.ndarray, matrix_view: np.ndarray, nearest: bool = False) -> np.ndarray:
