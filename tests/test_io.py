@@ -209,3 +209,23 @@ def test_pyramid_tiff_written_by_tiles_reads_back_through_the_tile_cache(tmp_pat
     coarse = img.read_region(100, 100, 400, 400, out_size=50)  # resampled from level 3 (ds 8)
     assert coarse.shape == (50, 50, 3)
     assert np.abs(coarse.astype(float).mean() - pixels[100:500, 100:500].mean()) < 3
+
+
+def test_h5ad_images_are_stored_uncompressed_and_read_back_exactly(tmp_path):
+    """`write_h5ad_atomic`: the RGB images in uns are written as they are (gzip costs most of
+    the writing time and gains little on them), everything else gzip-compressed."""
+    import anndata as ad
+    import h5py
+
+    from stimpute.io.anndata_io import write_h5ad_atomic
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    adata = ad.AnnData(X=rng.random((5, 4)).astype(np.float32))
+    adata.uns["spatial"] = {"S0": {"images": {"hires": image}, "scalefactors": {"tissue_hires_scalef": 0.5}}}
+    write_h5ad_atomic(adata, tmp_path / "a.h5ad")
+    assert adata.uns["spatial"]["S0"]["images"]["hires"] is image  # the object is left as it was
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert np.array_equal(back.uns["spatial"]["S0"]["images"]["hires"], image) and np.array_equal(back.X, adata.X)
+    with h5py.File(tmp_path / "a.h5ad") as f:
+        assert f["uns/spatial/S0/images/hires"].compression is None and f["X"].compression == "gzip"

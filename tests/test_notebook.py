@@ -119,6 +119,11 @@ def test_pl_on_cli_outputs_with_defaults(session):
     assert st.pl.imputed(section, "ERBB2", ax=ax, layer="stimpute_model") is fig
 
 
+def test_key_figures_by_default(session):
+    figures = session["root"] / "out" / "figures"
+    assert sorted(p.name for p in figures.iterdir()) == ["C4.png", "block_3d.png"]
+
+
 def test_info_reports_the_blocks_measured_section_as_measured(session):
     result = run_cli("info", session["root"] / "out" / "block.h5ad")
     assert result.exit_code == 0, result.output

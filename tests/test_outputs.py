@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     s1 = stack[1]
     Image.fromarray(s1.image.read_region(0, 0, *s1.image.size)).save(root / "he_1.png")
     inputs = [write_section(stack[0], root / "in"), root / "he_1.png", write_section(stack[2], root / "in")]
-    args = ["impute", *map(str, inputs), "--known", "S0", "--out", str(root / "out"), "--um-per-px", "2", "--epochs", "5"]
+    args = ["impute", *map(str, inputs), "--known", "S0", "--out", str(root / "out"), "--um-per-px", "2", "--epochs", "5", "--figures", "all"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return root / "out", stack

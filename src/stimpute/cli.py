@@ -445,6 +445,7 @@ def impute(
     num_nodes: NumNodesOption = 1,
     strategy: StrategyOption = "auto",
     batch_nodes: BatchNodesOption = None,
+    figures: Annotated[str, typer.Option(help="Figures written in OUT/figures: key (each imputed section's gene maps and block_3d.png), all (also the registration QC: overlay_<a>_<b>.png, spots_3d.png) or none.")] = "key",
 ):
     """Impute the expression of every section from the measured (--known) sections (ASIGN: MSAGNet 3D + cross-layer imputation).
 
@@ -472,7 +473,7 @@ def impute(
     grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um, grid_scale=grid_scale)
     run = run_impute(sections, known, out, genes=genes, seed=seed, force=force, progress=True, config=config, fusion=fusion,
                      encoder=encoder, weights=weights, um_per_px=um_per_px, grid=grid,
-                     programs=programs if programs in ("auto", "none") else int(programs))
+                     programs=programs if programs in ("auto", "none") else int(programs), figures=figures)
     _report_impute(run)
 
 

@@ -59,6 +59,7 @@ MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the
 N_TOP_FIGURE_GENES = 4
 FIGURE_SIDE = 1600  # px of the H&E thumbnail behind the expression maps
 BLOCK_FIGURE = "block_3d.png"
+FIGURES = ("all", "key", "none")  # --figures: every figure, the results' (maps, block), or none
 N_TOP_SUMMARY = 50
 
 
@@ -85,7 +86,7 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
                encoder: str | None = None, members: tuple[str, ...] = MEMBERS, fusion: str = "fixed",
                weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
-               programs: str | int = "auto", command: str = "impute") -> ImputeRun:
+               programs: str | int = "auto", command: str = "impute", figures: str = "key") -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
 
     `known`: the measured section's name, or several joined by commas ("C2,C4").
@@ -95,19 +96,23 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
     Image files among `sections` are H&E-only sections (scale `um_per_px` or their metadata)
     that get a virtual spot grid (`grid`) in the known section's registered frame.
     `command`: the owner recorded in `out`'s run manifest (`stimpute demo` reruns over its own).
+    `figures`: "key" writes each imputed section's maps and `block_3d.png`, "all" also the
+    registration QC (`overlay_<a>_<b>.png`, `spots_3d.png`), "none" no figure.
     """
+    if figures not in FIGURES:
+        raise StimputeError("--figures", f"{figures!r}: use {', '.join(FIGURES)}")
     if not [name for name in str(known).split(",") if name.strip()]:
         raise StimputeError("--known", "the list of known sections is empty: name the measured section(s), e.g. --known C3")
     check_encoder(encoder, weights)
     features = {"encoder": encoder, "weights": weights}
     with rank_output(out) as out, run_ownership(out, command, [*sections, genes, weights], force) as run:
         return _impute(run, out, sections, known, genes, seed, progress and is_rank_zero(), config, features, members,
-                       fusion, um_per_px, grid, programs)
+                       fusion, um_per_px, grid, programs, figures)
 
 
 @records_stages
 def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, features, members, fusion,
-            um_per_px, grid, programs) -> ImputeRun:
+            um_per_px, grid, programs, figures) -> ImputeRun:
     stack = read_stack(sections, um_per_px=um_per_px)
     stored_encoder(stack, features["encoder"])  # one feature space, checked before registration
     k = known_indices(stack, known)
@@ -137,14 +142,17 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
         with stage("writing"):
             files.append(write_h5ad_atomic(parts[i], out / f"{section.name}.h5ad", force=force))
         pcc = None if metrics is None else metrics[metrics.section == section.name].set_index("gene").pcc
-        files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
-                               pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy()))
+        if figures != "none":
+            files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
+                                   pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy()))
         section.image.release()
     with stage("writing"):
         block = block_result(parts)
         files.append(write_h5ad_atomic(block, out / BLOCK_FILE, force=force))
-        files.extend(write_figures(stack, done.registration, out / "figures"))  # registration QC overlays, 3D spot cloud
-        files.append(_block_figure(parts, figure_genes[0], out))
+        if figures == "all":
+            files.extend(write_figures(stack, done.registration, out / "figures"))  # registration QC overlays, 3D spot cloud
+        if figures != "none":
+            files.append(_block_figure(parts, figure_genes[0], out))
         files.extend(write_impute_view(block, out))
     del parts, block
     if metrics is not None:
