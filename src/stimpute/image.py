@@ -150,28 +150,30 @@ class SectionImage:
             self._tiles = None
 
     # -- reading ---------------------------------------------------------------------
-    def read_region(self, x: int, y: int, w: int, h: int, out_size: int | None = None) -> np.ndarray:
+    def read_region(self, x: int, y: int, w: int, h: int, out_size: int | tuple[int, int] | None = None) -> np.ndarray:
         """Pixels [y, y+h) × [x, x+w) as (h, w, 3) uint8, padded white outside the image.
 
-        With `out_size`, the region is resampled to (out_size, out_size), read from the
-        coarsest level that still has enough resolution: a slide's pyramid, or the halving
-        pyramid of a decoded image (`_level`).
+        With `out_size` (a side, or (width, height)), the region is resampled to that size,
+        read from the coarsest level that still has enough resolution: a slide's pyramid, or
+        the halving pyramid of a decoded image (`_level`).
         """
         x, y, w, h = int(round(x)), int(round(y)), int(round(w)), int(round(h))
+        ow, oh = (None, None) if out_size is None else (out_size, out_size) if np.isscalar(out_size) else out_size
+        reduction = None if out_size is None else max(w / ow, h / oh)  # full-resolution px per output px
         slide = self._open_slide() if self.path is not None and self._array is None else None
-        region = self._read_slide(slide, x, y, w, h, out_size) if slide is not None else self._read_decoded(x, y, w, h, out_size)
-        if out_size is not None and region.shape[:2] != (out_size, out_size):
-            region = resample(region, out_size, out_size)
+        region = self._read_slide(slide, x, y, w, h, reduction) if slide is not None else self._read_decoded(x, y, w, h, reduction)
+        if out_size is not None and region.shape[:2] != (oh, ow):
+            region = resample(region, ow, oh)
         return region
 
-    def _read_decoded(self, x, y, w, h, out_size):
+    def _read_decoded(self, x, y, w, h, reduction):
         """A region of a decoded image (flat file or array, possibly downscaled by `scale`),
-        read like a slide from the level of its halving pyramid that keeps at least
-        `out_size` px across the region, so resampling reduces it by less than 2×; without
-        `out_size`, full-resolution pixels."""
+        read like a slide from the level of its halving pyramid that keeps at least one px
+        per output px (`reduction`: full-resolution px per output px), so resampling reduces
+        it by less than 2×; without `reduction`, full-resolution pixels."""
         level = 0
-        if out_size is not None:
-            level = max(0, math.floor(math.log2(max(w, h) * self.scale / out_size)))
+        if reduction is not None:
+            level = max(0, math.floor(math.log2(reduction * self.scale)))
         pixels, level = self._level(level)
         s = self.scale / 2**level
         if s == 1.0:
@@ -179,7 +181,7 @@ class SectionImage:
         x0, y0 = math.floor(x * s), math.floor(y * s)
         x1, y1 = max(x0 + 1, math.ceil((x + w) * s)), max(y0 + 1, math.ceil((y + h) * s))
         region = _crop_padded(pixels, x0, y0, x1 - x0, y1 - y0)
-        return region if out_size is not None else resample(region, w, h)
+        return region if reduction is not None else resample(region, w, h)
 
     def _level(self, level: int) -> tuple[np.ndarray, int]:
         """Level `level` of the decoded image's halving pyramid (each level the previous one
@@ -194,10 +196,10 @@ class SectionImage:
         level = min(level, len(self._levels) - 1)
         return self._levels[level], level
 
-    def _read_slide(self, slide, x, y, w, h, out_size):
+    def _read_slide(self, slide, x, y, w, h, reduction):
         level = 0
-        if out_size is not None:
-            level = slide.get_best_level_for_downsample(max(w, h) / out_size)
+        if reduction is not None:
+            level = slide.get_best_level_for_downsample(reduction)
         ds = slide.level_downsamples[level]
         lw, lh = max(1, math.ceil(w / ds)), max(1, math.ceil(h / ds))
         if self._tiles is not None:

@@ -23,6 +23,7 @@ from rich.text import Text
 from stimpute.data import Section
 from stimpute.distributed import is_rank_zero
 from stimpute.features import cache
+from stimpute.features.dense import dense_features
 from stimpute.features.encoders import ENCODERS, Encoder, get_spec, load_encoder, weights_id
 from stimpute.patches import (DEFAULT_BATCH_SIZE, DEFAULT_OUT_SIZE, SCALES_UM, SpotWindows, iter_patches, padding_report,
                               scale_names)
@@ -85,13 +86,17 @@ def spot_features(
     shares = []
     if not hit:
         trainer = _prediction_trainer(hardware, spec, section.n_spots)
-        model = Encoder(spec, weights, random_init) if trainer is None else None
+        model = Encoder(spec, weights, random_init) if trainer is None and spec.needs_weights else None
         normalizer = MacenkoNormalizer.fit_section(section) if stain_normalize else None
         n_total = section.n_spots * len(names)
         encode_start = time.perf_counter()
         with _progress(progress) as bar:
             task = bar.add_task(f"{section.name} · {spec.name}", total=n_total) if bar else None
-            if trainer is None:
+            if not spec.needs_weights:  # handcrafted: dense maps pooled per window, once per image
+                feats = dense_features(section, scales_um, DEFAULT_OUT_SIZE, normalizer,
+                                       (lambda n: bar.advance(task, n)) if bar else None)
+                shares = [section.n_spots]
+            elif trainer is None:
                 feats = np.empty((section.n_spots, len(names), spec.dim), np.float32)
                 for batch in read_ahead(iter_patches(section, scales_um, DEFAULT_OUT_SIZE, batch_size, normalizer, raster_order=True)):
                     b, s = batch.patches.shape[:2]
@@ -119,10 +124,13 @@ def spot_features(
 def _prediction_trainer(hardware: dict | None, spec, n_spots: int):
     """Lightning's trainer where several processes, or a network on a GPU, encode
     (`stimpute.features.parallel`); None, without importing Lightning, where one CPU
-    process encodes here."""
+    process encodes here, and for the handcrafted descriptors, which every process
+    computes whole (one pass over the image, `stimpute.features.dense`)."""
     hardware = hardware or {}
+    if not spec.needs_weights:  # the handcrafted descriptors: each process computes the whole section (`dense_features`)
+        return None
     one_process = hardware.get("devices", 1) == 1 and hardware.get("num_nodes", 1) == 1
-    if one_process and (hardware.get("accelerator", "cpu") == "cpu" or not spec.needs_weights):
+    if one_process and hardware.get("accelerator", "cpu") == "cpu":
         return None
     from stimpute.features import parallel
 

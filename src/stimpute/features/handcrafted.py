@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from skimage.color import hed_from_rgb
 
-VERSION = 2  # of the descriptor values, part of their cache key: 2 = the DoG bands from a Gaussian pyramid
+VERSION = 3  # of the descriptor values, part of their cache key: 3 = pooled from dense maps (`stimpute.features.dense`)
 TISSUE_MAX_GRAY = 215  # brighter pixels are glass / background
 NUCLEUS_H_OD = (0.05, 0.12)  # rgb2hed haematoxylin thresholds (after smoothing): loose and strict nuclei
 NUCLEUS_LOG_AREA_EDGES = np.log([4, 16, 40, 80, 160, 400, 1e9])  # blob area bins, px

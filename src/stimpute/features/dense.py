@@ -1,0 +1,327 @@
+"""Handcrafted descriptors of every spot window from dense per-pixel maps, once per image.
+
+The patch path (`handcrafted.describe_patch`) resamples each spot's window at every scale
+to 224 px and describes it alone, though the 512 and 1,024 µm windows of neighbouring
+spots cover almost the same pixels. Here each scale's level (the image resampled so that a
+window is `out_size` px, as the patch path resamples it) is read once, in horizontal strips
+with a halo, each descriptor family becomes per-pixel maps whose window means give the
+descriptor, the maps are summed into cells of `CELL` px, and each spot's window sums come
+from the running integral image of the cell grid (bilinear at fractional cell coordinates:
+exact where a map is uniform within a cell). Memory: one strip and the cell rows of one
+window height, whatever the slide's size.
+
+The maps, per family (the same 67 values as `describe_patch`, in its order):
+- colour: tissue fraction; optical density mean and sd, and the mean haematoxylin and eosin
+  over tissue (every other pixel, as the patch path); OD deciles from per-window byte
+  histograms of `HIST_BINS` bins (linear within a bin);
+- nuclei: the haematoxylin blobs of the whole strip, each counted once at its centroid
+  (its count, area, area², elongation, fill and size bin), the blob mask and its
+  haematoxylin;
+- texture: GLCM contrast and homogeneity from the grey-level differences of each offset,
+  correlation from contrast and grey-level variance (exact for a symmetric GLCM), and the
+  fraction of equal-level pairs in place of energy (not a window mean); uniform LBP labels;
+  both at every other pixel (unbiased window means, 4x cheaper); difference-of-Gaussians
+  bands on the pyramid the patch path uses for a window.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from stimpute.data import Section
+from stimpute.features import handcrafted as hc
+from stimpute.patches import DEFAULT_OUT_SIZE, window_origins, window_sizes_px
+
+CELL = 8  # level px per cell side
+HALO = 32  # level px read around each strip: blobs, LBP/GLCM neighbours and the DoG blurs see past its edge
+STRIP_PX = 1 << 22  # level px per strip (its rows rounded to whole cells)
+HIST_BINS = 16  # byte bins of the optical-density histograms
+WORKERS = 2  # threads computing strips (OpenCV and numpy release the GIL)
+BOX_CHUNK = 512  # windows summed at once
+_N_SIZES = len(hc.NUCLEUS_LOG_AREA_EDGES) - 1
+_BLOB_VALUES = ("n", "area", "area2", "elong", "fill")
+_LBP_BINS = hc.LBP_POINTS + 2
+_HOM_LUT = (1.0 / (1.0 + np.arange(hc.GLCM_LEVELS, dtype=np.float32) ** 2))
+_LBP_LABELS = hc._LBP_LABELS.astype(np.uint8)
+
+
+def _layout() -> dict[str, slice]:
+    """Where each map sits among the cell channels."""
+    sizes = {"tissue": 1}
+    for t in range(len(hc.NUCLEUS_H_OD)):
+        sizes |= {f"mask{t}": 1, f"hmask{t}": 1, **{f"{v}{t}": 1 for v in _BLOB_VALUES}, f"sizes{t}": _N_SIZES}
+    sizes |= {"q": 1, "q2": 1, **{f"{p}{d}": 1 for d in hc.GLCM_DISTANCES for p in ("con", "hom", "eq")}}
+    sizes |= {"lbp": _LBP_BINS, "dog": len(hc.DOG_SIGMAS), "tsub": 1, "od": 3, "od2": 3, "he": 2, "hist": 3 * HIST_BINS}
+    ends = np.cumsum(list(sizes.values()))
+    return {k: slice(int(e - n), int(e)) for (k, n), e in zip(sizes.items(), ends)}
+
+
+CHANNELS = _layout()
+N_CHANNELS = max(s.stop for s in CHANNELS.values())
+
+
+def dense_features(section: Section, scales_um: Sequence[float], out_size: int = DEFAULT_OUT_SIZE,
+                   stain_normalizer=None, advance: Callable[[int], None] | None = None) -> np.ndarray:
+    """Handcrafted descriptors (n_spots, len(scales_um), HANDCRAFTED_DIM) float32 of every
+    spot's window at each scale (`stimpute.patches` windows). `advance(n)`: n windows done."""
+    feats = np.empty((section.n_spots, len(scales_um), hc.HANDCRAFTED_DIM), np.float32)
+    for s, side in enumerate(window_sizes_px(section, scales_um)):
+        f = side / out_size  # full-resolution px per level px
+        corners = window_origins(section.xy, side) / f  # windows' top-left corners, level px
+        sums = window_sums(lambda x, y, w, h: _read(section.image, x, y, w, h, f, stain_normalizer), corners,
+                           out_size, advance)
+        feats[:, s] = describe_windows(sums, out_size)
+    return feats
+
+
+def _read(image, x: int, y: int, w: int, h: int, f: float, stain_normalizer) -> np.ndarray:
+    """Level px [y, y+h) × [x, x+w) of the level `f` full-resolution px per level px."""
+    rgb = image.read_region(round(x * f), round(y * f), max(1, round(w * f)), max(1, round(h * f)), out_size=(w, h))
+    return rgb if stain_normalizer is None else stain_normalizer(rgb)
+
+
+def window_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.ndarray, side: int,
+                advance: Callable[[int], None] | None = None) -> np.ndarray:
+    """Sums (n, N_CHANNELS) of every map over the `side`-px windows at `corners` (n, 2)
+    (x, y level px), the level read by `read(x, y, w, h)` (uint8 RGB, white outside the image)."""
+    corners = np.asarray(corners, np.float64)
+    x0 = math.floor(corners[:, 0].min()) - 1
+    y0 = math.floor(corners[:, 1].min()) - 1
+    wc = math.ceil((corners[:, 0].max() + side + 1 - x0) / CELL)  # grid width, cells
+    hc_ = math.ceil((corners[:, 1].max() + side + 1 - y0) / CELL)
+    cx, cy = (corners[:, 0] - x0) / CELL, (corners[:, 1] - y0) / CELL  # corners, cell units
+    span = side / CELL
+    rows = max(1, min(hc_, STRIP_PX // (wc * CELL * CELL)))  # cell rows per strip
+    starts = range(0, hc_, rows)
+    order = np.argsort(cy + span)  # spots by the cell row their window ends on
+    ends = (cy + span)[order]
+    out = np.empty((len(corners), N_CHANNELS))
+    prefix = np.zeros((1, wc, N_CHANNELS))  # column sums of the cell rows above each row boundary [top, done]
+    top, done, evaluated = 0, 0, 0
+
+    def strip(r0: int) -> np.ndarray:
+        """Cell sums of strip rows [r0, r0 + rows), read only across the windows that reach it."""
+        r1 = min(r0 + rows, hc_)
+        cells = np.zeros((r1 - r0, wc, N_CHANNELS), np.float32)
+        near = (cy < r1) & (cy + span > r0)
+        if near.any():
+            c0, c1 = max(0, math.floor(cx[near].min())), min(wc, math.ceil(cx[near].max() + span))
+            rgb = read(x0 + c0 * CELL - HALO, y0 + r0 * CELL - HALO, (c1 - c0) * CELL + 2 * HALO, (r1 - r0) * CELL + 2 * HALO)
+            cells[:, c0:c1] = strip_cells(rgb, HALO)
+        return cells
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for cells in pool.map(strip, starts):
+            new = np.cumsum(cells, axis=0, dtype=np.float64)
+            new += prefix[-1]
+            prefix = np.concatenate([prefix, new])
+            done += len(cells)
+            ready = order[evaluated:len(order) if done >= hc_ else np.searchsorted(ends, done, side="right")]
+            evaluated += len(ready)
+            for chunk in np.array_split(ready, -(-len(ready) // BOX_CHUNK)):
+                out[chunk] = _box(prefix, cx[chunk], cy[chunk] - top, span)
+            if advance is not None and len(ready):
+                advance(len(ready))
+            if evaluated < len(order):  # keep the rows from the first waiting window's top
+                keep = max(0, math.floor(cy[order[evaluated:]].min()) - top)
+                prefix, top = prefix[keep:], top + keep
+    return out
+
+
+def _box(prefix: np.ndarray, x: np.ndarray, y: np.ndarray, span: float) -> np.ndarray:
+    """Sums (n, C) over windows [x, x+span) × [y, y+span) (cell units, fractional) from
+    column prefix sums (row boundaries, cols, C): linear between row boundaries, each
+    cell column weighted by its overlap with the window (exact where a map is uniform
+    within a cell)."""
+    k = math.ceil(span) + 1  # cell columns a window can touch
+    j0 = np.clip(np.floor(x).astype(int), 0, prefix.shape[1] - k)
+    cols = j0[:, None] + np.arange(k)
+    weights = np.clip(np.minimum(cols + 1, (x + span)[:, None]) - np.maximum(cols, x[:, None]), 0.0, 1.0)
+
+    def at(ys: np.ndarray) -> np.ndarray:  # prefix at fractional row boundaries, (n, k, C)
+        ys = np.clip(ys, 0, prefix.shape[0] - 1)
+        i = np.minimum(ys.astype(int), prefix.shape[0] - 2)
+        f = (ys - i)[:, None, None]
+        return (1 - f) * prefix[i[:, None], cols] + f * prefix[i[:, None] + 1, cols]
+
+    return np.einsum("nk,nkc->nc", weights, at(y + span) - at(y))
+
+
+def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
+    """Cell sums (rows/CELL, cols/CELL, N_CHANNELS) float32 of every map over the core of a
+    strip (`rgb` uint8 with `halo` px on every side; core sides multiples of CELL)."""
+    rgb = np.ascontiguousarray(rgb)
+    H, W = rgb.shape[0] - 2 * halo, rgb.shape[1] - 2 * halo
+    core = (slice(halo, halo + H), slice(halo, halo + W))
+    sub = (slice(halo, halo + H, 2), slice(halo, halo + W, 2))  # every other pixel of the core
+    half = CELL // 2  # cell side on the sub grid
+    out = np.empty((H // CELL, W // CELL, N_CHANNELS), np.float32)
+
+    def put(name: str, cells: np.ndarray) -> None:
+        out[..., CHANNELS[name]] = cells.reshape(*out.shape[:2], -1)
+
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    tissue = gray < hc.TISSUE_MAX_GRAY
+    put("tissue", _cells(tissue[core], CELL))
+    od = cv2.LUT(rgb, hc._OD_LUT3)
+    h = cv2.GaussianBlur(hc._unmix(od, 1), (0, 0), 1.0)
+    for t, threshold in enumerate(hc.NUCLEUS_H_OD):
+        for name, cells in _blob_cells((h > threshold) & tissue, h, halo, H, W).items():
+            put(f"{name}{t}", cells)
+    sub_cells = _cell_index(H // 2, W // 2, half)
+    n_cells = out.shape[0] * out.shape[1]
+    # texture: GLCM differences and LBP codes at every other pixel, neighbours at full resolution
+    q = gray // (256 // hc.GLCM_LEVELS)
+    first = q[sub].astype(np.int16)
+    qf = first.astype(np.float32)
+    put("q", _cells(qf, half))
+    put("q2", _cells(qf * qf, half))
+    for d, offsets in zip(hc.GLCM_DISTANCES, np.reshape(hc._GLCM_OFFSETS, (len(hc.GLCM_DISTANCES), -1, 2))):
+        con, hom, eq = np.zeros(first.shape, np.int16), np.zeros(first.shape, np.float32), np.zeros(first.shape, np.uint8)
+        for dr, dc in offsets:
+            diff = np.abs(first - q[halo + dr:halo + dr + H:2, halo + dc:halo + dc + W:2])
+            con += diff * diff
+            hom += _HOM_LUT[diff]
+            eq += diff == 0
+        put(f"con{d}", _cells(con, half))
+        put(f"hom{d}", _cells(hom, half))
+        put(f"eq{d}", _cells(eq, half))
+    centre = gray[sub]
+    code = np.zeros(centre.shape, np.uint8)
+    for bit, (dy, dx) in enumerate(hc._LBP_OFFSETS):
+        code |= (gray[halo + dy:halo + dy + H:2, halo + dx:halo + dx + W:2] >= centre).view(np.uint8) << bit
+    put("lbp", np.bincount((sub_cells * _LBP_BINS + _LBP_LABELS[code]).ravel(), minlength=n_cells * _LBP_BINS))
+    put("dog", np.stack(list(_dog_cells(gray, halo, H, W)), axis=-1))
+    # colour at every other pixel, as the patch path
+    tsub = tissue[sub].astype(np.float32)
+    ods = np.ascontiguousarray(od[sub])
+    odt = ods * tsub[..., None]
+    put("tsub", _cells(tsub, half))
+    put("od", _cells(odt, half))
+    put("od2", _cells(odt * ods, half))
+    put("he", _cells(hc._unmix(ods, 2) * tsub[..., None], half))
+    bins = np.where(tissue[sub][..., None], rgb[sub] // (256 // HIST_BINS), HIST_BINS)  # glass: an extra bin, dropped
+    put("hist", np.stack([np.bincount((sub_cells * (HIST_BINS + 1) + bins[..., c]).ravel(), minlength=n_cells * (HIST_BINS + 1))
+                          .reshape(*out.shape[:2], HIST_BINS + 1)[..., :HIST_BINS] for c in range(3)], axis=2))
+    return out
+
+
+def _cells(values: np.ndarray, k: int) -> np.ndarray:
+    """Sums over k × k px cells of a (H, W[, C]) map (sides multiples of k), float32."""
+    values = values.astype(np.float32, copy=False)
+    if k == 1:
+        return values
+    H, W = values.shape[:2]
+    return cv2.resize(values, (W // k, H // k), interpolation=cv2.INTER_AREA) * float(k * k)
+
+
+@lru_cache(maxsize=4)
+def _cell_index(rows: int, cols: int, k: int) -> np.ndarray:
+    """Flat cell number (rows, cols) int64 of each pixel, k × k px cells in row-major order."""
+    return (np.arange(rows) // k)[:, None] * (cols // k) + (np.arange(cols) // k)[None, :]
+
+
+def _blob_cells(mask: np.ndarray, h: np.ndarray, halo: int, H: int, W: int) -> dict[str, np.ndarray]:
+    """The nuclei maps of one threshold: blob mask and its haematoxylin per pixel, and each
+    blob of at least MIN_NUCLEUS_PX counted once, in the cell of its centroid."""
+    _, _, stats, centroids = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    core = mask[halo:halo + H, halo:halo + W]
+    maps = {"mask": _cells(core, CELL), "hmask": _cells(np.where(core, h[halo:halo + H, halo:halo + W], 0.0), CELL)}
+    stats, (cx, cy) = stats[1:], (centroids[1:] - halo).T
+    keep = (stats[:, cv2.CC_STAT_AREA] >= hc.MIN_NUCLEUS_PX) & (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)
+    stats, cx, cy = stats[keep], cx[keep], cy[keep]
+    area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
+    w, hh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    cell = (cy // CELL).astype(np.int64) * (W // CELL) + (cx // CELL).astype(np.int64)
+    n_cells = (H // CELL) * (W // CELL)
+    values = {"n": np.ones_like(area), "area": area, "area2": area**2,
+              "elong": np.maximum(w, hh) / np.maximum(np.minimum(w, hh), 1), "fill": area / (w * hh)}
+    maps |= {k: np.bincount(cell, weights=v, minlength=n_cells) for k, v in values.items()}
+    size_bin = np.searchsorted(hc.NUCLEUS_LOG_AREA_EDGES, np.log(area), side="right") - 1
+    maps["sizes"] = np.bincount(cell * _N_SIZES + size_bin, minlength=n_cells * _N_SIZES)
+    return maps
+
+
+def dog_halvings(side: int) -> list[bool]:
+    """Before which `DOG_SIGMAS` band the patch path's DoG pyramid halves a `side`-px window."""
+    halve, step, sigma, n = [], 1, 0.0, side
+    for target in hc.DOG_SIGMAS:
+        halve.append(sigma / step >= 2.0 and n >= 2 * hc.DOG_MIN_SIDE)
+        if halve[-1]:
+            step, n = step * 2, -(-n // 2)
+        sigma = target
+    return halve
+
+
+def _dog_cells(gray: np.ndarray, halo: int, H: int, W: int, side: int = DEFAULT_OUT_SIZE):
+    """Cell sums of each difference-of-Gaussians band |level - blurred| (in full-resolution
+    px units), on the pyramid the patch path builds for a `side`-px window."""
+    level, step, sigma = gray.astype(np.float32), 1, 0.0
+    for target, halve in zip(hc.DOG_SIGMAS, dog_halvings(side)):
+        if halve:
+            level, step = np.ascontiguousarray(level[::2, ::2]), step * 2
+        blurred = cv2.GaussianBlur(level, (0, 0), np.sqrt(target**2 - sigma**2) / step)
+        band = cv2.absdiff(level, blurred)[halo // step:(halo + H) // step, halo // step:(halo + W) // step]
+        yield _cells(band, CELL // step) * float(step * step)
+        level, sigma = blurred, target
+
+
+def describe_windows(sums: np.ndarray, side: int) -> np.ndarray:
+    """Descriptors (n, HANDCRAFTED_DIM) float32 from window sums (n, N_CHANNELS) of
+    `side` × `side` px windows (the layout of `handcrafted.BLOCKS`)."""
+    n = len(sums)
+    full, sub = float(side * side), side * side / 4.0
+
+    def S(name: str) -> np.ndarray:
+        return sums[:, CHANNELS[name]]
+
+    tissue, tsub = S("tissue")[:, 0], np.maximum(S("tsub"), 1e-9)
+    mean = S("od") / tsub
+    sd = np.sqrt(np.maximum(S("od2") / tsub - mean**2, 0.0))
+    pct = od_percentiles(S("hist").reshape(n, 3, HIST_BINS), (10, 50, 90))
+    colour = np.c_[tissue / full, mean, sd, pct.reshape(n, -1), S("he") / tsub]
+    nuclei = []
+    tissue_px = np.maximum(tissue, 1.0)[:, None]
+    for t in range(len(hc.NUCLEUS_H_OD)):
+        count = S(f"n{t}")
+        some = count > 1e-6
+        per = lambda v: S(v) / np.where(some, count, 1.0)  # noqa: E731 - mean over the window's blobs
+        mean_area = np.maximum(per(f"area{t}"), 1e-9)
+        block = np.c_[count / tissue_px * 1e3, S(f"mask{t}") / tissue_px, np.log(mean_area),
+                      np.sqrt(np.maximum(per(f"area2{t}") - mean_area**2, 0.0)) / mean_area, per(f"elong{t}"),
+                      per(f"fill{t}"), S(f"hmask{t}") / np.maximum(S(f"mask{t}"), 1e-9), S(f"sizes{t}") / tissue_px * 1e3]
+        nuclei.append(np.where(some, block, 0.0))
+    mu = S("q")[:, 0] / sub
+    var = S("q2")[:, 0] / sub - mu**2
+    pairs = sub * len(hc._GLCM_OFFSETS) / len(hc.GLCM_DISTANCES)
+    props = {p: np.stack([S(f"{key}{d}")[:, 0] / pairs for d in hc.GLCM_DISTANCES], axis=1)
+             for p, key in (("contrast", "con"), ("homogeneity", "hom"), ("energy", "eq"))}
+    flat = var[:, None] < 1e-9
+    props["correlation"] = np.where(flat, 1.0, 1.0 - props["contrast"] / (2 * np.where(flat, 1.0, var[:, None])))
+    glcm = np.concatenate([props[p] for p in hc.GLCM_PROPS], axis=1)
+    return np.concatenate([colour, *nuclei, glcm, S("lbp") / sub, S("dog") / full], axis=1).astype(np.float32)
+
+
+def od_percentiles(counts: np.ndarray, q) -> np.ndarray:
+    """(n, len(q), 3) optical-density percentiles from byte histograms `counts` (n, 3,
+    HIST_BINS) of tissue pixels, each bin's pixels spread evenly over its byte values."""
+    width = 256 // HIST_BINS
+    desc = counts[..., ::-1]  # bins by byte value descending = OD ascending
+    cum = np.cumsum(desc, axis=-1)
+    total = cum[..., -1]
+    out = np.zeros((len(counts), len(q), 3))
+    for i, p in enumerate(q):
+        rank = p / 100.0 * total
+        k = np.minimum((cum <= rank[..., None]).sum(-1), HIST_BINS - 1)
+        before = np.take_along_axis(cum, k[..., None], -1)[..., 0] - np.take_along_axis(desc, k[..., None], -1)[..., 0]
+        inbin = np.take_along_axis(desc, k[..., None], -1)[..., 0]
+        frac = np.clip((rank - before) / np.maximum(inbin, 1e-9), 0.0, 1.0)
+        byte = (HIST_BINS - k) * width - 0.5 - frac * width  # from the top of the bin down
+        out[:, i] = np.where(total > 0, np.interp(np.clip(byte, 0, 255), np.arange(256), hc._OD_LUT), 0.0)
+    return out
