@@ -86,9 +86,9 @@ def test_lightning_refusals_of_a_combination_are_one_line():
 
 def test_a_real_two_process_ddp_training_writes_one_model_that_predicts(no_rank, tmp_path):
     """`stimpute train --devices 2 --strategy ddp` on the CPU: Lightning starts the command
-    again as rank 1 when the first section's features are encoded, the two processes share
-    every section's spots (`stimpute.features.parallel`) and train (gloo), rank 0 alone
-    writes the model folder and its feature caches."""
+    again as rank 1 at the first Lightning run (the handcrafted features take one pass over
+    each image in rank 0, `stimpute.features.dense`), the two processes train (gloo), rank
+    0 alone writes the model folder and its feature caches."""
     for i in range(2):
         write_her2st_folder(tmp_path / f"S{i}", name=f"S{i}", n_side=8, seed=i)
     model = tmp_path / "model"
@@ -110,9 +110,9 @@ def test_a_real_two_process_ddp_training_writes_one_model_that_predicts(no_rank,
     files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file())
     assert files == ["cache/S0.features.h5", "cache/S1.features.h5", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
                      "config.yaml", "stimpute-run.json"]
-    for name in ("S0", "S1"):  # each process encoded its half of the spots
+    for name in ("S0", "S1"):  # the handcrafted descriptors: one pass over the image, in one process
         with h5py.File(model / "cache" / f"{name}.features.h5") as f:
-            assert list(f["handcrafted"].attrs["spots_per_process"]) == [32, 31]
+            assert list(f["handcrafted"].attrs["spots_per_process"]) == [63]
     with h5py.File(model / "cache" / "S0.features.h5") as f:  # gathered, they equal one process's features
         cached = np.stack([f["handcrafted"][scale][()] for scale in SCALE_NAMES], axis=1)
     np.testing.assert_allclose(cached, spot_features(read_section(tmp_path / "S0")), rtol=1e-5, atol=1e-6)

@@ -273,8 +273,7 @@ def test_handcrafted_worker_processes_match_in_process():
     assert np.array_equal(describe_batch(patches, workers=2), describe_batch(patches, workers=1))
 
 
-@pytest.mark.parametrize("encoder", ["handcrafted", "resnet18"])
-def test_lightning_prediction_gives_the_features_of_the_local_path(encoder):
+def test_lightning_prediction_gives_the_features_of_the_local_path(encoder="resnet18"):
     """`Trainer.predict` over `SpotWindows` (what several processes share,
     `stimpute.features.parallel`), run here in one process, equals the local path."""
     from stimpute.features.encoders import get_spec
@@ -311,7 +310,8 @@ def test_only_several_command_processes_or_a_gpu_network_encode_through_lightnin
     cpu = {"accelerator": "cpu", "num_nodes": 1}
     assert _prediction_trainer(None, network, 10) is None
     assert _prediction_trainer({**cpu, "devices": 1, "strategy": "auto"}, network, 10) is None
-    ddp = _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp"}, handcrafted_spec, 10)
+    ddp = _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp"}, network, 10)
     assert ddp is not None and ddp.num_devices == 2
-    assert _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp"}, handcrafted_spec, 1) is None  # fewer spots than processes
-    assert _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp_spawn"}, handcrafted_spec, 10) is None  # workers spawned
+    assert _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp"}, network, 1) is None  # fewer spots than processes
+    assert _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp_spawn"}, network, 10) is None  # workers spawned
+    assert _prediction_trainer({**cpu, "devices": 2, "strategy": "ddp"}, handcrafted_spec, 10) is None  # one pass, each process

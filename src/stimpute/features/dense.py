@@ -39,8 +39,8 @@ from stimpute.features import handcrafted as hc
 from stimpute.patches import DEFAULT_OUT_SIZE, window_origins, window_sizes_px
 
 CELL = 8  # level px per cell side
-HALO = 32  # level px read around each strip: blobs, LBP/GLCM neighbours and the DoG blurs see past its edge
-STRIP_PX = 1 << 22  # level px per strip (its rows rounded to whole cells)
+HALO = 48  # level px read around each strip: blobs, LBP/GLCM neighbours and the DoG blurs (3σ) see past its edge
+STRIP_PX = 1 << 23  # level px per strip (its rows rounded to whole cells)
 HIST_BINS = 16  # byte bins of the optical-density histograms
 WORKERS = 2  # threads computing strips (OpenCV and numpy release the GIL)
 BOX_CHUNK = 512  # windows summed at once
@@ -124,7 +124,7 @@ def window_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.nd
             done += len(cells)
             ready = order[evaluated:len(order) if done >= hc_ else np.searchsorted(ends, done, side="right")]
             evaluated += len(ready)
-            for chunk in np.array_split(ready, -(-len(ready) // BOX_CHUNK)):
+            for chunk in np.array_split(ready, max(1, -(-len(ready) // BOX_CHUNK))):
                 out[chunk] = _box(prefix, cx[chunk], cy[chunk] - top, span)
             if advance is not None and len(ready):
                 advance(len(ready))

@@ -1,0 +1,120 @@
+"""Handcrafted descriptors from dense maps pooled per window (`stimpute.features.dense`)
+against the patch path (`handcrafted.describe_patch`) they replace."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from stimpute.features import dense, handcrafted, spot_features
+from stimpute.features.encoders import get_spec, weights_id
+from stimpute.features.handcrafted import BLOCKS, HANDCRAFTED_DIM, describe_patch
+from stimpute.image import SectionImage
+
+from tests.test_patches import make_section, stained_image
+
+
+def reader(img: np.ndarray):
+    """`read(x, y, w, h)` of an in-memory level, white outside it (as `SectionImage` pads)."""
+    image = SectionImage(array=img)
+    return lambda x, y, w, h: image.read_region(x, y, w, h)
+
+
+def tissue_image(seed: int, shape=(520, 600), nuclei: int = 400) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(stained_image(rng, shape), (0, 0), 1.2)
+    for x, y in rng.integers(8, np.array(shape[::-1]) - 8, (nuclei, 2)):
+        r = rng.integers(2, 5)
+        img[y - r:y + r + 1, x - r:x + r + 1] = (70, 40, 120)
+    return img
+
+
+def pooled(img: np.ndarray, corners: np.ndarray, side: int = 224) -> np.ndarray:
+    return dense.describe_windows(dense.window_sums(reader(img), corners, side), side)
+
+
+def test_uniform_colour_gives_the_patch_colour_statistics():
+    img = np.empty((400, 420, 3), np.uint8)
+    img[:] = (180, 120, 160)  # uniform tissue
+    corners = np.array([[30.0, 40.0], [150.5, 120.25]])
+    got = pooled(img, corners)[:, BLOCKS["colour"]]
+    want = describe_patch(img[:224, :224])[BLOCKS["colour"]]
+    exact = np.r_[0:7, 16:18]  # tissue fraction, OD means and sds, H and E means
+    np.testing.assert_allclose(got[:, exact], np.tile(want[exact], (2, 1)), rtol=1e-4, atol=1e-5)
+    lut = handcrafted._OD_LUT  # deciles from 16-level byte bins: within the bin of the true value
+    for c, byte in enumerate((180, 120, 160)):
+        bin_od = lut[[byte // 16 * 16 + 15, byte // 16 * 16]]
+        assert np.all((got[:, 7 + c::3][:, :3] >= bin_od[0] - 1e-6) & (got[:, 7 + c::3][:, :3] <= bin_od[1] + 1e-6))
+
+
+def test_windows_over_blobs_have_higher_nuclei_density():
+    rng = np.random.default_rng(1)
+    img = np.full((300, 700, 3), (225, 170, 200), np.uint8)  # pale eosin-pink tissue
+    img = np.clip(img.astype(int) + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+    for x, y in rng.integers(8, (330, 292), (250, 2)):  # nuclei only in the left half
+        img[y - 3:y + 4, x - 3:x + 4] = (60, 30, 110)
+    corners = np.array([[20.0, 30.0], [100.0, 40.0], [430.0, 30.0], [470.0, 60.0]])
+    density = pooled(img, corners)[:, BLOCKS["nuclei"].start]
+    assert density[:2].min() > 5 * max(density[2:].max(), 1e-3)
+    patch = np.array([describe_patch(img[int(y):int(y) + 224, int(x):int(x) + 224])[BLOCKS["nuclei"].start]
+                      for x, y in corners])
+    np.testing.assert_allclose(density, patch, rtol=0.15, atol=0.05)  # blobs cut by a patch edge count there too
+
+
+def test_pooled_windows_agree_with_described_patches():
+    """The maps' window means are the patch descriptors: colour, texture and the finer
+    DoG bands within 15 % of each value's range over the windows, nuclei within that or a
+    few blobs (a patch cuts the blobs on its edge, the maps count each whole). Left out:
+    the GLCM energy slot (the equal-pair fraction here) and the coarsest DoG band (a
+    patch's is dominated by its reflected border)."""
+    img = tissue_image(2)
+    corners = np.array([[10.0, 12.0], [200.0, 150.0], [333.0, 280.0], [64.0, 250.0]])
+    got = pooled(img, corners)
+    want = np.stack([describe_patch(img[int(y):int(y) + 224, int(x):int(x) + 224]) for x, y in corners])
+    assert got.shape == (4, HANDCRAFTED_DIM) and got.dtype == np.float32 and np.isfinite(got).all()
+    error = np.abs(got - want) / (np.abs(want).max(axis=0) + 1e-3)
+    n_dist = len(handcrafted.GLCM_DISTANCES)
+    glcm = np.delete(np.arange(BLOCKS["glcm"].start, BLOCKS["glcm"].stop), np.arange(2 * n_dist, 3 * n_dist))
+    close = np.r_[np.arange(BLOCKS["colour"].start, BLOCKS["colour"].stop), glcm,
+                  np.arange(BLOCKS["lbp"].start, BLOCKS["lbp"].stop), np.arange(BLOCKS["dog"].start, BLOCKS["dog"].stop - 1)]
+    assert error[:, close].max() < 0.15
+    nuclei = BLOCKS["nuclei"]
+    assert ((error[:, nuclei] < 0.15) | (np.abs(got - want)[:, nuclei] < 0.11)).all()  # 0.1 per 1000 px: 5 blobs
+
+
+def test_strips_give_the_sums_of_one_pass(monkeypatch):
+    """Streaming in strips with a halo (bounded memory) gives the window sums of one strip."""
+    img = tissue_image(3, (700, 500))
+    corners = np.random.default_rng(3).uniform(-40, 460, (25, 2))
+    whole = dense.window_sums(reader(img), corners, 96)
+    monkeypatch.setattr(dense, "STRIP_PX", 40 * dense.CELL * dense.CELL)  # strips of a few cell rows
+    np.testing.assert_allclose(dense.window_sums(reader(img), corners, 96), whole, rtol=2e-3, atol=1e-2)  # the DoG kernels: 3σ of 4σ inside the halo
+
+
+def test_descriptor_version_is_part_of_the_cache_key(monkeypatch, tmp_path):
+    section = make_section(stained_image(np.random.default_rng(4), (200, 200)), [[60, 70], [120, 110]], 0.686 * 4)
+    runs = []
+    spot_features(section, cache_dir=tmp_path, runs=runs)
+    before = weights_id(get_spec("handcrafted"), None)
+    monkeypatch.setattr(handcrafted, "VERSION", handcrafted.VERSION + 1)
+    assert weights_id(get_spec("handcrafted"), None) != before
+    spot_features(section, cache_dir=tmp_path, runs=runs)
+    assert [r.cached for r in runs] == [False, False]
+
+
+def test_read_region_resamples_to_a_width_and_height():
+    img = tissue_image(5, (120, 160))
+    image = SectionImage(array=img)
+    out = image.read_region(-10, 20, 100, 60, out_size=(50, 30))
+    assert out.shape == (30, 50, 3)
+    assert (out[:, :4] == 255).all()  # left of the image: white
+    np.testing.assert_array_equal(image.read_region(0, 0, 160, 120, out_size=(160, 120)), img)
+
+
+@pytest.mark.parametrize("side", [224, 96])
+def test_dog_pyramid_halves_where_the_patch_path_does(side):
+    gray = cv2.cvtColor(tissue_image(6, (side, side)), cv2.COLOR_RGB2GRAY)
+    cells = list(dense._dog_cells(np.pad(gray, 32, mode="reflect"), 32, side, side, side))
+    bands = np.array([c.sum() for c in cells]) / side**2
+    np.testing.assert_allclose(bands, handcrafted._dog(gray), rtol=0.1)
