@@ -394,6 +394,7 @@ def features(
     from stimpute.device import parallel_options, resolve_device
     from stimpute.features import spot_features
     from stimpute.features.cache import cache_path
+    from stimpute.features.encoders import get_spec
     from stimpute.features.stored import check_encoder
     from stimpute.io import read_section
     from stimpute.io.image_section import refuse_images
@@ -401,7 +402,7 @@ def features(
 
     refuse_images(sections, "features")
     check_encoder(encoder, weights)
-    accelerator = resolve_device(device)
+    accelerator = resolve_device(device if encoder and get_spec(encoder).needs_weights else "cpu")  # handcrafted: CPU, no torch
     hardware = {"accelerator": accelerator, **parallel_options(accelerator, devices, num_nodes, strategy)}
     # several processes share each section; rank 0 owns OUT and writes, the others only read its caches
     with run_ownership(out, "features", [*sections, weights]) if is_rank_zero() else nullcontext() as owner:

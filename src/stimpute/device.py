@@ -14,8 +14,6 @@ global rank 0 writes outputs (`stimpute.distributed`).
 
 from __future__ import annotations
 
-import torch
-
 from stimpute.errors import StimputeError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,6 +25,10 @@ def resolve_device(device: str = "auto") -> str:
     ("auto" picks it when there is one); asking for "cuda" without one is an error."""
     if device not in DEVICES:
         raise StimputeError("--device", f"unknown device {device!r} (use {', '.join(DEVICES)})")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise StimputeError("--device", "cuda was asked for but no CUDA GPU is available here (use --device cpu or auto)")
     return "cuda" if torch.cuda.is_available() and device != "cpu" else "cpu"

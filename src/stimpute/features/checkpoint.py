@@ -14,12 +14,13 @@ import hashlib
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from stimpute.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 WRAPPER_PREFIXES = ("module.", "model.", "resnet.", "backbone.", "encoder.", "_orig_mod.")
 HEAD_PREFIXES = ("fc.", "_fc.", "head.", "projector.", "projection_head.", "classifier.")
@@ -29,6 +30,8 @@ SHOWN_KEYS = 8
 def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a weight file, unwrapped from `state_dict` / `model` containers.
     `mmap`: map the tensors instead of reading them (where the file's format allows it)."""
+    import torch
+
     path = Path(path)
     mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format, not legacy files
     try:
@@ -77,6 +80,8 @@ def check_weights(path: str | Path, build: Callable[[], nn.Module], arch: str) -
     """Refuse a weight file that cannot be read or does not fit `arch` (what `load_weights`
     would refuse), cheaply: the tensors are mapped, not read, and the model is built on the
     meta device (names and shapes only), so even UNI's ViT-L is checked in about a second."""
+    import torch
+
     with torch.device("meta"):
         model = build()
     fit_state_dict(read_state_dict(path, mmap=True), model, path, arch)

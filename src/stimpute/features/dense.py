@@ -27,6 +27,7 @@ The maps, per family (the same 67 values as `describe_patch`, in its order):
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -47,8 +48,10 @@ BOX_CHUNK = 512  # windows summed at once
 _N_SIZES = len(hc.NUCLEUS_LOG_AREA_EDGES) - 1
 _BLOB_VALUES = ("n", "area", "area2", "elong", "fill")
 _LBP_BINS = hc.LBP_POINTS + 2
-_HOM_LUT = (1.0 / (1.0 + np.arange(hc.GLCM_LEVELS, dtype=np.float32) ** 2))
+_DIFF = np.arange(256, dtype=np.float32)  # tables of a grey-level difference (GLCM), for cv2.LUT
+_CON_LUT, _HOM_LUT, _EQ_LUT = _DIFF**2, 1.0 / (1.0 + _DIFF**2), (_DIFF == 0).astype(np.float32)
 _LBP_LABELS = hc._LBP_LABELS.astype(np.uint8)
+_HAEM_LUTS = [np.ascontiguousarray(hc._OD_LUT * hc._HED_FROM_RGB[c, 0]) for c in range(3)]  # OD × haematoxylin weight
 
 
 def _layout() -> dict[str, slice]:
@@ -71,18 +74,20 @@ def dense_features(section: Section, scales_um: Sequence[float], out_size: int =
     """Handcrafted descriptors (n_spots, len(scales_um), HANDCRAFTED_DIM) float32 of every
     spot's window at each scale (`stimpute.patches` windows). `advance(n)`: n windows done."""
     feats = np.empty((section.n_spots, len(scales_um), hc.HANDCRAFTED_DIM), np.float32)
+    lock = threading.Lock()  # one reader at a time: the image builds its levels and caches tiles as it reads
     for s, side in enumerate(window_sizes_px(section, scales_um)):
         f = side / out_size  # full-resolution px per level px
         corners = window_origins(section.xy, side) / f  # windows' top-left corners, level px
-        sums = window_sums(lambda x, y, w, h: _read(section.image, x, y, w, h, f, stain_normalizer), corners,
+        sums = window_sums(lambda x, y, w, h: _read(section.image, x, y, w, h, f, stain_normalizer, lock), corners,
                            out_size, advance)
         feats[:, s] = describe_windows(sums, out_size)
     return feats
 
 
-def _read(image, x: int, y: int, w: int, h: int, f: float, stain_normalizer) -> np.ndarray:
+def _read(image, x: int, y: int, w: int, h: int, f: float, stain_normalizer, lock: threading.Lock) -> np.ndarray:
     """Level px [y, y+h) × [x, x+w) of the level `f` full-resolution px per level px."""
-    rgb = image.read_region(round(x * f), round(y * f), max(1, round(w * f)), max(1, round(h * f)), out_size=(w, h))
+    with lock:
+        rgb = image.read_region(round(x * f), round(y * f), max(1, round(w * f)), max(1, round(h * f)), out_size=(w, h))
     return rgb if stain_normalizer is None else stain_normalizer(rgb)
 
 
@@ -102,26 +107,26 @@ def window_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.nd
     order = np.argsort(cy + span)  # spots by the cell row their window ends on
     ends = (cy + span)[order]
     out = np.empty((len(corners), N_CHANNELS))
-    prefix = np.zeros((1, wc, N_CHANNELS))  # column sums of the cell rows above each row boundary [top, done]
+    prefix = np.zeros((N_CHANNELS, 1, wc))  # column sums of the cell rows above each row boundary [top, done]
     top, done, evaluated = 0, 0, 0
 
     def strip(r0: int) -> np.ndarray:
         """Cell sums of strip rows [r0, r0 + rows), read only across the windows that reach it."""
         r1 = min(r0 + rows, hc_)
-        cells = np.zeros((r1 - r0, wc, N_CHANNELS), np.float32)
+        cells = np.zeros((N_CHANNELS, r1 - r0, wc), np.float32)
         near = (cy < r1) & (cy + span > r0)
         if near.any():
             c0, c1 = max(0, math.floor(cx[near].min())), min(wc, math.ceil(cx[near].max() + span))
             rgb = read(x0 + c0 * CELL - HALO, y0 + r0 * CELL - HALO, (c1 - c0) * CELL + 2 * HALO, (r1 - r0) * CELL + 2 * HALO)
-            cells[:, c0:c1] = strip_cells(rgb, HALO)
+            cells[:, :, c0:c1] = strip_cells(rgb, HALO)
         return cells
 
     with ThreadPoolExecutor(WORKERS) as pool:
         for cells in pool.map(strip, starts):
-            new = np.cumsum(cells, axis=0, dtype=np.float64)
-            new += prefix[-1]
-            prefix = np.concatenate([prefix, new])
-            done += len(cells)
+            new = np.cumsum(cells, axis=1, dtype=np.float64)
+            new += prefix[:, -1:]
+            prefix = np.concatenate([prefix, new], axis=1)
+            done += cells.shape[1]
             ready = order[evaluated:len(order) if done >= hc_ else np.searchsorted(ends, done, side="right")]
             evaluated += len(ready)
             for chunk in np.array_split(ready, max(1, -(-len(ready) // BOX_CHUNK))):
@@ -130,85 +135,102 @@ def window_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.nd
                 advance(len(ready))
             if evaluated < len(order):  # keep the rows from the first waiting window's top
                 keep = max(0, math.floor(cy[order[evaluated:]].min()) - top)
-                prefix, top = prefix[keep:], top + keep
+                prefix, top = prefix[:, keep:], top + keep
     return out
 
 
 def _box(prefix: np.ndarray, x: np.ndarray, y: np.ndarray, span: float) -> np.ndarray:
     """Sums (n, C) over windows [x, x+span) × [y, y+span) (cell units, fractional) from
-    column prefix sums (row boundaries, cols, C): linear between row boundaries, each
+    column prefix sums (C, row boundaries, cols): linear between row boundaries, each
     cell column weighted by its overlap with the window (exact where a map is uniform
     within a cell)."""
     k = math.ceil(span) + 1  # cell columns a window can touch
-    j0 = np.clip(np.floor(x).astype(int), 0, prefix.shape[1] - k)
+    j0 = np.clip(np.floor(x).astype(int), 0, prefix.shape[2] - k)
     cols = j0[:, None] + np.arange(k)
     weights = np.clip(np.minimum(cols + 1, (x + span)[:, None]) - np.maximum(cols, x[:, None]), 0.0, 1.0)
 
-    def at(ys: np.ndarray) -> np.ndarray:  # prefix at fractional row boundaries, (n, k, C)
-        ys = np.clip(ys, 0, prefix.shape[0] - 1)
-        i = np.minimum(ys.astype(int), prefix.shape[0] - 2)
-        f = (ys - i)[:, None, None]
-        return (1 - f) * prefix[i[:, None], cols] + f * prefix[i[:, None] + 1, cols]
+    def at(ys: np.ndarray) -> np.ndarray:  # prefix at fractional row boundaries, (C, n, k)
+        ys = np.clip(ys, 0, prefix.shape[1] - 1)
+        i = np.minimum(ys.astype(int), prefix.shape[1] - 2)
+        f = (ys - i)[:, None]
+        return (1 - f) * prefix[:, i[:, None], cols] + f * prefix[:, i[:, None] + 1, cols]
 
-    return np.einsum("nk,nkc->nc", weights, at(y + span) - at(y))
+    return np.einsum("nk,cnk->nc", weights, at(y + span) - at(y))
 
 
 def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
-    """Cell sums (rows/CELL, cols/CELL, N_CHANNELS) float32 of every map over the core of a
+    """Cell sums (N_CHANNELS, rows/CELL, cols/CELL) float32 of every map over the core of a
     strip (`rgb` uint8 with `halo` px on every side; core sides multiples of CELL)."""
     rgb = np.ascontiguousarray(rgb)
     H, W = rgb.shape[0] - 2 * halo, rgb.shape[1] - 2 * halo
     core = (slice(halo, halo + H), slice(halo, halo + W))
     sub = (slice(halo, halo + H, 2), slice(halo, halo + W, 2))  # every other pixel of the core
     half = CELL // 2  # cell side on the sub grid
-    out = np.empty((H // CELL, W // CELL, N_CHANNELS), np.float32)
+    out = np.empty((N_CHANNELS, H // CELL, W // CELL), np.float32)
 
     def put(name: str, cells: np.ndarray) -> None:
-        out[..., CHANNELS[name]] = cells.reshape(*out.shape[:2], -1)
+        """Cells (rows, cols[, k]) or flat counts (rows × cols × k) into the channels `name`."""
+        cells = cells.reshape(*out.shape[1:], -1)
+        out[CHANNELS[name]] = np.moveaxis(cells, -1, 0)
 
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     tissue = gray < hc.TISSUE_MAX_GRAY
     put("tissue", _cells(tissue[core], CELL))
-    od = cv2.LUT(rgb, hc._OD_LUT3)
-    h = cv2.GaussianBlur(hc._unmix(od, 1), (0, 0), 1.0)
+    channels = cv2.split(rgb)  # haematoxylin = max(Σ_c unmixing weight × OD of channel c, 0), as `rgb2hed`
+    haem = cv2.add(cv2.add(cv2.LUT(channels[0], _HAEM_LUTS[0]), cv2.LUT(channels[1], _HAEM_LUTS[1])),
+                   cv2.LUT(channels[2], _HAEM_LUTS[2]))
+    h = cv2.GaussianBlur(cv2.max(haem, 0.0), (0, 0), 1.0)
     for t, threshold in enumerate(hc.NUCLEUS_H_OD):
         for name, cells in _blob_cells((h > threshold) & tissue, h, halo, H, W).items():
             put(f"{name}{t}", cells)
-    sub_cells = _cell_index(H // 2, W // 2, half)
-    n_cells = out.shape[0] * out.shape[1]
-    # texture: GLCM differences and LBP codes at every other pixel, neighbours at full resolution
+    n_cells = out.shape[1] * out.shape[2]
+    # texture at every other pixel (even rows and columns of the core), neighbours at full
+    # resolution: each neighbour offset is a shifted view of one of the four parity planes
     q = gray // (256 // hc.GLCM_LEVELS)
-    first = q[sub].astype(np.int16)
+    planes = {(a, b): (np.ascontiguousarray(q[a::2, b::2]), np.ascontiguousarray(gray[a::2, b::2])) for a in (0, 1) for b in (0, 1)}
+
+    def shifted(dy: int, dx: int, which: int) -> np.ndarray:
+        plane = planes[dy % 2, dx % 2][which]
+        r, c = (halo + dy) // 2, (halo + dx) // 2
+        return plane[r:r + H // 2, c:c + W // 2]
+
+    first = shifted(0, 0, 0)
     qf = first.astype(np.float32)
     put("q", _cells(qf, half))
     put("q2", _cells(qf * qf, half))
     for d, offsets in zip(hc.GLCM_DISTANCES, np.reshape(hc._GLCM_OFFSETS, (len(hc.GLCM_DISTANCES), -1, 2))):
-        con, hom, eq = np.zeros(first.shape, np.int16), np.zeros(first.shape, np.float32), np.zeros(first.shape, np.uint8)
+        con, hom, eq = (np.zeros(first.shape, np.float32) for _ in range(3))
         for dr, dc in offsets:
-            diff = np.abs(first - q[halo + dr:halo + dr + H:2, halo + dc:halo + dc + W:2])
-            con += diff * diff
-            hom += _HOM_LUT[diff]
-            eq += diff == 0
+            diff = cv2.absdiff(first, shifted(int(dr), int(dc), 0))
+            cv2.add(con, cv2.LUT(diff, _CON_LUT), con)
+            cv2.add(hom, cv2.LUT(diff, _HOM_LUT), hom)
+            cv2.add(eq, cv2.LUT(diff, _EQ_LUT), eq)
         put(f"con{d}", _cells(con, half))
         put(f"hom{d}", _cells(hom, half))
         put(f"eq{d}", _cells(eq, half))
-    centre = gray[sub]
+    centre = shifted(0, 0, 1)
     code = np.zeros(centre.shape, np.uint8)
     for bit, (dy, dx) in enumerate(hc._LBP_OFFSETS):
-        code |= (gray[halo + dy:halo + dy + H:2, halo + dx:halo + dx + W:2] >= centre).view(np.uint8) << bit
-    put("lbp", np.bincount((sub_cells * _LBP_BINS + _LBP_LABELS[code]).ravel(), minlength=n_cells * _LBP_BINS))
-    put("dog", np.stack(list(_dog_cells(gray, halo, H, W)), axis=-1))
-    # colour at every other pixel, as the patch path
-    tsub = tissue[sub].astype(np.float32)
-    ods = np.ascontiguousarray(od[sub])
-    odt = ods * tsub[..., None]
+        code |= cv2.compare(shifted(dy, dx, 1), centre, cv2.CMP_GE) & np.uint8(1 << bit)
+    put("lbp", np.bincount((_scaled_index(H // 2, W // 2, half, _LBP_BINS) + cv2.LUT(code, _LBP_LABELS)).ravel(),
+                           minlength=n_cells * _LBP_BINS))
+    for k, band in enumerate(_dog_cells(gray, halo, H, W)):
+        out[CHANNELS["dog"].start + k] = band
+    # colour at every other pixel, as the patch path (t = 0/1: OD²·t = (OD·t)², unmix(OD)·t = unmix(OD·t))
+    tsub = tissue[sub].view(np.uint8)
+    rgb_sub = np.ascontiguousarray(rgb[sub])
+    odt = cv2.LUT(rgb_sub, hc._OD_LUT3) * tsub[..., None]
     put("tsub", _cells(tsub, half))
     put("od", _cells(odt, half))
-    put("od2", _cells(odt * ods, half))
-    put("he", _cells(hc._unmix(ods, 2) * tsub[..., None], half))
-    bins = np.where(tissue[sub][..., None], rgb[sub] // (256 // HIST_BINS), HIST_BINS)  # glass: an extra bin, dropped
-    put("hist", np.stack([np.bincount((sub_cells * (HIST_BINS + 1) + bins[..., c]).ravel(), minlength=n_cells * (HIST_BINS + 1))
-                          .reshape(*out.shape[:2], HIST_BINS + 1)[..., :HIST_BINS] for c in range(3)], axis=2))
+    put("od2", _cells(odt * odt, half))
+    put("he", _cells(hc._unmix(odt, 2), half))
+    bins = rgb_sub // (256 // HIST_BINS)
+    bins[tsub == 0] = HIST_BINS  # glass: an extra bin, dropped
+    base = _scaled_index(H // 2, W // 2, half, HIST_BINS + 1)
+    for c in range(3):
+        counts = np.bincount((base + bins[..., c]).ravel(), minlength=n_cells * (HIST_BINS + 1))
+        first_bin = CHANNELS["hist"].start + c * HIST_BINS
+        out[first_bin:first_bin + HIST_BINS] = np.moveaxis(counts.reshape(*out.shape[1:], HIST_BINS + 1)[..., :HIST_BINS], -1, 0)
     return out
 
 
@@ -221,30 +243,35 @@ def _cells(values: np.ndarray, k: int) -> np.ndarray:
     return cv2.resize(values, (W // k, H // k), interpolation=cv2.INTER_AREA) * float(k * k)
 
 
-@lru_cache(maxsize=4)
-def _cell_index(rows: int, cols: int, k: int) -> np.ndarray:
-    """Flat cell number (rows, cols) int64 of each pixel, k × k px cells in row-major order."""
-    return (np.arange(rows) // k)[:, None] * (cols // k) + (np.arange(cols) // k)[None, :]
+@lru_cache(maxsize=8)
+def _scaled_index(rows: int, cols: int, k: int, bins: int) -> np.ndarray:
+    """`bins` × the flat cell number (rows, cols) int64 of each pixel, k × k px cells in
+    row-major order: add a pixel's bin to count per cell with one `np.bincount`."""
+    return ((np.arange(rows) // k)[:, None] * (cols // k) + (np.arange(cols) // k)[None, :]) * bins
 
 
 def _blob_cells(mask: np.ndarray, h: np.ndarray, halo: int, H: int, W: int) -> dict[str, np.ndarray]:
-    """The nuclei maps of one threshold: blob mask and its haematoxylin per pixel, and each
-    blob of at least MIN_NUCLEUS_PX counted once, in the cell of its centroid."""
-    _, _, stats, centroids = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    """The nuclei maps of one threshold: blob mask and its haematoxylin per pixel, and the
+    statistics of each blob of at least MIN_NUCLEUS_PX spread over its pixels, each pixel
+    carrying 1/area of its blob: a window holding a blob whole counts it once, a window
+    holding part of it counts that fraction (as a patch holds the part it cuts)."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     core = mask[halo:halo + H, halo:halo + W]
     maps = {"mask": _cells(core, CELL), "hmask": _cells(np.where(core, h[halo:halo + H, halo:halo + W], 0.0), CELL)}
-    stats, (cx, cy) = stats[1:], (centroids[1:] - halo).T
-    keep = (stats[:, cv2.CC_STAT_AREA] >= hc.MIN_NUCLEUS_PX) & (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)
-    stats, cx, cy = stats[keep], cx[keep], cy[keep]
     area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
     w, hh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
-    cell = (cy // CELL).astype(np.int64) * (W // CELL) + (cx // CELL).astype(np.int64)
+    share = np.where(area >= hc.MIN_NUCLEUS_PX, 1.0 / area, 0.0)  # of a blob, per pixel
+    share[0] = 0.0  # background
+    per_pixel = {"n": share, "area": share * area, "area2": area * (share > 0),
+                 "elong": share * np.maximum(w, hh) / np.maximum(np.minimum(w, hh), 1), "fill": share * area / (w * hh)}
+    lab = labels[halo:halo + H, halo:halo + W].ravel()
+    where = np.flatnonzero(lab)
+    lab = lab[where]
+    cell = _scaled_index(H, W, CELL, 1).ravel()[where]
     n_cells = (H // CELL) * (W // CELL)
-    values = {"n": np.ones_like(area), "area": area, "area2": area**2,
-              "elong": np.maximum(w, hh) / np.maximum(np.minimum(w, hh), 1), "fill": area / (w * hh)}
-    maps |= {k: np.bincount(cell, weights=v, minlength=n_cells) for k, v in values.items()}
-    size_bin = np.searchsorted(hc.NUCLEUS_LOG_AREA_EDGES, np.log(area), side="right") - 1
-    maps["sizes"] = np.bincount(cell * _N_SIZES + size_bin, minlength=n_cells * _N_SIZES)
+    maps |= {k: np.bincount(cell, weights=v[lab], minlength=n_cells) for k, v in per_pixel.items()}
+    size_bin = np.searchsorted(hc.NUCLEUS_LOG_AREA_EDGES, np.log(np.maximum(area, 1.0)), side="right") - 1
+    maps["sizes"] = np.bincount(cell * _N_SIZES + np.maximum(size_bin, 0)[lab], weights=share[lab], minlength=n_cells * _N_SIZES)
     return maps
 
 

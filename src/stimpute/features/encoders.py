@@ -9,21 +9,21 @@ randomly initialised network for tests and benchmarks only.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-from torch import nn
 
 from stimpute.errors import InputError, StimputeError
 from stimpute.features import handcrafted
 from stimpute.features.checkpoint import file_digest, load_weights
-from stimpute.features.efficientnet import efficientnet_lite0, lite0_weights
-from stimpute.features.resnet import resnet18, resnet50
-from stimpute.features.vit import vit_large_patch16
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision, UNI and Ciga all normalise this way
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +47,21 @@ class EncoderSpec:
     def needs_weights(self) -> bool:
         return self.build is not None
 
+
+def _lazy(module: str, name: str) -> Callable:
+    """`stimpute.features.<module>.<name>`, imported (with torch) when first called: the
+    handcrafted encoder and a cached feature read never load torch."""
+
+    def call():
+        return getattr(importlib.import_module(f"stimpute.features.{module}"), name)()
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+resnet18, resnet50 = _lazy("resnet", "resnet18"), _lazy("resnet", "resnet50")
+vit_large_patch16 = _lazy("vit", "vit_large_patch16")
+efficientnet_lite0, lite0_weights = _lazy("efficientnet", "efficientnet_lite0"), _lazy("efficientnet", "lite0_weights")
 
 ENCODERS: dict[str, EncoderSpec] = {
     spec.name: spec
@@ -156,6 +171,8 @@ class Encoder:
         if not spec.needs_weights and self.workers > 1:
             handcrafted.worker_pool(self.workers)  # its processes start before any reader thread
         if spec.needs_weights:
+            import torch
+
             torch.manual_seed(RANDOM_SEED)
             model = spec.build()
             if weights is not None:
@@ -171,6 +188,8 @@ class Encoder:
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         if self.model is None:
             return handcrafted.describe_batch(patches, self.workers)
+        import torch
+
         with torch.inference_mode():
             return self.encode(torch.from_numpy(np.ascontiguousarray(patches))).numpy().astype(np.float32)
 
@@ -178,6 +197,8 @@ class Encoder:
         """Features (N, dim) of uint8 patches (N, H, W, 3), on the device of the patches
         (the network's); the handcrafted descriptors are computed on the CPU."""
         if self.model is None:
+            import torch
+
             return torch.from_numpy(handcrafted.describe_batch(patches.cpu().numpy(), self.workers))
         x = patches.permute(0, 3, 1, 2).float().div_(255.0)
         return self.model((x - self._mean.to(x.device)) / self._std.to(x.device))

@@ -30,7 +30,6 @@ from multiprocessing.shared_memory import SharedMemory
 
 import cv2
 import numpy as np
-from skimage.color import hed_from_rgb
 
 VERSION = 3  # of the descriptor values, part of their cache key: 3 = pooled from dense maps (`stimpute.features.dense`)
 TISSUE_MAX_GRAY = 215  # brighter pixels are glass / background
@@ -50,7 +49,8 @@ DOG_MIN_SIDE = 32  # px: the DoG pyramid halves no image below this side
 # optical density log(max(v/255, 1e-6)) / log(1e-6), then the H/E/DAB unmixing matrix.
 _OD_LUT = (np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)).astype(np.float32)
 _OD_LUT3 = np.repeat(_OD_LUT[:, None], 3, axis=1).reshape(256, 1, 3)  # one table per channel, for cv2.LUT
-_HED_FROM_RGB = hed_from_rgb.astype(np.float32)
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])  # skimage.color.rgb_from_hed
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)  # skimage's hed_from_rgb, without importing skimage
 
 
 def describe_patch(rgb: np.ndarray) -> np.ndarray:
