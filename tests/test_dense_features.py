@@ -118,3 +118,14 @@ def test_dog_pyramid_halves_where_the_patch_path_does(side):
     cells = list(dense._dog_cells(np.pad(gray, 32, mode="reflect"), 32, side, side, side))
     bands = np.array([c.sum() for c in cells]) / side**2
     np.testing.assert_allclose(bands, handcrafted._dog(gray), rtol=0.1)
+
+
+def test_handcrafted_features_import_no_torch_or_skimage():
+    """A cached `stimpute features` rerun loads neither (start-up, issue 28)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stimpute.features, stimpute.features.stored, stimpute.device; "
+            "print(sorted(m for m in ('torch', 'skimage', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -4,19 +4,19 @@ The patch path (`handcrafted.describe_patch`) resamples each spot's window at ev
 to 224 px and describes it alone, though the 512 and 1,024 µm windows of neighbouring
 spots cover almost the same pixels. Here each scale's level (the image resampled so that a
 window is `out_size` px, as the patch path resamples it) is read once, in horizontal strips
-with a halo, each descriptor family becomes per-pixel maps whose window means give the
-descriptor, the maps are summed into cells of `CELL` px, and each spot's window sums come
-from the running integral image of the cell grid (bilinear at fractional cell coordinates:
-exact where a map is uniform within a cell). Memory: one strip and the cell rows of one
-window height, whatever the slide's size.
+with a halo (across only the columns the windows reach), each descriptor family becomes
+per-pixel maps whose window means give the descriptor, the maps are summed into cells of
+`CELL` px, and each spot's window sums come from running column sums of the cell rows
+(linear at fractional cell coordinates: exact where a map is uniform within a cell).
+Memory: one strip and the cell rows of one window height, whatever the slide's size.
 
 The maps, per family (the same 67 values as `describe_patch`, in its order):
 - colour: tissue fraction; optical density mean and sd, and the mean haematoxylin and eosin
   over tissue (every other pixel, as the patch path); OD deciles from per-window byte
   histograms of `HIST_BINS` bins (linear within a bin);
-- nuclei: the haematoxylin blobs of the whole strip, each counted once at its centroid
-  (its count, area, area², elongation, fill and size bin), the blob mask and its
-  haematoxylin;
+- nuclei: the haematoxylin blobs of the strip; each blob's count, area, elongation, fill
+  and size bin spread over its pixels (1/area each), so a window counts the share of a blob
+  it holds; the blob mask and its haematoxylin;
 - texture: GLCM contrast and homogeneity from the grey-level differences of each offset,
   correlation from contrast and grey-level variance (exact for a symmetric GLCM), and the
   fraction of equal-level pairs in place of energy (not a window mean); uniform LBP labels;
