@@ -1,7 +1,9 @@
 """Per-spot image features at three scales, from any registered encoder, cached on disk.
 
 `spot_features(section)` returns float32 (n_spots, 3, dim): for each spot (adata order)
-the features of its spot patch and of its two context windows (`stimpute.patches`).
+the features of its spot patch and of its two context windows (`stimpute.patches`):
+network encoders read each window as a patch, the handcrafted descriptors are pooled per
+window from per-pixel maps of the whole image (`stimpute.features.dense`).
 With `cache_dir`, results are stored per section and reused while image, spots, settings
 and weights are unchanged (`stimpute.features.cache`).
 """
@@ -72,7 +74,7 @@ def spot_features(
     a seeded random network instead, for tests/benchmarks only. `runs`, if given,
     receives a `FeatureRun` describing whether the cache was hit and how long it took.
     `hardware`: Lightning's accelerator, devices, num_nodes and strategy; several
-    processes (DDP) share the spots and all return every spot's features
+    processes (DDP) share a network's spots and all return every spot's features
     (`stimpute.features.parallel`); only global rank 0 writes the cache.
     """
     start = time.perf_counter()

@@ -5,13 +5,14 @@ the command again for each other local rank at the first `Trainer` run, or `torc
 SLURM start them all; `stimpute.distributed`), `Trainer.predict` shares each section's
 spots among them: Lightning's unrepeated distributed sampler hands process r the spots
 r, r + P, r + 2P, ... of `stimpute.patches.SpotWindows` (none padded or repeated), each
-process encodes its share (a network on its GPU; the handcrafted descriptors with its
-share of the CPU cores), and `all_gather_object` gives every process the whole
+process encodes its share with a network (on its GPU), and `all_gather_object` gives every process the whole
 (n_spots, n_scales, dim) array, since all of them train on it next. Spot indices travel
 with the features: each spot is placed by its index, a repeated one counts once, and a
 spot no process encoded is an error. On one GPU a network encodes there, through the
 same prediction. Strategies that spawn their workers (ddp_spawn, ddp_fork) and one CPU
-process encode in the calling process as before (`stimpute.features.spot_features`).
+process encode in the calling process as before (`stimpute.features.spot_features`); the
+handcrafted descriptors never come here: one pass over the image (`stimpute.features.dense`)
+costs less than sharing it, so every process computes them whole.
 """
 
 from __future__ import annotations
