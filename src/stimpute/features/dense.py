@@ -133,8 +133,8 @@ def window_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.nd
                 out[chunk] = _box(prefix, cx[chunk], cy[chunk] - top, span)
             if advance is not None and len(ready):
                 advance(len(ready))
-            if evaluated < len(order):  # keep the rows from the first waiting window's top
-                keep = max(0, math.floor(cy[order[evaluated:]].min()) - top)
+            if evaluated < len(order):  # keep the rows from the first waiting window's top, and the last boundary
+                keep = min(max(0, math.floor(cy[order[evaluated:]].min()) - top), prefix.shape[1] - 1)
                 prefix, top = prefix[:, keep:], top + keep
     return out
 
