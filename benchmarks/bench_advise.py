@@ -1,35 +1,42 @@
-"""Does `stimpute advise` pick the right sections? Its expectation beside the actual
-imputation accuracy on the shared HER2-ST C2/C3/C4 (issue 19).
+"""Does `stimpute advise` pick the right sections on stacks it has never seen (issue 29)?
 
-For every known set of size 1 and 2, each other section (target) gets the advisor's
-count-free quantities (coverage, z distance, morphological coverage;
-`stimpute.advise`) and its actual accuracy: the mean per-gene PCC over the panel (top
-250 HVGs of the known sections) of the imputed target against its measured counts, from
+Stacks with known truth: `N_SYNTHETIC` synthetic stacks (`stimpute.datasets.synthetic_stack`,
+each drawn from its seed by `synthetic_case`: 5-12 sections, 3-6 tissue programmes,
+patch size, drift along z, ruined section images, torn-off tissue), every budget 1-3;
+and HER2-ST C2/C3/C4, budgets 1 and 2. Every candidate known set is imputed for real and
+scored on the sections left out; per stack and budget the advisor and the rival picks are
+compared with the best set:
 
-- `--actual FILE`: a `bench_impute.csv` of `benchmarks/bench_impute.py` (columns
-  variant, known, target, gene, pcc, ...; `--variant asign` is `stimpute impute`'s output);
-- `--impute`: runs ASIGN (`stimpute impute`'s fused output, `impute_stack`) for every
-  known set here (minutes per split; the feature cache in OUT/cache is reused);
-- otherwise the `transfer` baseline (register, then copy the Gaussian-weighted nearest
-  measured spots of every known section): a cheap stand-in, seconds instead of an hour.
+- **actual**: mean per-gene PCC over the targets (the other sections) of the stand-in
+  imputation: `impute_stack` with the kernel ridge as the only image model (no MSAGNet,
+  which adds <= 0.002 PCC per benchmarks/README.md, and minutes per split). `--check-full SEEDS`
+  imputes every single-section set of those synthetic stacks with the full pipeline
+  (MSAGNet + kernel ridge) too and reports how the two rank sets alike.
+- **advisor**: `stimpute.advise` (score = pseudo-expression rehearsal, nothing fitted); also
+  its two parts alone (`mix` "propagated", "model") as the alternatives tried;
+- **old model**: the issue-19 linear model (coverage, morphology, z distance; coefficients
+  fitted on HER2-ST, `benchmarks/advise_old_model.json`);
+- **middle section** (the `budget` sections around the middle) and **evenly spaced**
+  (section ⌊(i + ½)·n/budget⌋).
 
-The expected-PCC model (`stimpute.advise.MODEL_TERMS`, least squares over the (known set,
-target) rows) is fitted on all rows and, leave-one-section-out, on the rows whose target
-is not section s, predicting those whose target is s. Reported per known set size: the
-actual mean PCC over targets beside the expectation, Spearman's rho of expected vs
-actual, and the regret of the advisor's pick (actual of the pick minus the best set's).
+Reported per rule: Spearman's rho of its scores with the actual over the candidate sets
+(rules with one pick have none), regret (best actual minus the pick's actual; >= 0) and the
+share of (stack, budget) cases with regret <= 0.01. The advisor's relative calibration
+(`src/stimpute/data/advise_calibration.json`, `--write-calibration`) is fitted on the even
+seeds and checked on the odd seeds and on HER2-ST.
 
-Run: `python benchmarks/bench_advise.py [--data ../shared/data/her2st] [--out bench-advise]
-[--actual bench_impute.csv] [--write-model]` (`--write-model` stores the fitted
-coefficients in src/stimpute/data/advise_model.json, the advisor's packaged model).
-Writes OUT/bench_advise.csv (one row per known set and target), OUT/bench_advise.md
-(and with `--impute` OUT/actual_asign.csv, reusable as `--actual`).
+Run: `python benchmarks/bench_advise.py [--out bench-advise] [--synthetic 20] [--check-full SEEDS] [--measure SEEDS]`
+(~1 h on 2 busy CPUs; per-stack results are kept in OUT/cases/ and reused; `--measure` fills
+them for some stacks only, so that several processes can share the work). Writes
+OUT/bench_advise.csv (one row per stack, budget, candidate), OUT/bench_advise.md and the
+table between the `bench_advise` markers of benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import json
 import os
 import time
@@ -39,195 +46,331 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-SECTIONS = ("C2", "C3", "C4")
 ROOT = Path(__file__).resolve().parents[1]
+HER2ST = ("C2", "C3", "C4")
+BUDGETS = (1, 2, 3)
+N_SYNTHETIC = 20
+TOLERANCE = 0.01  # regret counted as "right"
+MAX_SETS = 21  # a (stack, budget) with more candidate sets than this is left out (2 shared CPUs)
+OLD_MODEL = ROOT / "benchmarks" / "advise_old_model.json"
+CALIBRATION = ROOT / "src" / "stimpute" / "data" / "advise_calibration.json"
+MARKERS = ("<!-- bench_advise:start -->", "<!-- bench_advise:end -->")
+RULES = ("advisor", "propagated part only", "model part only", "old model", "middle section", "evenly spaced")
 
 
-def actual_from_csv(path: Path, variant: str) -> dict[tuple[str, str], float]:
-    """{(known label, target): mean per-gene PCC (undefined as 0)} of one variant."""
-    frame = pd.read_csv(path)
-    frame = frame[frame["variant"] == variant]
-    if frame.empty:
-        raise SystemExit(f"{path}: no rows of variant {variant!r}")
-    frame = frame.assign(known=frame["known"].astype(str).str.replace(",", "+"), pcc=frame["pcc"].fillna(0.0))
-    return frame.groupby(["known", "target"])["pcc"].mean().to_dict()
+def synthetic_case(seed: int) -> dict:
+    """The generator settings of synthetic stack `seed` (drawn from the seed, nothing chosen by hand)."""
+    rng = np.random.default_rng(1000 + seed)
+    n = int(rng.integers(5, 13))
+    damaged = sorted(int(i) for i in rng.choice(n, size=rng.integers(0, 3), replace=False))
+    torn = rng.choice(n, size=rng.integers(0, min(4, n - 1)), replace=False)
+    missing = {int(i): (float(rng.uniform(0, 360)), float(rng.uniform(0.15, 0.35))) for i in torn}
+    return dict(n_sections=n, seed=seed, n_programmes=int(rng.integers(3, 7)),
+                structure_um=float(rng.uniform(150, 400)), z_sigma_sections=float(rng.uniform(0.7, 4.0)),
+                damaged=damaged, missing=missing, tissue_radius_um=500.0, image_size=1200)
 
 
-def actual_transfer(stack, description, known_sets) -> dict[tuple[str, str], float]:
-    """The stand-in: the `transfer` baseline's mean per-gene PCC per (known set, target)."""
-    from stimpute.metrics import pearson_columns
-    from stimpute.expression import panel_expression, select_panel
-    from stimpute.models import get_method, load_methods
-    from stimpute.prepare import PreparedStack
-
-    load_methods()
-    coords = [xy / stack[0].um_per_px for xy in description.xy_um]
+def old_scores(description, sets) -> dict[tuple, float]:
+    """The issue-19 model's expected PCC of each set (mean over its targets)."""
+    model = json.loads(OLD_MODEL.read_text())
     out = {}
-    for known in known_sets:
-        genes = select_panel([stack[i].adata for i in known])
-        expression = [panel_expression(s, genes) for s in stack]
-        prepared = PreparedStack(stack, genes, expression, [None] * len(stack), coords)
-        targets = [i for i in range(len(stack)) if i not in known]
-        predicted = get_method("transfer").fit_predict(prepared, list(known), targets)
-        label = "+".join(stack.names[i] for i in known)
-        for t in targets:
-            out[(label, stack.names[t])] = float(np.nan_to_num(pearson_columns(predicted[t], expression[t])).mean())
+    for known in sets:
+        q = description.quantities(known)
+        value = sum(c * np.prod([q[name].to_numpy(float) for name in term.split("*")], axis=0)
+                    for term, c in model["terms"].items())
+        out[known] = float(np.mean(np.clip(value, -1, 1)))
     return out
 
 
-def actual_impute(stack, known_sets, cache: Path, epochs: int) -> dict[tuple[str, str], float]:
-    """ASIGN's fused output per split (`impute_stack`, default settings): mean per-gene PCC
-    per (known set, target). One preparation (registration, features, graph) serves every
-    split; each split's panel comes from its known sections only (`with_known_panel`)."""
+def spaced(n: int, budget: int, middle: bool) -> tuple[int, ...]:
+    """The rival picks: `budget` adjacent sections around the middle, or evenly spaced ones
+    (section ⌊(i + ½)·n / budget⌋); with one section both are section ⌊n / 2⌋."""
+    if middle:
+        first = (n - budget + 1) // 2
+        return tuple(range(first, first + budget))
+    return tuple(int((i + 0.5) * n / budget) for i in range(budget))
+
+
+def actual_accuracy(prepared, known: tuple[int, ...], full: bool = False) -> float:
+    """Mean per-gene PCC over the targets of the stand-in imputation (or the full pipeline)."""
     from stimpute.metrics import pearson_columns
-    from stimpute.impute import impute_stack
-    from stimpute.prepare import prepare_stack, with_known_panel
-    from stimpute.models.msagnet_training import TrainConfig
+    from stimpute.models.asign import impute_stack
+    from stimpute.prepare import with_known_panel
 
-    prepared = prepare_stack(stack, cache_dir=cache)
-    out = {}
-    for known in known_sets:
-        split = with_known_panel(prepared, list(known))
-        result = impute_stack(split, list(known), config=TrainConfig(max_epochs=epochs))
-        label = "+".join(stack.names[i] for i in known)
-        for t in result.fused:
-            if t not in known:
-                out[(label, stack.names[t])] = float(np.nan_to_num(pearson_columns(result.fused[t], split.expression[t])).mean())
-        print(f"known {label}: " + ", ".join(f"{t} {v:.3f}" for (k, t), v in out.items() if k == label), flush=True)
-    return out
+    split = with_known_panel(prepared, list(known))
+    result = impute_stack(split, list(known), members=("msagnet_3d", "kernel_ridge") if full else ("kernel_ridge",))
+    return float(np.mean([np.nan_to_num(pearson_columns(result.fused[t], split.expression[t])).mean()
+                          for t in result.fused]))
 
 
-def design(rows: pd.DataFrame, terms: list[str]) -> np.ndarray:
-    from stimpute.advise import term_values
+def measure_stack(stack, cache: Path, path: Path, budgets, full_budgets=(), synthetic: bool = True) -> None:
+    """Register the stack (synthetic: the true registration) and compute its features
+    (count-free, as `stimpute advise` does), then impute every candidate set of each budget
+    (at most `MAX_SETS` sets) for its actual accuracy (the stand-in; the full pipeline too for
+    `full_budgets`). Writes PATH.npz (what the advisor reads: names, z, registered spots in
+    µm, features) and PATH.csv (budget, known, actual, ...)."""
+    from stimpute.advise import count_free, description_of
+    from stimpute.datasets import synthetic_registration
+    from stimpute.features.stored import stack_features
+    from stimpute.prepare import prepare_stack
+    from stimpute.register import register_stack
 
-    return np.column_stack([term_values(rows, t) for t in terms])
+    start = time.perf_counter()
+    registration = synthetic_registration(stack) if synthetic else register_stack(count_free(stack))
+    features, _ = stack_features(count_free(stack), None, cache_dir=cache)
+    described = time.perf_counter() - start
+    d = description_of(stack, registration, features)
+    np.savez(path.with_suffix(".npz"), names=np.array(d.names), z_um=d.z_um, pitch_um=d.pitch_um,
+             seconds=described, **{f"xy{i}": xy for i, xy in enumerate(d.xy_um)},
+             **{f"features{i}": np.asarray(f, np.float32) for i, f in enumerate(features)})
+    prepared = prepare_stack(stack, known=[stack.names[0]], registration=registration, cache_dir=cache)
+    rows = []
+    for budget in (b for b in budgets if math.comb(len(stack), b) <= MAX_SETS):
+        for known in itertools.combinations(range(len(stack)), budget):
+            row = {"budget": budget, "known": "+".join(stack.names[i] for i in known),
+                   "actual": actual_accuracy(prepared, known)}
+            if budget in full_budgets:
+                row["actual_full"] = actual_accuracy(prepared, known, full=True)
+            rows.append(row)
+    pd.DataFrame(rows).to_csv(path.with_suffix(".csv"), index=False)
 
 
-def fit(rows: pd.DataFrame, terms: list[str]) -> np.ndarray:
-    coef, *_ = np.linalg.lstsq(design(rows, terms), rows["actual"].to_numpy(float), rcond=None)
-    return coef
+def load_description(path: Path):
+    """The advisor's description of a measured stack (`measure_stack`'s PATH.npz) and the
+    seconds its registration and features took."""
+    from stimpute.advise import StackDescription, embed
+
+    z = np.load(path.with_suffix(".npz"))
+    n = len(z["names"])
+    return (StackDescription([str(x) for x in z["names"]], z["z_um"], [z[f"xy{i}"] for i in range(n)],
+                             embed([z[f"features{i}"] for i in range(n)]), float(z["pitch_um"])), float(z["seconds"]))
 
 
-def set_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per known set: actual and expected (in-sample, leave-one-section-out) mean over targets."""
-    return (rows.groupby(["size", "known"], sort=False)[["actual", "expected", "expected_loso"]].mean()
+def score_stack(path: Path, label: str) -> pd.DataFrame:
+    """One row per (budget, candidate set): actual, the advisor's score, tie and gap (and
+    its seconds beyond registration and features), its parts alone, the old model."""
+    from stimpute.advise import StackDescription, advise
+
+    frame = pd.read_csv(path.with_suffix(".csv"))
+    description, described = load_description(path)
+    index = {name: i for i, name in enumerate(description.names)}
+    out = []
+    for budget, group in frame.groupby("budget"):
+        start = time.perf_counter()
+        fresh = StackDescription(description.names, description.z_um, description.xy_um, description.embedding,
+                                 description.pitch_um)  # the pair tables count in the advisor's time
+        advice = advise(fresh, int(budget)).table.set_index("known")
+        seconds = time.perf_counter() - start
+        sets = [tuple(index[k] for k in known.split("+")) for known in group["known"]]
+        old = old_scores(description, sets)
+        group = group.assign(stack=label, n_sections=len(description.names),
+                             advisor=advice.loc[group["known"], "score"].to_numpy(),
+                             tie=advice.loc[group["known"], "tie"].to_numpy(),
+                             gap=advice.loc[group["known"], "gap"].to_numpy(),
+                             seconds_advise=seconds, seconds_register_features=described)
+        group["old model"] = [old[k] for k in sets]
+        for mix, name in (("propagated", "propagated part only"), ("model", "model part only")):
+            group[name] = np.nanmean(description.set_scores(sets, mix), axis=1)
+        out.append(group)
+    return pd.concat(out, ignore_index=True)
+
+
+def cases(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (stack, budget) and rule: rho with the actual, the pick, its regret."""
+    out = []
+    for (stack, budget), group in frame.groupby(["stack", "budget"], sort=False):
+        group = group.reset_index(drop=True)
+        n = int(group["n_sections"].iloc[0])
+        names = group["known"].str.split("+")
+        index = {tuple(sorted(int(s.lstrip("SC")) for s in k)): i for i, k in enumerate(names)} if stack != "HER2-ST" else None
+        best = group["actual"].max()
+        for rule in RULES:
+            if rule in ("middle section", "evenly spaced"):
+                if index is None:  # HER2-ST: C2, C3, C4 in order
+                    pick_idx = spaced(n, budget, rule == "middle section")
+                    pick = group.index[group["known"] == "+".join(HER2ST[i] for i in pick_idx)][0]
+                else:
+                    pick = index[spaced(n, budget, rule == "middle section")]
+                rho = np.nan
+            else:
+                pick = int(group[rule].idxmax())
+                rho = spearmanr(group[rule], group["actual"]).statistic if len(group) > 2 else np.nan
+            out.append({"stack": stack, "budget": budget, "n_sets": len(group), "rule": rule,
+                        "pick": group["known"][pick], "rho": rho, "regret": best - group["actual"][pick]})
+    return pd.DataFrame(out)
+
+
+def calibration_pairs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (stack, budget) and candidate other than the advisor's top: its score gap to the
+    top and its actual loss against the top (mean per-gene PCC; negative: it did better)."""
+    rows = []
+    for (stack, budget), case in frame.groupby(["stack", "budget"], sort=False):
+        top = case.loc[case["advisor"].idxmax()]
+        rest = case.drop(index=top.name)
+        rows.append(pd.DataFrame({"stack": stack, "budget": budget, "gap": top["advisor"] - rest["advisor"],
+                                  "loss": top["actual"] - rest["actual"]}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def fit_calibration(pairs: pd.DataFrame, source: str, level: float = 0.9) -> dict:
+    """loss ≈ slope × gap (least squares through 0) and the central `level` interval of
+    the residuals: the relative calibration `stimpute.advise` ships."""
+    slope = float((pairs["gap"] * pairs["loss"]).sum() / (pairs["gap"] ** 2).sum())
+    residual = pairs["loss"] - slope * pairs["gap"]
+    low, high = np.quantile(residual, [(1 - level) / 2, (1 + level) / 2])
+    return {"slope": round(slope, 4), "low": round(float(low), 4), "high": round(float(high), 4), "level": level,
+            "source": source, "n_pairs": len(pairs)}
+
+
+def calibration_check(pairs: pd.DataFrame, calibration: dict) -> str:
+    """Share of (candidate, top) pairs whose actual loss lies in the interval, and how often
+    a candidate called a tie really is within 0.01 of the top or better."""
+    expected = calibration["slope"] * pairs["gap"]
+    inside = (pairs["loss"] >= expected + calibration["low"]) & (pairs["loss"] <= expected + calibration["high"])
+    tie = expected + calibration["low"] <= 0
+    return (f"{len(pairs)} pairs, actual loss inside the {calibration['level']:.0%} interval: {inside.mean():.0%}; "
+            f"called a tie: {tie.sum()}, of which within 0.01 of the top (or better): "
+            f"{(pairs['loss'][tie] <= TOLERANCE).mean() if tie.any() else float('nan'):.0%}; not a tie: {(~tie).sum()}, "
+            f"of which actually worse than the top by more than 0.01: "
+            f"{(pairs['loss'][~tie] > TOLERANCE).mean() if (~tie).any() else float('nan'):.0%}")
+
+
+def summary(per_case: pd.DataFrame) -> pd.DataFrame:
+    return (per_case.groupby("rule", sort=False)
+            .agg(cases=("regret", "size"), rho=("rho", "mean"), mean_regret=("regret", "mean"),
+                 max_regret=("regret", "max"), share_right=("regret", lambda r: float(np.mean(r <= TOLERANCE))))
             .reset_index())
 
 
-def rank_stats(sets: pd.DataFrame, column: str) -> dict:
-    """Spearman rho of `column` vs actual and the regret of the argmax of `column`."""
-    rho = spearmanr(sets[column], sets["actual"]).statistic if len(sets) > 2 else float("nan")
-    pick = sets.loc[sets[column].idxmax()]
-    return {"rho": float(rho), "pick": pick["known"], "regret": float(pick["actual"] - sets["actual"].max())}
-
-
-def advisor_seconds(description) -> float:
-    """Seconds of the advisor's own work (neighbour tables, every budget's ranking), with
-    registration and features already done (they are cached and shared with `impute`)."""
-    from stimpute.advise import StackDescription, advise
-
-    start = time.perf_counter()
-    d = StackDescription(description.names, description.z_um, description.xy_um, description.embedding, description.pitch_um)
-    for budget in range(1, len(d.names)):
-        advise(d, budget)
-    return time.perf_counter() - start
-
-
-def speed_row(out: Path) -> str:
-    """The acceptance case: five synthetic sections of ~180 spots, counts stripped."""
-    from stimpute.advise import count_free, describe_stack
-    from stimpute.datasets import synthetic_stack
-
-    stack = count_free(synthetic_stack(5, seed=0))
-    start = time.perf_counter()
-    description = describe_stack(stack, cache_dir=out / "cache-synthetic")
-    described = time.perf_counter() - start
-    spots = [len(xy) for xy in description.xy_um]
-    return (f"Five synthetic sections ({min(spots)}-{max(spots)} spots): registration + features {described:.1f} s, "
-            f"the advisor itself (every budget 1-4) {advisor_seconds(description):.2f} s.")
+def markdown_table(table: pd.DataFrame) -> list[str]:
+    lines = ["| rule | cases | mean Spearman ρ | mean regret | max regret | regret ≤ 0.01 |", "|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        rho = "—" if np.isnan(r.rho) else f"{r.rho:.2f}"
+        lines.append(f"| {r.rule} | {r.cases} | {rho} | {r.mean_regret:.4f} | {r.max_regret:.4f} | {r.share_right:.0%} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "her2st")
     parser.add_argument("--out", type=Path, default=Path("bench-advise"))
-    parser.add_argument("--actual", type=Path, help="bench_impute.csv with per-gene PCCs (default: the transfer stand-in)")
-    parser.add_argument("--variant", default="asign")
-    parser.add_argument("--impute", action="store_true", help="actual = ASIGN run here for every known set (slow)")
-    parser.add_argument("--epochs", type=int, default=200, help="MSAGNet epochs of --impute")
-    parser.add_argument("--write-model", action="store_true")
-    parser.add_argument("--speed", action="store_true", help="also time the advisor on five synthetic ~180-spot sections")
+    parser.add_argument("--synthetic", type=int, default=N_SYNTHETIC, help="number of synthetic stacks (seeds 0..N-1)")
+    parser.add_argument("--measure", help="measure only these seeds (comma list; 'her2st' for HER2-ST), report nothing")
+    parser.add_argument("--check-full", default="", help="synthetic seeds whose budget-1 sets also get the full pipeline")
+    parser.add_argument("--no-readme", action="store_true", help="do not write the table into benchmarks/README.md")
+    parser.add_argument("--write-calibration", action="store_true",
+                        help="refit the relative calibration on the even seeds into src/stimpute/data/advise_calibration.json")
     args = parser.parse_args()
 
-    from stimpute.advise import MODEL_TERMS, describe_stack
+    from stimpute.datasets import synthetic_stack
     from stimpute.io import read_stack
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stack = read_stack([args.data / name for name in SECTIONS])
-    start = time.perf_counter()
-    description = describe_stack(stack, cache_dir=args.out / "cache")
-    described = time.perf_counter() - start
-    known_sets = [k for size in (1, 2) for k in itertools.combinations(range(len(stack)), size)]
-    if args.actual:
-        actual, source = actual_from_csv(args.actual, args.variant), f"{args.actual.name}, variant {args.variant}"
-    elif args.impute:
-        actual, source = actual_impute(stack, known_sets, args.out / "cache", args.epochs), "ASIGN (`impute_stack`, fused)"
-        pd.DataFrame([{"variant": "asign", "known": k, "target": t, "pcc": v} for (k, t), v in actual.items()]).to_csv(
-            args.out / "actual_asign.csv", index=False)  # reusable as --actual
-    else:
-        actual, source = actual_transfer(stack, description, known_sets), "transfer baseline (stand-in)"
-
+    (args.out / "cases").mkdir(parents=True, exist_ok=True)
+    jobs = [(f"synthetic {seed:02d}", lambda seed=seed: synthetic_stack(**synthetic_case(seed)), BUDGETS,
+             (1,) if str(seed) in args.check_full.split(",") else ()) for seed in range(args.synthetic)]
+    if args.data.is_dir():
+        jobs.append(("HER2-ST", lambda: read_stack([args.data / name for name in HER2ST]), (1, 2), ()))
     frames = []
-    for known in known_sets:
-        label = "+".join(stack.names[i] for i in known)
-        q = description.quantities(known)
-        q.insert(0, "known", label)
-        q.insert(0, "size", len(known))
-        q["actual"] = [actual.get((label, t), np.nan) for t in q["section"]]
-        frames.append(q)
-    rows = pd.concat(frames, ignore_index=True).rename(columns={"section": "target"})
-    missing = sorted(set(rows.loc[rows["actual"].isna(), "known"]))
-    rows = rows.dropna(subset=["actual"]).reset_index(drop=True)  # splits the --actual file does not hold
-    terms = list(MODEL_TERMS)
-    coef = fit(rows, terms)
-    rows["expected"] = design(rows, terms) @ coef
-    rows["expected_loso"] = np.nan
-    for s in stack.names:
-        held = rows["target"] == s
-        rows.loc[held, "expected_loso"] = design(rows[held], terms) @ fit(rows[~held], terms)
-    rmse = float(np.sqrt(np.mean((rows["expected"] - rows["actual"]) ** 2)))
-    loso_rmse = float(np.sqrt(np.mean((rows["expected_loso"] - rows["actual"]) ** 2)))
-    rows.to_csv(args.out / "bench_advise.csv", index=False)
-
-    sets = set_table(rows)
-    lines = [f"# stimpute advise on HER2-ST {'/'.join(SECTIONS)}", "",
-             f"Actual accuracy: {source}. Model: per-target PCC = "
-             + " + ".join(f"{c:+.4f}·{t}" for c, t in zip(coef, terms)),
-             f"(least squares over {len(rows)} (known set, target) rows; RMSE {rmse:.4f} in sample, "
-             f"{loso_rmse:.4f} leave-one-section-out)."
-             + (f" Known sets without actual numbers in that file (left out): {', '.join(missing)}." if missing else ""), "",
-             f"Time on {os.cpu_count()} CPUs: registration + features {described:.1f} s, the advisor itself (budgets 1-2) "
-             f"{advisor_seconds(description):.2f} s.", *([speed_row(args.out)] if args.speed else []), ""]
-    lines += ["| known | targets: coverage / z µm / morphology | actual PCC | expected | expected (LOSO) |", "|---|---|---|---|---|"]
-    for row in sets.itertuples():
-        part = rows[rows["known"] == row.known]
-        why = "; ".join(f"{r.target}: {r.coverage:.2f} / {r.z_distance_um:.0f} / {r.morphology:.2f}" for r in part.itertuples())
-        lines.append(f"| {row.known} | {why} | {row.actual:.4f} | {row.expected:.4f} | {row.expected_loso:.4f} |")
-    lines += ["", "| known sets | Spearman ρ (in sample) | pick / regret | Spearman ρ (LOSO) | pick / regret (LOSO) |",
-              "|---|---|---|---|---|"]
-    for size, group in [*sets.groupby("size"), ("1 and 2", sets)]:
-        a, b = rank_stats(group, "expected"), rank_stats(group, "expected_loso")
-        lines.append(f"| size {size} | {a['rho']:.2f} | {a['pick']} / {a['regret']:+.4f} | {b['rho']:.2f} | "
-                     f"{b['pick']} / {b['regret']:+.4f} |")
+    measure = None if args.measure is None else {f"synthetic {int(s):02d}" if s.isdigit() else "HER2-ST"
+                                                 for s in args.measure.split(",")}
+    for label, make, budgets, full in jobs:
+        path = args.out / "cases" / label.replace(" ", "_")
+        if not path.with_suffix(".csv").is_file() and (measure is None or label in measure):
+            start = time.perf_counter()
+            measure_stack(make(), args.out / "cache" / path.name, path, budgets, full, synthetic=label != "HER2-ST")
+            print(f"{label}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+        if measure is None:
+            frames.append(score_stack(path, label))
+    if measure is not None:
+        return
+    frame = pd.concat(frames, ignore_index=True)
+    if args.write_calibration:
+        dev = frame[frame["stack"].isin([f"synthetic {seed:02d}" for seed in range(0, args.synthetic, 2)])]
+        calibration = fit_calibration(calibration_pairs(dev), f"{dev['stack'].nunique()} synthetic stacks "
+                                      f"(even seeds 0-{args.synthetic - 2}, `benchmarks/bench_advise.py`)")
+        CALIBRATION.write_text(json.dumps(calibration, indent=2) + "\n")
+        frame = pd.concat([score_stack(args.out / "cases" / label.replace(" ", "_"), label)
+                           for label in frame["stack"].unique()], ignore_index=True)  # ties with the new calibration
+    frame.to_csv(args.out / "bench_advise.csv", index=False)
+    lines = report(frame, args.out / "cases")
     (args.out / "bench_advise.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if args.write_model:
-        model = {"terms": dict(zip(terms, [round(float(c), 5) for c in coef])),
-                 "source": f"benchmarks/bench_advise.py on HER2-ST {'/'.join(SECTIONS)}; actual: {source}",
-                 "rmse": round(rmse, 4), "loso_rmse": round(loso_rmse, 4), "n_rows": len(rows)}
-        path = ROOT / "src" / "stimpute" / "data" / "advise_model.json"
-        path.write_text(json.dumps(model, indent=2) + "\n")
-        print(f"model written to {path}")
+    if not args.no_readme:
+        readme = ROOT / "benchmarks" / "README.md"
+        text = readme.read_text()
+        a, b = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+        readme.write_text(text[:a] + "\n" + "\n".join(lines) + "\n" + text[b:])
+
+
+def speed(cases_dir: Path) -> str:
+    """Seconds of `advise` (pair tables and every set of 3) on the measured twelve-section stacks."""
+    from stimpute.advise import StackDescription, advise
+
+    seconds, spots, described = [], [], []
+    for path in sorted(cases_dir.glob("synthetic_*.npz")):
+        d, registration_features = load_description(path.with_suffix(""))
+        if len(d.names) != 12:
+            continue
+        start = time.perf_counter()
+        advise(StackDescription(d.names, d.z_um, d.xy_um, d.embedding, d.pitch_um), 3)
+        seconds.append(time.perf_counter() - start)
+        spots.append(sum(len(xy) for xy in d.xy_um))
+        described.append(registration_features)
+    if not seconds:
+        return ""
+    return (f"Speed (item 5): `advise` with budget 3 over 12 sections (pair tables + all 220 sets) took "
+            f"{min(seconds):.2f}-{max(seconds):.2f} s on {len(seconds)} twelve-section stacks ({min(spots)}-{max(spots)} "
+            f"spots in all), on {os.cpu_count()} CPUs shared with other jobs, one BLAS thread; registration (true, "
+            f"synthetic) + features took {min(described):.0f}-{max(described):.0f} s.")
+
+
+def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
+    """The tables of benchmarks/README.md's advisor section."""
+    from stimpute.advise import load_calibration
+
+    synthetic = frame[frame["stack"] != "HER2-ST"]
+    per_case = cases(frame)
+    syn_cases = per_case[per_case["stack"] != "HER2-ST"]
+    sizes = synthetic.groupby("stack")["n_sections"].first()
+    counts = syn_cases[syn_cases["rule"] == "advisor"].groupby("budget").size()
+    lines = [f"Synthetic stacks: {len(sizes)} ({sizes.min()}-{sizes.max()} sections); (stack, budget) cases: "
+             + ", ".join(f"{n} with budget {b}" for b, n in counts.items())
+             + f" (a budget with more than {MAX_SETS} candidate sets is left out); {len(synthetic)} candidate sets "
+             "imputed. Actual = the stand-in (the pipeline without MSAGNet: kernel ridge, residual transfer, copy, "
+             "programs, fixed fusion), mean per-gene PCC over the targets; true registration.", "",
+             *markdown_table(summary(syn_cases)), ""]
+    for budget, group in syn_cases.groupby("budget"):
+        lines += [f"Budget {budget}:", "", *markdown_table(summary(group)), ""]
+    calibration = load_calibration()
+    held = synthetic[~synthetic["stack"].isin([f"synthetic {seed:02d}" for seed in range(0, 100, 2)])]
+    lines += [f"Relative calibration (`src/stimpute/data/advise_calibration.json`, fitted on {calibration['source']}): "
+              f"loss = {calibration['slope']:.3f} × score gap, {calibration['level']:.0%} interval "
+              f"[{calibration['low']:+.4f}, {calibration['high']:+.4f}]. On the odd seeds (not fitted on): "
+              f"{calibration_check(calibration_pairs(held), calibration)}.", ""]
+    her2 = per_case[per_case["stack"] == "HER2-ST"]
+    if not her2.empty:
+        h = frame[frame["stack"] == "HER2-ST"]
+        lines += [f"On HER2-ST: {calibration_check(calibration_pairs(h), calibration)}.", "",
+                  "HER2-ST C2/C3/C4 (3 candidate sets per budget; actual = stand-in, real registration):", "",
+                  "| rule | budget 1: pick / regret | budget 2: pick / regret |", "|---|---|---|"]
+        for rule, group in her2.groupby("rule", sort=False):
+            cells = [f"{r.pick} / {r.regret:.4f}" for r in group.sort_values("budget").itertuples()]
+            lines.append(f"| {rule} | {' | '.join(cells)} |")
+        lines += ["", "| known | actual (stand-in) | advisor score | tie | old model |", "|---|---|---|---|---|",
+                  *[f"| {r['known']} | {r['actual']:.4f} | {r['advisor']:.4f} | {'yes' if r['tie'] else 'no'} | "
+                    f"{r['old model']:.4f} |" for _, r in h.iterrows()], ""]
+    if "actual_full" in frame and frame["actual_full"].notna().any():
+        rows = []
+        for stack, group in frame.dropna(subset=["actual_full"]).groupby("stack"):
+            rho = spearmanr(group["actual"], group["actual_full"]).statistic
+            rows.append(f"| {stack} | {len(group)} | {rho:.2f} | {group.loc[group['actual'].idxmax(), 'known']} | "
+                        f"{group.loc[group['actual_full'].idxmax(), 'known']} | "
+                        f"{(group['actual_full'] - group['actual']).mean():+.4f} |")
+        lines += ["Stand-in against the full pipeline (MSAGNet + kernel ridge), budget 1:", "",
+                  "| stack | sets | Spearman ρ | best (stand-in) | best (full) | full − stand-in |", "|---|---|---|---|---|---|",
+                  *rows, ""]
+    lines.append(speed(cases_dir))
+    return lines
 
 
 if __name__ == "__main__":

@@ -3,22 +3,34 @@
 Before paying for ST slides, a lab must choose which section(s) of the block to measure.
 `advise` registers the stack and describes every spot's morphology (the same cached
 features `impute` uses), never reading counts: every section is stripped to its image and
-spot positions first (`count_free`). For each candidate known set of `budget` sections
-and each other section (a *target*) it measures, without counts:
+spot positions first (`count_free`).
 
-- coverage: the fraction of the target's spots within one spot pitch (xy, µm, after
-  registration) of a spot of a known section: where imputation has measured neighbours;
-- z distance: µm from the target to the nearest known section;
-- morphological coverage: the share of the target's spots whose nearest known spot in
-  feature space (spot features centred per section, standardised, PCA) is no farther than the known spots'
-  own typical (median) nearest-neighbour distance: whether the known set shows the
-  target's kinds of tissue.
+**The score: a rehearsal of the imputation on the images.** Each section's *pseudo-
+expression* is its spots' leading principal components of image features (centred per
+section, standardised over the stack: `embed`). For a candidate known set, every other
+section (a *target*) is imputed from the known sections' pseudo-expression the way
+`impute` imputes genes: the propagated part is the registration kernel's transfer
+(`stimpute.register.matching.kernel_links`, with its morphology term), the model part the
+mean of the `MODEL_K` known spots nearest in feature space (the image model's stand-in:
+it fails where the known set never shows the target's kind of tissue), fused by z-score
+mix with the propagated share ⅔ · reach (as `impute`'s "fixed" fusion). The target's own
+pseudo-expression is the truth: a candidate's `score` is the mean per-component PCC over
+its targets. Nothing is fitted: no coefficient comes from any stack, so no stack can be
+"the training data" (validation: `benchmarks/bench_advise.py`).
 
-A small linear model, fitted on measured stacks by `benchmarks/bench_advise.py`, turns
-these into the expected mean per-gene PCC of each target; a candidate's `expected_pcc`
-is the mean over its targets. All combinations are scored while there are at most
-`MAX_EXHAUSTIVE`; beyond that a beam search builds sets one section at a time, keeping
-the `BEAM_WIDTH` best partial sets at each size.
+**What a score gap is worth.** The score is in pseudo-expression PCC, not gene PCC: it
+ranks candidates but is no absolute accuracy (`expected_pcc` stays empty: no calibration
+of an absolute PCC held across stacks). What is calibrated is the *relative* loss: the
+mean per-gene PCC a candidate gives up against the top one, `loss = slope × gap` (gap: the
+score difference), with an interval from the spread of actual losses around it
+(`CALIBRATION_FILE`, fitted by `benchmarks/bench_advise.py` on one half of its synthetic
+stacks and checked on the other half and on HER2-ST). A candidate whose interval reaches
+0 may be as good as the top: it is a *tie*.
+
+All combinations are scored while there are at most `MAX_EXHAUSTIVE`; beyond that a beam
+search builds sets one section at a time, keeping the `BEAM_WIDTH` best partial sets.
+Every (target, known section) pair's kernel sums and nearest neighbours are computed once,
+so a candidate costs a few array sums.
 """
 
 from __future__ import annotations
@@ -36,39 +48,25 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
+from stimpute.combine import zscore
 from stimpute.data import Stack
 from stimpute.errors import StimputeError
 
 MIN_DICE = 0.5  # tissue-mask Dice of an adjacent pair after registration below this: not registered
 MAX_EXHAUSTIVE = 5000  # candidate sets scored exhaustively up to this many
 BEAM_WIDTH = 32  # partial sets kept per size in the beam search beyond that
-N_COMPONENTS = 10  # PCA components of the standardised spot features
+N_COMPONENTS = 10  # principal components of the standardised spot features: the pseudo-expression
 N_DETAILED = 5  # candidates whose per-section reasoning advice.md spells out
-
-# Expected per-target PCC = Σ coefficient × term, clipped to [-1, 1]; a term is a quantity
-# of `StackDescription.quantities`, a product of them ("a*b"), or "intercept". Fitted by
-# `python benchmarks/bench_advise.py --write-model` (least squares over one row per known
-# set and target); the file records the data, the fit error and its leave-one-section-out error.
-MODEL_FILE = Path(__file__).parent / "data" / "advise_model.json"
-MODEL_TERMS = ("coverage", "coverage*morphology", "z_distance_pitches")
-
-
-def load_model(path: str | Path = MODEL_FILE) -> dict:
-    """The packaged expected-PCC model: {"terms": {term: coefficient}, "source", "rmse", "loso_rmse"}."""
-    return json.loads(Path(path).read_text())
-
-
-def term_values(quantities: pd.DataFrame, term: str) -> np.ndarray:
-    """Values of one model term for every row of `quantities`."""
-    if term == "intercept":
-        return np.ones(len(quantities))
-    return np.prod([quantities[name].to_numpy(float) for name in term.split("*")], axis=0)
+MODEL_K = 8  # feature-space neighbours of the image model's stand-in
+PROPAGATED_SHARE = 2 / 3  # the propagated part's share per unit reach (`stimpute.models.asign.FIXED_SHARE`)
+SET_CHUNK = 128  # candidate sets scored in one batch
+CALIBRATION_FILE = Path(__file__).parent / "data" / "advise_calibration.json"
 
 
 @dataclass
 class StackDescription:
     """Count-free description of a registered stack: per section its spots in µm (x, y in
-    the reference frame), its depth, and its spots' standardised feature embedding."""
+    the reference frame), its depth, and its spots' pseudo-expression (`embed`)."""
 
     names: list[str]
     z_um: np.ndarray
@@ -76,50 +74,108 @@ class StackDescription:
     embedding: list[np.ndarray]
     pitch_um: float
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # registration quality per adjacent pair
+    view: list[np.ndarray] | None = None  # what impute's image models see (`view`); default: `embedding`
 
     def __post_init__(self):
-        self._xy_trees = [cKDTree(xy) for xy in self.xy_um]
-        self._feature_trees = [cKDTree(e) for e in self.embedding]
-        n = len(self.names)
-        # per ordered pair (t, s): each spot of t's nearest-spot distance to section s
-        self._xy_nn = [[self._xy_trees[s].query(self.xy_um[t])[0] for s in range(n)] for t in range(n)]
-        self._feature_nn = [[self._nearest(t, s) for s in range(n)] for t in range(n)]
+        from stimpute.register.matching import kernel_links
 
-    def _nearest(self, t: int, s: int) -> np.ndarray:
-        """Feature distance of each spot of t to its nearest *other* spot of s."""
-        if t != s:
-            return self._feature_trees[s].query(self.embedding[t])[0]
-        if len(self.embedding[t]) < 2:
-            return np.full(len(self.embedding[t]), np.inf)
-        return self._feature_trees[s].query(self.embedding[t], k=2)[0][:, 1]
+        n, c = len(self.names), self.embedding[0].shape[1]
+        xyz = [np.c_[xy, np.full(len(xy), z)] for xy, z in zip(self.xy_um, self.z_um)]
+        view = self.view if self.view is not None else self.embedding
+        trees = [cKDTree(e) for e in view]
+        self._truth = [zscore(e) for e in self.embedding]
+        self._sums = np.stack([e.sum(0) for e in self.embedding])
+        self._counts = np.array([len(e) for e in self.embedding], float)
+        # per target t, from every source section s (zero for s = t): the kernel's weight,
+        # weighted sum of pseudo-expression and spatial weight per spot; t's spots' nearest
+        # spots in feature space over all sources, nearest first (distance, source, values)
+        self._weight, self._carried, self._spatial, self._nearest, self._xy_nn, self._feature_nn = [], [], [], [], {}, {}
+        for t in range(n):
+            n_t = len(xyz[t])
+            weight, spatial, carried = np.zeros((n, n_t)), np.zeros((n, n_t)), np.zeros((n, n_t, c))
+            dists, sources, values = [], [], []
+            for s in (s for s in range(n) if s != t):
+                linked = kernel_links(xyz[t], xyz[s], self.pitch_um, query_features=view[t], known_features=view[s])
+                carried[s] = linked @ self.embedding[s]
+                weight[s] = np.asarray(linked.sum(axis=1)).ravel()
+                spatial[s] = np.asarray(kernel_links(xyz[t], xyz[s], self.pitch_um).sum(axis=1)).ravel()
+                self._xy_nn[t, s] = cKDTree(self.xy_um[s]).query(self.xy_um[t])[0]
+                k = min(MODEL_K, len(view[s]))
+                dist, idx = trees[s].query(view[t], k=k)
+                dist, idx = dist.reshape(n_t, k), idx.reshape(n_t, k)
+                self._feature_nn[t, s] = dist[:, 0]
+                dists.append(dist), sources.append(np.full((n_t, k), s)), values.append(self.embedding[s][idx])
+            order = np.argsort(np.concatenate(dists, axis=1), axis=1, kind="stable")
+            self._nearest.append((np.take_along_axis(np.concatenate(sources, axis=1), order, axis=1),
+                                  np.take_along_axis(np.concatenate(values, axis=1), order[..., None], axis=1)))
+            self._weight.append(weight), self._spatial.append(spatial), self._carried.append(carried)
+
+    def target_scores(self, target: int, sets: np.ndarray, mix: str = "fused") -> np.ndarray:
+        """(m, n_components) PCC of the target's pseudo-expression imputed from each of the
+        (m, size) known `sets` (none holds the target) with its own: the module docstring's
+        rehearsal, as per-component z-scores (`zmix` without its final per-component affine,
+        which PCC ignores). `mix`: "fused" (the score), or one part alone, "propagated" or
+        "model" (compared in `benchmarks/bench_advise.py`). All sets at once, as matrix products."""
+        sets = np.asarray(sets)
+        member = np.zeros((len(sets), len(self.names)))
+        np.put_along_axis(member, sets, 1.0, axis=1)
+        carried_all = self._carried[target]
+        weight, spatial = member @ self._weight[target], member @ self._spatial[target]  # (m, n_t)
+        carried = (member @ carried_all.reshape(len(self.names), -1)).reshape(len(sets), *carried_all.shape[1:])
+        fallback = (member @ self._sums) / (member @ self._counts)[:, None]
+        propagated = np.where(weight[..., None] > 0, carried / np.maximum(weight, 1e-300)[..., None], fallback[:, None, :])
+        sources, values = self._nearest[target]
+        known = member[:, sources] > 0  # (m, n_t, candidates): the candidate neighbour lies in a known section
+        chosen = known & (np.cumsum(known, axis=2, dtype=np.int16) <= MODEL_K)
+        chosen = chosen / chosen.sum(2, keepdims=True)
+        model = np.matmul(chosen.transpose(1, 0, 2), values).transpose(1, 0, 2)  # mean of the MODEL_K nearest known
+        share = {"fused": PROPAGATED_SHARE * (1.0 - np.exp(-spatial))[..., None], "propagated": 1.0, "model": 0.0}[mix]
+        mixed = (1 - share) * zscore(model) + share * zscore(propagated)
+        return np.mean(zscore(mixed) * self._truth[target], axis=1)
+
+    def set_scores(self, sets, mix: str = "fused") -> np.ndarray:
+        """(m, n_sections) mean component PCC of every section left out of each known set (NaN
+        for its known sections); a set's score is the mean over its targets."""
+        sets = np.asarray(sets, int).reshape(len(sets), -1)
+        out = np.full((len(sets), len(self.names)), np.nan)
+        for t in range(len(self.names)):
+            rows = ~(sets == t).any(1)
+            if rows.any():
+                out[rows, t] = self.target_scores(t, sets[rows], mix).mean(1)
+        return out
 
     def quantities(self, known: tuple[int, ...]) -> pd.DataFrame:
-        """One row per target (section not in `known`): section, coverage, z_distance_um,
-        z_distance_pitches, morphology."""
-        typical = float(np.median(np.concatenate([np.min([self._feature_nn[k][s] for s in known], axis=0) for k in known])))
+        """One row per target (section not in `known`), the reasoning advice.md shows: section,
+        coverage (share of its spots within one pitch, in x, y, of a known spot), z_distance_um
+        and z_distance_pitches to the nearest known section, morphology (share of its spots whose
+        nearest known spot in feature space is no farther than the known spots' own median
+        nearest-neighbour distance), reach (mean kernel reach) and score (mean component PCC)."""
+        typical = float(np.median(np.concatenate([np.min([self._self_nn(k)] + [self._feature_nn[k, s] for s in known
+                                                                                if s != k], axis=0) for k in known])))
+        scores = self.set_scores([known])[0]
         rows = []
-        for t in range(len(self.names)):
-            if t in known:
-                continue
-            xy = np.min([self._xy_nn[t][s] for s in known], axis=0)
-            feat = np.min([self._feature_nn[t][s] for s in known], axis=0)
+        for t in (t for t in range(len(self.names)) if t not in known):
+            xy = np.min([self._xy_nn[t, s] for s in known], axis=0)
+            feat = np.min([self._feature_nn[t, s] for s in known], axis=0)
             z = float(np.min(np.abs(self.z_um[list(known)] - self.z_um[t])))
             rows.append({"section": self.names[t], "coverage": float(np.mean(xy <= self.pitch_um)),
                          "z_distance_um": z, "z_distance_pitches": z / self.pitch_um,
-                         "morphology": float(np.mean(feat <= typical))})
-        return pd.DataFrame(rows)
+                         "morphology": float(np.mean(feat <= typical)),
+                         "reach": float(np.mean(1 - np.exp(-self._spatial[t][list(known)].sum(0)))),
+                         "score": scores[t]})
+        frame = pd.DataFrame(rows)
+        return frame
 
-
-def expected_target_pcc(quantities: pd.DataFrame, model: dict) -> np.ndarray:
-    """The model's expected per-gene PCC of each target row of `quantities`."""
-    value = sum(coef * term_values(quantities, term) for term, coef in model["terms"].items())
-    return np.clip(value, -1.0, 1.0)
+    def _self_nn(self, k: int) -> np.ndarray:
+        """Feature distance of each spot of section k to its nearest other spot of k."""
+        e = (self.view if self.view is not None else self.embedding)[k]
+        return cKDTree(e).query(e, k=2)[0][:, 1] if len(e) > 1 else np.full(len(e), np.inf)
 
 
 @dataclass
 class Advice:
-    """Ranked candidates (`table`: rank, known, expected_pcc) and their reasoning
-    (`details[known]`: the per-target quantities and expectations)."""
+    """Ranked candidates (`table`: rank, known, expected_pcc (empty: see the module docstring),
+    score, gap, loss, loss_low, loss_high, tie) and their reasoning (`details[known]`: per target)."""
 
     table: pd.DataFrame
     details: dict[str, pd.DataFrame]
@@ -158,7 +214,6 @@ def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: s
     Dice < MIN_DICE); the overlay figures to look at are written to `qc_dir` first.
     """
     from stimpute.features.stored import stack_features
-    from stimpute.graph import spot_pitch
     from stimpute.register import register_stack
 
     if len(stack) < 2:
@@ -174,6 +229,13 @@ def describe_stack(stack: Stack, cache_dir: str | Path | None = None, encoder: s
         registration = register_stack(stack, progress=progress)
     _check_registration(stack, registration, qc_dir)
     features, _ = stack_features(stack, encoder, cache_dir=cache_dir, progress=progress)
+    return description_of(stack, registration, features)
+
+
+def description_of(stack: Stack, registration, features: list[np.ndarray]) -> StackDescription:
+    """The description of a stack already registered (`register_stack`) with its spot features."""
+    from stimpute.graph import spot_pitch
+
     ref_um = stack[0].um_per_px
     xy_um = [np.asarray(c, float) * ref_um for c in registration.coords_ref]
     pitch_um = float(np.median([spot_pitch(xy) for xy in xy_um]))
@@ -211,6 +273,11 @@ def _check_registration(stack: Stack, registration, qc_dir: str | Path | None) -
                         f"{row.dice_after:.2f} < {MIN_DICE} after alignment (wrong order, or not one block?){where}")
 
 
+def load_calibration(path: str | Path = CALIBRATION_FILE) -> dict:
+    """The packaged loss calibration: {"slope", "low", "high", "level", "source", ...} (module docstring)."""
+    return json.loads(Path(path).read_text())
+
+
 def check_budget(names: list[str], budget: int) -> None:
     """A budget must leave at least one section to impute, and the stack needs two sections."""
     if len(names) < 2:
@@ -220,31 +287,33 @@ def check_budget(names: list[str], budget: int) -> None:
                                         f"and at least one must be left to impute), got {budget}")
 
 
-def advise(description: StackDescription, budget: int, model: dict | None = None, max_exhaustive: int = MAX_EXHAUSTIVE,
+def advise(description: StackDescription, budget: int, max_exhaustive: int = MAX_EXHAUSTIVE,
            beam_width: int = BEAM_WIDTH) -> Advice:
-    """Rank candidate known sets of `budget` sections by expected mean per-gene PCC."""
-    model = model or load_model()
+    """Rank candidate known sets of `budget` sections by their score (module docstring)."""
     n = len(description.names)
     check_budget(description.names, budget)
 
-    def score(known: tuple[int, ...]) -> float:
-        return float(np.mean(expected_target_pcc(description.quantities(known), model)))
+    def score(sets: list[tuple[int, ...]]) -> dict[tuple[int, ...], float]:
+        """Scores of `sets`, `SET_CHUNK` at a time (memory grows with the sets scored at once)."""
+        chunks = [np.nanmean(description.set_scores(sets[i:i + SET_CHUNK]), axis=1) for i in range(0, len(sets), SET_CHUNK)]
+        return dict(zip(sets, np.concatenate(chunks).tolist()))
 
     if math.comb(n, budget) <= max_exhaustive:
         search = f"all {math.comb(n, budget)} combinations"
-        scored = {known: score(known) for known in itertools.combinations(range(n), budget)}
+        scored = score(list(itertools.combinations(range(n), budget)))
     else:
         search = f"beam search (width {beam_width}) over {math.comb(n, budget)} combinations"
         scored = _beam(n, budget, score, beam_width)
     order = sorted(scored, key=lambda known: (-scored[known], known))
     labels = ["+".join(description.names[i] for i in known) for known in order]
-    table = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "known": labels,
-                          "expected_pcc": [round(scored[known], 4) for known in order]})
-    details = {}
-    for label, known in zip(labels[:N_DETAILED], order[:N_DETAILED]):
-        frame = description.quantities(known)
-        frame["expected_pcc"] = expected_target_pcc(frame, model)
-        details[label] = frame
+    gap = scored[order[0]] - np.array([scored[known] for known in order])
+    calibration = load_calibration()
+    loss = calibration["slope"] * gap
+    table = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "known": labels, "expected_pcc": np.nan,
+                          "score": np.round([scored[known] for known in order], 4), "gap": np.round(gap, 4),
+                          "loss": np.round(loss, 4), "loss_low": np.round(loss + calibration["low"], 4),
+                          "loss_high": np.round(loss + calibration["high"], 4), "tie": loss + calibration["low"] <= 0})
+    details = {label: description.quantities(known) for label, known in zip(labels[:N_DETAILED], order[:N_DETAILED])}
     return Advice(table, details, description, budget, search)
 
 
@@ -253,8 +322,8 @@ def _beam(n: int, budget: int, score, width: int) -> dict[tuple[int, ...], float
     at each size (sets smaller than `budget` are scored as they are)."""
     beam = {(): 0.0}
     for _ in range(budget):
-        grown = {tuple(sorted(known + (i,))) for known in beam for i in range(n) if i not in known}
-        scored = {known: score(known) for known in grown}
+        grown = sorted({tuple(sorted(known + (i,))) for known in beam for i in range(n) if i not in known})
+        scored = score(grown)
         beam = dict(heapq.nlargest(width, scored.items(), key=lambda item: (item[1], [-i for i in item[0]])))
     return beam
 
@@ -282,7 +351,7 @@ OUTPUT_NAMES = ("advice.csv", "advice.md", "advice.png")
 
 
 def write_advice(result: Advice, out: str | Path) -> list[Path]:
-    """advice.csv (rank, known, expected_pcc), advice.md (the reasoning) and advice.png."""
+    """advice.csv (rank, known, expected_pcc, score, gap, loss, loss_low, loss_high, tie), advice.md (the reasoning) and advice.png."""
     from stimpute.files import write_text_atomic
     from stimpute.figures import advice_figure
 
@@ -293,40 +362,51 @@ def write_advice(result: Advice, out: str | Path) -> list[Path]:
     return [csv, md, figure]
 
 
-def advice_markdown(result: Advice, figure: str, model: dict | None = None, n_ranked: int = 20) -> str:
-    """The reasoning a user can check: ranking, the model, per-candidate quantities, registration QC."""
-    model = model or load_model()
-    d = result.description
-    formula = " ".join(f"{c:+.4f} × {t}" for t, c in model["terms"].items())
+def advice_markdown(result: Advice, figure: str, n_ranked: int = 20) -> str:
+    """The reasoning a user can check: ranking with ties, how the score is made and what its
+    gaps are worth, per-candidate quantities, registration QC."""
+    d, table, calibration = result.description, result.table, load_calibration()
+    tied = table.loc[table["tie"], "known"].tolist()
+    verdict = (f"**{tied[0]}** is clearly ahead: every other candidate is expected to lose accuracy against it."
+               if len(tied) == 1 else
+               f"**These {len(tied)} are a tie**: {', '.join(tied)}. Each may be as good as the top one (its expected "
+               "loss interval reaches 0); choose among them on other grounds.")
+    level = f"{calibration['level']:.0%}"
     lines = [
         f"# Which {result.budget} section(s) to measure", "",
         f"Stack (cutting order): {', '.join(f'{n} (z {z:g} µm)' for n, z in zip(d.names, d.z_um))}; spot pitch "
-        f"{d.pitch_um:.0f} µm. Candidates: {result.search}, ranked by `expected_pcc`, the expected mean per-gene "
-        "PCC of the sections left to impute. Computed from the H&E images and their registration only "
-        "(counts, where present, are never read).", "",
-        "| rank | known | expected_pcc |", "|---|---|---|",
-        *[f"| {r.rank} | {r.known} | {r.expected_pcc:.4f} |" for r in result.table.head(n_ranked).itertuples()],
+        f"{d.pitch_um:.0f} µm. Candidates: {result.search}. Computed from the H&E images and their registration "
+        "only (counts, where present, are never read).", "", verdict, "",
+        f"| rank | known | score | expected loss of mean per-gene PCC against the top ({level} interval) | tie |",
+        "|---|---|---|---|---|",
+        *[f"| {r.rank} | {r.known} | {r.score:.4f} | {r.loss:.3f} ({r.loss_low:+.3f} to {r.loss_high:+.3f}) | "
+          f"{'yes' if r.tie else 'no'} |" for r in table.head(n_ranked).itertuples()],
     ]
-    if len(result.table) > n_ranked:
-        lines.append(f"\n({len(result.table) - n_ranked} more in advice.csv)")
+    if len(table) > n_ranked:
+        lines.append(f"\n({len(table) - n_ranked} more in advice.csv)")
     lines += [
-        "", "## How `expected_pcc` is computed", "",
-        "For each section left to impute (a target):",
-        "- **coverage**: fraction of its spots within one spot pitch (in x, y after registration) of a spot of a known section;",
-        "- **z distance**: µm to the nearest known section (`z_distance_pitches`: the same in spot pitches);",
-        "- **morphology**: share of its spots whose nearest known spot in image-feature space (per-section centred, "
-        "standardised, PCA) is no farther than the known spots' own median nearest-neighbour distance.", "",
-        f"Expected per-target PCC = {formula} (clipped to [-1, 1]); a candidate's `expected_pcc` is the mean over its "
-        f"targets. Fitted on {model['source']}: RMSE {model['rmse']} in sample, {model['loso_rmse']} leave-one-section-out, "
-        f"over {model['n_rows']} (known set, target) rows (`benchmarks/bench_advise.py`).", "",
+        "", "## What the score is, and what the numbers claim", "",
+        f"Each section's *pseudo-expression* is its spots' first {N_COMPONENTS} principal components of image "
+        "features. For each candidate, every other section (a target) is imputed from the known sections' "
+        "pseudo-expression the way `stimpute impute` imputes genes: transfer through the registration "
+        f"(distance and morphology kernel), an image-model stand-in (mean of the {MODEL_K} known spots nearest in "
+        f"feature space), fused with the propagated share {PROPAGATED_SHARE:.2f} × reach. `score` is the mean PCC "
+        "of the imputed with the target's own pseudo-expression, over components and targets. No coefficient of "
+        "the score is fitted to any stack.", "",
+        "The score ranks; it is not the gene PCC you will get (that depends on the panel and the tissue), so "
+        "`expected_pcc` is left empty: no absolute calibration held on stacks it was not fitted on. What is "
+        f"calibrated is the **relative** loss: a score gap g is expected to cost {calibration['slope']:.2f} × g of "
+        f"mean per-gene PCC, within [{calibration['low']:+.3f}, {calibration['high']:+.3f}] around that "
+        f"({level} of {calibration['source']}). How it held on stacks it was not fitted on: `benchmarks/README.md` "
+        "(advisor section).", "",
         "## Per-section reasoning of the top candidates", "",
-        f"![coverage and morphological coverage per section]({figure})", "",
+        f"![coverage, morphological coverage and score per section]({figure})", "",
     ]
     for label, frame in result.details.items():
-        lines += [f"**known {label}**", "", "| target | coverage | z distance µm | morphology | expected PCC |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r.section} | {r.coverage:.3f} | {r.z_distance_um:g} | {r.morphology:.3f} | {r.expected_pcc:.4f} |"
-                  for r in frame.itertuples()]
+        lines += [f"**known {label}**", "", "| target | coverage | z distance µm | morphology | reach | score |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r.section} | {r.coverage:.3f} | {r.z_distance_um:g} | {r.morphology:.3f} | {r.reach:.3f} | "
+                  f"{r.score:.4f} |" for r in frame.itertuples()]
         lines.append("")
     if not d.pairs.empty:
         lines += ["## Registration (adjacent pairs)", "", "| moving → fixed | tissue Dice after | stain NCC |", "|---|---|---|"]

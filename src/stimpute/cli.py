@@ -507,7 +507,7 @@ def _report_accuracy(summary, what: str) -> None:
 def advise(
     sections: ImageSections,
     budget: Annotated[int, typer.Option(help="How many sections you can afford to measure (the size of the known set).")],
-    out: Annotated[Path, typer.Option(help="Output folder: advice.csv (rank, known, expected_pcc), advice.md, advice.png, cache/.")],
+    out: Annotated[Path, typer.Option(help="Output folder: advice.csv (rank, known, expected_pcc, score, gap, tie), advice.md, advice.png, cache/.")],
     encoder: Annotated[Optional[str], typer.Option(help="Feature encoder (the cache in OUT/cache is shared with `impute`); default: the features the sections carry, else handcrafted.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite earlier advice in OUT.")] = False,
     um_per_px: UmPerPxOption = None,
@@ -525,9 +525,9 @@ def advise(
 
     grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um)
     result, files = run_advise(sections, budget, out, encoder=encoder, force=force, progress=True, um_per_px=um_per_px, grid=grid)
-    table = Table("rank", "known", "expected PCC", title=f"known sets of {budget} ({result.search})")
+    table = Table("rank", "known", "score", "tie", title=f"known sets of {budget} ({result.search})")
     for row in result.table.head(10).itertuples():
-        table.add_row(str(row.rank), row.known, f"{row.expected_pcc:.3f}")
+        table.add_row(str(row.rank), row.known, f"{row.score:.3f}", "tie" if row.tie else "")
     console.print(table)
     console.print(f"measure {result.table.known.iloc[0]}; reasoning in {files[1]}", highlight=False)
 

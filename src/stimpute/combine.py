@@ -18,10 +18,12 @@ def zmix(a: np.ndarray, b: np.ndarray, share_b) -> np.ndarray:
     mixture's per-gene mean and spread (`share_b`: a number, (n_genes,) or (n_spots, n_genes))."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     raw = (1 - share_b) * a + share_b * b
-    mixed = _zscore((1 - share_b) * _zscore(a) + share_b * _zscore(b))
+    mixed = zscore((1 - share_b) * zscore(a) + share_b * zscore(b))
     return (raw.mean(0) + raw.std(0) * mixed).astype(np.float32)
 
 
-def _zscore(values: np.ndarray) -> np.ndarray:
-    spread = values.std(0)
-    return (values - values.mean(0)) / np.where(spread > 1e-12, spread, 1.0)
+def zscore(values: np.ndarray) -> np.ndarray:
+    """Per-column z-scores over the rows (axis -2, so a stack of matrices is done at once;
+    a constant column becomes 0)."""
+    spread = values.std(-2, keepdims=True)
+    return (values - values.mean(-2, keepdims=True)) / np.where(spread > 1e-12, spread, 1.0)

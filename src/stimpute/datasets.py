@@ -13,6 +13,7 @@ a real slide, so spots of different sections do not coincide.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -72,20 +73,34 @@ def synthetic_stack(
     flip_probability: float = 0.3,
     rotate: bool = True,
     mean_counts: float = 3000.0,
+    z_sigma_sections: float = 3.0,
+    structure_um: float = 250.0,
+    damaged: Sequence[int] = (),
+    missing: Mapping[int, tuple[float, float]] | None = None,
 ) -> Stack:
     """A stack of `n_sections` serial sections of one synthetic tissue block.
 
     Every section carries counts (drop them to simulate unmeasured layers). Ground truth:
     `synthetic_truth(stack)`. Deterministic for a given `seed`; about a second a section.
+
+    Harder stacks (defaults leave the stack as it always was): `z_sigma_sections`, how many
+    sections the programmes stay alike along z (smaller: faster drift); `structure_um`, the
+    size of their patches in x, y; `damaged`, sections whose image is ruined (smeared and
+    faded, as a badly fixed or out-of-focus slide: the expression is intact); `missing`,
+    {section: (angle in degrees, fraction)}: the tissue beyond a chord at that angle, that
+    fraction of the diameter, is torn off (neither image nor spots there).
     """
     rng = np.random.default_rng(seed)
-    block = _TissueBlock(rng, n_sections, n_programmes, tissue_radius_um, image_size, um_per_px, thickness_um)
+    block = _TissueBlock(rng, n_sections, n_programmes, tissue_radius_um, image_size, um_per_px, thickness_um,
+                         z_sigma=z_sigma_sections, structure_um=structure_um)
     loadings, baseline, dispersion = _gene_model(rng, n_programmes, n_genes)
     genes = [f"GENE{g:03d}" for g in range(n_genes)]
     lattice = _hex_lattice(image_size, spot_pitch_um / um_per_px)
     sections = []
     for i in range(n_sections):
-        canvas, mask, fields = block.render(i, rng)
+        canvas, mask, fields = block.render(i, rng, (missing or {}).get(i))
+        if i in damaged:
+            canvas = _damage(canvas, mask)
         transform = _random_rigid(rng, image_size, block.extent_px, max_translation, flip_probability, rotate)
         image = cv2.warpAffine(canvas, transform[:2], (image_size, image_size), flags=cv2.INTER_LINEAR, borderValue=(255, 255, 255))
         xy, grid = _spots_on_tissue(lattice, mask, transform, spot_diameter_um / um_per_px / 2, image_size)
@@ -125,10 +140,21 @@ def synthetic_truth(stack: Stack) -> SyntheticTruth:
     )
 
 
+def synthetic_registration(stack: Stack):
+    """The true `StackRegistration` of a `synthetic_stack` (section i px -> section 0 px),
+    from the generator's transforms: what `register_stack` should find."""
+    from stimpute.register import StackRegistration, apply_transform
+
+    truth = synthetic_truth(stack)
+    transforms = [truth.to_reference(i) for i in range(len(stack))]
+    return StackRegistration(stack.names, transforms, [apply_transform(T, s.xy) for T, s in zip(transforms, stack)])
+
+
 class _TissueBlock:
     """Latent programme fields and tissue outline of one block, in block-frame pixels."""
 
-    def __init__(self, rng, n_sections, n_programmes, radius_um, size, um_per_px, thickness_um, coarse=48):
+    def __init__(self, rng, n_sections, n_programmes, radius_um, size, um_per_px, thickness_um, coarse=48,
+                 z_sigma=3.0, structure_um=250.0):
         self.size, self.um_per_px, self.thickness_um = size, um_per_px, thickness_um
         self.radius_px = radius_um / um_per_px
         self.n_programmes = n_programmes
@@ -136,8 +162,8 @@ class _TissueBlock:
         pad = 6  # extra slices so that smoothing in z has no edge effect
         noise = rng.standard_normal((n_programmes, n_sections + 2 * pad, coarse, coarse))
         cell_um = size * um_per_px / coarse
-        sigma_xy = 250.0 / cell_um  # programmes vary over a few spots
-        fields = gaussian_filter(noise, sigma=(0, 3.0, sigma_xy, sigma_xy), mode="wrap")[:, pad:-pad]
+        sigma_xy = structure_um / cell_um  # programmes vary over a few spots
+        fields = gaussian_filter(noise, sigma=(0, z_sigma, sigma_xy, sigma_xy), mode="wrap")[:, pad:-pad]
         fields = (fields - fields.mean()) / fields.std()
         self.fields = 1.0 / (1.0 + np.exp(-2.5 * fields))  # in (0, 1), sharp-ish boundaries
         harmonics = rng.normal(0, 0.08, size=(4, 2))
@@ -171,12 +197,17 @@ class _TissueBlock:
                                rng.uniform(z_lo, z_hi, n), rng.normal(_FAT_RADIUS_UM, 0.2 * _FAT_RADIUS_UM, n)])
         return np.concatenate(cells) if cells else np.zeros((0, 4))
 
-    def render(self, i, rng):
-        """(canvas RGB uint8, tissue mask, programme fields at full size) of section i."""
+    def render(self, i, rng, torn=None):
+        """(canvas RGB uint8, tissue mask, programme fields at full size) of section i;
+        `torn`: (angle in degrees, fraction of the diameter) of tissue lost beyond a chord."""
         S = self.size
         fields = [cv2.resize(f[i].astype(np.float32), (S, S), interpolation=cv2.INTER_CUBIC) for f in self.fields]
         yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
         mask = self.inside_distance(xx, yy) > 0
+        if torn is not None:
+            angle, fraction = np.deg2rad(torn[0]), torn[1]
+            along = (xx - S / 2) * np.cos(angle) + (yy - S / 2) * np.sin(angle)
+            mask &= along < self.radius_px * (1 - 2 * fraction)
         weights = np.stack(fields) ** 2
         weights /= weights.sum(0, keepdims=True)
         colour = np.zeros((S, S, 3), np.float32)
@@ -226,6 +257,14 @@ class _TissueBlock:
         for cx, cy, r in zip(x[r_um > 2], y[r_um > 2], r_um[r_um > 2] / self.um_per_px):
             if mask[min(int(cy), self.size - 1), min(int(cx), self.size - 1)]:
                 cv2.circle(canvas, (int(cx), int(cy)), int(round(r)), (250, 248, 250), -1, lineType=cv2.LINE_AA)
+
+
+def _damage(canvas: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A ruined section image: the tissue smeared (nuclei no longer resolved) and faded
+    halfway to white."""
+    smeared = cv2.GaussianBlur(canvas, (0, 0), 6.0).astype(np.float32)
+    faded = 0.5 * smeared + 0.5 * 255.0
+    return np.where(mask[..., None], faded, canvas).astype(np.uint8)
 
 
 def _look(k: int):

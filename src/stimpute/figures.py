@@ -154,9 +154,9 @@ def routing_map(thumbnails: Sequence[np.ndarray], xys: Sequence[np.ndarray], gat
 def advice_figure(details: dict[str, pd.DataFrame], sections: Sequence[str], path: str | Path, n_shown: int = 3) -> Path:
     """`stimpute advise`'s reasoning for its top candidates: one panel per known set, per
     section of the stack (cutting order) its coverage and morphological coverage as bars
-    and its expected PCC as a dot; the known sections are shaded.
+    and its score (`stimpute.advise`) as a dot; the known sections are shaded.
 
-    `details[label]`: rows section, coverage, morphology, expected_pcc (targets only).
+    `details[label]`: rows section, coverage, morphology, score (targets only).
     """
     shown = list(details.items())[:n_shown]
     fig = Figure(figsize=(max(4.0, 0.55 * len(sections) + 1.5) * len(shown), 3.6), layout="constrained")
@@ -169,11 +169,11 @@ def advice_figure(details: dict[str, pd.DataFrame], sections: Sequence[str], pat
             ax.axvspan(i - 0.5, i + 0.5, color="gold", alpha=0.35, linewidth=0)
         ax.bar(x - 0.2, rows["coverage"].fillna(0), 0.4, label="coverage", color="tab:blue")
         ax.bar(x + 0.2, rows["morphology"].fillna(0), 0.4, label="morphological coverage", color="tab:green")
-        ax.plot(x, rows["expected_pcc"], "o", color="black", label="expected PCC")
+        ax.plot(x, rows["score"], "o", color="black", label="score (pseudo-expression PCC)")
         ax.set_xticks(x, [f"{s}\n(known)" if k else s for s, k in zip(sections, known)], fontsize=8)
         ax.set_title(f"#{rank}: known {label}", fontsize=10)
         ax.set_ylim(0, 1.05)
-    axes[0].set_ylabel("fraction of spots / PCC")
+    axes[0].set_ylabel("fraction of spots / score")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
