@@ -166,10 +166,10 @@ def test_cli_errors_before_any_work(small_folders, tmp_path, budget, n_sections,
 
 
 @pytest.mark.her2st
-def test_advice_on_her2st_picks_the_middle_section(her2st_stack, her2st_features, tmp_path):
-    """On C2/C3/C4 every split was measured (benchmarks/bench_advise.py): with one section
-    known, C3 imputes the other two best (ASIGN and the transfer baseline agree); the
-    advisor must say so from the images alone."""
+def test_advice_on_her2st_claims_no_winner_where_there_is_none(her2st_stack, her2st_features, tmp_path):
+    """On C2/C3/C4 the three single sections impute within 0.006 mean per-gene PCC of each
+    other under ASIGN (benchmarks/README.md, advisor section): the advisor, fitted on none of
+    it, must rank all three and call them a tie, not name a winner."""
     import shutil
 
     out = tmp_path / "advice"
@@ -177,8 +177,8 @@ def test_advice_on_her2st_picks_the_middle_section(her2st_stack, her2st_features
     result = runner.invoke(app, ["advise", *map(str, her2st_stack), "--budget", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "advice.csv")
-    assert table["known"].iloc[0] == "C3" and sorted(table["known"]) == ["C2", "C3", "C4"]
-
+    assert sorted(table["known"]) == ["C2", "C3", "C4"] and table["tie"].all(), table
+    assert "These 3 are a tie" in (out / "advice.md").read_text()
 
 
 def test_cli_on_hne_images_alone(tmp_path):

@@ -74,15 +74,13 @@ class StackDescription:
     embedding: list[np.ndarray]
     pitch_um: float
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # registration quality per adjacent pair
-    view: list[np.ndarray] | None = None  # what impute's image models see (`view`); default: `embedding`
 
     def __post_init__(self):
         from stimpute.register.matching import kernel_links
 
         n, c = len(self.names), self.embedding[0].shape[1]
         xyz = [np.c_[xy, np.full(len(xy), z)] for xy, z in zip(self.xy_um, self.z_um)]
-        view = self.view if self.view is not None else self.embedding
-        trees = [cKDTree(e) for e in view]
+        trees = [cKDTree(e) for e in self.embedding]
         self._truth = [zscore(e) for e in self.embedding]
         self._sums = np.stack([e.sum(0) for e in self.embedding])
         self._counts = np.array([len(e) for e in self.embedding], float)
@@ -95,13 +93,14 @@ class StackDescription:
             weight, spatial, carried = np.zeros((n, n_t)), np.zeros((n, n_t)), np.zeros((n, n_t, c))
             dists, sources, values = [], [], []
             for s in (s for s in range(n) if s != t):
-                linked = kernel_links(xyz[t], xyz[s], self.pitch_um, query_features=view[t], known_features=view[s])
+                linked = kernel_links(xyz[t], xyz[s], self.pitch_um, query_features=self.embedding[t],
+                                      known_features=self.embedding[s])
                 carried[s] = linked @ self.embedding[s]
                 weight[s] = np.asarray(linked.sum(axis=1)).ravel()
                 spatial[s] = np.asarray(kernel_links(xyz[t], xyz[s], self.pitch_um).sum(axis=1)).ravel()
                 self._xy_nn[t, s] = cKDTree(self.xy_um[s]).query(self.xy_um[t])[0]
-                k = min(MODEL_K, len(view[s]))
-                dist, idx = trees[s].query(view[t], k=k)
+                k = min(MODEL_K, len(self.embedding[s]))
+                dist, idx = trees[s].query(self.embedding[t], k=k)
                 dist, idx = dist.reshape(n_t, k), idx.reshape(n_t, k)
                 self._feature_nn[t, s] = dist[:, 0]
                 dists.append(dist), sources.append(np.full((n_t, k), s)), values.append(self.embedding[s][idx])
@@ -168,7 +167,7 @@ class StackDescription:
 
     def _self_nn(self, k: int) -> np.ndarray:
         """Feature distance of each spot of section k to its nearest other spot of k."""
-        e = (self.view if self.view is not None else self.embedding)[k]
+        e = self.embedding[k]
         return cKDTree(e).query(e, k=2)[0][:, 1] if len(e) > 1 else np.full(len(e), np.inf)
 
 
@@ -278,6 +277,15 @@ def load_calibration(path: str | Path = CALIBRATION_FILE) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def expected_loss(gap: np.ndarray, calibration: dict | None = None) -> dict[str, np.ndarray]:
+    """The calibrated loss of mean per-gene PCC against the top of candidates whose score is
+    `gap` below it: loss, loss_low, loss_high (the interval) and tie (the interval reaches 0)."""
+    calibration = calibration or load_calibration()
+    loss = calibration["slope"] * np.asarray(gap, float)
+    return {"loss": loss, "loss_low": loss + calibration["low"], "loss_high": loss + calibration["high"],
+            "tie": loss + calibration["low"] <= 0}
+
+
 def check_budget(names: list[str], budget: int) -> None:
     """A budget must leave at least one section to impute, and the stack needs two sections."""
     if len(names) < 2:
@@ -307,12 +315,9 @@ def advise(description: StackDescription, budget: int, max_exhaustive: int = MAX
     order = sorted(scored, key=lambda known: (-scored[known], known))
     labels = ["+".join(description.names[i] for i in known) for known in order]
     gap = scored[order[0]] - np.array([scored[known] for known in order])
-    calibration = load_calibration()
-    loss = calibration["slope"] * gap
     table = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "known": labels, "expected_pcc": np.nan,
                           "score": np.round([scored[known] for known in order], 4), "gap": np.round(gap, 4),
-                          "loss": np.round(loss, 4), "loss_low": np.round(loss + calibration["low"], 4),
-                          "loss_high": np.round(loss + calibration["high"], 4), "tie": loss + calibration["low"] <= 0})
+                          **{k: np.round(v, 4) if k != "tie" else v for k, v in expected_loss(gap).items()}})
     details = {label: description.quantities(known) for label, known in zip(labels[:N_DETAILED], order[:N_DETAILED])}
     return Advice(table, details, description, budget, search)
 
