@@ -213,9 +213,10 @@ def test_the_only_whole_section_is_advised_by_design():
     """Every section but S2 lost a different third of its tissue, so S2 is the only section
     that has measured neighbours for every part of every other section (a structure each
     of them shows is missing from some other section, never from S2): with one section to
-    measure, S2 must come first, clear of a tie. Nothing in the score is fitted to any stack."""
+    measure, S2 must come first. Nothing in the score is fitted to any stack. (The calibrated
+    interval is too wide to call it clear of a tie: benchmarks/README.md.)"""
     torn = {0: (0.0, 0.3), 1: (90.0, 0.3), 3: (180.0, 0.3), 4: (270.0, 0.3)}
     stack = synthetic_stack(5, seed=11, tissue_radius_um=450, image_size=1000, missing=torn)
     table = advise(truly_registered(stack), 1).table
     assert table["known"].iloc[0] == "S2", table
-    assert table["tie"].sum() == 1, table
+    assert table["gap"].iloc[1] > 0 and table["tie"].iloc[0], table
