@@ -17,7 +17,8 @@ the process and its workers) and peak RSS from `wait4`, and the stage seconds of
 `timings.json`. The ratio of a stage is this tree / REF within one repetition; the table
 gives its median over the repetitions and the range (min–max) as the spread.
 
-Writes DIR/bench_speed.csv (one row per run and stage) and DIR/bench_speed.md (the table).
+Writes DIR/bench_speed.csv (one row per run and measure, after every run) and
+DIR/bench_speed.md (the table); `--report` writes the table from the rows a cut-short run left.
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ def main() -> None:
     ap.add_argument("--skip-block", action="store_true", help="leave out the 10 × 4,000-spot Visium block")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("STIMPUTE_HER2ST", ROOT.parent / "shared/data/her2st")))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/speed")
+    ap.add_argument("--report", action="store_true", help="only write the table from the runs in DIR/bench_speed.csv")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return report(pd.read_csv(args.out / "bench_speed.csv"), args)
     trees = {"this": ROOT / "src", "ref": ref_tree(args.baseline, args.out / "ref-tree") / "src"}
     loads = workloads(args.data, args.out, args.skip_block)
     records = []
@@ -140,10 +144,14 @@ def main() -> None:
                       f"peak {result['peak_mib']:.0f} MiB", flush=True)
                 records += [{"workload": load, "tree": tree, "rep": rep, "measure": m, "value": v} for m, v in result.items()]
                 shutil.rmtree(run)  # the outputs are not compared here; the next run starts from scratch too
-    runs = pd.DataFrame(records)
-    runs.to_csv(args.out / "bench_speed.csv", index=False)
-    table = summary(runs)
-    text = markdown(table, args.baseline, args.reps)
+                runs = pd.DataFrame(records)
+                runs.to_csv(args.out / "bench_speed.csv", index=False)  # after every run: a cut-short one keeps its rows
+    report(runs, args)
+
+
+def report(runs: pd.DataFrame, args) -> None:
+    """Write and print DIR/bench_speed.md from the runs."""
+    text = markdown(summary(runs), args.baseline, runs["rep"].nunique())
     (args.out / "bench_speed.md").write_text(text)
     print(text)
 
