@@ -20,6 +20,12 @@ def test_help_lists_commands_with_examples():
     assert "Example" in _run("info", "--help").output
 
 
+def test_flags_show_no_value_type_in_help():
+    """`--force/--no-force` takes no value, so --help shows none (typer printed `<bool>`)."""
+    lines = [line for line in _run("impute", "--help").output.splitlines() if "--force" in line]
+    assert lines and not any("<bool>" in line for line in lines)
+
+
 def test_info_and_convert_on_a_raw_folder(tmp_path):
     folder = write_her2st_folder(tmp_path / "raw" / "X1")
     result = _run("info", folder)

@@ -20,6 +20,11 @@ from stimpute.distributed import is_rank_zero, launch
 from stimpute.errors import StimputeError, StimputeWarning, check_text_path
 from stimpute.files import refuse_if_held
 
+def flag(*names: str, **options):
+    """A boolean option (`--x/--no-x`), listed in --help without a `<bool>` value column: it takes none."""
+    return typer.Option(*names, metavar="", **options)
+
+
 app = typer.Typer(
     name="stimpute",
     help="3D spatial transcriptomics from serial H&E sections: read, align, impute, evaluate.",
@@ -69,7 +74,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
+    version: Annotated[bool, flag("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
 ):  # options before the command name; the help text is the app's
     pass
 EncoderOption = Annotated[str, typer.Option(help="Feature encoder: handcrafted (offline default), efficientnet_lite0 (ImageNet weights from its optional extra), resnet18, resnet50, uni or ciga (these need --weights).")]
@@ -120,7 +125,7 @@ def _show_warning(message, category, *_args, **_kwargs):
 @guarded
 def info(
     sections: ImageSections,
-    verify: Annotated[bool, typer.Option(help="Decode each image fully to catch truncated files.")] = True,
+    verify: Annotated[bool, flag(help="Decode each image fully to catch truncated files.")] = True,
     um_per_px: UmPerPxOption = None,
 ):
     """Summarise sections: spots kept/dropped, genes, image size, µm/px, counts.
@@ -174,7 +179,7 @@ def _genes(section) -> str:
 def convert_her2st(
     src: Annotated[Path, typer.Argument(help="A HER2-ST section folder, or a folder of them (e.g. her2st/ with C2, C3, ...).")],
     out: Annotated[Path, typer.Argument(help="Output folder; one section folder per section is written in it.")],
-    force: Annotated[bool, typer.Option(help="Overwrite existing section folders.")] = False,
+    force: Annotated[bool, flag(help="Overwrite existing section folders.")] = False,
 ):
     """Convert HER2-ST raw folders (counts .tsv.gz + _selection.tsv + JPEG) to section folders.
 
@@ -202,7 +207,7 @@ def convert_h5ad(
     out: Annotated[Path, typer.Argument(help="Output folder.")],
     image: Annotated[Optional[Path], typer.Option(help="The section's H&E image (default: found beside the file or in ../wsis/).")] = None,
     um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per full-resolution pixel (default: from the file's metadata).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing section folder.")] = False,
+    force: Annotated[bool, flag(help="Overwrite an existing section folder.")] = False,
     spot_diameter_um: Annotated[Optional[float], typer.Option(help="Spot diameter in µm (default: from the file's metadata, else Visium's 55 with a warning).")] = None,
     pitch_um: Annotated[Optional[float], typer.Option(help="Spot centre-to-centre distance in µm (default: from the file's metadata, else estimated from the spots).")] = None,
 ):
@@ -237,7 +242,7 @@ def convert_spaceranger(
     out: Annotated[Path, typer.Argument(help="Output folder; the section folder <name>/ is written in it (name: the folder above outs/).")],
     image: Annotated[Optional[Path], typer.Option(help="The full-resolution H&E image Space Ranger was run on (its --image); default: the one image in outs/, else spatial/tissue_hires_image.png.")] = None,
     um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per full-resolution pixel (default: from the 55 µm spot in scalefactors_json.json).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing section folder.")] = False,
+    force: Annotated[bool, flag(help="Overwrite an existing section folder.")] = False,
 ):
     """Convert a Space Ranger outs/ folder (Visium v1, v2, CytAssist) + its full-resolution image to a section folder.
 
@@ -255,7 +260,7 @@ def convert_moest_h5(
     h5: Annotated[Path, typer.Argument(help="A 3DMoEST H5 file: one group per section (uni_features, coords_3d, sobel_gradients, expression, patches) + gene_names.")],
     out: Annotated[Path, typer.Argument(help="Output folder; one section folder per group is written in it.")],
     um_per_px: Annotated[Optional[float], typer.Option(help="Pixel size of the image rebuilt from the stored patches (default: at most 3000 px a side).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite existing section folders.")] = False,
+    force: Annotated[bool, flag(help="Overwrite existing section folders.")] = False,
 ):
     """Convert a 3DMoEST H5 file to section folders (spots in the file's shared µm frame).
 
@@ -280,8 +285,8 @@ def convert_to_moest_h5(
     weights: WeightsOption = None,
     genes: Annotated[Optional[Path], typer.Option(help="Genes whose counts are written (default: top 250 HVGs of the measured sections).")] = None,
     thickness_um: Annotated[Optional[float], typer.Option(help="Section spacing for coords_3d z = index × thickness.")] = None,
-    patches: Annotated[bool, typer.Option(help="Also store the 224 px spot patches.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+    patches: Annotated[bool, flag(help="Also store the 224 px spot patches.")] = False,
+    force: Annotated[bool, flag(help="Overwrite an existing file.")] = False,
 ):
     """Write sections (in stack order) as one 3DMoEST H5 file (registered coords_3d, features, Sobel maps, counts).
 
@@ -340,7 +345,7 @@ def panel(
 def register(
     sections: ImageSections,
     out: Annotated[Path, typer.Option(help="Output folder: transforms.json, spots.csv, matches.csv, graph.pt, figures/.")],
-    force: Annotated[bool, typer.Option(help="Overwrite earlier registration results in OUT.")] = False,
+    force: Annotated[bool, flag(help="Overwrite earlier registration results in OUT.")] = False,
     um_per_px: UmPerPxOption = None,
     spot_diameter_um: Annotated[Optional[float], typer.Option(help="Virtual spot diameter in µm on H&E-only sections (default: the first section with spots, else Visium's 55).")] = None,
     pitch_um: Annotated[Optional[float], typer.Option(help="Virtual spot pitch in µm on H&E-only sections (default: the first section with spots, else Visium's 100).")] = None,
@@ -378,7 +383,7 @@ def features(
     encoder: EncoderOption = "handcrafted",
     weights: WeightsOption = None,
     batch_size: Annotated[int, typer.Option(help="Spots per batch (× 3 scales patches).", min=1)] = 32,
-    stain_normalize: Annotated[bool, typer.Option(help="Macenko-normalise the H&E stain before encoding.")] = False,
+    stain_normalize: Annotated[bool, flag(help="Macenko-normalise the H&E stain before encoding.")] = False,
     device: DeviceOption = "auto",
     devices: DevicesOption = "1",
     num_nodes: NumNodesOption = 1,
@@ -432,7 +437,7 @@ def impute(
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file, one symbol per line (default: top 250 HVGs of the known section).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the training split, initialisation and dropout.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,
-    force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
+    force: Annotated[bool, flag(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
     fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts (as per-gene z-scores), each spot's propagated share scaled by its reach: 'fixed' (share 2/3, chosen on the validation protocol of benchmarks/README.md), 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "fixed",
     programs: Annotated[str, typer.Option(help="Gene programs: both parts are projected on this many principal axes of the known expression before fusion: 'auto' (rank cross-validated on the known spots), 'none', or a number.")] = "auto",
     encoder: StackEncoderOption = None,
@@ -509,7 +514,7 @@ def advise(
     budget: Annotated[int, typer.Option(help="How many sections you can afford to measure (the size of the known set).")],
     out: Annotated[Path, typer.Option(help="Output folder: advice.csv (rank, known, expected_pcc, score, gap, tie), advice.md, advice.png, cache/.")],
     encoder: Annotated[Optional[str], typer.Option(help="Feature encoder (the cache in OUT/cache is shared with `impute`); default: the features the sections carry, else handcrafted.")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite earlier advice in OUT.")] = False,
+    force: Annotated[bool, flag(help="Overwrite earlier advice in OUT.")] = False,
     um_per_px: UmPerPxOption = None,
     spot_diameter_um: Annotated[Optional[float], typer.Option(help="Virtual spot diameter in µm on H&E-only sections (default: the first section with spots, else Visium's 55).")] = None,
     pitch_um: Annotated[Optional[float], typer.Option(help="Virtual spot pitch in µm (default: the first section with spots, else Visium's 100).")] = None,
@@ -540,7 +545,7 @@ def train(
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file (default: top 250 HVGs of the sections).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on held-out spots; moe3d trains a fixed number of full-batch steps).", min=1)] = 300,
-    force: Annotated[bool, typer.Option(help="Overwrite an earlier model in OUT.")] = False,
+    force: Annotated[bool, flag(help="Overwrite an earlier model in OUT.")] = False,
     method: Annotated[str, typer.Option(help="A registered model: msagnet_2d (2D MSAGNet), asign (ASIGN: registers the sections and keeps them to impute new ones), nh2st (NH²2ST), moe3d (3DMoEST without coordinates), ... (stimpute.models.MODELS; msagnet: the old name of msagnet_2d).")] = "msagnet_2d",
     mode: Annotated[str, typer.Option(help="train, or cv: k-fold cross-validation by section, writing cv_metrics.csv.")] = "train",
     folds: Annotated[Optional[int], typer.Option(help="Folds of --mode cv (default: one per section).", min=2)] = None,
@@ -590,7 +595,7 @@ def predict(
     sections: ImageSections,
     model: Annotated[Path, typer.Option(help="Model folder written by `stimpute train`.")],
     out: Annotated[Path, typer.Option(help="Output folder: <section>.h5ad per section, figures/, config.yaml, metrics.csv when sections carry counts.")],
-    force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT.")] = False,
+    force: Annotated[bool, flag(help="Overwrite earlier results in OUT.")] = False,
     method: Annotated[Optional[str], typer.Option(help="The model's method (msagnet_2d, nh2st, moe3d or asign); read from the model folder, checked when given.")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="The model's feature encoder; read from the model folder, checked when given.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="The encoder's local weight file, checked against the one the model was trained with (default: the recorded path).")] = None,
@@ -625,7 +630,7 @@ def predict(
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder of the demo imputation; a demo run again replaces its own earlier outputs there.")] = Path("stimpute-demo"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    force: Annotated[bool, typer.Option(help="Overwrite earlier results of another stimpute command in OUT (files no stimpute run wrote are never replaced).")] = False,
+    force: Annotated[bool, flag(help="Overwrite earlier results of another stimpute command in OUT (files no stimpute run wrote are never replaced).")] = False,
 ):
     """Run `stimpute impute` on the built-in HER2-ST mini stack (C2, C3, C4) with C3 known.
 
@@ -684,7 +689,7 @@ def benchmark(
     protocols: Annotated[str, typer.Option(help="3d (each measured section known in turn) and/or 2d (leave-one-section-out, images only).")] = "3d,2d",
     seed: Annotated[int, typer.Option(help="Seed passed to every method.")] = 0,
     encoder: StackEncoderOption = None,
-    force: Annotated[bool, typer.Option(help="Overwrite earlier results in OUT (the feature cache is always reused).")] = False,
+    force: Annotated[bool, flag(help="Overwrite earlier results in OUT (the feature cache is always reused).")] = False,
     weights: WeightsOption = None,
     device: DeviceOption = "auto",
     devices: DevicesOption = "1",
