@@ -1,4 +1,4 @@
-"""A run owns its --out (`stimpute.io.run`): inputs are never results, files no run wrote are
+"""A run owns its --out (`stimpute.files`): inputs are never results, files no run wrote are
 never replaced, a second run on a folder is refused, a killed run is resumed."""
 
 from __future__ import annotations

@@ -503,7 +503,7 @@ def atomic_write(path: str | Path, write) -> None:
     """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`: readers
     see the old file or the whole new one, never a half-written one; `tmp` is removed on failure.
     Inside a run's folder, `tmp` carries the run's id and `path` is recorded in its manifest
-    before the rename (`stimpute.io.run`)."""
+    before the rename (`stimpute.files`)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 3D graph), train MSAGNet on the known section, propagate and fuse (`stimpute.impute`),
 then write one `.h5ad` per imputed section, heatmaps, `metrics.csv` where targets carry
 counts and, last, `config.yaml` (then `timings.json`: seconds and peak RSS per stage). Every run
-owns its output folder (`stimpute.io.run`): a killed run is unfinished, and rerunning it resumes
+owns its output folder (`stimpute.files`): a killed run is unfinished, and rerunning it resumes
 (feature cache, training checkpoint) and replaces its partial outputs. `run_train`/`run_predict`
 train a registered model once and apply it to sections scanned later: an image-only one
 (MSAGNet 2D, NH²2ST, ...) or ASIGN itself, which keeps its known sections. Earlier results are

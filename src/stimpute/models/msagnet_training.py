@@ -297,7 +297,7 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
 
 class RecordedCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint`, recording each file in the run's manifest as it writes
-    it (`stimpute.io.run.record_write`): a killed run's checkpoints stay its own."""
+    it (`stimpute.files.record_write`): a killed run's checkpoints stay its own."""
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         record_write(filepath)
