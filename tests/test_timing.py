@@ -53,6 +53,8 @@ def test_a_stage_entered_again_while_running_is_counted_once():
         time.sleep(0.02)
 
     with recording() as timer:
+        start = time.perf_counter()
         member()
+        wall = time.perf_counter() - start
     r = timer.to_dict()["training"]
-    assert r["calls"] == 1 and 0.04 <= r["seconds"] < 0.07
+    assert r["calls"] == 1 and 0.04 <= r["seconds"] <= wall  # counted twice, it would exceed the wall time (a fixed bound failed under load)
