@@ -105,8 +105,8 @@ def guarded(command):
                     for path in value if isinstance(value, list) else [value]:
                         if isinstance(path, Path):
                             check_text_path(path)
-                if isinstance(kwargs.get("out"), Path):  # a busy --out is refused before the heavy imports
-                    refuse_if_held(kwargs["out"])
+                if isinstance(kwargs.get("out"), Path) and is_rank_zero():  # a busy --out is refused before the heavy imports
+                    refuse_if_held(kwargs["out"])  # (not on the other ranks of a run: rank 0 holds it, they write elsewhere)
                 return command(*args, **kwargs)
             except StimputeError as exc:
                 for line in exc.lines():
