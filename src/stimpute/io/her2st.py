@@ -6,6 +6,8 @@ A folder holds `<name>.tsv.gz` (counts: spot id `XxY`, one column per gene),
 
 from __future__ import annotations
 
+import csv
+import gzip
 import warnings
 from pathlib import Path
 
@@ -139,8 +141,9 @@ def _read_counts(path: Path) -> pd.DataFrame:
     """The counts table with its gene names as written: pandas would rename duplicated
     headers (`G.1`); `validate_section` makes them unique as `NAME-1` with a warning."""
     try:
-        header = pd.read_csv(path, sep="\t", header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
-        counts = pd.read_csv(path, sep="\t", header=None, skiprows=1, index_col=0)
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="") as f:  # pandas builds a Series per gene
+            header = np.asarray(next(csv.reader(f, delimiter="\t"), []), dtype=object)
+        counts = pd.read_csv(path, sep="\t", header=None, skiprows=1, index_col=0, low_memory=False)  # one chunk: no per-column concatenation of ~15,000 genes
     except pd.errors.EmptyDataError:
         raise InputError(path, "counts table has no spots or no genes") from None
     except Exception as exc:
@@ -148,7 +151,7 @@ def _read_counts(path: Path) -> pd.DataFrame:
     extra = len(header) - counts.shape[1]  # 1 where the header names the spot id column, 0 where it does not
     if extra not in (0, 1):
         raise InputError(path, f"the header has {len(header)} fields but the rows hold {counts.shape[1]} counts after the spot id")
-    counts.columns = header.to_numpy()[extra:]
+    counts.columns = header[extra:]
     if counts.empty:
         raise InputError(path, "counts table has no spots or no genes")
     counts.index = counts.index.astype(str)
