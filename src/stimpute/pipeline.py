@@ -1,7 +1,7 @@
 """The `impute`, `train` and `predict` commands as Python functions that write result folders.
 
 `run_impute` is ASIGN end to end: read sections, prepare (panel, features, registration,
-3D graph), train MSAGNet on the known section, propagate and fuse (`stimpute.impute`),
+3D graph), train MSAGNet on the known section, propagate and fuse (`stimpute.models.asign`),
 then write one `.h5ad` per imputed section, heatmaps, `metrics.csv` where targets carry
 counts and, last, `config.yaml` (then `timings.json`: seconds and peak RSS per stage). Every run
 owns its output folder (`stimpute.files`): a killed run is unfinished, and rerunning it resumes

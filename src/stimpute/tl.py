@@ -149,7 +149,7 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
     device
         Where training runs: "auto" (a GPU where there is one), "cpu" or "cuda".
     fusion, members, programs
-        ASIGN's fusion rule, image members and gene-program rank (`stimpute.impute.impute_stack`).
+        ASIGN's fusion rule, image members and gene-program rank (`stimpute.models.asign.impute_stack`).
     encoder, weights
         Feature encoder (default: the features the objects carry, else handcrafted).
 
@@ -207,7 +207,7 @@ def impute_sections(stack: Stack, known, *, key_added: str = "stimpute", genes=N
     """
     from stimpute import __version__
     from stimpute.confidence import spot_confidence
-    from stimpute.impute import MEMBERS, impute_stack
+    from stimpute.models.asign import MEMBERS, impute_stack
     from stimpute.io.results import asign_results
     from stimpute.prepare import known_indices, prepare_stack
     from stimpute.models.asign.programs import programs_record

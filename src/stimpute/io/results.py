@@ -136,7 +136,7 @@ def section_result(section: Section, genes: Sequence[str], X: np.ndarray, xyz_um
 
 def asign_results(prepared, result, known: Sequence[int], confidence: dict, key: str = "stimpute",
                   run: dict | None = None) -> list[ad.AnnData]:
-    """Every section's result of an ASIGN run (`stimpute.impute.ImputeResult` on its
+    """Every section's result of an ASIGN run (`stimpute.models.asign.ImputeResult` on its
     `PreparedStack`), in stack order: imputed sections with their parts, reach and
     per-spot `confidence` (dict by stack index), measured sections with their values.
     `layers["measured"]` is there where some imputed section carries counts (zeros on

@@ -7,7 +7,7 @@ reads the 2-hop in-neighbourhood of the labelled spots (the same loss), or mini-
 bands of labelled spots with their in-neighbourhoods; inference runs in chunks: peak
 memory is set by `batch_nodes`, not by the stack (`stimpute.batches`). A seeded random
 share of the known spots is held out for validation (early stopping, best checkpoint)
-and, later, for fitting the Cross-layer Imputation weights (`stimpute.impute`). Lightning
+and, later, for fitting the Cross-layer Imputation weights (`stimpute.models.asign`). Lightning
 decides the hardware (`accelerator`, `devices`, `num_nodes`, `strategy`: DDP splits the
 batches over the processes); nothing here assumes CUDA. Randomness inside a step
 (dropout) is seeded from the step number, and the order of mini-batches from the epoch,
