@@ -30,15 +30,16 @@ def tissue_image(seed: int, shape=(520, 600), nuclei: int = 400) -> np.ndarray:
     return img
 
 
-def pooled(img: np.ndarray, corners: np.ndarray, side: int = 224) -> np.ndarray:
-    return dense.describe_windows(dense.window_sums(reader(img), corners, side), side)
+def pooled(img: np.ndarray, corners: np.ndarray, side: int = 224, tiles: bool | None = None) -> np.ndarray:
+    return dense.describe_windows(dense.window_sums(reader(img), corners, side, tiles=tiles), side)
 
 
-def test_uniform_colour_gives_the_patch_colour_statistics():
+@pytest.mark.parametrize("tiles", [False, True])
+def test_uniform_colour_gives_the_patch_colour_statistics(tiles):
     img = np.empty((400, 420, 3), np.uint8)
     img[:] = (180, 120, 160)  # uniform tissue
     corners = np.array([[30.0, 40.0], [150.5, 120.25]])
-    got = pooled(img, corners)[:, BLOCKS["colour"]]
+    got = pooled(img, corners, tiles=tiles)[:, BLOCKS["colour"]]
     want = describe_patch(img[:224, :224])[BLOCKS["colour"]]
     exact = np.r_[0:7, 16:18]  # tissue fraction, OD means and sds, H and E means
     np.testing.assert_allclose(got[:, exact], np.tile(want[exact], (2, 1)), rtol=1e-4, atol=1e-5)
@@ -48,21 +49,23 @@ def test_uniform_colour_gives_the_patch_colour_statistics():
         assert np.all((got[:, 7 + c::3][:, :3] >= bin_od[0] - 1e-6) & (got[:, 7 + c::3][:, :3] <= bin_od[1] + 1e-6))
 
 
-def test_windows_over_blobs_have_higher_nuclei_density():
+@pytest.mark.parametrize("tiles", [False, True])
+def test_windows_over_blobs_have_higher_nuclei_density(tiles):
     rng = np.random.default_rng(1)
     img = np.full((300, 700, 3), (225, 170, 200), np.uint8)  # pale eosin-pink tissue
     img = np.clip(img.astype(int) + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
     for x, y in rng.integers(8, (330, 292), (250, 2)):  # nuclei only in the left half
         img[y - 3:y + 4, x - 3:x + 4] = (60, 30, 110)
     corners = np.array([[20.0, 30.0], [100.0, 40.0], [430.0, 30.0], [470.0, 60.0]])
-    density = pooled(img, corners)[:, BLOCKS["nuclei"].start]
+    density = pooled(img, corners, tiles=tiles)[:, BLOCKS["nuclei"].start]
     assert density[:2].min() > 5 * max(density[2:].max(), 1e-3)
     patch = np.array([describe_patch(img[int(y):int(y) + 224, int(x):int(x) + 224])[BLOCKS["nuclei"].start]
                       for x, y in corners])
     np.testing.assert_allclose(density, patch, rtol=0.15, atol=0.05)  # blobs cut by a patch edge count there too
 
 
-def test_pooled_windows_agree_with_described_patches():
+@pytest.mark.parametrize("tiles", [False, True])
+def test_pooled_windows_agree_with_described_patches(tiles):
     """The maps' window means are the patch descriptors: colour, texture and the finer
     DoG bands within 15 % of each value's range over the windows, nuclei within that or a
     few blobs (a patch cuts the blobs on its edge, the maps count each whole). Left out:
@@ -70,7 +73,7 @@ def test_pooled_windows_agree_with_described_patches():
     patch's is dominated by its reflected border)."""
     img = tissue_image(2)
     corners = np.array([[10.0, 12.0], [200.0, 150.0], [333.0, 280.0], [64.0, 250.0]])
-    got = pooled(img, corners)
+    got = pooled(img, corners, tiles=tiles)
     want = np.stack([describe_patch(img[int(y):int(y) + 224, int(x):int(x) + 224]) for x, y in corners])
     assert got.shape == (4, HANDCRAFTED_DIM) and got.dtype == np.float32 and np.isfinite(got).all()
     error = np.abs(got - want) / (np.abs(want).max(axis=0) + 1e-3)
@@ -87,9 +90,9 @@ def test_strips_give_the_sums_of_one_pass(monkeypatch):
     """Streaming in strips with a halo (bounded memory) gives the window sums of one strip."""
     img = tissue_image(3, (700, 500))
     corners = np.random.default_rng(3).uniform(-40, 460, (25, 2))
-    whole = dense.window_sums(reader(img), corners, 96)
+    whole = dense.window_sums(reader(img), corners, 96, tiles=False)
     monkeypatch.setattr(dense, "STRIP_PX", 40 * dense.CELL * dense.CELL)  # strips of a few cell rows
-    np.testing.assert_allclose(dense.window_sums(reader(img), corners, 96), whole, rtol=2e-3, atol=1e-2)  # the DoG kernels: 3σ of 4σ inside the halo
+    np.testing.assert_allclose(dense.window_sums(reader(img), corners, 96, tiles=False), whole, rtol=2e-3, atol=1e-2)  # the DoG kernels: 3σ of 4σ inside the halo
 
 
 def test_descriptor_version_is_part_of_the_cache_key(monkeypatch, tmp_path):
@@ -137,6 +140,53 @@ def test_strips_skip_a_gap_no_window_reaches(monkeypatch):
     img = tissue_image(4, (900, 300))
     rng = np.random.default_rng(4)
     corners = np.vstack([rng.uniform([0, 0], [200, 60], (8, 2)), rng.uniform([0, 700], [200, 780], (8, 2))])
-    whole = dense.window_sums(reader(img), corners, 64)
+    whole = dense.window_sums(reader(img), corners, 64, tiles=False)
     monkeypatch.setattr(dense, "STRIP_PX", 10 * dense.CELL * dense.CELL)  # strips of a few cell rows
-    np.testing.assert_allclose(dense.window_sums(reader(img), corners, 64), whole, rtol=2e-3, atol=1e-2)
+    np.testing.assert_allclose(dense.window_sums(reader(img), corners, 64, tiles=False), whole, rtol=2e-3, atol=1e-2)
+
+
+def test_windows_mapped_alone_give_the_sums_of_strips(monkeypatch):
+    """A window read alone with the strips' halo (`tile_sums`) gets the strips' sums; corners
+    on the even cell lattice, where the strips' sums are exact (the DoG kernels reach a
+    little past the halo: the same tolerance as strips against one pass)."""
+    img = tissue_image(7, (640, 560))
+    rng = np.random.default_rng(7)
+    corners = (rng.integers(0, 60, (12, 2)) * dense.CELL).astype(float)
+    monkeypatch.setattr(dense, "TILE_HALO", dense.HALO)
+    np.testing.assert_allclose(dense.window_sums(reader(img), corners, 96, tiles=True),
+                               dense.window_sums(reader(img), corners, 96, tiles=False), rtol=2e-3, atol=1e-2)
+
+
+def test_sparse_windows_are_mapped_alone_and_overlapping_ones_in_strips():
+    """The path follows the geometry: windows far apart (HER2-ST's spot scale) are read one
+    by one with `TILE_HALO`; overlapping windows (the context scales) in strips."""
+    img = tissue_image(8, (700, 700))
+    for pitch, alone in ((140, True), (24, False)):
+        g = np.arange(40, 560, pitch, dtype=float)
+        corners = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+        reads = []
+
+        def read(x, y, w, h):
+            reads.append((w, h))
+            return reader(img)(x, y, w, h)
+
+        dense.window_sums(read, corners, 96)
+        tile = 96 + 2 * dense.TILE_HALO
+        assert (set(reads) == {(tile, tile)} and len(reads) == len(corners)) == alone
+
+
+def test_strips_hold_at_most_strip_px(monkeypatch):
+    """Memory is bounded by the strip size, not the level's: every strip read is at most
+    STRIP_PX level px (halo aside), however wide the level."""
+    img = tissue_image(9, (400, 1200))
+    monkeypatch.setattr(dense, "STRIP_PX", 20_000)
+    reads = []
+
+    def read(x, y, w, h):
+        reads.append((w - 2 * dense.HALO) * (h - 2 * dense.HALO))
+        return reader(img)(x, y, w, h)
+
+    g = np.arange(0, 1100, 20, dtype=float)
+    corners = np.c_[g, (g * 0.25) % 300]
+    dense.window_sums(read, corners, 64, tiles=False)
+    assert len(reads) > 5 and max(reads) <= 20_000

@@ -41,7 +41,8 @@ from stimpute.patches import DEFAULT_OUT_SIZE, window_origins, window_sizes_px
 
 CELL = 8  # level px per cell side
 HALO = 48  # level px read around each strip: blobs, LBP/GLCM neighbours and the DoG blurs (3σ) see past its edge
-STRIP_PX = 1 << 23  # level px per strip (its rows rounded to whole cells)
+TILE_HALO = 16  # level px read around a window mapped alone: its edge's blobs, LBP/GLCM neighbours, the finer DoG bands
+STRIP_PX = 1 << 22  # level px per strip (its rows rounded to whole cells): ~30 B of maps a px alive, per worker
 HIST_BINS = 16  # byte bins of the optical-density histograms
 WORKERS = 2  # threads computing strips (OpenCV and numpy release the GIL)
 BOX_CHUNK = 512  # windows summed at once
@@ -92,49 +93,110 @@ def _read(image, x: int, y: int, w: int, h: int, f: float, stain_normalizer, loc
 
 
 def window_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.ndarray, side: int,
-                advance: Callable[[int], None] | None = None) -> np.ndarray:
+                advance: Callable[[int], None] | None = None, tiles: bool | None = None) -> np.ndarray:
     """Sums (n, N_CHANNELS) of every map over the `side`-px windows at `corners` (n, 2)
-    (x, y level px), the level read by `read(x, y, w, h)` (uint8 RGB, white outside the image)."""
+    (x, y level px), the level read by `read(x, y, w, h)` (uint8 RGB, white outside the image).
+
+    Where the windows are sparse (HER2-ST spot windows: 224 px at a 290 px pitch, so strips
+    would cover ~3 × their pixels), each window is read and mapped alone with a `TILE_HALO`
+    (`tile_sums`); else in strips (`strip_sums`). `tiles=None` decides from the geometry
+    only: tiles where their pixels (with halo) are fewer than the strips' (and `side` is a
+    multiple of CELL)."""
     corners = np.asarray(corners, np.float64)
-    x0 = math.floor(corners[:, 0].min()) - 1
-    y0 = math.floor(corners[:, 1].min()) - 1
-    wc = math.ceil((corners[:, 0].max() + side + 1 - x0) / CELL)  # grid width, cells
-    hc_ = math.ceil((corners[:, 1].max() + side + 1 - y0) / CELL)
-    cx, cy = (corners[:, 0] - x0) / CELL, (corners[:, 1] - y0) / CELL  # corners, cell units
-    span = side / CELL
-    rows = max(1, min(hc_, STRIP_PX // (wc * CELL * CELL)))  # cell rows per strip
-    starts = range(0, hc_, rows)
-    order = np.argsort(cy + span)  # spots by the cell row their window ends on
-    ends = (cy + span)[order]
-    out = np.empty((len(corners), N_CHANNELS))
-    prefix = np.zeros((N_CHANNELS, 1, wc))  # column sums of the cell rows above each row boundary [top, done]
+    grid = _Grid(corners, side)
+    if tiles is None:
+        tiles = side % CELL == 0 and len(corners) * (side + 2 * TILE_HALO) ** 2 < grid.strips_px()
+    return tile_sums(read, corners, side, advance) if tiles else strip_sums(read, grid, advance)
+
+
+class _Grid:
+    """The cell grid of a level's windows, and its strips of cell rows: `rows` a strip, so
+    that a strip's maps stay within `STRIP_PX` level px (bounded memory, whatever the slide)."""
+
+    def __init__(self, corners: np.ndarray, side: int):
+        # on the level's own CELL lattice: every other pixel (texture, colour) is the level's even
+        # pixels, whichever windows a section has (a JPEG's 2 × 2 chroma blocks move LBP with the
+        # parity), and a window whose corner is on the lattice gets exact sums
+        self.x0 = CELL * (math.floor(corners[:, 0].min()) // CELL - 1)
+        self.y0 = CELL * (math.floor(corners[:, 1].min()) // CELL - 1)
+        self.wc = math.ceil((corners[:, 0].max() + side + 1 - self.x0) / CELL)  # grid width, cells
+        self.hc = math.ceil((corners[:, 1].max() + side + 1 - self.y0) / CELL)
+        self.cx, self.cy = (corners[:, 0] - self.x0) / CELL, (corners[:, 1] - self.y0) / CELL  # corners, cell units
+        self.span = side / CELL
+        self.rows = max(1, min(self.hc, STRIP_PX // (self.wc * CELL * CELL)))  # cell rows per strip
+
+    def strip(self, r0: int) -> tuple[int, int, int, int] | None:
+        """Cell rows [r0, r1) and columns [c0, c1) the windows reaching strip `r0` cover (None: none reach it)."""
+        r1 = min(r0 + self.rows, self.hc)
+        near = (self.cy < r1) & (self.cy + self.span > r0)
+        if not near.any():
+            return None
+        return r0, r1, max(0, math.floor(self.cx[near].min())), min(self.wc, math.ceil(self.cx[near].max() + self.span))
+
+    def strips_px(self) -> int:
+        """Level px the strips read, halos included."""
+        extents = filter(None, map(self.strip, range(0, self.hc, self.rows)))
+        return sum(((r1 - r0) * CELL + 2 * HALO) * ((c1 - c0) * CELL + 2 * HALO) for r0, r1, c0, c1 in extents)
+
+
+def tile_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.ndarray, side: int,
+              advance: Callable[[int], None] | None = None) -> np.ndarray:
+    """`window_sums` of each window mapped alone: read at its rounded corner with `TILE_HALO`
+    px around it (`side` a multiple of CELL), in raster order (a slide's tiles are reused).
+    Corners are rounded to even level px, as the strips' every other pixel is the level's even ones."""
+    xy = 2 * np.rint(corners / 2).astype(int)
+    order = np.lexsort((xy[:, 0], xy[:, 1] // max(side, 1)))
+    out = np.empty((len(xy), N_CHANNELS))
+    read_side = side + 2 * TILE_HALO
+
+    def tile(i: int) -> np.ndarray:
+        rgb = read(int(xy[i, 0]) - TILE_HALO, int(xy[i, 1]) - TILE_HALO, read_side, read_side)
+        return strip_cells(rgb, TILE_HALO).sum(axis=(1, 2), dtype=np.float64)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for k, (i, sums) in enumerate(zip(order, pool.map(tile, order))):
+            out[i] = sums
+            if advance is not None and ((k + 1) % BOX_CHUNK == 0 or k + 1 == len(order)):
+                advance((k % BOX_CHUNK) + 1)
+    return out
+
+
+def strip_sums(read: Callable[[int, int, int, int], np.ndarray], grid: _Grid,
+               advance: Callable[[int], None] | None = None) -> np.ndarray:
+    """`window_sums` from strips of the level: each strip's maps summed into cells, each
+    window's sums from running column sums of the cell rows (`_box`)."""
+    g = grid
+    order = np.argsort(g.cy + g.span)  # spots by the cell row their window ends on
+    ends = (g.cy + g.span)[order]
+    out = np.empty((len(g.cx), N_CHANNELS))
+    prefix = np.zeros((N_CHANNELS, 1, g.wc))  # column sums of the cell rows above each row boundary [top, done]
     top, done, evaluated = 0, 0, 0
 
     def strip(r0: int) -> np.ndarray:
         """Cell sums of strip rows [r0, r0 + rows), read only across the windows that reach it."""
-        r1 = min(r0 + rows, hc_)
-        cells = np.zeros((N_CHANNELS, r1 - r0, wc), np.float32)
-        near = (cy < r1) & (cy + span > r0)
-        if near.any():
-            c0, c1 = max(0, math.floor(cx[near].min())), min(wc, math.ceil(cx[near].max() + span))
-            rgb = read(x0 + c0 * CELL - HALO, y0 + r0 * CELL - HALO, (c1 - c0) * CELL + 2 * HALO, (r1 - r0) * CELL + 2 * HALO)
+        cells = np.zeros((N_CHANNELS, min(r0 + g.rows, g.hc) - r0, g.wc), np.float32)
+        extent = g.strip(r0)
+        if extent is not None:
+            r0, r1, c0, c1 = extent
+            rgb = read(g.x0 + c0 * CELL - HALO, g.y0 + r0 * CELL - HALO, (c1 - c0) * CELL + 2 * HALO, (r1 - r0) * CELL + 2 * HALO)
             cells[:, :, c0:c1] = strip_cells(rgb, HALO)
         return cells
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        for cells in pool.map(strip, starts):
+        for cells in pool.map(strip, range(0, g.hc, g.rows)):
             new = np.cumsum(cells, axis=1, dtype=np.float64)
             new += prefix[:, -1:]
             prefix = np.concatenate([prefix, new], axis=1)
             done += cells.shape[1]
-            ready = order[evaluated:len(order) if done >= hc_ else np.searchsorted(ends, done, side="right")]
+            del cells, new
+            ready = order[evaluated:len(order) if done >= g.hc else np.searchsorted(ends, done, side="right")]
             evaluated += len(ready)
             for chunk in np.array_split(ready, max(1, -(-len(ready) // BOX_CHUNK))):
-                out[chunk] = _box(prefix, cx[chunk], cy[chunk] - top, span)
+                out[chunk] = _box(prefix, g.cx[chunk], g.cy[chunk] - top, g.span)
             if advance is not None and len(ready):
                 advance(len(ready))
             if evaluated < len(order):  # keep the rows from the first waiting window's top, and the last boundary
-                keep = min(max(0, math.floor(cy[order[evaluated:]].min()) - top), prefix.shape[1] - 1)
+                keep = min(max(0, math.floor(g.cy[order[evaluated:]].min()) - top), prefix.shape[1] - 1)
                 prefix, top = prefix[:, keep:], top + keep
     return out
 
@@ -243,7 +305,7 @@ def _cells(values: np.ndarray, k: int) -> np.ndarray:
     return cv2.resize(values, (W // k, H // k), interpolation=cv2.INTER_AREA) * float(k * k)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=4)
 def _scaled_index(rows: int, cols: int, k: int, bins: int) -> np.ndarray:
     """`bins` × the flat cell number (rows, cols) int64 of each pixel, k × k px cells in
     row-major order: add a pixel's bin to count per cell with one `np.bincount`."""
@@ -267,7 +329,7 @@ def _blob_cells(mask: np.ndarray, h: np.ndarray, halo: int, H: int, W: int) -> d
     lab = labels[halo:halo + H, halo:halo + W].ravel()
     where = np.flatnonzero(lab)
     lab = lab[where]
-    cell = _scaled_index(H, W, CELL, 1).ravel()[where]
+    cell = (where // W // CELL) * (W // CELL) + where % W // CELL
     n_cells = (H // CELL) * (W // CELL)
     maps |= {k: np.bincount(cell, weights=v[lab], minlength=n_cells) for k, v in per_pixel.items()}
     size_bin = np.searchsorted(hc.NUCLEUS_LOG_AREA_EDGES, np.log(np.maximum(area, 1.0)), side="right") - 1

@@ -31,7 +31,7 @@ from multiprocessing.shared_memory import SharedMemory
 import cv2
 import numpy as np
 
-VERSION = 3  # of the descriptor values, part of their cache key: 3 = pooled from dense maps (`stimpute.features.dense`)
+VERSION = 4  # of the descriptor values, part of their cache key: 3 = pooled from dense maps (`stimpute.features.dense`), 4 = sparse windows mapped alone, maps on the level's even-pixel lattice
 TISSUE_MAX_GRAY = 215  # brighter pixels are glass / background
 NUCLEUS_H_OD = (0.05, 0.12)  # rgb2hed haematoxylin thresholds (after smoothing): loose and strict nuclei
 NUCLEUS_LOG_AREA_EDGES = np.log([4, 16, 40, 80, 160, 400, 1e9])  # blob area bins, px
