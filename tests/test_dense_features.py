@@ -190,3 +190,21 @@ def test_strips_hold_at_most_strip_px(monkeypatch):
     corners = np.c_[g, (g * 0.25) % 300]
     dense.window_sums(read, corners, 64, tiles=False)
     assert len(reads) > 5 and max(reads) <= 20_000
+
+
+def test_strips_read_only_the_column_runs_windows_cover():
+    """Two groups of windows side by side with a gap wider than two halos: each strip reads
+    the two runs of columns apart (not the gap), and each group gets the sums it gets alone."""
+    img = tissue_image(10, (400, 1000))
+    rng = np.random.default_rng(10)
+    left, right = rng.uniform([0, 0], [150, 250], (6, 2)), rng.uniform([650, 0], [800, 250], (6, 2))
+    reads = []
+
+    def read(x, y, w, h):
+        reads.append(w)
+        return reader(img)(x, y, w, h)
+
+    both = dense.window_sums(read, np.vstack([left, right]), 96, tiles=False)
+    assert max(reads) < 500  # the 400 px gap is not read
+    alone = np.vstack([dense.window_sums(reader(img), c, 96, tiles=False) for c in (left, right)])
+    np.testing.assert_allclose(both, alone, rtol=2e-3, atol=1e-2)

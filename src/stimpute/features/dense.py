@@ -125,18 +125,25 @@ class _Grid:
         self.span = side / CELL
         self.rows = max(1, min(self.hc, STRIP_PX // (self.wc * CELL * CELL)))  # cell rows per strip
 
-    def strip(self, r0: int) -> tuple[int, int, int, int] | None:
-        """Cell rows [r0, r1) and columns [c0, c1) the windows reaching strip `r0` cover (None: none reach it)."""
+    def strip(self, r0: int) -> tuple[int, int, list[tuple[int, int]]]:
+        """Cell rows [r0, r1) of strip `r0` and the runs of cell columns [c0, c1) its windows
+        cover: columns no window reaches are not read where the gap is wider than two halos
+        (irregular tissue, holes), so a run is read and mapped with its own halo."""
         r1 = min(r0 + self.rows, self.hc)
         near = (self.cy < r1) & (self.cy + self.span > r0)
         if not near.any():
-            return None
-        return r0, r1, max(0, math.floor(self.cx[near].min())), min(self.wc, math.ceil(self.cx[near].max() + self.span))
+            return r0, r1, []
+        lo = np.maximum(np.floor(self.cx[near]), 0).astype(int)
+        hi = np.minimum(np.ceil(self.cx[near] + self.span), self.wc).astype(int)
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], np.maximum.accumulate(hi[order])
+        new = np.flatnonzero(np.r_[True, (lo[1:] - hi[:-1]) * CELL > 2 * HALO])
+        return r0, r1, list(zip(lo[new].tolist(), hi[np.r_[new[1:] - 1, len(lo) - 1]].tolist()))
 
     def strips_px(self) -> int:
         """Level px the strips read, halos included."""
-        extents = filter(None, map(self.strip, range(0, self.hc, self.rows)))
-        return sum(((r1 - r0) * CELL + 2 * HALO) * ((c1 - c0) * CELL + 2 * HALO) for r0, r1, c0, c1 in extents)
+        return sum(((r1 - r0) * CELL + 2 * HALO) * ((c1 - c0) * CELL + 2 * HALO)
+                   for r0, r1, runs in map(self.strip, range(0, self.hc, self.rows)) for c0, c1 in runs)
 
 
 def tile_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.ndarray, side: int,
@@ -164,46 +171,47 @@ def tile_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.ndar
 def strip_sums(read: Callable[[int, int, int, int], np.ndarray], grid: _Grid,
                advance: Callable[[int], None] | None = None) -> np.ndarray:
     """`window_sums` from strips of the level: each strip's maps summed into cells, each
-    window's sums from running column sums of the cell rows (`_box`)."""
+    window's sums from running column sums of the cell rows (`_box`), kept in one buffer
+    of a window's and a strip's rows (the rows above the first waiting window dropped)."""
     g = grid
     order = np.argsort(g.cy + g.span)  # spots by the cell row their window ends on
     ends = (g.cy + g.span)[order]
     out = np.empty((len(g.cx), N_CHANNELS))
-    prefix = np.zeros((N_CHANNELS, 1, g.wc))  # column sums of the cell rows above each row boundary [top, done]
-    top, done, evaluated = 0, 0, 0
+    prefix = np.zeros((math.ceil(g.span) + 3 + g.rows, N_CHANNELS, g.wc))  # column sums at row boundaries [top, done]
+    top, done, evaluated, n = 0, 0, 0, 1
 
     def strip(r0: int) -> np.ndarray:
-        """Cell sums of strip rows [r0, r0 + rows), read only across the windows that reach it."""
-        cells = np.zeros((N_CHANNELS, min(r0 + g.rows, g.hc) - r0, g.wc), np.float32)
-        extent = g.strip(r0)
-        if extent is not None:
-            r0, r1, c0, c1 = extent
+        """Column sums (rows, N_CHANNELS, wc) float64 of the cell rows of strip rows [r0, r0 +
+        rows) down to each row, read only across the windows that reach it (in the workers)."""
+        r0, r1, runs = g.strip(r0)
+        cells = np.zeros((r1 - r0, N_CHANNELS, g.wc), np.float32)  # rows first: running sums over contiguous rows
+        for c0, c1 in runs:
             rgb = read(g.x0 + c0 * CELL - HALO, g.y0 + r0 * CELL - HALO, (c1 - c0) * CELL + 2 * HALO, (r1 - r0) * CELL + 2 * HALO)
-            cells[:, :, c0:c1] = strip_cells(rgb, HALO)
-        return cells
+            cells[:, :, c0:c1] = strip_cells(rgb, HALO).transpose(1, 0, 2)
+        return np.cumsum(cells, axis=0, dtype=np.float64)
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        for cells in pool.map(strip, range(0, g.hc, g.rows)):
-            new = np.cumsum(cells, axis=1, dtype=np.float64)
-            new += prefix[:, -1:]
-            prefix = np.concatenate([prefix, new], axis=1)
-            done += cells.shape[1]
-            del cells, new
+        for sums in pool.map(strip, range(0, g.hc, g.rows)):
+            r = len(sums)
+            np.add(sums, prefix[n - 1], out=prefix[n:n + r])
+            n, done = n + r, done + r
+            del sums
             ready = order[evaluated:len(order) if done >= g.hc else np.searchsorted(ends, done, side="right")]
             evaluated += len(ready)
             for chunk in np.array_split(ready, max(1, -(-len(ready) // BOX_CHUNK))):
-                out[chunk] = _box(prefix, g.cx[chunk], g.cy[chunk] - top, g.span)
+                out[chunk] = _box(prefix[:n], g.cx[chunk], g.cy[chunk] - top, g.span)
             if advance is not None and len(ready):
                 advance(len(ready))
             if evaluated < len(order):  # keep the rows from the first waiting window's top, and the last boundary
-                keep = min(max(0, math.floor(g.cy[order[evaluated:]].min()) - top), prefix.shape[1] - 1)
-                prefix, top = prefix[:, keep:], top + keep
+                keep = min(max(0, math.floor(g.cy[order[evaluated:]].min()) - top), n - 1)
+                prefix[:n - keep] = prefix[keep:n]
+                n, top = n - keep, top + keep
     return out
 
 
 def _box(prefix: np.ndarray, x: np.ndarray, y: np.ndarray, span: float) -> np.ndarray:
     """Sums (n, C) over windows [x, x+span) × [y, y+span) (cell units, fractional) from
-    column prefix sums (C, row boundaries, cols): linear between row boundaries, each
+    column prefix sums (row boundaries, C, cols): linear between row boundaries, each
     cell column weighted by its overlap with the window (exact where a map is uniform
     within a cell)."""
     k = math.ceil(span) + 1  # cell columns a window can touch
@@ -211,13 +219,13 @@ def _box(prefix: np.ndarray, x: np.ndarray, y: np.ndarray, span: float) -> np.nd
     cols = j0[:, None] + np.arange(k)
     weights = np.clip(np.minimum(cols + 1, (x + span)[:, None]) - np.maximum(cols, x[:, None]), 0.0, 1.0)
 
-    def at(ys: np.ndarray) -> np.ndarray:  # prefix at fractional row boundaries, (C, n, k)
-        ys = np.clip(ys, 0, prefix.shape[1] - 1)
-        i = np.minimum(ys.astype(int), prefix.shape[1] - 2)
-        f = (ys - i)[:, None]
-        return (1 - f) * prefix[:, i[:, None], cols] + f * prefix[:, i[:, None] + 1, cols]
+    def at(ys: np.ndarray) -> np.ndarray:  # prefix at fractional row boundaries, (n, k, C)
+        ys = np.clip(ys, 0, len(prefix) - 1)
+        i = np.minimum(ys.astype(int), len(prefix) - 2)
+        f = (ys - i)[:, None, None]
+        return (1 - f) * prefix[i[:, None], :, cols] + f * prefix[i[:, None] + 1, :, cols]
 
-    return np.einsum("nk,cnk->nc", weights, at(y + span) - at(y))
+    return np.einsum("nk,nkc->nc", weights, at(y + span) - at(y))
 
 
 def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
@@ -318,19 +326,18 @@ def _blob_cells(mask: np.ndarray, h: np.ndarray, halo: int, H: int, W: int) -> d
     carrying 1/area of its blob: a window holding a blob whole counts it once, a window
     holding part of it counts that fraction (as a patch holds the part it cuts)."""
     _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    core = mask[halo:halo + H, halo:halo + W]
-    maps = {"mask": _cells(core, CELL), "hmask": _cells(np.where(core, h[halo:halo + H, halo:halo + W], 0.0), CELL)}
+    rows, cols = np.divmod(np.flatnonzero(mask[halo:halo + H, halo:halo + W]), W)  # the core's blob pixels
+    at = (rows + halo) * mask.shape[1] + cols + halo  # their flat index in the strip
+    lab = labels.ravel()[at]
+    cell = rows // CELL * (W // CELL) + cols // CELL
+    n_cells = (H // CELL) * (W // CELL)
+    maps = {"mask": np.bincount(cell, minlength=n_cells), "hmask": np.bincount(cell, weights=h.ravel()[at], minlength=n_cells)}
     area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
     w, hh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
     share = np.where(area >= hc.MIN_NUCLEUS_PX, 1.0 / area, 0.0)  # of a blob, per pixel
     share[0] = 0.0  # background
     per_pixel = {"n": share, "area": share * area, "area2": area * (share > 0),
                  "elong": share * np.maximum(w, hh) / np.maximum(np.minimum(w, hh), 1), "fill": share * area / (w * hh)}
-    lab = labels[halo:halo + H, halo:halo + W].ravel()
-    where = np.flatnonzero(lab)
-    lab = lab[where]
-    cell = (where // W // CELL) * (W // CELL) + where % W // CELL
-    n_cells = (H // CELL) * (W // CELL)
     maps |= {k: np.bincount(cell, weights=v[lab], minlength=n_cells) for k, v in per_pixel.items()}
     size_bin = np.searchsorted(hc.NUCLEUS_LOG_AREA_EDGES, np.log(np.maximum(area, 1.0)), side="right") - 1
     maps["sizes"] = np.bincount(cell * _N_SIZES + np.maximum(size_bin, 0)[lab], weights=share[lab], minlength=n_cells * _N_SIZES)
