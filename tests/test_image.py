@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+import pytest
 from PIL import Image
 
+from stimpute.errors import StimputeError
 from stimpute.image import SectionImage
 
 
@@ -47,3 +50,18 @@ def test_windows_resample_from_the_decoded_pyramid_without_aliasing():
     assert np.median(np.abs(ours - reference)) < 3  # (the wrap-around edges of `% 256` differ most)
     image.release()
     assert image._levels == [] and image.read_region(0, 0, 8, 8).shape == (8, 8, 3)
+
+
+def test_jpeg_full_decode_gives_pillows_pixels_and_refuses_a_truncated_file(tmp_path):
+    """The full decode (OpenCV, for speed and memory) gives Pillow's pixels; a truncated JPEG
+    (which OpenCV would decode in part) still gives the one-line decode error."""
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (120, 160, 3)).astype(np.uint8), (0, 0), 2)
+    path = tmp_path / "HE.jpg"
+    Image.fromarray(img).save(path, quality=90)
+    with Image.open(path) as im:
+        want = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(SectionImage(path)._full(), want)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(StimputeError, match=r"HE\.jpg: cannot decode image"):
+        SectionImage(path)._full()
