@@ -138,3 +138,19 @@ def test_expression_heatmaps_figure(synthetic, tmp_path):
     thumb = np.full((50, 50, 3), 255, np.uint8)
     out = expression_heatmaps(thumb, synthetic[0].xy / 40, ["A", "B"], values, tmp_path / "fig.png", measured=values[::-1])
     assert out.stat().st_size > 1000
+
+
+def test_expression_maps_paint_each_spot_in_its_colour(tmp_path):
+    """The maps are rasterised: each spot's disc, at its true size, takes its value's colour."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    xy = np.array([[100.0, 100.0], [300.0, 100.0], [100.0, 300.0], [300.0, 300.0]])
+    values = np.array([[0.0], [1.0], [0.0], [1.0]])
+    out = expression_heatmaps(np.full((400, 400, 3), 255, np.uint8), xy, ["A"], values, tmp_path / "maps.png", diameter=80.0)
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    for value, count in ((0.0, 2), (1.0, 2)):
+        colour = (np.array(colormaps["viridis"](value)[:3]) * 255).round()
+        solid = np.abs(image - colour).max(-1) <= 3
+        assert solid.sum() > count * 0.5 * np.pi * 20 ** 2  # two discs, each well over half a 40 px disc at ~0.9 px/px
+    assert Image.open(out).size[0] >= 500  # H&E, the map and its colour bar side by side

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from stimpute.cli import app
 from stimpute.datasets import synthetic_stack
 from stimpute.io import read_sections, write_h5ad_atomic, write_section
-from stimpute.io.results import block_section
+from stimpute.io.results import block_library, block_section
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,9 @@ def test_block_holds_every_section(run):
     assert sorted(set(np.round(z, 6))) == [0.0, 10.0, 20.0] and (block.X >= 0).all()
     assert set(block.uns["spatial"]) == {"S0"} and "stimpute_confidence" in block.var  # one library: default plots
     assert set(block.uns["stimpute"]["sections"]["he_1"]["spatial"]["images"]) == {"hires", "lowres"}
+    assert "images" not in block.uns["stimpute"]["sections"]["S0"]["spatial"]  # each image once: S0's are uns["spatial"]'s
+    library = block_library(block.uns, "S0")
+    assert library["images"]["hires"] is block.uns["spatial"]["S0"]["images"]["hires"] and "scalefactors" in library
     on_reference = block.obs["section"] == "S0"  # the reference frame is S0's own pixels
     assert np.allclose(block.obsm["spatial"][on_reference], block.obsm["spatial_section"][on_reference], atol=1e-6)
     he_1 = ad.read_h5ad(out / "he_1.h5ad")

@@ -32,7 +32,7 @@ import numpy as np
 
 from stimpute.errors import StimputeError
 from stimpute.files import write_text_atomic
-from stimpute.io.results import BLOCK_FILE, result_field
+from stimpute.io.results import BLOCK_FILE, block_library, result_field
 from stimpute.register.masks import relative_density, tissue_mask
 
 VIEW_FILE = "view.html"
@@ -78,7 +78,7 @@ def read_view_sections(data, key: str = "stimpute") -> tuple[list[str], list[Vie
     if len(objects) == 1 and meta.get("block"):
         block = objects[0]
         records = {name: dict(meta["sections"][name]) for name in meta["order"]}
-        sections = [_view_section(name, block[(block.obs["section"] == name).to_numpy()], dict(rec["spatial"]),
+        sections = [_view_section(name, block[(block.obs["section"] == name).to_numpy()], block_library(block.uns, name),
                                   "spatial_section", key, rec) for name, rec in records.items()]
         return list(block.var_names), sections
     names = list(data) if isinstance(data, Mapping) else [_library_name(a, i) for i, a in enumerate(objects)]

@@ -34,7 +34,8 @@ arguments (they refuse several `uns["spatial"]` libraries unless told which): it
 first section (the block's reference frame), and `uns["spatial"]` holds that one section's
 library, so every section's spots are drawn where they lie over the reference H&E. Each
 spot's position in its own section's pixels is in `obsm["spatial_section"]`, and each
-section's library in `uns["stimpute"]["sections"][section]["spatial"]`.
+section's library in `uns["stimpute"]["sections"][section]["spatial"]`, its images once in the
+block: the reference section's are those of `uns["spatial"]` (`block_library`).
 
 Reading back (`read_result`): the source image when it is still where it was, else the
 `hires` image stored in the file (coordinates rescaled to it).
@@ -215,6 +216,7 @@ def block_result(parts: Sequence[ad.AnnData]) -> ad.AnnData:
     key = parts[0].uns["stimpute"].get("key", "stimpute")
     sections = {name: {**dict(p.uns.get(key, {})), **dict(p.uns["stimpute"]), "spatial": p.uns["spatial"][name]}
                 for p, name in zip(parts, names)}
+    sections[reference]["spatial"] = {k: v for k, v in sections[reference]["spatial"].items() if k != "images"}  # once: uns["spatial"]
     block.uns["stimpute"] = {"block": True, "scale": SCALE, "key": key, "order": names, "reference": reference,
                              "sections": sections}
     return block
@@ -229,9 +231,19 @@ def block_section(block: ad.AnnData, name: str) -> ad.AnnData:
     part = block[block.obs["section"] == name].copy()
     part.obsm["spatial"] = part.obsm.pop("spatial_section")
     record = dict(records[name])
-    part.uns["spatial"] = {name: record.pop("spatial")}
+    record.pop("spatial")
+    part.uns["spatial"] = {name: block_library(block.uns, name)}
     part.uns["stimpute"] = record
     return part
+
+
+def block_library(uns: dict, name: str) -> dict:
+    """Section `name`'s `uns["spatial"]` library in a block's `uns`: its record's, the
+    reference section's images taken from `uns["spatial"]` (the block stores each image once)."""
+    library = dict(dict(uns["stimpute"]["sections"][name]).get("spatial", {}))
+    if "images" not in library and name in uns.get("spatial", {}):
+        library["images"] = uns["spatial"][name]["images"]
+    return library
 
 
 def is_result(uns: dict) -> bool:
@@ -251,7 +263,7 @@ def read_result(path: str | Path, adata: ad.AnnData | None = None) -> list[Secti
     for record in records:
         name = record["section"]
         part = adata[adata.obs["section"] == name] if meta.get("block") else adata
-        spatial = record.get("spatial") or dict(adata.uns.get("spatial", {})).get(name)
+        spatial = block_library(adata.uns, name) if meta.get("block") else dict(adata.uns.get("spatial", {})).get(name)
         sections.append(_result_section(path, name, part, record, spatial, np.asarray(part.obsm[own_px], np.float64)))
     return sections
 
