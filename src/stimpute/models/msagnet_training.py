@@ -297,11 +297,57 @@ def _fit(batch, config, ckpt_dir, resume, progress) -> MSAGNetModule:
 
 class RecordedCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint`, recording each file in the run's manifest as it writes
-    it (`stimpute.files.record_write`): a killed run's checkpoints stay its own."""
+    it (`stimpute.files.record_write`): a killed run's checkpoints stay its own.
+
+    The files are written every `WRITE_EVERY` epochs (the first included) and when training
+    ends, not at each improvement: an epoch of a small graph costs less than writing two
+    checkpoints. In between, each checkpoint is kept in memory as Lightning would have
+    written it then, so the files are the same; a killed run resumes from the last written."""
+
+    WRITE_EVERY = 10
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending: dict[str, dict] = {}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        record_write(filepath)
-        super()._save_checkpoint(trainer, filepath)
+        self.pending[filepath] = _frozen(trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only))
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.current_epoch % self.WRITE_EVERY == 0:
+            self.write_pending(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.write_pending(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.write_pending(trainer, wait=False)  # an interrupted run resumes from the latest state; other processes may be gone
+
+    def write_pending(self, trainer: L.Trainer, wait: bool = True) -> None:
+        """Write the checkpoints kept since the last write (every process calls it; rank 0
+        writes; `wait`: the processes go on together, as after Lightning's own writes)."""
+        for filepath, checkpoint in self.pending.items():
+            record_write(filepath)
+            trainer.strategy.save_checkpoint(checkpoint, filepath)
+        self.pending.clear()
+        if wait:
+            trainer.strategy.barrier("stimpute.checkpoints")
+
+
+def _frozen(state):
+    """`state` (a checkpoint's nested dicts and lists) with every tensor copied: the weights
+    and optimiser moments it refers to change in place as training goes on."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return type(state)((k, _frozen(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(_frozen(v) for v in state)
+    return state
 
 
 def _save_last(trainer: L.Trainer, path: Path) -> None:
