@@ -44,12 +44,15 @@ def write_her2st_folder(folder: Path, name: str = "X1", n_side: int = 6, pitch: 
     return folder
 
 
-def heavy_after(code: str) -> list[str]:
-    """The heavy libraries in `sys.modules` after a fresh interpreter runs `code`."""
+def heavy_after(code: str, printed: list[str] | None = None) -> list[str]:
+    """The heavy libraries in `sys.modules` after a fresh interpreter runs `code` (`printed`,
+    if given, receives what it printed)."""
     probe = f"{code}\nimport sys\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
+    if printed is not None:
+        printed.append(done.stdout)
     return eval(done.stdout.strip().splitlines()[-1])
 
 

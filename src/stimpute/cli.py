@@ -396,6 +396,33 @@ def features(
     """
     from contextlib import nullcontext
 
+    from stimpute.feature_runs import INDEX_FILE, FeatureRuns
+    from stimpute.files import run_ownership
+
+    index = FeatureRuns(out, encoder, weights, stain_normalize)
+    compute = None
+    # several processes share each section; rank 0 owns OUT and writes, the others only read its caches
+    with run_ownership(out, "features", [*sections, weights]) if is_rank_zero() else nullcontext() as owner:
+        if owner is not None:
+            owner.claim(caches=[INDEX_FILE])
+        for path in sections:
+            record = index.cached(path)  # an unchanged input whose cache holds its features: nothing is read
+            if record is not None:
+                if owner is not None:
+                    owner.claim(caches=[record["cache_file"]])
+                console.print(f"{record['head']}read from cache in 0.0 s{record['tail']}", highlight=False)
+                continue
+            compute = compute or _feature_computer(out, encoder, weights, batch_size, stain_normalize, device, devices,
+                                                   num_nodes, strategy, [p for p in sections if index.cached(p) is None])
+            index.add(path, *compute(path, owner))
+        if owner is not None:
+            index.save()
+
+
+def _feature_computer(out, encoder, weights, batch_size, stain_normalize, device, devices, num_nodes, strategy, todo):
+    """`stimpute features` for one input: read it, compute its features or read them from its
+    cache, print what was done; returns (cache file, line head, line tail) for `FeatureRuns`.
+    Built once, for the inputs `todo` that `FeatureRuns` could not answer (checked here)."""
     from stimpute.device import parallel_options, resolve_device
     from stimpute.features import spot_features
     from stimpute.features.cache import cache_path
@@ -403,29 +430,30 @@ def features(
     from stimpute.features.stored import check_encoder
     from stimpute.io import read_section
     from stimpute.io.image_section import refuse_images
-    from stimpute.files import run_ownership
 
-    refuse_images(sections, "features")
+    refuse_images(todo, "features")
     check_encoder(encoder, weights)
     accelerator = resolve_device(device if encoder and get_spec(encoder).needs_weights else "cpu")  # handcrafted: CPU, no torch
     hardware = {"accelerator": accelerator, **parallel_options(accelerator, devices, num_nodes, strategy)}
-    # several processes share each section; rank 0 owns OUT and writes, the others only read its caches
-    with run_ownership(out, "features", [*sections, weights]) if is_rank_zero() else nullcontext() as owner:
-        for path in sections:
-            section = read_section(path)
-            if owner is not None:
-                owner.claim(caches=[cache_path(out, section).name])
-            runs = []
-            feats = spot_features(section, encoder=encoder, weights=weights, cache_dir=out, progress=is_rank_zero(),
-                                  batch_size=batch_size, stain_normalize=stain_normalize, runs=runs, hardware=hardware)
-            run = runs[-1]
-            by = f" by {len(run.shares)} processes ({'+'.join(map(str, run.shares))} spots)" if len(run.shares) > 1 else ""
-            how = "read from cache" if run.cached else f"computed{by} ({run.rate:.1f} patches/s)"
-            padded = ", ".join(f"{k} {v}" for k, v in run.padded.items())
-            console.print(f"{section.name}: {encoder} features {feats.shape[0]}×{feats.shape[1]}×{feats.shape[2]} "
-                          f"{how} in {run.seconds:.1f} s → {run.cache_file}; spots padded at the border: {padded}",
-                          highlight=False)
-            section.image.release()
+
+    def compute(path, owner):
+        section = read_section(path)
+        if owner is not None:
+            owner.claim(caches=[cache_path(out, section).name])
+        runs = []
+        feats = spot_features(section, encoder=encoder, weights=weights, cache_dir=out, progress=is_rank_zero(),
+                              batch_size=batch_size, stain_normalize=stain_normalize, runs=runs, hardware=hardware)
+        run = runs[-1]
+        by = f" by {len(run.shares)} processes ({'+'.join(map(str, run.shares))} spots)" if len(run.shares) > 1 else ""
+        how = "read from cache" if run.cached else f"computed{by} ({run.rate:.1f} patches/s)"
+        padded = ", ".join(f"{k} {v}" for k, v in run.padded.items())
+        head = f"{section.name}: {encoder} features {feats.shape[0]}×{feats.shape[1]}×{feats.shape[2]} "
+        tail = f" → {run.cache_file}; spots padded at the border: {padded}"
+        console.print(f"{head}{how} in {run.seconds:.1f} s{tail}", highlight=False)
+        section.image.release()
+        return run.cache_file, head, tail
+
+    return compute
 
 
 @app.command()
