@@ -297,7 +297,7 @@ def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
         out[CHANNELS["dog"].start + k] = band
     # colour at every other pixel, as the patch path (t = 0/1: OD²·t = (OD·t)², unmix(OD)·t = unmix(OD·t))
     tsub = tissue[sub].view(np.uint8)
-    rgb_sub = np.ascontiguousarray(rgb[sub])
+    rgb_sub = cv2.resize(rgb[core], (W // 2, H // 2), interpolation=cv2.INTER_NEAREST)  # = rgb[sub], 5× faster
     odt = cv2.LUT(rgb_sub, hc._OD_LUT3) * tsub[..., None]
     put("tsub", _cells(tsub, half))
     put("od", _cells(odt, half))
