@@ -144,7 +144,8 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
         pcc = None if metrics is None else metrics[metrics.section == section.name].set_index("gene").pcc
         if figures != "none":
             files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
-                                   pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy()))
+                                   pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy(),
+                                   library=parts[i].uns["spatial"][section.name]))
         section.image.release()
     with stage("writing"):
         block = block_result(parts)
@@ -458,12 +459,17 @@ def _block_figure(parts, gene: str, out: Path) -> Path:
 
 
 @timed("writing")
-def _heatmaps(section, panel, genes, predicted, measured, out: Path, pcc=None, label: str = "imputed") -> Path:
-    """`figures/<section>.png`: the genes' maps at true spot size on the H&E (with PCC where measured)."""
+def _heatmaps(section, panel, genes, predicted, measured, out: Path, pcc=None, label: str = "imputed",
+              library: dict | None = None) -> Path:
+    """`figures/<section>.png`: the genes' maps at true spot size on the H&E (with PCC where measured).
+    `library`: the section's `uns["spatial"]` entry, whose `hires` image is drawn (no second decode)."""
     from stimpute.figures import expression_heatmaps
 
     cols = [list(panel).index(g) for g in genes]
-    thumb, scale = section.image.thumbnail(FIGURE_SIDE)
+    if library is not None:
+        thumb, scale = np.asarray(library["images"]["hires"]), float(library["scalefactors"]["tissue_hires_scalef"])
+    else:
+        thumb, scale = section.image.thumbnail(FIGURE_SIDE)
     title = f"{section.name}: {label}" if measured is None else f"{section.name}: {label} and measured"
     shown = np.maximum(predicted[:, cols], 0.0)  # as written: log1p values are clipped at 0, their floor
     return expression_heatmaps(thumb, section.xy * scale, genes, shown, out / "figures" / f"{section.name}.png",
