@@ -75,9 +75,9 @@ class MSAGNetModel(Model):
     def default_config(cls):
         from stimpute.models.msagnet_training import TrainConfig
 
-        # the image-only model keeps its schedule (patience 20, every gain counts): ASIGN's shorter
+        # the image-only model keeps its schedule (patience 20, every gain counts, lr 1e-3): ASIGN's shorter
         # one was chosen on ASIGN's validation protocol, not on this model
-        return TrainConfig(patience=20, min_delta=0.0, model=MSAGNetConfig(variant=cls.variant))
+        return TrainConfig(patience=20, min_delta=0.0, lr=1e-3, model=MSAGNetConfig(variant=cls.variant))
 
     def settings(self) -> dict:
         return self.config.to_dict()
