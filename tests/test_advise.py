@@ -10,7 +10,8 @@ import pytest
 from scipy import sparse
 from typer.testing import CliRunner
 
-from stimpute.advise import StackDescription, advise, count_free, describe_stack, description_of
+from stimpute.advise import (StackDescription, advise, count_free, describe_stack, description_of, distance_prior,
+                             facility_values)
 from stimpute.cli import app
 from stimpute.data import SectionImage, Stack
 from stimpute.datasets import synthetic_stack
@@ -56,19 +57,45 @@ def test_quantities_on_a_known_geometry():
     assert list(both.index) == ["S1"] and both.loc["S1", "z_distance_um"] == 10
 
 
-def test_ranking_prefers_the_section_that_covers_the_others():
-    """Section S1 sits where S0 and S2 overlap and shows both tissues: it must rank first."""
-    rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(36, 3)), rng.normal(size=(36, 3)) + 20
-    d = description([grid(), grid(shift=(200, 0)), grid(shift=(400, 0))],
-                    [a, np.r_[a[:18], b[:18]], b])
+def drifting(n: int, rate: float) -> StackDescription:
+    """`n` sections whose pseudo-expression is one smooth pattern in x, y that drifts along z
+    (`rate` radians a section): continuity decays evenly with z distance."""
+    xy = grid(8)
+    phases = np.array([0.0, 2.1, 4.2])
+    return description([xy] * n, [np.sin(xy[:, :1] / 150 + xy[:, 1:] / 230 + phases + rate * i) for i in range(n)])
+
+
+def test_ranking_follows_continuity_along_z():
+    """Where the tissue drifts evenly along z, the section nearest to all others (the middle)
+    must rank first, and with two of six to measure the only pair that leaves no section two
+    away from a known one (S1+S4) must come first; the score averages over the targets only."""
+    d = drifting(5, 0.6)
     result = advise(d, 1)
     assert list(result.table.columns) == COLUMNS
-    assert result.table["known"].iloc[0] == "S1"
-    assert list(result.table["rank"]) == [1, 2, 3]
+    assert result.table["known"].iloc[0] == "S2" and list(result.table["rank"]) == [1, 2, 3, 4, 5]
     assert result.table["score"].is_monotonic_decreasing and result.table["expected_pcc"].isna().all()
-    pairs = advise(d, 2).table
-    assert len(pairs) == math.comb(3, 2) and all(k.count("+") == 1 for k in pairs["known"])
+    six = drifting(6, 0.6)
+    pairs = advise(six, 2).table
+    assert len(pairs) == math.comb(6, 2) and pairs["known"].iloc[0] == "S1+S4"
+    assert pairs["score"].iloc[0] == pytest.approx(np.mean([six.continuity[1, j] for j in (0, 2)]
+                                                           + [six.continuity[4, j] for j in (3, 5)]), abs=1e-4)
+
+
+def test_continuity_is_symmetric_and_half_the_typical_pair_as_far_apart():
+    """`distance_prior`: the median over pairs as far apart in z, never rising with distance;
+    `continuity`: half the symmetric pair score, half that prior; `facility_values`: each
+    target's best known section, NaN for the known ones."""
+    pairs = np.array([[np.nan, 0.8, 0.3, 0.5],
+                      [0.6, np.nan, 0.7, 0.2],
+                      [0.1, 0.9, np.nan, 0.4],
+                      [0.5, 0.2, 0.6, np.nan]])
+    prior = distance_prior(pairs, np.array([0.0, 10.0, 20.0, 30.0]))
+    adjacent = np.median([0.8, 0.6, 0.7, 0.9, 0.4, 0.6])
+    assert prior[0, 1] == prior[3, 2] == pytest.approx(adjacent)
+    assert prior[0, 2] == pytest.approx(np.median([0.3, 0.1, 0.2, 0.2]))
+    assert prior[0, 3] == prior[3, 0] == pytest.approx(0.2)  # their median 0.5, capped at the nearer pairs' 0.2
+    values = facility_values(np.nan_to_num(pairs, nan=0.0), [(0, 2)])
+    assert np.isnan(values[0, [0, 2]]).all() and values[0, 1] == pytest.approx(0.9) and values[0, 3] == pytest.approx(0.5)
 
 
 def test_beam_search_beyond_the_exhaustive_limit_finds_the_best_sets():

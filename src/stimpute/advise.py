@@ -7,16 +7,23 @@ spot positions first (`count_free`).
 
 **The score: a rehearsal of the imputation on the images.** Each section's *pseudo-
 expression* is its spots' leading principal components of image features (centred per
-section, standardised over the stack: `embed`). For a candidate known set, every other
-section (a *target*) is imputed from the known sections' pseudo-expression the way
-`impute` imputes genes: the propagated part is the registration kernel's transfer
-(`stimpute.register.matching.kernel_links`, with its morphology term), the model part the
-mean of the `MODEL_K` known spots nearest in feature space (the image model's stand-in:
-it fails where the known set never shows the target's kind of tissue), fused by z-score
-mix with the propagated share ⅔ · reach (as `impute`'s "fixed" fusion). The target's own
-pseudo-expression is the truth: a candidate's `score` is the mean per-component PCC over
-its targets. Nothing is fitted: no coefficient comes from any stack, so no stack can be
-"the training data" (validation: `benchmarks/bench_advise.py`).
+section, standardised over the stack: `embed`). Every section (a *target*) is imputed from
+every other section alone the way `impute` propagates genes: the registration kernel's
+transfer (`stimpute.register.matching.kernel_links`, with its morphology term) of the
+known section's pseudo-expression. The target's own pseudo-expression is the truth: the
+pair score `P[k, j]` is the mean per-component PCC of target j imputed from section k
+(`pair_scores`). The pairs are then made robust (`continuity`): P is made symmetric (the
+sections' continuity, not its direction) and half of it is replaced by its typical value
+at that z distance (the median over all pairs as far apart, non-increasing with distance:
+the stack's own decay along z, read from its images), so that one noisy pair cannot decide.
+A candidate known set's `score` is a facility-location value: the mean over its targets
+(the sections it leaves out, as the accuracy averages over them) of the continuity with the
+target's best known section. Nothing is fitted: no coefficient comes from any stack
+(choices among score variants were made on half of the synthetic stacks of
+`benchmarks/bench_advise.py` and checked on the other half).
+
+The first rehearsal (every target imputed from the whole known set, with an image-model
+stand-in fused in: `set_scores`) stays as an alternative the benchmark compares.
 
 **What a score gap is worth.** The score is in pseudo-expression PCC, not gene PCC: it
 ranks candidates but is no absolute accuracy (`expected_pcc` stays empty: no calibration
@@ -29,8 +36,8 @@ stacks and checked on the other half and on HER2-ST). A candidate whose interval
 
 All combinations are scored while there are at most `MAX_EXHAUSTIVE`; beyond that a beam
 search builds sets one section at a time, keeping the `BEAM_WIDTH` best partial sets.
-Every (target, known section) pair's kernel sums and nearest neighbours are computed once,
-so a candidate costs a few array sums.
+Every (target, known section) pair's kernel transfer is computed once, so a candidate
+costs a few array maxima.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import itertools
 import json
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +65,9 @@ MAX_EXHAUSTIVE = 5000  # candidate sets scored exhaustively up to this many
 BEAM_WIDTH = 32  # partial sets kept per size in the beam search beyond that
 N_COMPONENTS = 10  # principal components of the standardised spot features: the pseudo-expression
 N_DETAILED = 5  # candidates whose per-section reasoning advice.md spells out
-MODEL_K = 8  # feature-space neighbours of the image model's stand-in
+MODEL_K = 8  # feature-space neighbours of the image model's stand-in (`set_scores`)
+PRIOR_SHARE = 0.5  # share of a pair's continuity taken from the typical pair as far apart in z
 PROPAGATED_SHARE = 2 / 3  # the propagated part's share per unit reach (`stimpute.models.asign.FIXED_SHARE`)
-SET_CHUNK = 128  # candidate sets scored in one batch
 CALIBRATION_FILE = Path(__file__).parent / "data" / "advise_calibration.json"
 
 
@@ -80,18 +88,15 @@ class StackDescription:
 
         n, c = len(self.names), self.embedding[0].shape[1]
         xyz = [np.c_[xy, np.full(len(xy), z)] for xy, z in zip(self.xy_um, self.z_um)]
-        trees = [cKDTree(e) for e in self.embedding]
         self._truth = [zscore(e) for e in self.embedding]
         self._sums = np.stack([e.sum(0) for e in self.embedding])
         self._counts = np.array([len(e) for e in self.embedding], float)
         # per target t, from every source section s (zero for s = t): the kernel's weight,
-        # weighted sum of pseudo-expression and spatial weight per spot; t's spots' nearest
-        # spots in feature space over all sources, nearest first (distance, source, values)
-        self._weight, self._carried, self._spatial, self._nearest, self._xy_nn, self._feature_nn = [], [], [], [], {}, {}
+        # weighted sum of pseudo-expression and spatial weight per spot
+        self._weight, self._carried, self._spatial, self._xy_nn = [], [], [], {}
         for t in range(n):
             n_t = len(xyz[t])
             weight, spatial, carried = np.zeros((n, n_t)), np.zeros((n, n_t)), np.zeros((n, n_t, c))
-            dists, sources, values = [], [], []
             for s in (s for s in range(n) if s != t):
                 linked = kernel_links(xyz[t], xyz[s], self.pitch_um, query_features=self.embedding[t],
                                       known_features=self.embedding[s])
@@ -99,15 +104,29 @@ class StackDescription:
                 weight[s] = np.asarray(linked.sum(axis=1)).ravel()
                 spatial[s] = np.asarray(kernel_links(xyz[t], xyz[s], self.pitch_um).sum(axis=1)).ravel()
                 self._xy_nn[t, s] = cKDTree(self.xy_um[s]).query(self.xy_um[t])[0]
+            self._weight.append(weight), self._spatial.append(spatial), self._carried.append(carried)
+
+    @cached_property
+    def _neighbours(self) -> tuple[list, dict]:
+        """Per target t, its spots' nearest spots in feature space over all other sections,
+        nearest first (source, values), and {(t, s): distance to the nearest spot of s}
+        (for the image-model stand-in and `quantities`; computed on first use)."""
+        n = len(self.names)
+        trees = [cKDTree(e) for e in self.embedding]
+        nearest, feature_nn = [], {}
+        for t in range(n):
+            n_t = len(self.embedding[t])
+            dists, sources, values = [], [], []
+            for s in (s for s in range(n) if s != t):
                 k = min(MODEL_K, len(self.embedding[s]))
                 dist, idx = trees[s].query(self.embedding[t], k=k)
                 dist, idx = dist.reshape(n_t, k), idx.reshape(n_t, k)
-                self._feature_nn[t, s] = dist[:, 0]
+                feature_nn[t, s] = dist[:, 0]
                 dists.append(dist), sources.append(np.full((n_t, k), s)), values.append(self.embedding[s][idx])
             order = np.argsort(np.concatenate(dists, axis=1), axis=1, kind="stable")
-            self._nearest.append((np.take_along_axis(np.concatenate(sources, axis=1), order, axis=1),
-                                  np.take_along_axis(np.concatenate(values, axis=1), order[..., None], axis=1)))
-            self._weight.append(weight), self._spatial.append(spatial), self._carried.append(carried)
+            nearest.append((np.take_along_axis(np.concatenate(sources, axis=1), order, axis=1),
+                            np.take_along_axis(np.concatenate(values, axis=1), order[..., None], axis=1)))
+        return nearest, feature_nn
 
     def target_scores(self, target: int, sets: np.ndarray, mix: str = "fused") -> np.ndarray:
         """(m, n_components) PCC of the target's pseudo-expression imputed from each of the
@@ -123,18 +142,20 @@ class StackDescription:
         carried = (member @ carried_all.reshape(len(self.names), -1)).reshape(len(sets), *carried_all.shape[1:])
         fallback = (member @ self._sums) / (member @ self._counts)[:, None]
         propagated = np.where(weight[..., None] > 0, carried / np.maximum(weight, 1e-300)[..., None], fallback[:, None, :])
-        sources, values = self._nearest[target]
+        if mix == "propagated":
+            return np.mean(zscore(propagated) * self._truth[target], axis=1)
+        sources, values = self._neighbours[0][target]
         known = member[:, sources] > 0  # (m, n_t, candidates): the candidate neighbour lies in a known section
         chosen = known & (np.cumsum(known, axis=2, dtype=np.int16) <= MODEL_K)
         chosen = chosen / chosen.sum(2, keepdims=True)
         model = np.matmul(chosen.transpose(1, 0, 2), values).transpose(1, 0, 2)  # mean of the MODEL_K nearest known
-        share = {"fused": PROPAGATED_SHARE * (1.0 - np.exp(-spatial))[..., None], "propagated": 1.0, "model": 0.0}[mix]
+        share = {"fused": PROPAGATED_SHARE * (1.0 - np.exp(-spatial))[..., None], "model": 0.0}[mix]
         mixed = (1 - share) * zscore(model) + share * zscore(propagated)
         return np.mean(zscore(mixed) * self._truth[target], axis=1)
 
     def set_scores(self, sets, mix: str = "fused") -> np.ndarray:
-        """(m, n_sections) mean component PCC of every section left out of each known set (NaN
-        for its known sections); a set's score is the mean over its targets."""
+        """(m, n_sections) the first rehearsal (`target_scores`: every target imputed from the
+        whole known set) per section left out of each known set, NaN for its known sections."""
         sets = np.asarray(sets, int).reshape(len(sets), -1)
         out = np.full((len(sets), len(self.names)), np.nan)
         for t in range(len(self.names)):
@@ -143,19 +164,47 @@ class StackDescription:
                 out[rows, t] = self.target_scores(t, sets[rows], mix).mean(1)
         return out
 
+    @cached_property
+    def pair_scores(self) -> np.ndarray:
+        """(n, n) P[k, j]: mean component PCC of target j imputed from section k alone (the
+        propagated part of the rehearsal); NaN on the diagonal."""
+        n = len(self.names)
+        out = np.full((n, n), np.nan)
+        for t in range(n):
+            sources = np.array([s for s in range(n) if s != t])
+            out[sources, t] = self.target_scores(t, sources[:, None], "propagated").mean(1)
+        return out
+
+    @cached_property
+    def continuity(self) -> np.ndarray:
+        """(n, n) the pair scores made robust (module docstring): symmetric, and `PRIOR_SHARE`
+        of each replaced by the typical pair as far apart in z (`distance_prior`)."""
+        P = 0.5 * (self.pair_scores + self.pair_scores.T)
+        return (1 - PRIOR_SHARE) * P + PRIOR_SHARE * distance_prior(P, self.z_um)
+
+    def target_values(self, sets) -> np.ndarray:
+        """(m, n_sections) each section's continuity with its best known section of each set
+        (NaN for the set's own sections): what the score averages."""
+        return facility_values(self.continuity, sets)
+
+    def scores(self, sets) -> np.ndarray:
+        """The score of each known set (module docstring): mean `target_values` over its targets."""
+        return np.nanmean(self.target_values(sets), axis=1)
+
     def quantities(self, known: tuple[int, ...]) -> pd.DataFrame:
         """One row per target (section not in `known`), the reasoning advice.md shows: section,
         coverage (share of its spots within one pitch, in x, y, of a known spot), z_distance_um
         and z_distance_pitches to the nearest known section, morphology (share of its spots whose
         nearest known spot in feature space is no farther than the known spots' own median
-        nearest-neighbour distance), reach (mean kernel reach) and score (mean component PCC)."""
-        typical = float(np.median(np.concatenate([np.min([self._self_nn(k)] + [self._feature_nn[k, s] for s in known
+        nearest-neighbour distance), reach (mean kernel reach) and score (its continuity with its best known section)."""
+        feature_nn = self._neighbours[1]
+        typical = float(np.median(np.concatenate([np.min([self._self_nn(k)] + [feature_nn[k, s] for s in known
                                                                                 if s != k], axis=0) for k in known])))
-        scores = self.set_scores([known])[0]
+        scores = self.target_values([known])[0]
         rows = []
         for t in (t for t in range(len(self.names)) if t not in known):
             xy = np.min([self._xy_nn[t, s] for s in known], axis=0)
-            feat = np.min([self._feature_nn[t, s] for s in known], axis=0)
+            feat = np.min([feature_nn[t, s] for s in known], axis=0)
             z = float(np.min(np.abs(self.z_um[list(known)] - self.z_um[t])))
             rows.append({"section": self.names[t], "coverage": float(np.mean(xy <= self.pitch_um)),
                          "z_distance_um": z, "z_distance_pitches": z / self.pitch_um,
@@ -169,6 +218,28 @@ class StackDescription:
         """Feature distance of each spot of section k to its nearest other spot of k."""
         e = self.embedding[k]
         return cKDTree(e).query(e, k=2)[0][:, 1] if len(e) > 1 else np.full(len(e), np.inf)
+
+
+def distance_prior(pairs: np.ndarray, z_um: np.ndarray) -> np.ndarray:
+    """(n, n) for every pair of sections, the median of `pairs` over all pairs as far apart in z
+    (0.1 µm bins), made non-increasing with distance: the stack's typical decay along z."""
+    apart = np.round(np.abs(np.subtract.outer(z_um, z_um)), 1)
+    off = ~np.eye(len(z_um), dtype=bool)
+    distances = np.unique(apart[off])
+    typical = np.array([np.nanmedian(pairs[off & (apart == a)]) for a in distances])
+    typical = np.minimum.accumulate(np.nan_to_num(typical, nan=-1.0))
+    out = np.full(pairs.shape, np.nan)
+    out[off] = typical[np.searchsorted(distances, apart[off])]
+    return out
+
+
+def facility_values(continuity: np.ndarray, sets) -> np.ndarray:
+    """(m, n) for each (m, size) known set, every section's `continuity` with its best known
+    section (the facility-location objective's terms), NaN for the set's own sections."""
+    sets = np.asarray(sets, int).reshape(len(sets), -1)
+    values = np.max(np.nan_to_num(continuity, nan=-np.inf)[sets], axis=1)
+    np.put_along_axis(values, sets, np.nan, axis=1)
+    return values
 
 
 @dataclass
@@ -302,9 +373,8 @@ def advise(description: StackDescription, budget: int, max_exhaustive: int = MAX
     check_budget(description.names, budget)
 
     def score(sets: list[tuple[int, ...]]) -> dict[tuple[int, ...], float]:
-        """Scores of `sets`, `SET_CHUNK` at a time (memory grows with the sets scored at once)."""
-        chunks = [np.nanmean(description.set_scores(sets[i:i + SET_CHUNK]), axis=1) for i in range(0, len(sets), SET_CHUNK)]
-        return dict(zip(sets, np.concatenate(chunks).tolist()))
+        """Scores of `sets`."""
+        return dict(zip(sets, description.scores(sets).tolist()))
 
     if math.comb(n, budget) <= max_exhaustive:
         search = f"all {math.comb(n, budget)} combinations"
@@ -392,12 +462,13 @@ def advice_markdown(result: Advice, figure: str, n_ranked: int = 20) -> str:
     lines += [
         "", "## What the score is, and what the numbers claim", "",
         f"Each section's *pseudo-expression* is its spots' first {N_COMPONENTS} principal components of image "
-        "features. For each candidate, every other section (a target) is imputed from the known sections' "
-        "pseudo-expression the way `stimpute impute` imputes genes: transfer through the registration "
-        f"(distance and morphology kernel), an image-model stand-in (mean of the {MODEL_K} known spots nearest in "
-        f"feature space), fused with the propagated share {PROPAGATED_SHARE:.2f} × reach. `score` is the mean PCC "
-        "of the imputed with the target's own pseudo-expression, over components and targets. No coefficient of "
-        "the score is fitted to any stack.", "",
+        "features. Every section (a target) is imputed from every other section alone, as `stimpute impute` "
+        "propagates genes (transfer through the registration, distance and morphology kernel), and the pair's "
+        "score is the PCC of the imputed with the target's own pseudo-expression. Made symmetric, and half "
+        "replaced by the typical score of pairs as far apart in z (the stack's decay along z), this is the "
+        "pair's *continuity*. A candidate's `score` is the mean, over the sections it leaves out, of each "
+        "one's continuity with its best known section (the per-section column below). No coefficient of the "
+        "score is fitted to any stack.", "",
         "The score ranks; it is not the gene PCC you will get (that depends on the panel and the tissue), so "
         "`expected_pcc` is left empty: no absolute calibration held on stacks it was not fitted on. What is "
         f"calibrated is the **relative** loss: a score gap g is expected to cost {calibration['slope']:.2f} × g of "

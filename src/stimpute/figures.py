@@ -219,7 +219,7 @@ def advice_figure(details: dict[str, pd.DataFrame], sections: Sequence[str], pat
             ax.axvspan(i - 0.5, i + 0.5, color="gold", alpha=0.35, linewidth=0)
         ax.bar(x - 0.2, rows["coverage"].fillna(0), 0.4, label="coverage", color="tab:blue")
         ax.bar(x + 0.2, rows["morphology"].fillna(0), 0.4, label="morphological coverage", color="tab:green")
-        ax.plot(x, rows["score"], "o", color="black", label="score (pseudo-expression PCC)")
+        ax.plot(x, rows["score"], "o", color="black", label="score (continuity with its best known section)")
         ax.set_xticks(x, [f"{s}\n(known)" if k else s for s, k in zip(sections, known)], fontsize=8)
         ax.set_title(f"#{rank}: known {label}", fontsize=10)
         ax.set_ylim(0, 1.05)
