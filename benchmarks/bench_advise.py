@@ -2,8 +2,9 @@
 
 Stacks with known truth: `N_SYNTHETIC` synthetic stacks (`stimpute.datasets.synthetic_stack`,
 each drawn from its seed by `synthetic_case`: 5-12 sections, 3-6 tissue programmes,
-patch size, drift along z, ruined section images, torn-off tissue), every budget 1-3;
-and HER2-ST C2/C3/C4, budgets 1 and 2. Every candidate known set is imputed for real and
+patch size, drift along z, ruined section images, torn-off tissue), every budget 1-3
+(every candidate set, up to `MAX_SETS` = 220: all of them on these stacks); and HER2-ST
+C2/C3/C4, budgets 1 and 2 (budget 2: each section left out in turn). Every candidate known set is imputed for real and
 scored on the sections left out; per stack and budget the advisor and the rival picks are
 compared with the best set:
 
@@ -12,8 +13,11 @@ compared with the best set:
   which adds <= 0.002 PCC per benchmarks/README.md, and minutes per split). `--check-full SEEDS`
   imputes every single-section set of those synthetic stacks with the full pipeline
   (MSAGNet + kernel ridge) too and reports how the two rank sets alike.
-- **advisor**: `stimpute.advise` (score = pseudo-expression rehearsal, nothing fitted); also
-  its two parts alone (`mix` "propagated", "model") as the alternatives tried;
+- **advisor**: `stimpute.advise` (facility location over the pairs' image continuity,
+  nothing fitted) and its ablations (`rule_scores`): without the z prior, without making
+  pairs symmetric, with the issue's image-quality idea added (`untrustworthy`), and the
+  first rehearsal of issue 29 (whole known set, image-model stand-in fused in) and its
+  propagated part alone;
 - **old model**: the issue-19 linear model (coverage, morphology, z distance; coefficients
   fitted on HER2-ST, `benchmarks/advise_old_model.json`);
 - **middle section** (the `budget` sections around the middle) and **evenly spaced**
@@ -21,12 +25,13 @@ compared with the best set:
 
 Reported per rule: Spearman's rho of its scores with the actual over the candidate sets
 (rules with one pick have none), regret (best actual minus the pick's actual; >= 0) and the
-share of (stack, budget) cases with regret <= 0.01. The advisor's relative calibration
-(`src/stimpute/data/advise_calibration.json`, `--write-calibration`) is fitted on the even
-seeds and checked on the odd seeds and on HER2-ST.
+share of (stack, budget) cases with regret <= 0.01, on all synthetic stacks, on the even
+seeds (the development half, where the score's variants were chosen) and on the odd seeds
+(held out). The advisor's relative calibration (`src/stimpute/data/advise_calibration.json`,
+`--write-calibration`) is fitted on the even seeds and checked on the odd seeds and on HER2-ST.
 
 Run: `python benchmarks/bench_advise.py [--out bench-advise] [--synthetic 20] [--check-full SEEDS] [--measure SEEDS]`
-(~1 h on 2 busy CPUs; per-stack results are kept in OUT/cases/ and reused; `--measure` fills
+(~2.6 CPU h: ~2,650 imputations; per-stack results are kept in OUT/cases/ and reused; `--measure` fills
 them for some stacks only, so that several processes can share the work). Writes
 OUT/bench_advise.csv (one row per stack, budget, candidate), OUT/bench_advise.md and the
 table between the `bench_advise` markers of benchmarks/README.md.
@@ -352,25 +357,28 @@ def main() -> None:
 
 
 def speed(cases_dir: Path) -> str:
-    """Seconds of `advise` (pair tables and every set of 3) on the measured twelve-section stacks."""
+    """Wall and CPU seconds of `advise` (pair tables and every set of 3) on the measured
+    twelve-section stacks, with the machine's load average."""
     from stimpute.advise import StackDescription, advise
 
-    seconds, spots, described = [], [], []
+    seconds, cpu, spots, described = [], [], [], []
     for path in sorted(cases_dir.glob("synthetic_*.npz")):
         d, registration_features = load_description(path.with_suffix(""))
         if len(d.names) != 12:
             continue
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         advise(StackDescription(d.names, d.z_um, d.xy_um, d.embedding, d.pitch_um), 3)
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         spots.append(sum(len(xy) for xy in d.xy_um))
         described.append(registration_features)
     if not seconds:
         return ""
     return (f"Speed (item 5): `advise` with budget 3 over 12 sections (pair tables + all 220 sets) took "
-            f"{min(seconds):.2f}-{max(seconds):.2f} s on {len(seconds)} twelve-section stacks ({min(spots)}-{max(spots)} "
-            f"spots in all), on {os.cpu_count()} CPUs shared with other jobs, one BLAS thread; registration (true, "
-            f"synthetic) + features took {min(described):.0f}-{max(described):.0f} s.")
+            f"{min(seconds):.2f}-{max(seconds):.2f} s ({min(cpu):.2f}-{max(cpu):.2f} CPU s) on {len(seconds)} "
+            f"twelve-section stacks ({min(spots)}-{max(spots)} spots in all), on {os.cpu_count()} CPUs with load "
+            f"average {os.getloadavg()[0]:.1f}, one BLAS thread; registration (true, synthetic) + features took "
+            f"{min(described):.0f}-{max(described):.0f} s.")
 
 
 def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:

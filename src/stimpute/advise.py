@@ -130,10 +130,12 @@ class StackDescription:
 
     def target_scores(self, target: int, sets: np.ndarray, mix: str = "fused") -> np.ndarray:
         """(m, n_components) PCC of the target's pseudo-expression imputed from each of the
-        (m, size) known `sets` (none holds the target) with its own: the module docstring's
-        rehearsal, as per-component z-scores (`zmix` without its final per-component affine,
-        which PCC ignores). `mix`: "fused" (the score), or one part alone, "propagated" or
-        "model" (compared in `benchmarks/bench_advise.py`). All sets at once, as matrix products."""
+        (m, size) known `sets` (none holds the target) with its own, as per-component z-scores
+        (`zmix` without its final per-component affine, which PCC ignores). `mix`: "propagated"
+        (the registration kernel's transfer alone: `pair_scores`) or "fused" (the first
+        rehearsal: the `MODEL_K` known spots nearest in feature space, an image-model stand-in,
+        fused in with the propagated share ⅔ · reach, as `impute`'s "fixed" fusion; compared
+        in `benchmarks/bench_advise.py`). All sets at once, as matrix products."""
         sets = np.asarray(sets)
         member = np.zeros((len(sets), len(self.names)))
         np.put_along_axis(member, sets, 1.0, axis=1)
@@ -149,7 +151,7 @@ class StackDescription:
         chosen = known & (np.cumsum(known, axis=2, dtype=np.int16) <= MODEL_K)
         chosen = chosen / chosen.sum(2, keepdims=True)
         model = np.matmul(chosen.transpose(1, 0, 2), values).transpose(1, 0, 2)  # mean of the MODEL_K nearest known
-        share = {"fused": PROPAGATED_SHARE * (1.0 - np.exp(-spatial))[..., None], "model": 0.0}[mix]
+        share = PROPAGATED_SHARE * (1.0 - np.exp(-spatial))[..., None]
         mixed = (1 - share) * zscore(model) + share * zscore(propagated)
         return np.mean(zscore(mixed) * self._truth[target], axis=1)
 

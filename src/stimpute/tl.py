@@ -278,15 +278,16 @@ def advise(adatas: Sections, budget: int, *, encoder: str | None = None, um_per_
            thickness_um: float = 10.0, cache_dir: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
     """Which `budget` sections to measure, from images and registration only.
 
-    Every candidate known set is ranked by how well it imputes the other sections' image
-    pseudo-expression (counts, where present, are never read; see `stimpute.advise`).
+    Every candidate known set is ranked by how well its sections, transferred through the
+    registration, reconstruct the other sections' image pseudo-expression (counts, where
+    present, are never read; see `stimpute.advise`).
 
     Returns
     -------
     The table `rank, known, expected_pcc` (empty: no absolute PCC is claimed), `score, gap,
     loss, loss_low, loss_high, tie` (`known`: names joined by `+`); its `attrs["details"]`
     holds, per top candidate, each target's coverage, z distance, morphological coverage,
-    reach and score. The given objects are not changed.
+    reach and score (its continuity with its best known section). The given objects are not changed.
     """
     from stimpute.advise import advise as rank
     from stimpute.advise import check_budget, describe_stack
