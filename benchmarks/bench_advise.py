@@ -61,7 +61,8 @@ OLD_MODEL = ROOT / "benchmarks" / "advise_old_model.json"
 CALIBRATION = ROOT / "src" / "stimpute" / "data" / "advise_calibration.json"
 DEV = [f"synthetic {seed:02d}" for seed in range(0, 100, 2)]  # the development half: even seeds
 MARKERS = ("<!-- bench_advise:start -->", "<!-- bench_advise:end -->")
-SCORED = ("advisor", "no z prior", "not symmetric", "image-quality aware", "first rehearsal", "first rehearsal, propagated part")
+SCORED = ("advisor", "pairs ¼ + z prior ¾", "pairs ¼ + z prior ¾, image-quality aware", "pairs ½ + z prior ½",
+          "pairs alone", "first rehearsal", "first rehearsal, propagated part")
 RULES = (*SCORED, "old model", "middle section", "evenly spaced")
 QUALITY_RATIO = 0.65  # the "image-quality aware" ablation's threshold (chosen on the even seeds)
 
@@ -172,18 +173,19 @@ def untrustworthy(pairs: np.ndarray, ratio: float = QUALITY_RATIO) -> np.ndarray
 
 
 def rule_scores(description, sets: list[tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Each scored rule's score of every set: the advisor and its ablations (a part of the
-    score left out, or the issue's image-quality idea added) and the first rehearsal."""
-    from stimpute.advise import PRIOR_SHARE, distance_prior, facility_values
+    """Each scored rule's score of every set: the advisor and its ablations (facility location
+    over symmetric pair scores blended with the z prior, with the issue's image-quality idea
+    added, or over the pairs alone) and the first rehearsal."""
+    from stimpute.advise import distance_prior, facility_values
 
     P = description.pair_scores
     sym = 0.5 * (P + P.T)
     prior = distance_prior(sym, description.z_um)
+    quality = 0.25 * sym + 0.75 * prior
     bad = untrustworthy(P)
-    quality = description.continuity.copy()
     quality[bad] = prior[bad]  # a ruined section's worth as a source: from its z distance alone
-    matrices = {"no z prior": sym, "not symmetric": (1 - PRIOR_SHARE) * P + PRIOR_SHARE * distance_prior(P, description.z_um),
-                "image-quality aware": quality}
+    matrices = {"pairs ¼ + z prior ¾": 0.25 * sym + 0.75 * prior, "pairs ¼ + z prior ¾, image-quality aware": quality,
+                "pairs ½ + z prior ½": 0.5 * sym + 0.5 * prior, "pairs alone": sym}
     out = {"advisor": description.scores(sets)}
     out.update({rule: np.nanmean(facility_values(m, sets), axis=1) for rule, m in matrices.items()})
     out["first rehearsal"] = np.nanmean(description.set_scores(sets), axis=1)

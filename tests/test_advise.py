@@ -81,10 +81,9 @@ def test_ranking_follows_continuity_along_z():
                                                            + [six.continuity[4, j] for j in (3, 5)]), abs=1e-4)
 
 
-def test_continuity_is_symmetric_and_half_the_typical_pair_as_far_apart():
+def test_distance_prior_and_facility_values():
     """`distance_prior`: the median over pairs as far apart in z, never rising with distance;
-    `continuity`: half the symmetric pair score, half that prior; `facility_values`: each
-    target's best known section, NaN for the known ones."""
+    `facility_values`: each target's best known section, NaN for the known ones."""
     pairs = np.array([[np.nan, 0.8, 0.3, 0.5],
                       [0.6, np.nan, 0.7, 0.2],
                       [0.1, 0.9, np.nan, 0.4],
