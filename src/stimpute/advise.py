@@ -67,6 +67,7 @@ MAX_EXHAUSTIVE = 5000  # candidate sets scored exhaustively up to this many
 BEAM_WIDTH = 32  # partial sets kept per size in the beam search beyond that
 N_COMPONENTS = 10  # principal components of the standardised spot features: the pseudo-expression
 N_DETAILED = 5  # candidates whose per-section reasoning advice.md spells out
+N_TIES_NAMED = 10  # tied candidates advice.md names in its verdict (all are in advice.csv)
 MODEL_K = 8  # feature-space neighbours of the image model's stand-in (`set_scores`)
 TIE_BREAK = 1e-3  # weight of a pair's own rehearsal score beside the typical one as far apart in z
 PROPAGATED_SHARE = 2 / 3  # the propagated part's share per unit reach (`stimpute.models.asign.FIXED_SHARE`)
@@ -447,8 +448,10 @@ def advice_markdown(result: Advice, figure: str, n_ranked: int = 20) -> str:
     tied = table.loc[table["tie"], "known"].tolist()
     verdict = (f"**{tied[0]}** is clearly ahead: every other candidate is expected to lose accuracy against it."
                if len(tied) == 1 else
-               f"**These {len(tied)} are a tie**: {', '.join(tied)}. Each may be as good as the top one (its expected "
-               "loss interval reaches 0); choose among them on other grounds.")
+               f"**These {len(tied)} are a tie**: {', '.join(tied[:N_TIES_NAMED])}"
+               f"{f' and {len(tied) - N_TIES_NAMED} more (column tie of advice.csv)' if len(tied) > N_TIES_NAMED else ''}. "
+               "Each may be as good as the top one (its expected loss interval reaches 0); choose among them on other "
+               "grounds.")
     level = f"{calibration['level']:.0%}"
     lines = [
         f"# Which {result.budget} section(s) to measure", "",
@@ -467,11 +470,11 @@ def advice_markdown(result: Advice, figure: str, n_ranked: int = 20) -> str:
         f"Each section's *pseudo-expression* is its spots' first {N_COMPONENTS} principal components of image "
         "features. Every section (a target) is imputed from every other section alone, as `stimpute impute` "
         "propagates genes (transfer through the registration, distance and morphology kernel), and the pair's "
-        "score is the PCC of the imputed with the target's own pseudo-expression. Made symmetric, and half "
-        "replaced by the typical score of pairs as far apart in z (the stack's decay along z), this is the "
-        "pair's *continuity*. A candidate's `score` is the mean, over the sections it leaves out, of each "
-        "one's continuity with its best known section (the per-section column below). No coefficient of the "
-        "score is fitted to any stack.", "",
+        "score is the PCC of the imputed with the target's own pseudo-expression. One pair is noisy, so a pair's "
+        "*continuity* is the median score of all pairs as far apart in z (the stack's decay along z, never "
+        f"rising with distance), its own score only breaking ties (weight {TIE_BREAK:g}). A candidate's `score` "
+        "is the mean, over the sections it leaves out, of each one's continuity with its best known section "
+        "(the per-section column below). No coefficient of the score is fitted to any stack.", "",
         "The score ranks; it is not the gene PCC you will get (that depends on the panel and the tissue), so "
         "`expected_pcc` is left empty: no absolute calibration held on stacks it was not fitted on. What is "
         f"calibrated is the **relative** loss: a score gap g is expected to cost {calibration['slope']:.2f} × g of "
