@@ -22,7 +22,7 @@ coefficient comes from any stack. The variants (how much of a pair's own P to ke
 symmetric or not, an image-quality test, several ways to count more than one known
 section) were compared on the even seeds of `benchmarks/bench_advise.py` and this one
 declared by a rule set beforehand (most cases within 0.01 of the best, then lowest mean
-regret); the odd seeds and HER2-ST were not looked at for the choice.
+regret); the odd seeds and HER2-ST did not enter the choice.
 
 The first rehearsal (every target imputed from the whole known set, with an image-model
 stand-in fused in: `set_scores`) stays as an alternative the benchmark compares.
