@@ -177,3 +177,50 @@ def test_dropped_spots_are_treated_alike_and_register_features_are_reused(small_
     assert result[0].n_obs == adatas[0].n_obs
     kept = adatas[1].obs_names.get_indexer(result[1].obs_names)
     np.testing.assert_allclose(result[1].obsm["spatial_3d"], adatas[1].obsm["spatial_3d"][kept], atol=1e-6)
+
+
+def test_an_he_image_alone_gets_virtual_spots_imputed_and_written(small_stack, tmp_path):
+    """An AnnData holding only an H&E image (0 obs, no spot table, no scale: the image in
+    `uns["spatial"]`) gets the known section's spot lattice over its tissue, as `stimpute
+    impute` lays it on an image file, with every imputed field; the result writes and reads."""
+    import warnings
+
+    import anndata as ad
+    from PIL import Image
+    from scipy.spatial import cKDTree
+
+    import stimpute
+    from stimpute import Stack
+    from stimpute.io import read_section
+    from stimpute.metrics import pearson_columns
+    from stimpute.register.grid import GridOptions, place_virtual_spots
+
+    adatas = _as_user_has_them(small_stack)
+    library = adatas[2].uns["spatial"]["S2"]
+    he = ad.AnnData(uns={"spatial": {"S2": {"images": library["images"],
+                                            "scalefactors": {"tissue_hires_scalef": library["scalefactors"]["tissue_hires_scalef"]}}}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = stimpute.tl.impute([adatas[0], adatas[1], he], known="S1", n_top=20, epochs=2, device="cpu",
+                                    spot_diameter_um=40.0)
+    assert any("S2: micrometres per pixel not found" in str(w.message) for w in caught)  # the others' scale, said once
+    out = result[2]
+    assert out.n_obs >= 10 and out.n_vars == 20 and he.n_obs == 0  # the given object is not changed
+    assert list(out.obs_names) == [f"{c}x{r}" for c, r in zip(out.obs["array_col"], out.obs["array_row"])]
+    assert {"stimpute", "stimpute_model", "stimpute_propagated", "stimpute_weight"} <= set(out.layers)
+    assert np.isfinite(out.X).all() and not out.obs["measured"].any()
+    assert 0 < out.obs["stimpute_reach"].min() <= out.obs["stimpute_reach"].max() < 1
+    assert out.uns["stimpute"]["spot_diameter_um"] == 40.0 and out.uns["stimpute"]["um_per_px"] == small_stack[2].um_per_px
+    # the same virtual spots as `stimpute impute` lays on this image given as a file
+    Image.fromarray(small_stack[2].image.read_region(0, 0, *small_stack[2].image.size)).save(tmp_path / "S2.png")
+    cli = Stack([small_stack[0], small_stack[1], read_section(tmp_path / "S2.png", um_per_px=small_stack[2].um_per_px)])
+    place_virtual_spots(cli, [1], GridOptions(spot_diameter_um=40.0))
+    assert list(out.obs_names) == list(cli[2].adata.obs_names)
+    np.testing.assert_allclose(out.obsm["spatial"], cli[2].xy, atol=0.5)  # registered on the 400 px copy: sub-pixel apart
+    near = cKDTree(small_stack[2].xy).query(out.obsm["spatial"])[1]  # S2's own spots at the same place
+    truth = small_stack[2].adata[:, list(out.var_names)].X.toarray()[near]
+    assert np.nanmean(pearson_columns(out.X, np.log1p(truth))) > 0.3
+    out.write_h5ad(tmp_path / "S2.h5ad")
+    back = ad.read_h5ad(tmp_path / "S2.h5ad")
+    assert np.array_equal(back.X, out.X) and list(back.obs_names) == list(out.obs_names)
+    assert stimpute.pl.imputed(back, list(back.var_names[:2])) is not None

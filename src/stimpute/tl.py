@@ -125,12 +125,16 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
            genes: Sequence[str] | None = None, n_top: int = DEFAULT_PANEL_SIZE, seed: int = 0, epochs: int = 200,
            device: str = "auto", fusion: str = "fixed", members: Sequence[str] | None = None,
            programs: str | int = "auto", encoder: str | None = None, weights: str | Path | None = None,
-           um_per_px: float | None = None, thickness_um: float = 10.0, cache_dir: str | Path | None = None,
+           um_per_px: float | None = None, thickness_um: float = 10.0, spot_diameter_um: float | None = None,
+           pitch_um: float | None = None, grid_scale: float = 1.0, cache_dir: str | Path | None = None,
            progress: bool = False) -> Sections:
     """ASIGN on in-memory sections: learn from the `known` ones and impute every other section.
 
     Registration and features are reused where `register` and `features` left them
-    (`obsm["spatial_3d"]`, `obsm["X_stimpute_features"]`), computed otherwise.
+    (`obsm["spatial_3d"]`, `obsm["X_stimpute_features"]`), computed otherwise. A section
+    given as its H&E image alone (an AnnData with 0 obs and the image in `uns["spatial"]`)
+    gets virtual spots: the known section's spot lattice, laid over its tissue in the
+    registered frame (`stimpute.register.grid`), as `stimpute impute` does for an image file.
 
     Parameters
     ----------
@@ -152,11 +156,19 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
         ASIGN's fusion rule, image members and gene-program rank (`stimpute.models.asign.impute_stack`).
     encoder, weights
         Feature encoder (default: the features the objects carry, else handcrafted).
+    um_per_px
+        Micrometres per full-resolution pixel of every section (default: each one's
+        metadata; an H&E image alone without any: the median of the sections with spots).
+    spot_diameter_um, pitch_um, grid_scale
+        The virtual spots of H&E-only sections: diameter and pitch in µm (default: the
+        known section's) and the pitch multiplier (0.5: a finer grid), as `stimpute impute`'s
+        `--spot-diameter-um`, `--pitch-um`, `--grid-scale`.
 
     Returns
     -------
     One new AnnData per section (same container type and order as `adatas`; the kept
-    spots), `var` = the gene panel, values normalize_total(1e4) + log1p, in the layout of
+    spots, or the virtual spots of an H&E image alone: obs names `<col>x<row>`, their
+    lattice indices in `obs["array_col"/"array_row"]`), `var` = the gene panel, values normalize_total(1e4) + log1p, in the layout of
     `stimpute.io.results`: `X` and `layers[key_added]` (the imputation; measured sections:
     their values), `layers[f"{key_added}_model"]`, `layers[f"{key_added}_propagated"]`,
     `layers[f"{key_added}_weight"]`, `obs["section"]`, `obs["measured"]`,
@@ -167,13 +179,15 @@ def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "st
     """
     from stimpute.device import resolve_device
     from stimpute.models.msagnet_training import TrainConfig
+    from stimpute.register.grid import GridOptions
 
+    grid = GridOptions(spot_diameter_um=spot_diameter_um, pitch_um=pitch_um, grid_scale=grid_scale)
     names, objects, stack = _stack(adatas, um_per_px, thickness_um)
     stack.require_3d()
     config = TrainConfig(seed=seed, max_epochs=epochs, accelerator=resolve_device(device))
     done = impute_sections(stack, known, key_added=key_added, genes=list(genes) if genes else None, n_top=n_top,
                            config=config, members=members, fusion=fusion, programs=programs, encoder=encoder,
-                           weights=weights, features=given_features(stack, encoder), cache_dir=cache_dir,
+                           weights=weights, features=given_features(stack, encoder), grid=grid, cache_dir=cache_dir,
                            progress=progress)
     return dict(zip(names, done.adatas)) if isinstance(adatas, Mapping) else done.adatas
 
@@ -262,11 +276,12 @@ def given_registration(stack: Stack):
 def given_features(stack: Stack, encoder: str | None = None) -> tuple[list[np.ndarray], dict] | None:
     """The features `features` left on every section (`obsm["X_stimpute_features"]` and its
     `uns` record), as (n_spots, n_scales, dim) per section and their record; None where a
-    section lacks them or `encoder` names another encoder (they are computed then)."""
+    section lacks them, has no spots yet (an H&E image alone: its virtual spots come later)
+    or `encoder` names another encoder (they are computed then)."""
     found = []
     for section in stack:
         values, record = section.adata.obsm.get(FEATURES_KEY), dict(section.adata.uns.get(FEATURES_KEY, {}))
-        if values is None or "dim" not in record or encoder not in (None, record.get("encoder")):
+        if values is None or not section.n_spots or "dim" not in record or encoder not in (None, record.get("encoder")):
             return None
         values = np.asarray(values, np.float32)
         found.append((values.reshape(len(values), -1, int(record["dim"])), record))
@@ -311,10 +326,14 @@ def _stack(adatas: Sections, um_per_px: float | None, thickness_um: float = 10.0
         if not isinstance(a, ad.AnnData):
             raise StimputeError(f"section {i}", f"expected an AnnData, got {type(a).__name__}")
     names = [str(n) for n in adatas] if isinstance(adatas, Mapping) else [_name(a, i) for i, a in enumerate(objects)]
-    if not counts:
-        objects_seen = [ad.AnnData(obs=a.obs[[]], obsm=dict(a.obsm), uns=dict(a.uns)) for a in objects]
-    sections = [section_from_anndata(a, n, um_per_px=um_per_px) for n, a in zip(names, objects if counts else objects_seen)]
-    return names, objects, Stack(sections, thickness_um=thickness_um)
+    given = objects if counts else [ad.AnnData(obs=a.obs[[]], obsm=dict(a.obsm), uns=dict(a.uns)) for a in objects]
+    read = {i: section_from_anndata(a, n, um_per_px=um_per_px) for i, (n, a) in enumerate(zip(names, given)) if a.n_obs}
+    scales = [s.um_per_px for s in read.values()]
+    default = float(np.median(scales)) if scales else None
+    for i, (n, a) in enumerate(zip(names, given)):  # H&E images alone (no spots yet): virtual spots come in `impute`
+        if not a.n_obs:
+            read[i] = section_from_anndata(a, n, um_per_px=um_per_px, default_um_per_px=default)
+    return names, objects, Stack([read[i] for i in range(len(given))], thickness_um=thickness_um)
 
 
 def _name(adata: ad.AnnData, i: int) -> str:

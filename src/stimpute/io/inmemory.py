@@ -24,7 +24,7 @@ import anndata as ad
 import numpy as np
 
 from stimpute.data import Section
-from stimpute.errors import InputError
+from stimpute.errors import InputError, warn_default
 from stimpute.image import SectionImage
 from stimpute.io.anndata_io import VISIUM_SPOT_DIAMETER_UM, counts_as_x
 from stimpute.io.results import source_image_path
@@ -34,11 +34,18 @@ HIRES_SIDE = 2000  # px of the longer side of the hires image `section_to_anndat
 
 
 def section_from_anndata(adata: ad.AnnData, name: str, um_per_px: float | None = None,
-                         spot_diameter_um: float | None = None, z_um: float | None = None) -> Section:
-    """A validated `Section` over `adata` (see module docstring); `adata` itself is not changed."""
-    if "spatial" not in adata.obsm:
+                         spot_diameter_um: float | None = None, z_um: float | None = None,
+                         default_um_per_px: float | None = None) -> Section:
+    """A validated `Section` over `adata` (see module docstring); `adata` itself is not changed.
+
+    An AnnData without spots (0 obs; `obsm["spatial"]` may be missing) is an H&E-only
+    section: its image alone, to which `stimpute.register.grid` gives virtual spots. Where
+    its scale is nowhere recorded, it takes `default_um_per_px` (that of the sections with
+    spots), with a warning, as an image file does (`stimpute.io.image_section`).
+    """
+    if "spatial" not in adata.obsm and adata.n_obs:
         raise InputError(name, 'no obsm["spatial"]: spot pixel coordinates are required')
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    xy = np.asarray(adata.obsm["spatial"] if "spatial" in adata.obsm else np.zeros((0, 2)), dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise InputError(name, f'obsm["spatial"] must be (n_spots, 2), got shape {xy.shape}')
     meta = dict(adata.uns.get("stimpute", {}))
@@ -48,6 +55,9 @@ def section_from_anndata(adata: ad.AnnData, name: str, um_per_px: float | None =
     counts.obsm["spatial"] = xy[:, :2]
     diameter_px = scalefactors.get("spot_diameter_fullres")
     scale = um_per_px or meta.get("um_per_px") or (VISIUM_SPOT_DIAMETER_UM / float(diameter_px) if diameter_px else None)
+    if not scale and not adata.n_obs and default_um_per_px:
+        warn_default(name, "micrometres per pixel", default_um_per_px, "µm/px, as the sections with spots; pass um_per_px")
+        scale = default_um_per_px
     if not scale:
         raise InputError(name, "image scale unknown: pass um_per_px (no uns['stimpute']['um_per_px'] or Visium spot_diameter_fullres)")
     section = Section(
