@@ -199,11 +199,14 @@ def test_an_he_image_alone_gets_virtual_spots_imputed_and_written(small_stack, t
     library = adatas[2].uns["spatial"]["S2"]
     he = ad.AnnData(uns={"spatial": {"S2": {"images": library["images"],
                                             "scalefactors": {"tissue_hires_scalef": library["scalefactors"]["tissue_hires_scalef"]}}}})
+    given = [adatas[0], adatas[1], he]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = stimpute.tl.impute([adatas[0], adatas[1], he], known="S1", n_top=20, epochs=2, device="cpu",
-                                    spot_diameter_um=40.0)
-    assert any("S2: micrometres per pixel not found" in str(w.message) for w in caught)  # the others' scale, said once
+        stimpute.tl.register(given)  # the steps before impute take it too: no spots yet, nothing to place or encode
+        stimpute.tl.features(given)
+        assert he.obsm["spatial_3d"].shape == (0, 3) and he.obsm["X_stimpute_features"].shape[0] == 0
+        result = stimpute.tl.impute(given, known="S1", n_top=20, epochs=2, device="cpu", spot_diameter_um=40.0)
+    assert any("S2: micrometres per pixel not found" in str(w.message) for w in caught)  # the others' scale, said
     out = result[2]
     assert out.n_obs >= 10 and out.n_vars == 20 and he.n_obs == 0  # the given object is not changed
     assert list(out.obs_names) == [f"{c}x{r}" for c, r in zip(out.obs["array_col"], out.obs["array_row"])]

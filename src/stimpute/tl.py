@@ -113,11 +113,16 @@ def features(adatas: Sections, *, encoder: str | None = None, weights: str | Pat
     from stimpute.patches import SCALES_UM, scale_names
 
     _, objects, stack = _stack(adatas, um_per_px, counts=False)
-    feats, record = stack_features(stack, encoder, weights, cache_dir=cache_dir, progress=progress,
-                                   hardware={"accelerator": resolve_device(device)})
-    for adata, values in zip(objects, feats):
-        adata.obsm[key_added] = values.reshape(len(values), -1)
-        adata.uns[key_added] = writable({**record, "scales": scale_names(SCALES_UM), "dim": int(values.shape[2])})
+    spotted = [i for i, s in enumerate(stack) if s.n_spots]  # an H&E image alone has no spots (yet) to encode
+    if not spotted:
+        raise StimputeError(None, "no section has spots: an H&E image alone gets virtual spots in stimpute.tl.impute")
+    feats, record = stack_features(Stack([stack[i] for i in spotted]), encoder, weights, cache_dir=cache_dir,
+                                   progress=progress, hardware={"accelerator": resolve_device(device)})
+    values = dict(zip(spotted, feats))
+    for i, adata in enumerate(objects):
+        shape = values[i].shape if i in values else (0, *feats[0].shape[1:])
+        adata.obsm[key_added] = values.get(i, np.zeros(shape, np.float32)).reshape(shape[0], shape[1] * shape[2])
+        adata.uns[key_added] = writable({**record, "scales": scale_names(SCALES_UM), "dim": int(shape[2])})
     return adatas
 
 
