@@ -86,6 +86,20 @@ def test_train_asign_then_predict_a_section_through_the_cli(tmp_path):
     adata = ad.read_h5ad(tmp_path / "pred" / "S2.h5ad")
     assert list(adata.obs_names) == list(stack[2].adata.obs_names) and adata.n_vars == 30
     assert pd.read_csv(tmp_path / "pred" / "metrics.csv").pcc.mean() > 0.3
+    # the layout `stimpute impute` writes (`io.results.asign_results`), not X alone
+    assert {"stimpute", "stimpute_model", "stimpute_propagated", "stimpute_weight", "measured"} <= set(adata.layers)
+    assert np.array_equal(adata.X, adata.layers["stimpute"]) and not adata.obs["measured"].any()
+    assert 0 < adata.obs["stimpute_reach"].min() <= adata.obs["stimpute_reach"].max() < 1
+    assert adata.obs["stimpute_confidence"].between(-1, 1).all() and adata.obs["stimpute_confidence"].std() > 0
+    assert adata.var["stimpute_confidence"].shape == (30,) and "confidence" not in adata.uns["stimpute"]
+    assert set(adata.uns["spatial"]["S2"]["images"]) == {"hires", "lowres"}
+    assert list(adata.uns["stimpute"]["known"]) == ["S0", "S1"] and list(adata.uns["stimpute"]["targets"]) == ["S2"]
+    assert adata.uns["stimpute"]["registration"]["reference"] == "S0"
+    np.testing.assert_allclose(adata.obsm["spatial_3d"][:, 2], 2 * 10.0)  # third in cutting order
+    import stimpute
+
+    assert stimpute.pl.imputed(adata, ["GENE000"], layer="stimpute_propagated") is not None
+    assert len(stimpute.pl.block_3d(adata).axes[0].collections) == 1
 
 
 def test_old_msagnet_names_still_work_with_one_deprecation_line(recwarn):

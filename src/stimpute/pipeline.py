@@ -37,7 +37,7 @@ from stimpute.io import read_stack
 from stimpute.io.anndata_io import write_h5ad_atomic
 from stimpute.files import write_text_atomic
 from stimpute.io.image_section import refuse_images
-from stimpute.io.results import BLOCK_FILE, block_result, section_result, spatial_3d
+from stimpute.io.results import BLOCK_FILE, SCALE, block_result
 from stimpute.files import Run, run_ownership
 from stimpute.io.spaceranger import spaceranger_files, spaceranger_outs
 from stimpute.data import Stack
@@ -203,14 +203,6 @@ def score_sections(names: Sequence[str], predicted: Sequence[np.ndarray], measur
     return pd.concat(frames, ignore_index=True), summary
 
 
-@timed("writing")
-def write_prediction(section, panel: Sequence[str], X: np.ndarray, out: Path, force: bool = False) -> Path:
-    """`out/<section>.h5ad` of an image-only prediction (`io.results` layout, unregistered:
-    `spatial_3d` is the section's own frame in µm at its z)."""
-    xyz = spatial_3d(section.xy, section.um_per_px, section.z_um)
-    return write_h5ad_atomic(section_result(section, panel, X, xyz, measured=False), out / f"{section.name}.h5ad", force=force)
-
-
 def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path | None = None, seed: int = 0,
               force: bool = False, progress: bool = False, config=None, encoder: str | None = None,
               method: str = "msagnet_2d", mode: str = "train", folds: int | None = None,
@@ -342,19 +334,27 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
                              cache_dir=out / "cache", progress=progress, register=False,
                              feature_norm=settings.get("feature_normalisation", "none"))
 
+    def check(section, pred):
+        if pred.shape[1] != len(panel):
+            raise InputError(cfg_file, f"its panel names {len(panel)} genes, but the model {ckpt} predicts {pred.shape[1]}")
+        if not np.isfinite(pred).all():
+            raise InputError(ckpt, f"the model predicts non-finite values for {section.name}: a damaged model file?")
+
+    run_record = {"panel": panel, "targets": stack.names,
+                  "settings": {"stimpute_version": __version__, "method": trained, "model": str(model_dir),
+                               "encoder": settings.get("encoder", "handcrafted"), "scale": SCALE}}
     files, predicted, truths = [], [], []
     with torch.no_grad(), torch_threads(1):
-        for section, measured, pred in model.predict_sections(stack, prepare, grid, order):
-            if pred.shape[1] != len(panel):
-                raise InputError(cfg_file, f"its panel names {len(panel)} genes, but the model {ckpt} predicts {pred.shape[1]}")
-            if not np.isfinite(pred).all():
-                raise InputError(ckpt, f"the model predicts non-finite values for {section.name}: a damaged model file?")
-            files.append(write_prediction(section, panel, pred, out, force=force))
+        for section, measured, pred, result in model.predict_results(stack, prepare, panel, grid, order,
+                                                                     run=run_record, check=check):
+            with stage("writing"):
+                files.append(write_h5ad_atomic(result, out / f"{section.name}.h5ad", force=force))
             shown = [g for g in MARKER_GENES if g in panel] or panel[:N_TOP_FIGURE_GENES]
             predicted.append(pred)
             truths.append(measured)
             pcc = None if measured is None else pearson_columns(pred, measured)[[panel.index(g) for g in shown]]
-            files.append(_heatmaps(section, panel, shown, pred, measured, out, pcc=pcc, label="predicted"))
+            files.append(_heatmaps(section, panel, shown, pred, measured, out, pcc=pcc, label="predicted",
+                                   library=result.uns["spatial"][section.name]))
             section.image.release()
     record = {"stimpute_version": __version__, "method": trained, "model": str(model_dir), "model_sha256": input_hash(ckpt),
               "seed": settings.get("seed"), **features, "encoder": settings.get("encoder", "handcrafted"),

@@ -225,7 +225,6 @@ def impute_sections(stack: Stack, known, *, key_added: str = "stimpute", genes=N
     device); `checkpoints`: its checkpoint folder (a finished training is reused).
     """
     from stimpute import __version__
-    from stimpute.confidence import spot_confidence
     from stimpute.models.asign import MEMBERS, impute_stack
     from stimpute.io.results import asign_results
     from stimpute.prepare import known_indices, prepare_stack
@@ -251,8 +250,7 @@ def impute_sections(stack: Stack, known, *, key_added: str = "stimpute", genes=N
                 "encoder": prepared.settings["encoder"], "panel_source": prepared.settings["panel_source"],
                 "scale": "normalize_total(1e4) + log1p"}
     run = {"panel": list(prepared.panel), "known": [stack[i].name for i in k], "targets": [stack[i].name for i in targets], "settings": settings}
-    confidence = {i: spot_confidence(result.model[i], result.transferred[i]) for i in targets}
-    adatas = asign_results(prepared, result, k, confidence, key=key_added, run=run)
+    adatas = asign_results(prepared, result, k, key=key_added, run=run)
     return Imputation(prepared, registration, result, k, targets, adatas)
 
 

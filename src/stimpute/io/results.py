@@ -135,18 +135,23 @@ def section_result(section: Section, genes: Sequence[str], X: np.ndarray, xyz_um
     return adata
 
 
-def asign_results(prepared, result, known: Sequence[int], confidence: dict, key: str = "stimpute",
-                  run: dict | None = None) -> list[ad.AnnData]:
-    """Every section's result of an ASIGN run (`stimpute.models.asign.ImputeResult` on its
-    `PreparedStack`), in stack order: imputed sections with their parts, reach and
-    per-spot `confidence` (dict by stack index), measured sections with their values.
+def asign_results(prepared, result, known: Sequence[int], key: str = "stimpute", run: dict | None = None,
+                  sections: Sequence[int] | None = None) -> list[ad.AnnData]:
+    """The results of an ASIGN run (`stimpute.models.asign.ImputeResult` on its
+    `PreparedStack`; `stimpute impute`, `stimpute.tl.impute` and `stimpute predict` with
+    an ASIGN model): of the `sections` (stack indices; default: all) in stack order,
+    imputed sections with their parts, reach and per-spot confidence
+    (`stimpute.confidence.spot_confidence`), measured sections with their values.
     `layers["measured"]` is there where some imputed section carries counts (zeros on
     those without, marked by `uns["stimpute"]["has_counts"]` False: no output holds NaN)."""
+    from stimpute.confidence import spot_confidence
+
     stack, panel = prepared.stack, list(prepared.panel)
     with_truth = any(prepared.expression[i] is not None for i in range(len(stack)) if i not in known)
     genes = {"confidence": result.gene_confidence, "share": result.fusion.gene_share}
     out = []
-    for i, section in enumerate(stack):
+    for i in range(len(stack)) if sections is None else sections:
+        section = stack[i]
         xyz = spatial_3d(prepared.coords_ref[i], stack[0].um_per_px, section.z_um)
         values = prepared.expression[i]
         truth = (np.zeros((section.n_spots, len(panel)), np.float32) if values is None else values) if with_truth else None
@@ -159,7 +164,8 @@ def asign_results(prepared, result, known: Sequence[int], confidence: dict, key:
             adata = section_result(section, panel, result.fused[i], xyz, False, key=key, truth=truth, gene_fields=genes,
                                    parts={"model": result.model[i], "propagated": result.propagated[i],
                                           "weight": result.weight[i]},
-                                   reach=result.reach[i], confidence=confidence[i], run=record)
+                                   reach=result.reach[i], confidence=spot_confidence(result.model[i], result.transferred[i]),
+                                   run=record)
         adata.uns["stimpute"]["has_counts"] = values is not None
         out.append(adata)
     return out
@@ -167,9 +173,10 @@ def asign_results(prepared, result, known: Sequence[int], confidence: dict, key:
 
 def _registration(prepared, i: int) -> dict:
     """Section i's transform to the reference section's pixels (identity where unregistered)."""
-    sections = prepared.settings.get("registration", {}).get("sections", [])
+    registration = prepared.settings.get("registration", {})
+    sections = registration.get("sections", [])
     matrix = np.asarray(sections[i]["matrix"], np.float64) if sections else np.eye(3)
-    return {"matrix": matrix, "reference": prepared.stack[0].name}
+    return {"matrix": matrix, "reference": registration.get("reference", prepared.stack[0].name)}
 
 
 def writable(value):

@@ -125,6 +125,24 @@ class Model(Method):
             one = prepare(Stack([section]))
             yield section, one.expression[0], self.predict(one, [0])[0]
 
+    def predict_results(self, stack: Stack, prepare: Callable[[Stack], PreparedStack], panel: list[str], grid=None,
+                        order: list[str] | None = None, *, key: str = "stimpute", run: dict | None = None,
+                        check: Callable | None = None):
+        """`predict_sections` with each section's result AnnData, built by `stimpute.io.results`
+        (the layout `stimpute impute` writes): here the prediction alone, in the section's own
+        frame (`obsm["spatial_3d"]`: its pixels in µm at its z) and without a second estimate
+        (`obs[f"{key}_confidence"]` undefined, 0). `panel`: the model's genes; `run`: the
+        record kept in `uns[key]`; `check(section, prediction)`: the caller's test of each
+        prediction before its result is built. Yields (section, panel expression or None,
+        prediction, result) in `stack` order."""
+        from stimpute.io.results import section_result, spatial_3d
+
+        for section, measured, pred in self.predict_sections(stack, prepare, grid, order):
+            if check is not None:
+                check(section, pred)
+            xyz = spatial_3d(section.xy, section.um_per_px, section.z_um)
+            yield section, measured, pred, section_result(section, panel, pred, xyz, False, key=key, run=run)
+
     def cross_validate(self, prepared: PreparedStack, sections: list[int], n_folds: int, seed: int = 0,
                        folder: Path | None = None) -> pd.DataFrame:
         """k-fold cross-validation by section: each fold's sections are predicted by a fresh

@@ -287,12 +287,38 @@ class Asign(Model):
         return getattr(self.impute(prepared, list(targets)), self.part)
 
     def predict_sections(self, stack: Stack, prepare, grid=None, order: list[str] | None = None):
+        """Impute the sections of `stack`, which were not there at fit time (`impute_new`).
+        Yields (section, panel expression or None, prediction) in `stack` order."""
+        prepared, result, new = self.impute_new(stack, prepare, grid, order)
+        for section, i in zip(stack, new):
+            yield section, prepared.expression[i], result.fused[i]
+
+    def predict_results(self, stack: Stack, prepare, panel=None, grid=None, order: list[str] | None = None, *,
+                        key: str = "stimpute", run: dict | None = None, check=None):
+        """`predict_sections` with each section's result in the layout of `stimpute impute`
+        (`stimpute.io.results.asign_results`: model, propagated and weight layers, reach,
+        confidence, `spatial_3d` in the model's registered frame); as `Model.predict_results`."""
+        from stimpute.io.results import asign_results
+
+        prepared, result, new = self.impute_new(stack, prepare, grid, order)
+        for section, i in zip(stack, new):
+            if check is not None:
+                check(section, result.fused[i])
+        known = [prepared.stack.index(name) for name in self.known_.names]
+        adatas = asign_results(prepared, result, known, key=key, run={**(run or {}), "known": self.known_.names},
+                               sections=new)
+        for section, i, adata in zip(stack, new, adatas):
+            yield section, prepared.expression[i], result.fused[i], adata
+
+    def impute_new(self, stack: Stack, prepare, grid=None, order: list[str] | None = None):
         """Impute the sections of `stack`, which were not there at fit time: each is placed
         among the known sections (`order`: every section's name in cutting order; default:
         the known sections, then the new ones; z = position × the fit's section thickness),
         registered onto its nearest known section (an H&E image alone gets a virtual spot
         grid, `grid`, there), and imputed with the stored known spots, features and residuals.
-        Yields (section, panel expression or None, prediction) in `stack` order."""
+        Returns the stack of known and new sections in `order` (its registration record:
+        each one's transform into the model's frame, `reference` its first known section),
+        the `ImputeResult` on it and the new sections' indices there, in `stack` order."""
         from stimpute.graph import build_graph
         from stimpute.register import apply_transform, register_stack
         from stimpute.register.grid import place_virtual_spots
@@ -310,13 +336,14 @@ class Asign(Model):
         for position, name in enumerate(order):
             sections[name].z_um = position * state.thickness_um
         coords = dict(zip(state.names, state.coords))
+        transforms = dict(zip(state.names, state.transforms))
         for section in stack:
             here = order.index(section.name)
             anchor = min(state.names, key=lambda n: (abs(order.index(n) - here), order.index(n)))
             pair = Stack([sections[anchor], section])
             registration = place_virtual_spots(pair, [0], grid) if section.n_spots == 0 else register_stack(pair)
-            to_frame = state.transforms[state.names.index(anchor)] @ registration.transforms[1]
-            coords[section.name] = apply_transform(to_frame, section.xy)
+            transforms[section.name] = state.transforms[state.names.index(anchor)] @ registration.transforms[1]
+            coords[section.name] = apply_transform(transforms[section.name], section.xy)
         new = prepare(stack)
         joint = Stack([sections[n] for n in order], thickness_um=state.thickness_um)
         scale = state.um_per_px / joint[0].um_per_px  # coordinates are in px of the stack's first section
@@ -324,11 +351,12 @@ class Asign(Model):
                    **{s.name: (new.expression[i], new.features[i]) for i, s in enumerate(stack)}}
         features = [by_name[n][1] for n in order]
         coords_ref = [coords[n] * scale for n in order]
+        frame = {"reference": state.names[0],
+                 "sections": [{"name": n, "matrix": np.asarray(transforms[n]).tolist()} for n in order]}
         prepared = PreparedStack(joint, self.panel_, [by_name[n][0] for n in order], features, coords_ref,
-                                 build_graph(joint, coords_ref, features=features), new.settings)
-        result = self.impute(prepared, [order.index(n) for n in stack.names])
-        for i, section in enumerate(stack):
-            yield section, new.expression[i], result.fused[order.index(section.name)]
+                                 build_graph(joint, coords_ref, features=features), {**new.settings, "registration": frame})
+        targets = [order.index(n) for n in stack.names]
+        return prepared, self.impute(prepared, targets), targets
 
     def save(self, folder: Path) -> Path:
         """`asign/` in `folder`: settings, arrays of the known state, the members' weights and
