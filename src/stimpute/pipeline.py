@@ -313,13 +313,13 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
     if method is not None and current_name(method, MODEL_ALIASES, "--method") != trained:
         raise StimputeError(cfg_file, f"this model was trained with --method {trained}, not {method}")
     features = match_recorded(settings, encoder, weights, cfg_file)
+    stack = read_stack(sections, um_per_px=um_per_px)  # a problem with the inputs is said before the model loads
     try:
         model = model_class.load(model_dir)
     except StimputeError:
         raise
     except Exception as exc:  # a damaged file: unpickling, zip or shape errors of torch and the model
         raise InputError(ckpt, f"cannot load the model ({type(exc).__name__}: {_first_line(exc)})") from None
-    stack = read_stack(sections, um_per_px=um_per_px)
     force = run.claim([f"{s.name}.h5ad" for s in stack] + [f"figures/{s.name}.png" for s in stack]
                       + ["config.yaml", "metrics.csv"], caches=["cache/"])
     trained_grid = {k: v for k, v in settings.get("spots", {}).items() if v}
@@ -341,7 +341,7 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
             raise InputError(ckpt, f"the model predicts non-finite values for {section.name}: a damaged model file?")
 
     run_record = {"panel": panel, "targets": stack.names,
-                  "settings": {"stimpute_version": __version__, "method": trained, "model": str(model_dir),
+                  "settings": {"stimpute_version": __version__, "method": trained, "model": str(model_dir.resolve()),
                                "encoder": settings.get("encoder", "handcrafted"), "scale": SCALE}}
     files, predicted, truths = [], [], []
     with torch.no_grad(), torch_threads(1):
