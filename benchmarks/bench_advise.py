@@ -61,9 +61,11 @@ OLD_MODEL = ROOT / "benchmarks" / "advise_old_model.json"
 CALIBRATION = ROOT / "src" / "stimpute" / "data" / "advise_calibration.json"
 DEV = [f"synthetic {seed:02d}" for seed in range(0, 100, 2)]  # the development half: even seeds
 MARKERS = ("<!-- bench_advise:start -->", "<!-- bench_advise:end -->")
-SCORED = ("advisor", "pairs ¼ + z prior ¾", "pairs ¼ + z prior ¾, image-quality aware", "pairs ½ + z prior ½",
+SCORED = ("advisor", "z decay by median (round 2)", "pairs ¼ + z prior ¾", "pairs ¼ + z prior ¾, image-quality aware", "pairs ½ + z prior ½",
           "pairs alone", "first rehearsal", "first rehearsal, propagated part")
-RULES = (*SCORED, "old model", "middle section", "evenly spaced")
+FLOOR = "second draw's best (noise floor)"
+RULES = (*SCORED, "old model", "middle section", "evenly spaced", FLOOR)
+SECOND_DRAW = 1  # the count seed and stand-in seed of the second draw (`--draw`), read from OUT/draw1/
 QUALITY_RATIO = 0.65  # the "image-quality aware" ablation's threshold (chosen on the even seeds)
 
 
@@ -100,24 +102,28 @@ def spaced(n: int, budget: int, middle: bool) -> tuple[int, ...]:
     return tuple(int((i + 0.5) * n / budget) for i in range(budget))
 
 
-def actual_accuracy(prepared, known: tuple[int, ...], full: bool = False) -> float:
-    """Mean per-gene PCC over the targets of the stand-in imputation (or the full pipeline)."""
+def actual_accuracy(prepared, known: tuple[int, ...], full: bool = False, seed: int = 0) -> float:
+    """Mean per-gene PCC over the targets of the stand-in imputation (or the full pipeline),
+    its random parts (held-out spots, subsets, programmes) drawn from `seed`."""
     from stimpute.metrics import pearson_columns
     from stimpute.models.asign import impute_stack
     from stimpute.prepare import with_known_panel
 
     split = with_known_panel(prepared, list(known))
-    result = impute_stack(split, list(known), members=("msagnet_3d", "kernel_ridge") if full else ("kernel_ridge",))
+    result = impute_stack(split, list(known), seed=seed,
+                          members=("msagnet_3d", "kernel_ridge") if full else ("kernel_ridge",))
     return float(np.mean([np.nan_to_num(pearson_columns(result.fused[t], split.expression[t])).mean()
                           for t in result.fused]))
 
 
-def measure_stack(stack, cache: Path, path: Path, budgets, full_budgets=(), synthetic: bool = True) -> None:
+def measure_stack(stack, cache: Path, path: Path, budgets, full_budgets=(), synthetic: bool = True,
+                  seed: int = 0) -> None:
     """Register the stack (synthetic: the true registration) and compute its features
     (count-free, as `stimpute advise` does), then impute every candidate set of each budget
-    (at most `MAX_SETS` sets) for its actual accuracy (the stand-in; the full pipeline too for
-    `full_budgets`). Writes PATH.npz (what the advisor reads: names, z, registered spots in
-    µm, features) and PATH.csv (budget, known, actual, ...)."""
+    (at most `MAX_SETS` sets) for its actual accuracy (the stand-in, seeded with `seed`; the
+    full pipeline too for `full_budgets`). Writes PATH.npz (what the advisor reads: names, z,
+    registered spots in µm, features) and PATH.csv (budget, known, actual, ...); budgets
+    already in PATH.csv are kept, not measured again."""
     from stimpute.advise import count_free, description_of
     from stimpute.datasets import synthetic_registration
     from stimpute.files import write_text_atomic
@@ -134,11 +140,14 @@ def measure_stack(stack, cache: Path, path: Path, budgets, full_budgets=(), synt
              seconds=described, **{f"xy{i}": xy for i, xy in enumerate(d.xy_um)},
              **{f"features{i}": np.asarray(f, np.float32) for i, f in enumerate(features)})
     prepared = prepare_stack(stack, known=[stack.names[0]], registration=registration, cache_dir=cache)
-    rows = []
-    for budget in (b for b in budgets if math.comb(len(stack), b) <= MAX_SETS):
+    rows = pd.read_csv(path.with_suffix(".csv")).to_dict("records") if path.with_suffix(".csv").is_file() else []
+    done = {b for b, k in pd.Series([row["budget"] for row in rows], dtype=int).value_counts().items()
+            if k == math.comb(len(stack), b)}
+    rows = [row for row in rows if row["budget"] in done]
+    for budget in (b for b in budgets if math.comb(len(stack), b) <= MAX_SETS and b not in done):
         for known in itertools.combinations(range(len(stack)), budget):
             row = {"budget": budget, "known": "+".join(stack.names[i] for i in known),
-                   "actual": actual_accuracy(prepared, known)}
+                   "actual": actual_accuracy(prepared, known, seed=seed)}
             if budget in full_budgets:
                 row["actual_full"] = actual_accuracy(prepared, known, full=True)
             rows.append(row)
@@ -176,7 +185,7 @@ def rule_scores(description, sets: list[tuple[int, ...]]) -> dict[str, np.ndarra
     """Each scored rule's score of every set: the advisor and its ablations (facility location
     over symmetric pair scores blended with the z prior, with the issue's image-quality idea
     added, or over the pairs alone) and the first rehearsal."""
-    from stimpute.advise import distance_prior, facility_values
+    from stimpute.advise import TIE_BREAK, distance_prior, facility_values
 
     P = description.pair_scores
     sym = 0.5 * (P + P.T)
@@ -186,7 +195,9 @@ def rule_scores(description, sets: list[tuple[int, ...]]) -> dict[str, np.ndarra
     quality[bad] = prior[bad]  # a ruined section's worth as a source: from its z distance alone
     matrices = {"pairs ¼ + z prior ¾": 0.25 * sym + 0.75 * prior, "pairs ¼ + z prior ¾, image-quality aware": quality,
                 "pairs ½ + z prior ½": 0.5 * sym + 0.5 * prior, "pairs alone": sym}
-    out = {"advisor": description.scores(sets)}
+    out = {"advisor": description.scores(sets),
+           "z decay by median (round 2)": np.nanmean(facility_values(distance_prior(P, description.z_um)
+                                                                     + TIE_BREAK * P, sets), axis=1)}
     out.update({rule: np.nanmean(facility_values(m, sets), axis=1) for rule, m in matrices.items()})
     out["first rehearsal"] = np.nanmean(description.set_scores(sets), axis=1)
     out["first rehearsal, propagated part"] = np.nanmean(description.set_scores(sets, "propagated"), axis=1)
@@ -204,13 +215,18 @@ def picks(description, budget: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def score_stack(path: Path, label: str) -> pd.DataFrame:
+def score_stack(path: Path, label: str, second: Path | None = None) -> pd.DataFrame:
     """One row per (budget, candidate set): actual, every rule's score (NaN for the rules with one pick), the
     advisor's tie and gap, `pick_<rule>` (the set the rule picks over all candidates), and the
-    advisor's seconds beyond registration and features."""
+    advisor's seconds beyond registration and features. With `second` (the same stack's
+    `--draw` csv), where it holds every set of a budget: `actual_second` and the noise floor's
+    pick (`FLOOR`: the best set by the second draw)."""
     from stimpute.advise import StackDescription, advise
 
     frame = pd.read_csv(path.with_suffix(".csv"))
+    if second is not None and second.is_file():
+        frame = frame.merge(pd.read_csv(second).rename(columns={"actual": "actual_second"})[
+            ["budget", "known", "actual_second"]], on=["budget", "known"], how="left")
     description, described = load_description(path)
     index = {name: i for i, name in enumerate(description.names)}
     out = []
@@ -231,6 +247,8 @@ def score_stack(path: Path, label: str) -> pd.DataFrame:
         group["old model"] = [old[k] for k in sets]
         for rule, known in picks(description, int(budget)).items():
             group[f"pick_{rule}"] = "+".join(description.names[i] for i in known)
+        if "actual_second" in group and group["actual_second"].notna().all():
+            group[f"pick_{FLOOR}"] = group.loc[group["actual_second"].idxmax(), "known"]
         out.append(group)
     return pd.concat(out, ignore_index=True)
 
@@ -242,10 +260,11 @@ def cases(frame: pd.DataFrame) -> pd.DataFrame:
     for (stack, budget), group in frame.groupby(["stack", "budget"], sort=False):
         group = group.reset_index(drop=True)
         actual = group.set_index("known")["actual"]
-        for rule in RULES:
+        for rule in (r for r in RULES if f"pick_{r}" in group and group[f"pick_{r}"].notna().all()):
             pick = group[f"pick_{rule}"].iloc[0]
-            rho = (spearmanr(group[rule], group["actual"]).statistic
-                   if rule in group and group[rule].notna().all() and len(group) > 2 else np.nan)
+            scores = group["actual_second"] if rule == FLOOR else group.get(rule)
+            rho = (spearmanr(scores, group["actual"]).statistic
+                   if scores is not None and scores.notna().all() and len(group) > 2 else np.nan)
             out.append({"stack": stack, "budget": budget, "n_sets": len(group),
                         "rule": rule, "pick": pick, "rho": rho, "regret": actual.max() - actual[pick]})
     return pd.DataFrame(out)
@@ -309,6 +328,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-advise"))
     parser.add_argument("--synthetic", type=int, default=N_SYNTHETIC, help="number of synthetic stacks (seeds 0..N-1)")
     parser.add_argument("--measure", help="measure only these seeds (comma list; 'her2st' for HER2-ST), report nothing")
+    parser.add_argument("--draw", type=int, default=0,
+                        help="measure a second independent draw into OUT/draw<N>/: the synthetic counts drawn again "
+                             "(count_seed N) and the stand-in seeded with N (HER2-ST: the seed only)")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="synthetic budgets to measure (comma list)")
     parser.add_argument("--check-full", default="", help="synthetic seeds whose budget-1 sets also get the full pipeline")
     parser.add_argument("--no-readme", action="store_true", help="do not write the table into benchmarks/README.md")
     parser.add_argument("--measured-only", action="store_true", help="report the stacks measured so far, measure nothing")
@@ -320,24 +343,27 @@ def main() -> None:
     from stimpute.datasets import synthetic_stack
     from stimpute.io import read_stack
 
-    (args.out / "cases").mkdir(parents=True, exist_ok=True)
-    jobs = [(f"synthetic {seed:02d}", lambda seed=seed: synthetic_stack(**synthetic_case(seed)), BUDGETS,
-             (1,) if str(seed) in args.check_full.split(",") else ()) for seed in range(args.synthetic)]
+    cases_dir = args.out / ("cases" if args.draw == 0 else f"draw{args.draw}")
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    synthetic_budgets = tuple(int(b) for b in args.budgets.split(","))
+    jobs = [(f"synthetic {seed:02d}", lambda seed=seed: synthetic_stack(**synthetic_case(seed), count_seed=args.draw or None),
+             synthetic_budgets, (1,) if str(seed) in args.check_full.split(",") else ()) for seed in range(args.synthetic)]
     if args.data.is_dir():
         jobs.append(("HER2-ST", lambda: read_stack([args.data / name for name in HER2ST]), (1, 2), ()))
     frames = []
     measure = None if args.measure is None else {f"synthetic {int(s):02d}" if s.isdigit() else "HER2-ST"
                                                  for s in args.measure.split(",")}
     for label, make, budgets, full in jobs:
-        path = args.out / "cases" / label.replace(" ", "_")
+        path = cases_dir / label.replace(" ", "_")
         if not path.with_suffix(".csv").is_file() and args.measured_only:
             continue
-        if not path.with_suffix(".csv").is_file() and (measure is None or label in measure):
+        if measure is not None and label in measure or measure is None and not path.with_suffix(".csv").is_file():
             start = time.perf_counter()
-            measure_stack(make(), args.out / "cache" / path.name, path, budgets, full, synthetic=label != "HER2-ST")
+            measure_stack(make(), args.out / "cache" / path.name, path, budgets, full, synthetic=label != "HER2-ST",
+                          seed=args.draw)
             print(f"{label}: measured in {time.perf_counter() - start:.0f} s", flush=True)
         if measure is None:
-            frames.append(score_stack(path, label))
+            frames.append(score_stack(path, label, args.out / f"draw{SECOND_DRAW}" / path.with_suffix(".csv").name))
     if measure is not None:
         return
     frame = pd.concat(frames, ignore_index=True)
@@ -383,13 +409,45 @@ def speed(cases_dir: Path) -> str:
             f"{min(described):.0f}-{max(described):.0f} s.")
 
 
+def noise_floor(synthetic: pd.DataFrame, per_case: pd.DataFrame) -> list[str]:
+    """How attainable "within 0.01 of the best" is: on the (stack, budget) cases measured twice,
+    every rule beside the best set by the second draw (its regret on the first), the ties of
+    the first draw, and each rule's regret beyond the floor's."""
+    measured = per_case.loc[per_case["rule"] == FLOOR, ["stack", "budget"]]
+    if measured.empty:
+        return []
+    on = per_case.merge(measured, on=["stack", "budget"])
+    dev = on["stack"].isin(DEV)
+    within = (synthetic.merge(measured, on=["stack", "budget"]).groupby(["stack", "budget"])
+              .apply(lambda g: int((g["actual"] >= g["actual"].max() - TOLERANCE).sum()), include_groups=False))
+    floor = on[on["rule"] == FLOOR].set_index(["stack", "budget"])["regret"]
+    excess = on.assign(excess=on["regret"].to_numpy() - floor.loc[list(zip(on["stack"], on["budget"]))].to_numpy())
+    beyond = excess.groupby("rule", sort=False)["excess"].agg(["mean", lambda e: float(np.mean(e <= TOLERANCE))])
+    budgets = ", ".join(f"{n} with budget {b}" for b, n in measured.groupby("budget").size().items())
+    return [f"**Noise floor** ({len(measured)} synthetic cases measured twice: {budgets}). The second draw is the "
+            f"same stack (tissue, images, spots) with its counts drawn again (`synthetic_stack(count_seed="
+            f"{SECOND_DRAW})`) and the stand-in's random parts seeded with {SECOND_DRAW}; its best set is picked "
+            "and scored on the first draw. Its Spearman ρ is that of the two draws' actuals.", "",
+            *markdown_table(summary(on)), "", "Development half of these cases:", "", *markdown_table(summary(on[dev])),
+            "", "Held-out half of these cases:", "", *markdown_table(summary(on[~dev])), "",
+            f"Ties on the first draw: in {np.mean(within > 1):.0%} of these cases more than one candidate set lies "
+            f"within {TOLERANCE} of the best (median {np.median(within):.0f} sets, up to {within.max()}; "
+            f"{np.median(within / synthetic.groupby(['stack', 'budget']).size().loc[within.index]):.0%} of the "
+            "candidates at the median).", "",
+            "Regret beyond the floor's (the rule's regret minus that of the second draw's best, per case):", "",
+            "| rule | mean | ≤ 0.01 |", "|---|---|---|",
+            *[f"| {rule} | {r['mean']:+.4f} | {r['<lambda_0>']:.0%} |" for rule, r in beyond.iterrows() if rule != FLOOR],
+            ""]
+
+
 def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
     """The tables of benchmarks/README.md's advisor section."""
     from stimpute.advise import load_calibration
 
     synthetic = frame[frame["stack"] != "HER2-ST"]
     per_case = cases(frame)
-    syn_cases = per_case[per_case["stack"] != "HER2-ST"]
+    floor_cases = per_case[per_case["stack"] != "HER2-ST"]
+    syn_cases = floor_cases[floor_cases["rule"] != FLOOR]
     sizes = synthetic.groupby("stack")["n_sections"].first()
     counts = syn_cases[syn_cases["rule"] == "advisor"].groupby("budget").size()
     lines = [f"Synthetic stacks: {len(sizes)} ({sizes.min()}-{sizes.max()} sections); (stack, budget) cases: "
@@ -404,6 +462,7 @@ def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
               *markdown_table(summary(syn_cases[~dev])), ""]
     for budget, group in syn_cases.groupby("budget"):
         lines += [f"Budget {budget} (all synthetic stacks):", "", *markdown_table(summary(group)), ""]
+    lines += noise_floor(synthetic, floor_cases)
     calibration = load_calibration()
     held = synthetic[~synthetic["stack"].isin(DEV)]
     lines += [f"Relative calibration (`src/stimpute/data/advise_calibration.json`, fitted on {calibration['source']}): "

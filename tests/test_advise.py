@@ -10,8 +10,8 @@ import pytest
 from scipy import sparse
 from typer.testing import CliRunner
 
-from stimpute.advise import (StackDescription, advise, count_free, describe_stack, description_of, distance_prior,
-                             facility_values)
+from stimpute.advise import (TIE_BREAK, StackDescription, advise, count_free, decay_line, describe_stack,
+                             description_of, distance_prior, facility_values)
 from stimpute.cli import app
 from stimpute.data import SectionImage, Stack
 from stimpute.datasets import synthetic_stack
@@ -95,6 +95,39 @@ def test_distance_prior_and_facility_values():
     assert prior[0, 3] == prior[3, 0] == pytest.approx(0.2)  # their median 0.5, capped at the nearer pairs' 0.2
     values = facility_values(np.nan_to_num(pairs, nan=0.0), [(0, 2)])
     assert np.isnan(values[0, [0, 2]]).all() and values[0, 1] == pytest.approx(0.9) and values[0, 3] == pytest.approx(0.5)
+
+
+def test_decay_line_is_robust_and_never_rises():
+    """`decay_line`: the Theil–Sen line of all pair scores against z distance; a few wild pairs
+    do not move it, a rise with distance is flattened to the median, two sections get their median."""
+    z = np.arange(6) * 10.0
+    apart = np.abs(np.subtract.outer(z, z))
+    pairs = 0.8 - 0.004 * apart
+    pairs[0, 5], pairs[2, 1], pairs[4, 3] = 0.95, -0.5, 0.0  # three wild pairs of 30
+    np.fill_diagonal(pairs, np.nan)
+    line = decay_line(pairs, z)
+    off = ~np.eye(6, dtype=bool)
+    assert np.allclose(line[off], (0.8 - 0.004 * apart)[off]) and np.isnan(np.diag(line)).all()
+    rising = 0.2 + 0.01 * apart
+    np.fill_diagonal(rising, np.nan)
+    assert np.allclose(decay_line(rising, z)[off], np.nanmedian(rising[off]))
+    assert np.allclose(decay_line(np.array([[np.nan, 0.3], [0.5, np.nan]]), z[:2])[[0, 1], [1, 0]], 0.4)
+
+
+def test_pair_rehearsal_decides_among_sets_equal_in_z():
+    """Four evenly spaced sections, one to measure: S1 and S2 leave the same z distances to the
+    others, so the pair rehearsal decides between them (S2 imputes its neighbours better here);
+    the ends stay behind whatever their pairs say."""
+    apart = np.abs(np.subtract.outer(np.arange(4), np.arange(4))) * 10.0
+    pairs = 0.8 - 0.001 * apart  # continuity decays along z
+    pairs[2, [1, 3]] += 0.1  # S2 imputes its neighbours best
+    pairs[0, 1:] += 0.15  # an end section with the best pairs of all still leaves a far target
+    np.fill_diagonal(pairs, np.nan)
+    d = description([grid()] * 4, [np.zeros((36, 2))] * 4)
+    d.__dict__["pair_scores"] = pairs  # the cached property, as if rehearsed
+    table = advise(d, 1).table
+    assert list(table["known"][:2]) == ["S2", "S1"], table
+    assert table["gap"].iloc[1] < 10 * TIE_BREAK
 
 
 def test_beam_search_beyond_the_exhaustive_limit_finds_the_best_sets():

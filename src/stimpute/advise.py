@@ -13,16 +13,18 @@ transfer (`stimpute.register.matching.kernel_links`, with its morphology term) o
 known section's pseudo-expression. The target's own pseudo-expression is the truth: the
 pair score `P[k, j]` is the mean per-component PCC of target j imputed from section k
 (`pair_scores`). A single pair is noisy (a few hundred spots, 10 components), so the score
-reads from P only the stack's decay along z (`continuity`, `distance_prior`): the median
-of P over all pairs as far apart in z, made non-increasing with distance; a pair's own P
-only breaks ties (`TIE_BREAK`). A candidate known set's `score` is a facility-location
-value: the mean over its targets (the sections it leaves out, as the accuracy averages
-over them) of the continuity with the target's best known section. Nothing is fitted: no
-coefficient comes from any stack. The variants (how much of a pair's own P to keep, made
-symmetric or not, an image-quality test, several ways to count more than one known
-section) were compared on the even seeds of `benchmarks/bench_advise.py` and this one
-declared by a rule set beforehand (most cases within 0.01 of the best, then lowest mean
-regret); the odd seeds and HER2-ST did not enter the choice.
+reads from P mainly the stack's decay along z (`continuity`, `decay_line`): a robust straight
+line (Theil–Sen) through every pair's P against its z distance, never rising with distance;
+a pair's own P only breaks ties (`TIE_BREAK`). A candidate known set's `score` is a
+facility-location value: the mean over its targets (the sections it leaves out, as the
+accuracy averages over them) of the continuity with the target's best known section. With a
+straight decay, the sets ranked first are those with the least mean z distance from each
+target to its nearest known section, and among those (often many) the pair rehearsal
+decides. Nothing is fitted: no coefficient comes from any stack. The variants (the decay
+as a median per distance (`distance_prior`, the second round's), a line, or an exponential;
+how much of a pair's own P to keep; an image-quality test; ties broken by evenness, tissue
+area or spot coverage) were compared on the even seeds of `benchmarks/bench_advise.py` (the
+lowest mean regret chose); see benchmarks/README.md for what else was seen while choosing.
 
 The first rehearsal (every target imputed from the whole known set, with an image-model
 stand-in fused in: `set_scores`) stays as an alternative the benchmark compares.
@@ -57,6 +59,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
+from scipy.stats import theilslopes
 
 from stimpute.combine import zscore
 from stimpute.data import Stack
@@ -183,8 +186,8 @@ class StackDescription:
     @cached_property
     def continuity(self) -> np.ndarray:
         """(n, n) how well known section k stands in for target j (module docstring): the
-        typical pair score as far apart in z (`distance_prior`), ties broken by the pair's own."""
-        return distance_prior(self.pair_scores, self.z_um) + TIE_BREAK * self.pair_scores
+        stack's decay of pair scores with z distance (`decay_line`), ties broken by the pair's own."""
+        return decay_line(self.pair_scores, self.z_um) + TIE_BREAK * self.pair_scores
 
     def target_values(self, sets) -> np.ndarray:
         """(m, n_sections) each section's continuity with its best known section of each set
@@ -224,9 +227,25 @@ class StackDescription:
         return cKDTree(e).query(e, k=2)[0][:, 1] if len(e) > 1 else np.full(len(e), np.inf)
 
 
+def decay_line(pairs: np.ndarray, z_um: np.ndarray) -> np.ndarray:
+    """(n, n) for every pair of sections, the Theil–Sen line (median of the pairwise slopes,
+    robust to the many noisy pairs) of all pair scores against z distance, its slope capped at
+    0 (continuity never rises with distance), evaluated at the pair's distance; NaN on the
+    diagonal. A stack with one distance only (two sections) gets its median pair score."""
+    apart = np.abs(np.subtract.outer(z_um, z_um))
+    off = ~np.eye(len(z_um), dtype=bool)
+    x, y = apart[off], pairs[off]
+    x, y = x[np.isfinite(y)], y[np.isfinite(y)]
+    slope = min(float(theilslopes(y, x)[0]), 0.0) if len(np.unique(x)) > 1 else 0.0
+    out = np.full(pairs.shape, np.nan)
+    out[off] = np.median(y - slope * x) + slope * apart[off]
+    return out
+
+
 def distance_prior(pairs: np.ndarray, z_um: np.ndarray) -> np.ndarray:
     """(n, n) for every pair of sections, the median of `pairs` over all pairs as far apart in z
-    (0.1 µm bins), made non-increasing with distance: the stack's typical decay along z."""
+    (0.1 µm bins), made non-increasing with distance: the second round's decay along z (a step
+    curve whose flat steps tie many sets; compared in `benchmarks/bench_advise.py`)."""
     apart = np.round(np.abs(np.subtract.outer(z_um, z_um)), 1)
     off = ~np.eye(len(z_um), dtype=bool)
     distances = np.unique(apart[off])
@@ -471,10 +490,12 @@ def advice_markdown(result: Advice, figure: str, n_ranked: int = 20) -> str:
         "features. Every section (a target) is imputed from every other section alone, as `stimpute impute` "
         "propagates genes (transfer through the registration, distance and morphology kernel), and the pair's "
         "score is the PCC of the imputed with the target's own pseudo-expression. One pair is noisy, so a pair's "
-        "*continuity* is the median score of all pairs as far apart in z (the stack's decay along z, never "
-        f"rising with distance), its own score only breaking ties (weight {TIE_BREAK:g}). A candidate's `score` "
-        "is the mean, over the sections it leaves out, of each one's continuity with its best known section "
-        "(the per-section column below). No coefficient of the score is fitted to any stack.", "",
+        "*continuity* is read from a robust straight line (Theil–Sen) through all pairs' scores against their z "
+        f"distance (the stack's decay along z, never rising with distance), the pair's own score only breaking "
+        f"ties (weight {TIE_BREAK:g}). A candidate's `score` is the mean, over the sections it leaves out, of each "
+        "one's continuity with its best known section (the per-section column below): the sets that leave the "
+        "least z distance to a known section come first, and the pair rehearsal orders those. No coefficient of "
+        "the score is fitted to any stack.", "",
         "The score ranks; it is not the gene PCC you will get (that depends on the panel and the tissue), so "
         "`expected_pcc` is left empty: no absolute calibration held on stacks it was not fitted on. What is "
         f"calibrated is the **relative** loss: a score gap g is expected to cost {calibration['slope']:.2f} × g of "

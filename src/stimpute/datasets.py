@@ -77,6 +77,7 @@ def synthetic_stack(
     structure_um: float = 250.0,
     damaged: Sequence[int] = (),
     missing: Mapping[int, tuple[float, float]] | None = None,
+    count_seed: int | None = None,
 ) -> Stack:
     """A stack of `n_sections` serial sections of one synthetic tissue block.
 
@@ -88,9 +89,12 @@ def synthetic_stack(
     size of their patches in x, y; `damaged`, sections whose image is ruined (smeared and
     faded, as a badly fixed or out-of-focus slide: the expression is intact); `missing`,
     {section: (angle in degrees, fraction)}: the tissue beyond a chord at that angle, that
-    fraction of the diameter, is torn off (neither image nor spots there).
+    fraction of the diameter, is torn off (neither image nor spots there). `count_seed`: the
+    same tissue, images and spots with the counts drawn again from this seed (a second
+    independent measurement of the same stack).
     """
     rng = np.random.default_rng(seed)
+    count_rng = None if count_seed is None else np.random.default_rng([seed, count_seed])
     block = _TissueBlock(rng, n_sections, n_programmes, tissue_radius_um, image_size, um_per_px, thickness_um,
                          z_sigma=z_sigma_sections, structure_um=structure_um)
     loadings, baseline, dispersion = _gene_model(rng, n_programmes, n_genes)
@@ -107,6 +111,8 @@ def synthetic_stack(
         block_xy = _apply(np.linalg.inv(transform), xy)
         prog = np.stack([_sample(f, block_xy) for f in fields], axis=1)
         counts = _negative_binomial_counts(rng, prog, loadings, baseline, dispersion, mean_counts)
+        if count_rng is not None:  # `rng` still drew the first counts, so the later images stay the same
+            counts = _negative_binomial_counts(count_rng, prog, loadings, baseline, dispersion, mean_counts)
         adata = ad.AnnData(
             X=sparse.csr_matrix(counts.astype(np.float32)),
             obs=pd.DataFrame(
