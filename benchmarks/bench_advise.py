@@ -283,13 +283,21 @@ def calibration_pairs(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def fit_calibration(pairs: pd.DataFrame, source: str, level: float = 0.9) -> dict:
-    """loss ≈ slope × gap (least squares through 0) and the central `level` interval of
-    the residuals: the relative calibration `stimpute.advise` ships."""
-    slope = float((pairs["gap"] * pairs["loss"]).sum() / (pairs["gap"] ** 2).sum())
+    """loss ≈ slope × gap (least squares through 0 over all pairs), the central `level` range of
+    the slopes fitted per (stack, budget) (a stack's images can decay faster or slower than its
+    genes: the slope does not carry from one stack to the next) and the central `level`
+    interval of the residuals around the pooled line: the relative calibration `stimpute.advise` ships."""
+    def through_zero(p: pd.DataFrame) -> float:
+        return float((p["gap"] * p["loss"]).sum() / max((p["gap"] ** 2).sum(), 1e-12))
+
+    slope = through_zero(pairs)
+    per_case = pairs.groupby(["stack", "budget"]).apply(through_zero, include_groups=False)
     residual = pairs["loss"] - slope * pairs["gap"]
     low, high = np.quantile(residual, [(1 - level) / 2, (1 + level) / 2])
-    return {"slope": round(slope, 4), "low": round(float(low), 4), "high": round(float(high), 4), "level": level,
-            "source": source, "n_pairs": len(pairs)}
+    slope_low, slope_high = np.quantile(per_case, [(1 - level) / 2, (1 + level) / 2])
+    return {"slope": round(slope, 4), "slope_low": round(float(slope_low), 4), "slope_high": round(float(slope_high), 4),
+            "low": round(float(low), 4), "high": round(float(high), 4), "level": level, "source": source,
+            "n_pairs": len(pairs), "n_cases": len(per_case)}
 
 
 def calibration_check(pairs: pd.DataFrame, calibration: dict) -> str:
@@ -297,9 +305,9 @@ def calibration_check(pairs: pd.DataFrame, calibration: dict) -> str:
     a candidate called a tie really is within 0.01 of the top or better."""
     from stimpute.advise import expected_loss
 
-    expected = calibration["slope"] * pairs["gap"]
-    inside = (pairs["loss"] >= expected + calibration["low"]) & (pairs["loss"] <= expected + calibration["high"])
-    tie = expected_loss(pairs["gap"], calibration)["tie"]
+    expected = expected_loss(pairs["gap"], calibration)
+    inside = (pairs["loss"] >= expected["loss_low"]) & (pairs["loss"] <= expected["loss_high"])
+    tie = expected["tie"]
     return (f"{len(pairs)} pairs, actual loss inside the {calibration['level']:.0%} interval: {inside.mean():.0%}; "
             f"called a tie: {tie.sum()}, of which within 0.01 of the top (or better): "
             f"{(pairs['loss'][tie] <= TOLERANCE).mean() if tie.any() else float('nan'):.0%}; not a tie: {(~tie).sum()}, "
@@ -466,8 +474,10 @@ def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
     calibration = load_calibration()
     held = synthetic[~synthetic["stack"].isin(DEV)]
     lines += [f"Relative calibration (`src/stimpute/data/advise_calibration.json`, fitted on {calibration['source']}): "
-              f"loss = {calibration['slope']:.3f} × score gap, {calibration['level']:.0%} interval "
-              f"[{calibration['low']:+.4f}, {calibration['high']:+.4f}]. On the odd seeds (not fitted on): "
+              f"loss = {calibration['slope']:.3f} × score gap g, {calibration['level']:.0%} interval "
+              f"[{calibration['slope_low']:.3f} × g {calibration['low']:+.4f}, {calibration['slope_high']:.3f} × g "
+              f"{calibration['high']:+.4f}] (slopes per (stack, budget), spread around the pooled line). "
+              "On the odd seeds (not fitted on): "
               f"{calibration_check(calibration_pairs(held), calibration)}.", ""]
     her2 = per_case[per_case["stack"] == "HER2-ST"]
     if not her2.empty:

@@ -33,7 +33,8 @@ stand-in fused in: `set_scores`) stays as an alternative the benchmark compares.
 ranks candidates but is no absolute accuracy (`expected_pcc` stays empty: no calibration
 of an absolute PCC held across stacks). What is calibrated is the *relative* loss: the
 mean per-gene PCC a candidate gives up against the top one, `loss = slope × gap` (gap: the
-score difference), with an interval from the spread of actual losses around it
+score difference), with an interval from the range of slopes single stacks showed and the
+spread of actual losses around the line
 (`CALIBRATION_FILE`, fitted by `benchmarks/bench_advise.py` on one half of its synthetic
 stacks and checked on the other half and on HER2-ST). A candidate whose interval reaches
 0 may be as good as the top: it is a *tie*.
@@ -367,17 +368,21 @@ def _check_registration(stack: Stack, registration, qc_dir: str | Path | None) -
 
 
 def load_calibration(path: str | Path = CALIBRATION_FILE) -> dict:
-    """The packaged loss calibration: {"slope", "low", "high", "level", "source", ...} (module docstring)."""
-    return json.loads(Path(path).read_text())
+    """The packaged loss calibration: {"slope", "slope_low", "slope_high", "low", "high", "level",
+    "source", ...} (module docstring; a file without slope_low/slope_high reads them as slope)."""
+    calibration = json.loads(Path(path).read_text())
+    return {"slope_low": calibration["slope"], "slope_high": calibration["slope"], **calibration}
 
 
 def expected_loss(gap: np.ndarray, calibration: dict | None = None) -> dict[str, np.ndarray]:
     """The calibrated loss of mean per-gene PCC against the top of candidates whose score is
-    `gap` below it: loss, loss_low, loss_high (the interval) and tie (the interval reaches 0)."""
+    `gap` below it: loss, loss_low, loss_high (the interval: the range of slopes stacks showed,
+    plus the spread around the line) and tie (the interval reaches 0)."""
     calibration = calibration or load_calibration()
-    loss = calibration["slope"] * np.asarray(gap, float)
-    return {"loss": loss, "loss_low": loss + calibration["low"], "loss_high": loss + calibration["high"],
-            "tie": loss + calibration["low"] <= 0}
+    gap = np.asarray(gap, float)
+    low = calibration["slope_low"] * gap + calibration["low"]
+    return {"loss": calibration["slope"] * gap, "loss_low": low,
+            "loss_high": calibration["slope_high"] * gap + calibration["high"], "tie": low <= 0}
 
 
 def check_budget(names: list[str], budget: int) -> None:
@@ -499,8 +504,9 @@ def advice_markdown(result: Advice, figure: str, n_ranked: int = 20) -> str:
         "The score ranks; it is not the gene PCC you will get (that depends on the panel and the tissue), so "
         "`expected_pcc` is left empty: no absolute calibration held on stacks it was not fitted on. What is "
         f"calibrated is the **relative** loss: a score gap g is expected to cost {calibration['slope']:.2f} × g of "
-        f"mean per-gene PCC, within [{calibration['low']:+.3f}, {calibration['high']:+.3f}] around that "
-        f"({level} of {calibration['source']}). How it held on stacks it was not fitted on: `benchmarks/README.md` "
+        f"mean per-gene PCC, between {calibration['slope_low']:.2f} × g {calibration['low']:+.3f} and "
+        f"{calibration['slope_high']:.2f} × g {calibration['high']:+.3f} (the range of slopes seen across stacks and "
+        f"the spread around the line: {level} of {calibration['source']}). How it held on stacks it was not fitted on: `benchmarks/README.md` "
         "(advisor section).", "",
         "## Per-section reasoning of the top candidates", "",
         f"![coverage, morphological coverage and score per section]({figure})", "",
