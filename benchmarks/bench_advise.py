@@ -448,6 +448,24 @@ def noise_floor(synthetic: pd.DataFrame, per_case: pd.DataFrame) -> list[str]:
             ""]
 
 
+def held_out_cases(per_case: pd.DataFrame, rules=("advisor", "z decay by median (round 2)", "evenly spaced", FLOOR)) -> list[str]:
+    """Per held-out (odd seed) case: what the generator put in the stack and each rule's regret."""
+    held = per_case[~per_case["stack"].isin(DEV)]
+    regret = held.pivot_table(index=["stack", "budget"], columns="rule", values="regret")
+    rules = [r for r in rules if r in regret]
+    lines = ["Held-out cases one by one (drift: programmes alike over that many sections; damaged: ruined "
+             "images; torn: sections missing part of their tissue):", "",
+             "| stack | sections | budget | drift | damaged | torn | " + " | ".join(rules) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(rules)]
+    for (stack, budget), r in regret.iterrows():
+        case = synthetic_case(int(stack.split()[-1]))
+        cells = [f"{r[rule]:.4f}" if np.isfinite(r[rule]) else "—" for rule in rules]
+        lines.append(f"| {stack} | {case['n_sections']} | {budget} | {case['z_sigma_sections']:.1f} | "
+                     f"{','.join(f'S{i}' for i in case['damaged']) or '—'} | "
+                     f"{','.join(f'S{i}' for i in sorted(case['missing'])) or '—'} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
     """The tables of benchmarks/README.md's advisor section."""
     from stimpute.advise import load_calibration
@@ -470,7 +488,7 @@ def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
               *markdown_table(summary(syn_cases[~dev])), ""]
     for budget, group in syn_cases.groupby("budget"):
         lines += [f"Budget {budget} (all synthetic stacks):", "", *markdown_table(summary(group)), ""]
-    lines += noise_floor(synthetic, floor_cases)
+    lines += noise_floor(synthetic, floor_cases) + held_out_cases(floor_cases)
     calibration = load_calibration()
     held = synthetic[~synthetic["stack"].isin(DEV)]
     lines += [f"Relative calibration (`src/stimpute/data/advise_calibration.json`, fitted on {calibration['source']}): "
