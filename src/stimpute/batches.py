@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch_geometric.utils import k_hop_subgraph
 
 from stimpute.errors import StimputeError
 
@@ -57,6 +56,8 @@ class SubgraphBatch:
 
 def in_neighbourhood(seeds: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, hops: int) -> SubgraphBatch:
     """The `hops`-hop in-neighbourhood of `seeds`: every node whose message can reach a seed."""
+    from torch_geometric.utils import k_hop_subgraph  # here, not at import: slow to import (`stimpute.preload`)
+
     nodes, sub_edges, mapping, edge_mask = k_hop_subgraph(seeds, hops, edge_index, relabel_nodes=True,
                                                           num_nodes=n_nodes, flow="source_to_target")
     return SubgraphBatch(nodes, sub_edges, edge_mask, mapping)

@@ -491,10 +491,10 @@ def impute(
     Example: [bold]stimpute impute sec2.jpg ../shared/data/her2st/C3 sec4.tif --known C3 --out imputed/ --grid-scale 0.5[/]
     """
     from stimpute.device import check_batch_nodes, parallel_options, resolve_device
-    from stimpute.models.asign import FUSIONS
+    from stimpute.combine import FUSIONS
     from stimpute.pipeline import run_impute
     from stimpute.register.grid import GridOptions
-    from stimpute.models.msagnet_training import TrainConfig
+    from stimpute.models.msagnet import TrainConfig
 
     accelerator = resolve_device(device)
     config = TrainConfig(seed=seed, max_epochs=epochs, accelerator=accelerator,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+FUSIONS = ("fixed", "calibrated", "even")  # ASIGN's fusion modes (`stimpute.models.asign`), here for `--fusion`'s check at start-up
+
 
 def zmix(a: np.ndarray, b: np.ndarray, share_b) -> np.ndarray:
     """(1 − share)·a + share·b mixed as per-gene z-scores over the spots, then given the raw

@@ -13,7 +13,6 @@ from typing import Literal, Sequence
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 from scipy import sparse
 
 from stimpute.defaults import DEFAULT_PANEL_SIZE
@@ -37,6 +36,8 @@ def normalize_log1p(adata: ad.AnnData, method: Normalisation = "log1p") -> np.nd
         return np.log(shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
     if method != "log1p":
         raise StimputeError("--normalisation", f"unknown normalisation {method!r} (use log1p or reference)")
+    import scanpy as sc  # here, not at import: slow to import (`stimpute.preload`)
+
     work = ad.AnnData(X=counts)
     sc.pp.normalize_total(work, target_sum=TARGET_SUM)
     sc.pp.log1p(work)
@@ -108,6 +109,8 @@ def select_panel(
         return list(pooled.var_names[order])
     # Pearson-residual HVGs on raw counts: with a few hundred spots, dispersion-based
     # flavours rank near-empty genes first; residuals rank the tissue's real programmes.
+    import scanpy as sc
+
     work = ad.AnnData(X=sparse.csr_matrix(pooled.X, dtype=np.float32), var=pooled.var[[]].copy())
     sc.experimental.pp.highly_variable_genes(work, n_top_genes=n_top, flavor="pearson_residuals")
     ranked = work.var.sort_values("highly_variable_rank", kind="stable")

@@ -11,17 +11,20 @@ edge is stored in both directions. All sparse: memory grows with the number of e
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
-from torch_geometric.data import Data
 
 from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError
 from stimpute.files import atomic_write
 from stimpute.register.matching import K_CROSS, match_stack
 from stimpute.timing import timed
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 WITHIN, CROSS = 0, 1  # edge_type values
 K_WITHIN = 8
@@ -102,6 +105,8 @@ def _assemble(sections: list[Section], coords: list[np.ndarray], within: list[np
     within_all = np.concatenate([e + off for e, off in zip(within, offsets)], axis=1)
     edge_index = np.concatenate([within_all, cross], axis=1)
     pos = np.concatenate([np.c_[c, np.full(len(c), s.z_um or 0.0)] for c, s in zip(coords, sections)])
+    from torch_geometric.data import Data  # here, not at import: slow to import (`stimpute.preload`)
+
     data = Data(
         edge_index=torch.as_tensor(edge_index, dtype=torch.long),
         edge_type=torch.as_tensor(np.r_[np.full(within_all.shape[1], WITHIN), np.full(cross.shape[1], CROSS)], dtype=torch.long),
@@ -136,6 +141,8 @@ def load_graph(path: str | Path) -> Data:
     if missing:
         raise StimputeError(path, f"not a stimpute graph: missing {', '.join(missing)}")
     names = payload.pop("section_names")
+    from torch_geometric.data import Data
+
     data = Data(**payload)
     data.section_names = names
     return data

@@ -18,11 +18,10 @@ import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 from stimpute import __version__
@@ -43,17 +42,18 @@ from stimpute.io.spaceranger import spaceranger_files, spaceranger_outs
 from stimpute.data import Stack
 from stimpute.device import check_batch_nodes, resolve_device
 from stimpute.distributed import is_rank_zero, rank_output
-from stimpute.models import MODEL_ALIASES, MODELS, current_name, get_model
-from stimpute.models.asign import MEMBERS, ImputeResult
 from stimpute.prepare import FEATURE_NORMS, known_indices, prepare_stack
-from stimpute.models.asign.programs import programs_record
 from stimpute.register.grid import GridOptions, known_lattice
 from stimpute.io.registration import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
+from stimpute.trainer import lightning_flags  # light: Lightning itself is imported where a trainer is made
 from stimpute.tl import given_features, impute_sections
-from stimpute.models.msagnet_training import TrainConfig, torch_threads
-from stimpute.trainer import lightning_flags
+from stimpute.preload import preloading
 from stimpute.view import VIEW_FILE
+
+if TYPE_CHECKING:  # the models are imported where they run: `import stimpute.pipeline` stays light (`stimpute.preload`)
+    from stimpute.models.asign import ImputeResult
+    from stimpute.models.msagnet import TrainConfig
 
 MARKER_GENES = ("ERBB2", "MDK")  # clinically relevant HER2 markers shown by the paper
 N_TOP_FIGURE_GENES = 4
@@ -84,7 +84,7 @@ class ImputeRun:
 
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-               encoder: str | None = None, members: tuple[str, ...] = MEMBERS, fusion: str = "fixed",
+               encoder: str | None = None, members: tuple[str, ...] | None = None, fusion: str = "fixed",
                weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
                programs: str | int = "auto", command: str = "impute", figures: str = "key") -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.
@@ -92,6 +92,7 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
     `known`: the measured section's name, or several joined by commas ("C2,C4").
     `encoder`, `weights`: the feature encoder and its local weight file (network encoders);
     default: the features the sections carry, else handcrafted (`stimpute.features.stored`).
+    `members`: ASIGN's image members (default: all, `stimpute.models.asign.MEMBERS`).
     `programs`: gene-program rank of the projection before fusion ("auto", "none" or a number).
     Image files among `sections` are H&E-only sections (scale `um_per_px` or their metadata)
     that get a virtual spot grid (`grid`) in the known section's registered frame.
@@ -114,21 +115,29 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
 def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, features, members, fusion,
             um_per_px, grid, programs, figures) -> ImputeRun:
     stack = read_stack(sections, um_per_px=um_per_px)
-    stored_encoder(stack, features["encoder"])  # one feature space, checked before registration
-    k = known_indices(stack, known)
-    targets = [i for i in range(len(stack)) if i not in k]
-    if not targets:
-        raise StimputeError(None, "nothing to impute: every section is --known")
-    # a killed run's partial outputs are replaced, its cache and checkpoints reused
-    outputs = [f"{stack[i].name}.h5ad" for i in targets] + [f"figures/{stack[i].name}.png" for i in targets]
-    outputs += [f"figures/{name}" for name in figure_names(stack)] + [f"figures/{BLOCK_FIGURE}", VIEW_FILE]
-    force = run.claim(outputs + [BLOCK_FILE, "config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
-    config = config or TrainConfig(seed=seed)
-    done = impute_sections(stack, known, genes=genes, config=config, members=members, fusion=fusion, programs=programs,
-                           encoder=features["encoder"], weights=features["weights"],
-                           features=given_features(stack, features["encoder"]), grid=grid, cache_dir=out / "cache",
-                           checkpoints=out / "checkpoints", progress=progress)
+    with preloading():  # the models' libraries are imported in a thread while the sections are registered
+        stored_encoder(stack, features["encoder"])  # one feature space, checked before registration
+        k = known_indices(stack, known)
+        targets = [i for i in range(len(stack)) if i not in k]
+        if not targets:
+            raise StimputeError(None, "nothing to impute: every section is --known")
+        # a killed run's partial outputs are replaced, its cache and checkpoints reused
+        outputs = [f"{stack[i].name}.h5ad" for i in targets] + [f"figures/{stack[i].name}.png" for i in targets]
+        outputs += [f"figures/{name}" for name in figure_names(stack)] + [f"figures/{BLOCK_FIGURE}", VIEW_FILE]
+        force = run.claim(outputs + [BLOCK_FILE, "config.yaml", "metrics.csv", TIMINGS_FILE, "checkpoints/"], caches=["cache/"])
+        if config is None:
+            from stimpute.models.msagnet import TrainConfig
+
+            config = TrainConfig(seed=seed)
+        done = impute_sections(stack, known, genes=genes, config=config, members=members, fusion=fusion, programs=programs,
+                               encoder=features["encoder"], weights=features["weights"],
+                               features=given_features(stack, features["encoder"]), grid=grid, cache_dir=out / "cache",
+                               checkpoints=out / "checkpoints", progress=progress)
     prepared, result, parts = done.prepared, done.result, done.adatas
+    from stimpute.models.asign import MEMBERS
+    from stimpute.models.asign.programs import programs_record
+
+    members = tuple(members or MEMBERS)
     run.keep("checkpoints/")  # a finished training of the same key is reused, not rewritten
 
     files = []
@@ -216,6 +225,8 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
     or cuda (`stimpute.device`; default: the config's); `parallel`: Lightning's `devices`,
     `num_nodes`, `strategy` (`stimpute.device.parallel_options`; only global rank 0
     writes, `stimpute.distributed`); `batch_nodes`: the node budget of graph models."""
+    from stimpute.models import get_model
+
     model_class = get_model(method)
     if mode not in ("train", "cv"):
         raise StimputeError("--mode", f"--mode {mode}: use train or cv")
@@ -298,6 +309,11 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
 
 def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | None, encoder, weights,
              um_per_px, grid, summary, order) -> list[Path]:
+    import torch
+
+    from stimpute.models import MODEL_ALIASES, MODELS, current_name, get_model
+    from stimpute.trainer import torch_threads
+
     out = run.out
     cfg_file = model_dir / "config.yaml"
     settings = read_model_config(cfg_file) if cfg_file.is_file() else {}

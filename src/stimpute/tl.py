@@ -225,24 +225,26 @@ def impute_sections(stack: Stack, known, *, key_added: str = "stimpute", genes=N
     device); `checkpoints`: its checkpoint folder (a finished training is reused).
     """
     from stimpute import __version__
-    from stimpute.models.asign import MEMBERS, impute_stack
     from stimpute.io.results import asign_results
     from stimpute.prepare import known_indices, prepare_stack
-    from stimpute.models.asign.programs import programs_record
     from stimpute.register.grid import place_virtual_spots
-    from stimpute.models.msagnet_training import TrainConfig
+    from stimpute.models.msagnet import TrainConfig
     from stimpute.trainer import lightning_flags
 
     k = known_indices(stack, known)
     targets = [i for i in range(len(stack)) if i not in k]
     if not targets:
         raise StimputeError(None, "nothing to impute: every section is known")
-    members = tuple(members or MEMBERS)
     config = config or TrainConfig()
     registration = given_registration(stack) or place_virtual_spots(stack, k, grid, progress=progress)
     prepared = prepare_stack(stack, known=[stack[i].name for i in k], panel=genes, n_top=n_top, encoder=encoder,
                              weights=weights, cache_dir=cache_dir, progress=progress, registration=registration,
                              hardware=lightning_flags(config), features=features)
+    # the models after the images: `stimpute.preload` imports them meanwhile
+    from stimpute.models.asign import MEMBERS, impute_stack
+    from stimpute.models.asign.programs import programs_record
+
+    members = tuple(members or MEMBERS)
     result = impute_stack(prepared, k, seed=config.seed, config=config, ckpt_dir=checkpoints, progress=progress,
                           members=members, fusion=fusion, programs=programs)
     settings = {"stimpute_version": __version__, "seed": config.seed, "epochs": config.max_epochs, "fusion": fusion,

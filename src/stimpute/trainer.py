@@ -1,15 +1,19 @@
 """Training pieces every model shares (a leaf below `models` and `train`): the Lightning
 trainer factory (its `accelerator` from `stimpute.device`), the seeded held-out split of
-known spots, and a CPU thread limit."""
+known spots, and a CPU thread limit. Lightning is imported where a trainer is made: importing
+this module stays cheap (`stimpute.preload`)."""
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import lightning as L
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -41,6 +45,8 @@ def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, chec
     elsewhere), no logger or model summary, no sanity validation, and without Lightning's
     per-fit banner. Lightning's own `devices`, `num_nodes` and `strategy` (e.g. "ddp")
     run it on several GPUs, processes or machines: no code of ours."""
+    import lightning as L
+
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available"/tips banner on every fit
     return L.Trainer(
@@ -60,5 +66,7 @@ def lightning_flags(config) -> dict:
 def lightning_checkpoint(module: L.LightningModule) -> dict:
     """A checkpoint of a trained module's weights that `Module.load_from_checkpoint` reads
     (what `Trainer.save_checkpoint(weights_only=True)` writes, without needing the trainer)."""
+    import lightning as L
+
     return {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
             "pytorch-lightning_version": L.__version__}

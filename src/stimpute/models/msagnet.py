@@ -21,15 +21,19 @@ Defaults are scaled down for CPUs: width 128 and 4 heads (reference: 1024 and 8)
 transformer layers (reference: 3). The reference's coarse-to-fine cascade of three
 transformers and its region-level heads are not reproduced: regions here are windows
 centred on each spot (`stimpute.patches`), so there is no separate region graph.
+
+`TrainConfig` (the training settings) lives here with the model's sizes, and torch_geometric
+is imported where a network is built: a run reads, registers and describes its sections
+without importing it or Lightning (`stimpute.preload` imports them meanwhile).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+import yaml
 from torch import nn
-from torch_geometric.nn import GATv2Conv, TransformerConv
 
 WITHIN, CROSS = 0, 1  # edge types of the 3D graph
 
@@ -43,6 +47,41 @@ class MSAGNetConfig:
     dropout: float = 0.2
     transformer_layers: int = 2
     variant: str = "3d"
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; saved as YAML beside every result (`to_yaml`)."""
+
+    max_epochs: int = 200  # counted in optimiser steps' worth of epochs: see `schedule`
+    patience: int = 10
+    min_delta: float = 0.002  # held-out loss gain (1 - PCC) that counts as an improvement: below it the loss only jitters
+    lr: float = 2e-3  # ASIGN's: its held-out loss reaches 1e-3's minimum in ~40 instead of ~58 epochs (benchmarks/README)
+    weight_decay: float = 1e-2
+    val_fraction: float = 0.25
+    seed: int = 0
+    accelerator: str = "cpu"
+    devices: int | str = 1  # Lightning's devices, num_nodes and strategy (`stimpute.device.parallel_options`)
+    num_nodes: int = 1
+    strategy: str = "auto"
+    batch_nodes: int = 20_000  # nodes per training/inference batch, halo included: bounds memory (`stimpute.batches`)
+    band_spots: int = 512  # labelled spots per optimiser step at most: more known spots, more steps per epoch
+    threads: int = 0  # CPU intra-op threads; 0: one for small graphs (steps too small to share), every core from LARGE_GRAPH_NODES
+    loss: str = "gene_pcc"  # or "spot_pcc", the reference's (stimpute.models.msagnet.LOSSES)
+    # width 64, one transformer layer: measured per epoch and on the validation protocol (benchmarks/README)
+    model: MSAGNetConfig = field(default_factory=lambda: MSAGNetConfig(width=64, transformer_layers=1))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        values["model"] = MSAGNetConfig(**values.get("model", {}))
+        return cls(**values)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 class MSAGNet(nn.Module):
@@ -66,6 +105,8 @@ class MSAGNet(nn.Module):
         if cfg.width % cfg.heads:
             raise ValueError(f"width {cfg.width} must be a multiple of heads {cfg.heads}")
         self.config, self.n_scales = cfg, n_scales
+        from torch_geometric.nn import GATv2Conv, TransformerConv
+
         w, h, p = cfg.width, cfg.heads, cfg.dropout
         self.register_buffer("feature_mean", torch.zeros(n_scales, in_dim))
         self.register_buffer("feature_std", torch.ones(n_scales, in_dim))

@@ -24,12 +24,11 @@ import os
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
 from stimpute.batches import (SubgraphBatch, bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask,
@@ -37,46 +36,11 @@ from stimpute.batches import (SubgraphBatch, bounded_runs, in_neighbourhood, nod
 from stimpute.errors import StimputeWarning
 from stimpute.files import atomic_write
 from stimpute.files import record_write
-from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig
+from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig, TrainConfig  # noqa: F401  (TrainConfig re-exported)
 from stimpute.trainer import lightning_flags, quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
 from stimpute.timing import timed
 
 LARGE_GRAPH_NODES = 5_000  # from this many nodes a training step is big enough to share across cores
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; saved as YAML beside every result (`to_yaml`)."""
-
-    max_epochs: int = 200  # counted in optimiser steps' worth of epochs: see `schedule`
-    patience: int = 10
-    min_delta: float = 0.002  # held-out loss gain (1 - PCC) that counts as an improvement: below it the loss only jitters
-    lr: float = 2e-3  # ASIGN's: its held-out loss reaches 1e-3's minimum in ~40 instead of ~58 epochs (benchmarks/README)
-    weight_decay: float = 1e-2
-    val_fraction: float = 0.25
-    seed: int = 0
-    accelerator: str = "cpu"
-    devices: int | str = 1  # Lightning's devices, num_nodes and strategy (`stimpute.device.parallel_options`)
-    num_nodes: int = 1
-    strategy: str = "auto"
-    batch_nodes: int = 20_000  # nodes per training/inference batch, halo included: bounds memory (`stimpute.batches`)
-    band_spots: int = 512  # labelled spots per optimiser step at most: more known spots, more steps per epoch
-    threads: int = 0  # CPU intra-op threads; 0: one for small graphs (steps too small to share), every core from LARGE_GRAPH_NODES
-    loss: str = "gene_pcc"  # or "spot_pcc", the reference's (stimpute.models.msagnet.LOSSES)
-    # width 64, one transformer layer: measured per epoch and on the validation protocol (benchmarks/README)
-    model: MSAGNetConfig = field(default_factory=lambda: MSAGNetConfig(width=64, transformer_layers=1))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        values = dict(values)
-        values["model"] = MSAGNetConfig(**values.get("model", {}))
-        return cls(**values)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 @dataclass

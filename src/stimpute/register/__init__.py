@@ -237,4 +237,5 @@ def _check_stack(stack: Stack) -> None:
 def _progress(enabled: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), disable=not enabled, transient=True)
+    # plain text: no markup to parse (nor rich's emoji table to import while `stimpute.preload` runs)
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), TimeElapsedColumn(), disable=not enabled, transient=True)

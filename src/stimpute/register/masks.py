@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage import filters, morphology
+from skimage.filters import gaussian, threshold_otsu  # by name: skimage loads them here, not in the first registration
+from skimage.morphology import remove_small_holes
 
 from stimpute.data import Section
 from stimpute.errors import StimputeError
@@ -59,14 +60,14 @@ def tissue_mask(
     `max_hole_um2` (tears, lumina) are filled so masks of serial sections compare well.
     """
     sigma = max(smooth_um / um_per_px, 0.5)
-    density = filters.gaussian(relative_density(rgb), sigma=sigma)
+    density = gaussian(relative_density(rgb), sigma=sigma)
     if density.max() <= MIN_OD:
         return np.zeros(density.shape, bool)
-    threshold = max(filters.threshold_otsu(density), MIN_OD)
+    threshold = max(threshold_otsu(density), MIN_OD)
     ink = ndimage.binary_dilation(pen_marks(rgb), iterations=int(np.ceil(2 * sigma)))  # and its blurred fringe
     mask = (density > threshold) & ~ink
     mask = close_disk(mask, max(int(round(close_um / um_per_px)), 1))
-    mask = morphology.remove_small_holes(mask, max_size=int(max_hole_um2 / um_per_px**2))
+    mask = remove_small_holes(mask, max_size=int(max_hole_um2 / um_per_px**2))
     return _drop_specks(mask, min_piece_fraction)
 
 
@@ -132,5 +133,5 @@ def section_view(section: Section, um_per_px: float) -> View:
             section.image.path or section.source or section.name,
             "no tissue found in the image (it looks like blank glass); check the file or the section order",
         )
-    density = filters.gaussian(relative_density(rgb), sigma=max(STAIN_SMOOTH_UM / view_um, 0.5)).astype(np.float32)
+    density = gaussian(relative_density(rgb), sigma=max(STAIN_SMOOTH_UM / view_um, 0.5)).astype(np.float32)
     return View(rgb=rgb, mask=mask, density=density, scale=scale, um_per_px=view_um)

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import yaml
 
-from stimpute.combine import zmix
+from stimpute.combine import FUSIONS, zmix  # noqa: F401  (FUSIONS re-exported)
 from stimpute.data import Stack
 from stimpute.errors import InputError, StimputeError
 from stimpute.evidence import copy_nearest, transfer
@@ -70,7 +70,6 @@ from stimpute.timing import timed
 FUSION_STEPS = 300
 FUSION_SHRINK = 0.01
 MEMBERS = ("msagnet_3d", "kernel_ridge")  # chosen on HER2-ST known C4 → C3 (benchmarks/README.md)
-FUSIONS = ("fixed", "calibrated", "even")
 FIXED_SHARE = 2 / 3  # the propagated part's share, chosen on the validation protocol (module doc)
 COPY_SHARE = 0.5  # the plain copy's share in the propagated part
 STATE_FILE, SETTINGS_FILE, SECTIONS_FOLDER = "state.npz", "asign.yaml", "sections"

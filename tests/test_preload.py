@@ -1,0 +1,56 @@
+"""Start-up of a run: the pipeline imports no training library until it trains, and
+`stimpute.preload` imports them in a thread meanwhile, without changing what is imported."""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import sys
+
+from stimpute.preload import _absolute, preloading
+from tests.helpers import heavy_after
+
+TRAINING_LIBRARIES = ["lightning", "scanpy", "torch_geometric"]
+
+
+def test_pipeline_import_leaves_training_libraries_for_later():
+    code = ("import stimpute.pipeline, stimpute.tl, stimpute.cli\n"
+            "from stimpute.models.msagnet import TrainConfig\n"
+            "TrainConfig(seed=1).to_yaml()\n"
+            "import sys\nprint(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'scanpy', 'torch_geometric'}))")
+    printed = []
+    heavy_after(code, printed)
+    assert eval(printed[0].strip().splitlines()[-2]) == []
+
+
+def test_preloading_imports_in_a_thread_and_restores_the_import_hooks():
+    code = ("from stimpute.preload import preloading\nimport sys, builtins, importlib\n"
+            "before = builtins.__import__, importlib.import_module\n"
+            "with preloading(['json.tool', 'no_such_module_xyz']) as worker:\n"
+            "    import csv  # another thread's import meanwhile: serialised with the worker's\n"
+            "    assert worker is not None and worker.name == 'stimpute-preload'\n"
+            "assert not worker.is_alive() and 'json.tool' in sys.modules and 'csv' in sys.modules\n"
+            "assert (builtins.__import__, importlib.import_module) == before\n"
+            "try:\n    import no_such_module_xyz\nexcept ModuleNotFoundError as exc:\n    print('missing', exc.name)\n")
+    printed = []
+    heavy_after(code, printed)
+    assert "missing no_such_module_xyz" in printed[0]
+
+
+def test_preloading_starts_nothing_when_all_is_loaded_or_nested():
+    with preloading(["json", "os"]) as worker:
+        assert worker is None
+    outer_hooks = None
+    with preloading(["this_module_does_not_exist_abc"]) as outer:
+        outer_hooks = builtins.__import__
+        with preloading(["this_module_does_not_exist_def"]) as inner:
+            assert inner is None and builtins.__import__ is outer_hooks
+        assert outer is not None
+    assert builtins.__import__ is not outer_hooks and importlib.import_module("json") is sys.modules["json"]
+
+
+def test_relative_imports_resolve_as_importlib_does():
+    assert _absolute("_coo", {"__package__": "scipy.sparse"}, 1) == "scipy.sparse._coo"
+    assert _absolute("_shared.filters", {"__package__": "skimage.filters"}, 2) == "skimage._shared.filters"
+    assert _absolute("", {"__package__": "PIL"}, 1) == "PIL"
+    assert _absolute("x", {"__package__": "top"}, 3) == "" and _absolute("x", {}, 1) == ""
