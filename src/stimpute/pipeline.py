@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -146,24 +147,25 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     figure_genes = [g for g in MARKER_GENES if g in panel]
     figure_genes += [panel[j] for j in top_variable(known_expr, N_TOP_FIGURE_GENES) if panel[j] not in figure_genes]
     metrics, summary = evaluate_targets(prepared, targets, result.fused, top_variable(known_expr, N_TOP_SUMMARY))
-    for i in targets:
-        section = stack[i]
-        with stage("writing"):
+    # figures drawn in a second thread beside the .h5ad writing (Agg and the PNG encoder free the GIL in parts)
+    with stage("writing"), ThreadPoolExecutor(1, thread_name_prefix="stimpute-figures") as figure_thread:
+        for i in targets:
+            section = stack[i]
             files.append(write_h5ad_atomic(parts[i], out / f"{section.name}.h5ad", force=force))
-        pcc = None if metrics is None else metrics[metrics.section == section.name].set_index("gene").pcc
-        if figures != "none":
-            files.append(_heatmaps(section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
-                                   pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy(),
-                                   library=parts[i].uns["spatial"][section.name]))
-        section.image.release()
-    with stage("writing"):
+            pcc = None if metrics is None else metrics[metrics.section == section.name].set_index("gene").pcc
+            if figures != "none":  # from the result's own image (`library`): the section's image is not read again
+                files.append(figure_thread.submit(_heatmaps, section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
+                                                  pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy(),
+                                                  library=parts[i].uns["spatial"][section.name]))
+            section.image.release()
         block = block_result(parts)
         files.append(write_h5ad_atomic(block, out / BLOCK_FILE, force=force))
         if figures == "all":
             files.extend(write_figures(stack, done.registration, out / "figures"))  # registration QC overlays, 3D spot cloud
         if figures != "none":
-            files.append(_block_figure(parts, figure_genes[0], out))
+            files.append(figure_thread.submit(_block_figure, parts, figure_genes[0], out))
         files.extend(write_impute_view(block, out))
+        files = [f.result() if isinstance(f, Future) else f for f in files]
     del parts, block
     if metrics is not None:
         files.append(write_text_atomic(out / "metrics.csv", metrics.to_csv(index=False)))
