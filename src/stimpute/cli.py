@@ -15,7 +15,7 @@ import typer
 from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
-from stimpute.defaults import DEFAULT_PANEL_SIZE
+from stimpute.defaults import DEFAULT_FUSION, DEFAULT_PANEL_SIZE
 from stimpute.distributed import is_rank_zero, launch
 from stimpute.errors import StimputeError, StimputeWarning, check_text_path
 from stimpute.files import refuse_if_held
@@ -466,7 +466,7 @@ def impute(
     seed: Annotated[int, typer.Option(help="Seed of the training split, initialisation and dropout.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum MSAGNet training epochs (early stopping on held-out known spots).", min=1)] = 200,
     force: Annotated[bool, flag(help="Overwrite earlier results in OUT (an unfinished, killed run is resumed without it).")] = False,
-    fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts (as per-gene z-scores), each spot's propagated share scaled by its reach: 'fixed' (share 2/3, chosen on the validation protocol of benchmarks/README.md), 'calibrated' (per-gene shares fitted on held-out known spots) or 'even' (half each).")] = "fixed",
+    fusion: Annotated[str, typer.Option(help="Fusion of propagated and model parts (as per-gene z-scores), each spot's propagated share scaled by its reach: 'calibrated' (per-gene shares fitted on held-out known spots; the default, chosen on the validation protocol and the Visium-like block of benchmarks/README.md), 'fixed' (share 2/3 for every gene) or 'even' (half each).")] = DEFAULT_FUSION,
     programs: Annotated[str, typer.Option(help="Gene programs: both parts are projected on this many principal axes of the known expression before fusion: 'auto' (rank cross-validated on the known spots), 'none', or a number.")] = "auto",
     encoder: StackEncoderOption = None,
     weights: WeightsOption = None,

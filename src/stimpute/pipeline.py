@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from stimpute import __version__
+from stimpute.defaults import DEFAULT_FUSION
 from stimpute.errors import InputError, StimputeError, StimputeWarning
 from stimpute.metrics import Summary, gene_metrics, pearson_columns, spot_pcc, summarise_pcc
 from stimpute.prepare import top_hvg_genes
@@ -85,7 +86,7 @@ class ImputeRun:
 
 def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, genes: str | Path | None = None,
                seed: int = 0, force: bool = False, progress: bool = False, config: TrainConfig | None = None,
-               encoder: str | None = None, members: tuple[str, ...] | None = None, fusion: str = "fixed",
+               encoder: str | None = None, members: tuple[str, ...] | None = None, fusion: str = DEFAULT_FUSION,
                weights: str | Path | None = None, um_per_px: float | None = None, grid: GridOptions | None = None,
                programs: str | int = "auto", command: str = "impute", figures: str = "key") -> ImputeRun:
     """Impute every non-known section of the stack `sections` (stack order) into `out`.

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from stimpute.data import Stack
-from stimpute.defaults import DEFAULT_PANEL_SIZE
+from stimpute.defaults import DEFAULT_FUSION, DEFAULT_PANEL_SIZE
 from stimpute.errors import StimputeError
 from stimpute.io.inmemory import section_from_anndata
 from stimpute.io.results import spatial_3d as registered_xyz
@@ -128,7 +128,7 @@ def features(adatas: Sections, *, encoder: str | None = None, weights: str | Pat
 
 def impute(adatas: Sections, known: str | Sequence[str], *, key_added: str = "stimpute",
            genes: Sequence[str] | None = None, n_top: int = DEFAULT_PANEL_SIZE, seed: int = 0, epochs: int = 200,
-           device: str = "auto", fusion: str = "fixed", members: Sequence[str] | None = None,
+           device: str = "auto", fusion: str = DEFAULT_FUSION, members: Sequence[str] | None = None,
            programs: str | int = "auto", encoder: str | None = None, weights: str | Path | None = None,
            um_per_px: float | None = None, thickness_um: float = 10.0, spot_diameter_um: float | None = None,
            pitch_um: float | None = None, grid_scale: float = 1.0, cache_dir: str | Path | None = None,
@@ -211,7 +211,7 @@ class Imputation:
 
 
 def impute_sections(stack: Stack, known, *, key_added: str = "stimpute", genes=None, n_top: int = DEFAULT_PANEL_SIZE,
-                    config=None, members: Sequence[str] | None = None, fusion: str = "fixed",
+                    config=None, members: Sequence[str] | None = None, fusion: str = DEFAULT_FUSION,
                     programs: str | int = "auto", encoder: str | None = None, weights: str | Path | None = None,
                     features: tuple[list[np.ndarray], dict] | None = None, grid=None,
                     cache_dir: str | Path | None = None, checkpoints: str | Path | None = None,
