@@ -148,7 +148,8 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
     figure_genes = [g for g in MARKER_GENES if g in panel]
     figure_genes += [panel[j] for j in top_variable(known_expr, N_TOP_FIGURE_GENES) if panel[j] not in figure_genes]
     metrics, summary = evaluate_targets(prepared, targets, result.fused, top_variable(known_expr, N_TOP_SUMMARY))
-    # figures drawn in a second thread beside the .h5ad writing (Agg and the PNG encoder free the GIL in parts)
+    # figures drawn in a second thread beside the .h5ad writing (Agg and the PNG encoder free the GIL in parts),
+    # from arrays taken here: writing an .h5ad lends its images out of `uns` for a moment (`io.anndata_io`)
     with stage("writing"), ThreadPoolExecutor(1, thread_name_prefix="stimpute-figures") as figure_thread:
         for i in targets:
             section = stack[i]
@@ -157,14 +158,14 @@ def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config,
             if figures != "none":  # from the result's own image (`library`): the section's image is not read again
                 files.append(figure_thread.submit(_heatmaps, section, panel, figure_genes, result.fused[i], prepared.expression[i], out,
                                                   pcc=None if pcc is None or pcc.empty else pcc[figure_genes].to_numpy(),
-                                                  library=parts[i].uns["spatial"][section.name]))
+                                                  library=_figure_library(parts[i].uns["spatial"][section.name])))
             section.image.release()
         block = block_result(parts)
         files.append(write_h5ad_atomic(block, out / BLOCK_FILE, force=force))
         if figures == "all":
             files.extend(write_figures(stack, done.registration, out / "figures"))  # registration QC overlays, 3D spot cloud
         if figures != "none":
-            files.append(figure_thread.submit(_block_figure, parts, figure_genes[0], out))
+            files.append(figure_thread.submit(*_block_figure(parts, figure_genes[0], out)))
         files.extend(write_impute_view(block, out))
         files = [f.result() if isinstance(f, Future) else f for f in files]
     del parts, block
@@ -468,13 +469,20 @@ def write_impute_view(block, out: Path) -> list[Path]:
         return []
 
 
-def _block_figure(parts, gene: str, out: Path) -> Path:
-    """`figures/block_3d.png`: `gene` over every section of the block, stacked in z."""
+def _block_figure(parts, gene: str, out: Path) -> tuple:
+    """`figures/block_3d.png` (`gene` over every section of the block, stacked in z) as a
+    call: the drawing function and its arguments, read from `parts` now."""
     from stimpute.figures import block_view
 
     values = [np.asarray(p[:, gene].X).ravel() for p in parts]
-    return block_view([p.obsm["spatial_3d"] for p in parts], values, [p.uns["stimpute"]["section"] for p in parts], gene,
-                      out / "figures" / BLOCK_FIGURE, [bool(p.uns["stimpute"]["measured"]) for p in parts])
+    return (block_view, [np.array(p.obsm["spatial_3d"]) for p in parts], values, [p.uns["stimpute"]["section"] for p in parts],
+            gene, out / "figures" / BLOCK_FIGURE, [bool(p.uns["stimpute"]["measured"]) for p in parts])
+
+
+def _figure_library(library: dict) -> dict:
+    """What `_heatmaps` reads of a section's `uns["spatial"]` library (its `hires` image and
+    scale factors), held apart from the library."""
+    return {"images": {"hires": library["images"]["hires"]}, "scalefactors": dict(library["scalefactors"])}
 
 
 @timed("writing")
