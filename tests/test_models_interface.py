@@ -83,6 +83,10 @@ def test_a_registered_model_trains_and_predicts_through_the_cli(registered, fold
     genes = list(predicted.var_names)
     expected = np.concatenate([panel_expression(s, genes) for s in stack[:2]]).mean(axis=0)
     np.testing.assert_allclose(np.asarray(predicted.X), np.tile(expected, (stack[2].n_spots, 1)), rtol=1e-5, atol=1e-5)
+    # an image-only model writes the prediction alone (README Outputs): no parts, no reach, confidence undefined
+    assert set(predicted.layers) == {"stimpute"} and "stimpute_reach" not in predicted.obs
+    assert (predicted.obs["stimpute_confidence"] == 0).all() and "obs['stimpute_confidence'] is 0" in predicted.uns["stimpute"]["confidence"]
+    assert list(predicted.uns["stimpute"]["targets"]) == [stack[2].name] and predicted.uns["stimpute"]["settings"]["method"] == "shrunk_mean"
     assert yaml.safe_load((tmp_path / "pred" / "config.yaml").read_text())["method"] == "shrunk_mean"
 
     result = run_cli("predict", paths[2], "--model", tmp_path / "model", "--out", tmp_path / "other", "--method", "nh2st")

@@ -60,7 +60,7 @@ SCALE = "normalize_total(1e4) + log1p"
 BLOCK_FILE = "block.h5ad"
 UNDEFINED_CONFIDENCE = 0.0  # obs[f"{key}_confidence"] where no second estimate exists: no evidence of agreement
 NO_SECOND_ESTIMATE = ("undefined: no expression transferred from measured sections to compare the prediction with "
-                      f"(image-only prediction); obs['confidence'] is {UNDEFINED_CONFIDENCE:g}")
+                      f"(image-only prediction); obs['{{key}}_confidence'] is {UNDEFINED_CONFIDENCE:g}")
 
 
 def spatial_3d(xy_ref: np.ndarray, ref_um_per_px: float, z_um: float | None) -> np.ndarray:
@@ -127,7 +127,7 @@ def section_result(section: Section, genes: Sequence[str], X: np.ndarray, xyz_um
         "um_per_px": float(section.um_per_px), "spot_diameter_um": float(section.spot_diameter_um),
         **({"pitch_um": float(section.pitch_um)} if section.pitch_um else {}),
         **({"image_path": str(section.image.path.resolve())} if section.image.path else {}),
-        **({"confidence": NO_SECOND_ESTIMATE} if undefined else {}),
+        **({"confidence": NO_SECOND_ESTIMATE.format(key=key)} if undefined else {}),
     }
     if run:
         adata.uns[key] = {**dict(adata.uns.get(key, {})), **writable(run)}
