@@ -6,8 +6,9 @@ names come from each object's `uns["spatial"]` library id, else `section0`, `sec
 ...). Every object carries `obsm["spatial"]` (spot centres in full-resolution pixels),
 raw counts in `X` or `layers["counts"]` (no genes: an unmeasured section) and its H&E
 image where scanpy and squidpy keep it (`uns["spatial"][library_id]`; the resolution used
-is the highest present: see `stimpute.io.inmemory`). Nothing is read from or written to
-disk unless `cache_dir` is given.
+is the highest present: see `stimpute.io.inmemory`). An object with 0 obs is an H&E image
+alone (`obsm["spatial"]` may be missing): `impute` lays virtual spots on it, as `stimpute
+impute` does on an image file. Nothing is read from or written to disk unless `cache_dir` is given.
 
 The functions build on each other: `impute` reuses the registration `register` left in
 `obsm["spatial_3d"]` and the features `features` left in `obsm["X_stimpute_features"]`
