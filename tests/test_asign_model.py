@@ -100,6 +100,15 @@ def test_train_asign_then_predict_a_section_through_the_cli(tmp_path):
 
     assert stimpute.pl.imputed(adata, ["GENE000"], layer="stimpute_propagated") is not None
     assert len(stimpute.pl.block_3d(adata).axes[0].collections) == 1
+    # S2's image alone, whose file says no scale: it takes the model's sections' scale, said in one line
+    png = tmp_path / "bare" / "he_2.png"
+    png.parent.mkdir()
+    Image.fromarray(stack[2].image.read_region(0, 0, *stack[2].image.size)).save(png)
+    bare = run_cli("predict", png, "--model", tmp_path / "model", "--out", tmp_path / "pred_bare")
+    assert bare.exit_code == 0, bare.output
+    assert "as the model's sections" in bare.output
+    he = ad.read_h5ad(tmp_path / "pred_bare" / "he_2.h5ad")
+    assert he.n_obs >= 10 and he.uns["stimpute"]["registration"]["reference"] == "S0"
 
 
 def test_old_msagnet_names_still_work_with_one_deprecation_line(recwarn):

@@ -282,12 +282,14 @@ def _train(run: Run, sections, genes, seed, progress, features, model, mode, fol
 
 
 def spot_geometry(stack: Stack) -> dict:
-    """Median spot diameter and pitch (µm; a section without one: its spot lattice's) of the
-    measured sections: the virtual grid `predict` lays on H&E images alone for a model trained on them."""
+    """Median spot diameter and pitch (µm; a section without one: its spot lattice's) and scale
+    (µm/px) of the measured sections: the virtual grid `predict` lays on H&E images alone for a
+    model trained on them, and their scale where the image says none."""
     measured = [s for s in stack if s.has_counts]
     pitches = [s.pitch_um or known_lattice(s, s.xy).pitch * s.um_per_px for s in measured if s.pitch_um or s.n_spots >= 3]
     return {"spot_diameter_um": float(np.median([s.spot_diameter_um for s in measured])),
-            "pitch_um": float(np.median(pitches)) if pitches else None}
+            "pitch_um": float(np.median(pitches)) if pitches else None,
+            "um_per_px": float(np.median([s.um_per_px for s in measured]))}
 
 
 def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str | Path, force: bool = False,
@@ -333,7 +335,8 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
     if method is not None and current_name(method, MODEL_ALIASES, "--method") != trained:
         raise StimputeError(cfg_file, f"this model was trained with --method {trained}, not {method}")
     features = match_recorded(settings, encoder, weights, cfg_file)
-    stack = read_stack(sections, um_per_px=um_per_px)  # a problem with the inputs is said before the model loads
+    # a problem with the inputs is said before the model loads; images alone default to the model's scale
+    stack = read_stack(sections, um_per_px=um_per_px, trained_um_per_px=settings.get("spots", {}).get("um_per_px"))
     try:
         model = model_class.load(model_dir)
     except StimputeError:
@@ -342,7 +345,7 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
         raise InputError(ckpt, f"cannot load the model ({type(exc).__name__}: {_first_line(exc)})") from None
     force = run.claim([f"{s.name}.h5ad" for s in stack] + [f"figures/{s.name}.png" for s in stack]
                       + ["config.yaml", "metrics.csv"], caches=["cache/"])
-    trained_grid = {k: v for k, v in settings.get("spots", {}).items() if v}
+    trained_grid = {k: v for k, v in settings.get("spots", {}).items() if v and k != "um_per_px"}
     grid = grid or GridOptions()
     grid = replace(grid, **{k: v for k, v in trained_grid.items() if getattr(grid, k) is None})
     panel = list(settings["panel"])
@@ -394,7 +397,7 @@ def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | 
 MODEL_CONFIG_FIELDS = {"method": str, "encoder": str, "weights": (str, type(None)), "weights_sha256": (str, type(None)),
                        "seed": (int, type(None)), "train": (dict, type(None)), "spots": dict,
                        "top_hvg": (list, type(None))}  # what `predict` reads, and its types
-SPOT_FIELDS = ("spot_diameter_um", "pitch_um")  # the training sections' spot geometry (`spot_geometry`)
+SPOT_FIELDS = ("spot_diameter_um", "pitch_um", "um_per_px")  # the training sections' spot geometry and scale (`spot_geometry`)
 
 
 def read_model_config(path: Path) -> dict:
@@ -426,7 +429,7 @@ def read_model_config(path: Path) -> dict:
     for name, value in settings.get("spots", {}).items():
         if name not in SPOT_FIELDS or not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
                                            and np.isfinite(value) and value > 0):
-            raise InputError(path, f"'spots' holds {name}: {value!r}; expected {' and '.join(SPOT_FIELDS)}, sizes > 0 µm")
+            raise InputError(path, f"'spots' holds {name}: {value!r}; expected {', '.join(SPOT_FIELDS)}, each > 0")
     return settings
 
 

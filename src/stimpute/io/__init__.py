@@ -109,7 +109,8 @@ def read_sections(path: str | Path, um_per_px: float | None = None) -> list[Sect
 
 
 @timed("read")
-def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None, um_per_px: float | None = None) -> Stack:
+def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None, um_per_px: float | None = None,
+               trained_um_per_px: float | None = None) -> Stack:
     """Read sections given in cutting order into a Stack.
 
     Parameters
@@ -121,6 +122,9 @@ def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None, u
     um_per_px
         The scale of the H&E-only members (image files); without it and without image
         metadata they take the measured sections' median scale, with a warning.
+    trained_um_per_px
+        Where no section of `paths` is measured: the scale of a trained model's sections
+        (`stimpute predict`), taken by H&E-only members the same way, with a warning.
 
     Returns
     -------
@@ -130,10 +134,10 @@ def read_stack(paths: Sequence[str | Path], thickness_um: float | None = None, u
     images = [is_image_file(Path(p)) for p in paths]
     read = {i: read_section(p) for i, p in enumerate(paths) if not images[i]}
     scales = [s.um_per_px for s in read.values() if s.has_counts]
-    default = float(np.median(scales)) if scales else None
+    default, source = (float(np.median(scales)), "the measured sections") if scales else (trained_um_per_px, "the model's sections")
     for i, p in enumerate(paths):
         if images[i]:
-            read[i] = read_image_section(p, um_per_px=um_per_px, default_um_per_px=default)
+            read[i] = read_image_section(p, um_per_px=um_per_px, default_um_per_px=default, default_source=source)
     sections = [read[i] for i in range(len(paths))]
     return Stack(sections) if thickness_um is None else Stack(sections, thickness_um=thickness_um)
 

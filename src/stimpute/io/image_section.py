@@ -36,7 +36,8 @@ def refuse_images(paths, command: str) -> None:
                                    "with spots and counts (images alone: impute, register, predict, advise, info)")
 
 
-def read_image_section(path: str | Path, um_per_px: float | None = None, default_um_per_px: float | None = None) -> Section:
+def read_image_section(path: str | Path, um_per_px: float | None = None, default_um_per_px: float | None = None,
+                       default_source: str = "the measured sections") -> Section:
     """An H&E-only Section from an image file (see module docstring).
 
     Raises InputError when the scale is unknown and no `default_um_per_px` is given.
@@ -54,8 +55,8 @@ def read_image_section(path: str | Path, um_per_px: float | None = None, default
     if not um_per_px:
         if not default_um_per_px:
             raise InputError(path, "micrometres per pixel unknown (no resolution in the image metadata): pass --um-per-px")
-        warn_default(path, "micrometres per pixel", default_um_per_px, "µm/px, as the measured sections; pass --um-per-px")
-        um_per_px, source = default_um_per_px, "measured sections"
+        warn_default(path, "micrometres per pixel", default_um_per_px, f"µm/px, as {default_source}; pass --um-per-px")
+        um_per_px, source = default_um_per_px, default_source.removeprefix("the ")
     adata = ad.AnnData(
         X=sparse.csr_matrix((0, 0), dtype=np.float32),
         obs=pd.DataFrame(index=pd.Index([], dtype=str, name="spot")),
