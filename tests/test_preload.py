@@ -1,5 +1,6 @@
-"""Start-up of a run: the pipeline imports no training library until it trains, and
-`stimpute.preload` imports them in a thread meanwhile, without changing what is imported."""
+"""Start-up and writing of a run: the pipeline imports no training library until it trains,
+`stimpute.preload` imports them in a thread meanwhile, without changing what is imported, and
+the figures drawn in a thread read arrays of their own."""
 
 from __future__ import annotations
 
@@ -54,3 +55,17 @@ def test_relative_imports_resolve_as_importlib_does():
     assert _absolute("_shared.filters", {"__package__": "skimage.filters"}, 2) == "skimage._shared.filters"
     assert _absolute("", {"__package__": "PIL"}, 1) == "PIL"
     assert _absolute("x", {"__package__": "top"}, 3) == "" and _absolute("x", {}, 1) == ""
+
+
+def test_figure_inputs_are_held_apart_from_the_library_writing_lends_out():
+    """impute draws figures in a thread while it writes .h5ad files, and writing lends a
+    library's images out of `uns` for a moment: the figure reads its own copy of the refs."""
+    import numpy as np
+
+    from stimpute.pipeline import _figure_library
+
+    library = {"images": {"hires": np.zeros((4, 5, 3), np.uint8)}, "scalefactors": {"tissue_hires_scalef": 0.5}}
+    held = _figure_library(library)
+    library["images"].pop("hires")
+    library["scalefactors"].clear()
+    assert held["images"]["hires"].shape == (4, 5, 3) and held["scalefactors"] == {"tissue_hires_scalef": 0.5}
