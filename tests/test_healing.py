@@ -238,7 +238,7 @@ def test_a_grid_over_the_spot_limit_fails_before_any_work(folders, tmp_path):
     ("panel: [G0]\nspots: [1]\n", "'spots' is [1], not a mapping"),
     ("panel: [G0]\ntop_hvg: [G0, null]\n", "'top_hvg' names None, which is not in the panel"),
     ("panel: [G0]\nfeature_normalisation: [x]\n", "'feature_normalisation' is ['x'], not one of section, none"),
-    ("panel: [G0]\nspots: {pitch_um: -5}\n", "'spots' holds pitch_um: -5; expected spot_diameter_um and pitch_um"),
+    ("panel: [G0]\nspots: {pitch_um: -5}\n", "'spots' holds pitch_um: -5; expected spot_diameter_um, pitch_um, um_per_px"),
     ("\udcff", "cannot read"),
 ])
 def test_a_damaged_model_config_is_one_line(text, needle, folders, model, tmp_path):
