@@ -11,8 +11,6 @@ import sys
 from stimpute.preload import _absolute, preloading
 from tests.helpers import heavy_after
 
-TRAINING_LIBRARIES = ["lightning", "scanpy", "torch_geometric"]
-
 
 def test_pipeline_import_leaves_training_libraries_for_later():
     code = ("import stimpute.pipeline, stimpute.tl, stimpute.cli\n"
