@@ -65,8 +65,9 @@ def test_the_in_neighbourhood_gives_the_full_graph_loss_and_gradients():
     full.backward()
     full_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    sub = in_neighbourhood(seeds, batch.edge_index, len(batch.x), MSAGNet.hops)
-    assert len(sub.nodes) < len(batch.x)  # the far sections are left out
+    sub = in_neighbourhood(seeds, batch.edge_index, len(batch.x), MSAGNet.reach, batch.edge_type)
+    assert len(sub.nodes) == 300  # sections 0-2: section 3 is two cross-layer edges away
+    assert len(in_neighbourhood(seeds, batch.edge_index, len(batch.x), 2).nodes) > 300  # two hops over every edge reach it
     nodes = sub.nodes
     part = gene_loss(model(batch.x[nodes], sub.edge_index, batch.edge_type[sub.edge_mask],
                            batch.edge_weight[sub.edge_mask])[sub.seeds], batch.y[nodes][sub.seeds])
@@ -87,7 +88,7 @@ def test_chunked_inference_equals_one_pass_and_chunks_fit_the_budget():
     model = _model(batch)
     whole = predict_graph(model, batch, budget=len(batch.x))
     for budget in (150, 90):
-        chunks = node_chunks(len(batch.x), batch.edge_index, MSAGNet.hops, budget, batch.pos)
+        chunks = node_chunks(len(batch.x), batch.edge_index, MSAGNet.reach, budget, batch.pos, batch.edge_type)
         assert all(len(c.nodes) <= budget for c in chunks) and len(chunks) > 1
         assert torch.equal(torch.sort(torch.cat([c.nodes[c.seeds] for c in chunks])).values, torch.arange(len(batch.x)))
         assert torch.allclose(predict_graph(model, batch, budget), whole, atol=1e-5)
@@ -106,7 +107,7 @@ def test_training_plan_picks_whole_graph_subgraph_or_bounded_mini_batches():
     labelled = torch.nonzero(batch.train_mask | batch.val_mask).flatten()
     assert torch.equal(torch.sort(torch.cat([s.nodes[s.seeds] for s in plan])).values, labelled)  # every spot once
     assert len(training_plan(batch, n, 2, parts=2)) >= 2  # two processes: a batch each at least
-    data = GraphData(batch, 300)
+    data = GraphData(batch, 300, hops=2)
     bands = [data.train_dataloader().dataset[i] for i in range(len(plan))]
     assert sum(int(b.train_mask.sum()) for b in bands) == int(batch.train_mask.sum())  # context nodes carry no loss
     assert sum(int(b.val_mask.sum()) for b in bands) == int(batch.val_mask.sum())
@@ -117,13 +118,13 @@ def test_training_plan_picks_whole_graph_subgraph_or_bounded_mini_batches():
 
 def test_mini_batch_training_learns_and_resumes_exactly(tmp_path):
     batch = grid_stack(known=(1, 2))
-    cfg = dict(patience=100, seed=1, batch_nodes=380, model=SMALL, lr=3e-3)
+    cfg = dict(patience=100, seed=1, batch_nodes=250, model=SMALL, lr=3e-3)
     full = fit(batch, TrainConfig(max_epochs=24, **cfg), ckpt_dir=tmp_path / "full")
     assert len(full.trainer.datamodule.plan) == 4 and full.trainer.current_epoch == 6  # 24 steps' worth: 6 epochs of 4
     fit(batch, TrainConfig(max_epochs=12, **cfg), ckpt_dir=tmp_path / "part")
     resumed = fit(batch, TrainConfig(max_epochs=24, **cfg), ckpt_dir=tmp_path / "part", resume=tmp_path / "part" / "last.ckpt")
-    pred = predict_graph(full.model, batch, 380)
-    assert torch.equal(pred, predict_graph(resumed.model, batch, 380))
+    pred = predict_graph(full.model, batch, 250)
+    assert torch.equal(pred, predict_graph(resumed.model, batch, 250))
     held = batch.val_mask
     pcc = torch.corrcoef(torch.stack([pred[held, 0], batch.y[held, 0]]))[0, 1]
     assert pcc > 0.3  # six epochs of four steps: it learns

@@ -2,10 +2,11 @@
 budget (`TrainConfig.batch_nodes`, `--batch-nodes`), not by the size of the stack.
 
 A graph network's output at a node depends only on the nodes within its receptive field
-(`hops` edges upstream; MSAGNet: 2). So the prediction at a set of seed nodes computed on
-their `hops`-hop in-neighbourhood (`torch_geometric.utils.k_hop_subgraph`, every edge
-between its nodes kept) equals the prediction on the whole graph, and so do the loss and
-its gradients. Three regimes, chosen by `training_plan`:
+(`hops` edges upstream, each hop over every edge type or over some: MSAGNet's
+`MSAGNet.reach`, one hop over every edge, then one over within-section edges). So the
+prediction at a set of seed nodes computed on their in-neighbourhood (every edge between
+its nodes kept) equals the prediction on the whole graph, and so do the loss and its
+gradients. Three regimes, chosen by `training_plan`:
 
 1. every node is within reach of the labelled ones and the graph fits the budget: one
    full-graph batch (what stimpute always did; HER2-ST);
@@ -32,6 +33,7 @@ within the budget.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -54,13 +56,28 @@ class SubgraphBatch:
     seeds: torch.Tensor
 
 
-def in_neighbourhood(seeds: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, hops: int) -> SubgraphBatch:
-    """The `hops`-hop in-neighbourhood of `seeds`: every node whose message can reach a seed."""
-    from torch_geometric.utils import k_hop_subgraph  # here, not at import: slow to import (`stimpute.preload`)
+Hops = int | Sequence[Sequence[int] | None]  # hops over every edge, or each hop's edge types (None: every type)
 
-    nodes, sub_edges, mapping, edge_mask = k_hop_subgraph(seeds, hops, edge_index, relabel_nodes=True,
-                                                          num_nodes=n_nodes, flow="source_to_target")
-    return SubgraphBatch(nodes, sub_edges, edge_mask, mapping)
+
+def in_neighbourhood(seeds: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, hops: Hops,
+                     edge_type: torch.Tensor | None = None) -> SubgraphBatch:
+    """Every node whose message can reach a seed within `hops`: a number of hops over every
+    edge, or per hop (from the seeds upstream) the edge types it follows (None: every type;
+    `edge_type` (E,) tells them apart)."""
+    steps = [None] * hops if isinstance(hops, int) else list(hops)
+    source, target = edge_index
+    member = torch.zeros(n_nodes, dtype=torch.bool)
+    member[seeds] = True
+    for types in steps:
+        follow = member[target]
+        if types is not None:
+            follow &= torch.isin(edge_type, torch.as_tensor(list(types), dtype=edge_type.dtype))
+        member[source[follow]] = True
+    nodes = torch.nonzero(member).flatten()
+    position = torch.full((n_nodes,), -1, dtype=torch.long)
+    position[nodes] = torch.arange(len(nodes))
+    edge_mask = member[source] & member[target]
+    return SubgraphBatch(nodes, position[edge_index[:, edge_mask]], edge_mask, position[seeds])
 
 
 def spatial_order(nodes: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
@@ -71,8 +88,9 @@ def spatial_order(nodes: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor
     return nodes[torch.as_tensor(np.lexsort((p[:, 0], p[:, 1], p[:, 2])))]
 
 
-def bounded_runs(ordered: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, hops: int, budget: int,
-                 parts: int = 1, min_seeds: int = MIN_BATCH_SPOTS) -> list[SubgraphBatch]:
+def bounded_runs(ordered: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, hops: Hops, budget: int,
+                 parts: int = 1, min_seeds: int = MIN_BATCH_SPOTS,
+                 edge_type: torch.Tensor | None = None) -> list[SubgraphBatch]:
     """`ordered` seeds cut into at least `parts` consecutive runs whose in-neighbourhoods hold
     at most `budget` nodes each (a run over budget is halved); raises where that needs runs
     of fewer than `min_seeds` seeds."""
@@ -80,7 +98,7 @@ def bounded_runs(ordered: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, 
     done = []
     while todo:
         part = todo.pop(0)
-        sub = in_neighbourhood(part, edge_index, n_nodes, hops)
+        sub = in_neighbourhood(part, edge_index, n_nodes, hops, edge_type)
         if len(sub.nodes) <= budget:
             done.append(sub)
         elif len(part) >= 2 * min_seeds:
@@ -92,11 +110,12 @@ def bounded_runs(ordered: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, 
     return done
 
 
-def node_chunks(n_nodes: int, edge_index: torch.Tensor, hops: int, budget: int,
-                pos: torch.Tensor | None = None) -> list[SubgraphBatch]:
+def node_chunks(n_nodes: int, edge_index: torch.Tensor, hops: Hops, budget: int,
+                pos: torch.Tensor | None = None, edge_type: torch.Tensor | None = None) -> list[SubgraphBatch]:
     """All nodes, in spatial order, in runs whose in-neighbourhoods fit `budget` nodes."""
     ordered = spatial_order(torch.arange(n_nodes), pos)
-    return bounded_runs(ordered, edge_index, n_nodes, hops, budget, -(-n_nodes // budget), min_seeds=1)
+    return bounded_runs(ordered, edge_index, n_nodes, hops, budget, -(-n_nodes // budget), min_seeds=1,
+                        edge_type=edge_type)
 
 
 def restrict(batch, sub: SubgraphBatch, **masks):

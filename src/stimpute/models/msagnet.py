@@ -89,13 +89,14 @@ class MSAGNet(nn.Module):
 
     `x` holds S scale tokens per spot (spot first); features are standardised with the
     `feature_mean`/`feature_std` buffers (set by `set_feature_scaling`) so a saved model
-    carries its own input scaling. `hops` is the receptive field: a spot's output reads
-    nodes at most 2 edges upstream (cross-attention over within-section in-neighbours,
-    then one graph-attention layer), so its 2-hop in-neighbourhood gives the same output
-    as the whole graph (`stimpute.batches`).
+    carries its own input scaling. `reach` is the receptive field, per hop upstream from
+    a spot: graph attention reads its in-neighbours over every edge, whose spot tokens
+    cross-attended over their within-section in-neighbours. That in-neighbourhood gives the
+    same output as the whole graph (`stimpute.batches`); a known section's reaches one
+    section on either side, not two.
     """
 
-    hops = 2
+    reach = (None, (WITHIN,))  # `stimpute.batches.in_neighbourhood` hops: every edge type, then within-section
 
     def __init__(self, in_dim: int, n_genes: int, n_scales: int = 3, config: MSAGNetConfig | None = None):
         super().__init__()

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-from stimpute.batches import (SubgraphBatch, bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask,
+from stimpute.batches import (Hops, SubgraphBatch, bounded_runs, in_neighbourhood, node_chunks, restrict, seed_mask,
                               spatial_order)
 from stimpute.errors import StimputeWarning
 from stimpute.files import atomic_write
@@ -65,7 +65,7 @@ class GraphData(L.LightningDataModule):
     (`stimpute.batches`). Validation reads the same batches; without held-out spots it
     monitors the training spots."""
 
-    def __init__(self, batch: GraphBatch, budget: int, hops: int = MSAGNet.hops, parts: int = 1, seed: int = 0,
+    def __init__(self, batch: GraphBatch, budget: int, hops: Hops = MSAGNet.reach, parts: int = 1, seed: int = 0,
                  band_spots: int | None = None):
         super().__init__()
         self.batch, self.seed = batch, seed
@@ -89,7 +89,7 @@ class GraphData(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
 
-def training_plan(batch: GraphBatch, budget: int, hops: int, parts: int = 1,
+def training_plan(batch: GraphBatch, budget: int, hops: Hops, parts: int = 1,
                   band_spots: int | None = None) -> list[SubgraphBatch] | None:
     """The subgraphs `batch` trains on (`stimpute.batches` module docstring); None: the whole
     graph. Beyond `band_spots` labelled spots the labelled spots are cut into bands of at
@@ -99,12 +99,13 @@ def training_plan(batch: GraphBatch, budget: int, hops: int, parts: int = 1,
     labelled = torch.nonzero(batch.train_mask | batch.val_mask).flatten()
     parts = max(parts, -(-len(labelled) // band_spots) if band_spots else 1)
     if parts == 1:
-        sub = in_neighbourhood(labelled, batch.edge_index, n, hops)
+        sub = in_neighbourhood(labelled, batch.edge_index, n, hops, batch.edge_type)
         if len(sub.nodes) == n and n <= budget:
             return None  # every node is within reach: the whole graph
         if len(sub.nodes) <= budget:
             return [sub]  # sections beyond the labelled spots' reach cost nothing
-    return bounded_runs(spatial_order(labelled, batch.pos), batch.edge_index, n, hops, budget, parts)
+    return bounded_runs(spatial_order(labelled, batch.pos), batch.edge_index, n, hops, budget, parts,
+                        edge_type=batch.edge_type)
 
 
 def schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
@@ -166,7 +167,7 @@ def predict_graph(model: MSAGNet, batch: GraphBatch, budget: int) -> torch.Tenso
     if n <= budget:
         return model(batch.x, batch.edge_index, batch.edge_type, batch.edge_weight)
     out = torch.empty(n, model.head[-1].out_features)
-    for sub in node_chunks(n, batch.edge_index, model.hops, budget, batch.pos):
+    for sub in node_chunks(n, batch.edge_index, model.reach, budget, batch.pos, batch.edge_type):
         part = restrict(batch, sub)
         out[sub.nodes[sub.seeds]] = model(part.x, part.edge_index, part.edge_type, part.edge_weight)[sub.seeds]
     return out
