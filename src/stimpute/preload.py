@@ -27,8 +27,10 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 # what `stimpute impute` imports after reading and registering its sections, slowest first:
-# the graph and MSAGNet (torch_geometric), training (Lightning), the panel (scanpy), ASIGN
-TRAINING_MODULES = ("torch._dynamo", "torch_geometric", "torch_geometric.nn", "torchmetrics", "lightning", "scanpy", "stimpute.models.msagnet_training", "stimpute.models.asign")
+# the graph and MSAGNet (torch_geometric), training (Lightning), the panel (scanpy), ASIGN;
+# s3fs where installed: Lightning imports it to ask whether a checkpoint folder is on S3 (~1 s)
+TRAINING_MODULES = ("torch._dynamo", "torch_geometric", "torch_geometric.nn", "torchmetrics", "lightning", "scanpy",
+                    "stimpute.models.msagnet_training", "stimpute.models.asign", "s3fs")
 WAIT_S = 60.0  # the longest an import waits for the thread's current module (it takes ~1-3 s)
 
 _ORIGINAL_IMPORT = builtins.__import__
