@@ -23,10 +23,14 @@ def test_stages_accumulate_and_nest_and_cost_nothing_when_not_recording():
             big = np.ones(40 * 2**20 // 8)  # 40 MiB
             big[:] = 2
             work(10)
+            spin = time.process_time() + 0.05
+            while time.process_time() < spin:  # CPU the stage itself burns
+                pass
     r = timer.to_dict()
     assert r["work"]["calls"] == 2 and r["work"]["seconds"] >= 0.02
     assert r["outer"]["calls"] == 1 and r["outer"]["seconds"] >= r["work"]["seconds"]
     assert r["outer"]["peak_mib"] >= r["work"]["peak_mib"] > 0
+    assert r["outer"]["user_s"] + r["outer"]["sys_s"] >= 0.04 and r["work"]["user_s"] >= 0  # process CPU while open
     del big
 
 

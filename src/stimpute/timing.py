@@ -6,6 +6,11 @@ active, as it is during `stimpute impute` (which writes the result as `timings.j
 A stage entered several times (features of each section) accumulates its seconds; a
 stage entered again while it runs (a timed function calling another) is counted once.
 
+CPU seconds (`user_s`, `sys_s`) are the whole process's, every thread's, while the stage
+was open: a stage that runs beside a thread (the models' imports during registration) is
+charged that thread's work too. They tell where system CPU goes (page faults of big
+arrays, threads spinning), which wall seconds on a shared machine hide.
+
 Peak memory is the process's peak resident set (Linux VmHWM), reset at the start of each
 stage through /proc/self/clear_refs, so each stage reports the largest RSS reached while
 it ran (everything the process holds at that time, not only what the stage added). Where
@@ -17,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -31,10 +37,12 @@ class StageRecord:
     seconds: float = 0.0
     peak_mib: float = 0.0
     calls: int = 0
+    user_s: float = 0.0
+    sys_s: float = 0.0
 
 
 class StageTimer:
-    """Seconds and peak RSS (MiB) per stage name; stages may nest."""
+    """Seconds, process CPU seconds and peak RSS (MiB) per stage name; stages may nest."""
 
     def __init__(self):
         self.records: dict[str, StageRecord] = {}
@@ -48,12 +56,15 @@ class StageTimer:
         self._credit_peak()  # what the enclosing stages reached so far, before the reset
         reset_peak_rss()
         self._open.append(name)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), os.times()
         try:
             yield
         finally:
             record = self.records.setdefault(name, StageRecord())
             record.seconds += time.perf_counter() - start
+            now = os.times()
+            record.user_s += now.user - cpu.user
+            record.sys_s += now.system - cpu.system
             record.calls += 1
             self._credit_peak()
             self._open.pop()
