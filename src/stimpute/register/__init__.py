@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from stimpute.data import Section, Stack
 from stimpute.errors import StimputeError, StimputeWarning
-from stimpute.register.masks import View, section_view, tissue_mask
+from stimpute.register.masks import View, section_view, section_views, tissue_mask
 from stimpute.register.refine import pair_quality, refine_ecc
 from stimpute.register.rigid import Candidate, rotation_search
 from stimpute.timing import timed
@@ -105,7 +105,7 @@ def register_stack(
     with _progress(progress) as bar:
         task = bar.add_task("registering sections", total=2 * len(stack) - 1)
         for i, section in enumerate(stack):
-            views = views[-1:] + [(section_view(section, extent_um / coarse_side), section_view(section, fine_um))]
+            views = views[-1:] + [tuple(section_views(section, [extent_um / coarse_side, fine_um]))]
             section.image.release()
             _warn_off_tissue(section, views[-1][1])
             bar.advance(task)

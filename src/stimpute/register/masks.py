@@ -11,8 +11,10 @@ image scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 from skimage.filters import gaussian, threshold_otsu  # by name: skimage loads them here, not in the first registration
 from skimage.morphology import remove_small_holes
@@ -123,9 +125,28 @@ def section_view(section: Section, um_per_px: float) -> View:
 
     Raises StimputeError naming the section's file when no tissue is found.
     """
+    return section_views(section, [um_per_px])[0]
+
+
+def section_views(section: Section, um_per_px: Sequence[float]) -> list[View]:
+    """`section_view` at each of `um_per_px` from one decode of the image: the finest
+    thumbnail is read, the coarser ones are resampled from it (antialiased, as
+    `SectionImage.thumbnail` resamples)."""
     W, H = section.image.size
-    max_side = max(1, int(round(max(W, H) * section.um_per_px / um_per_px)))
-    rgb, scale = section.image.thumbnail(max_side)
+    sides = [max(1, int(round(max(W, H) * section.um_per_px / um))) for um in um_per_px]
+    finest, scale = section.image.thumbnail(max(sides))
+    views = []
+    for side in sides:
+        rgb, view_scale = finest, scale
+        if side < max(finest.shape[:2]):
+            view_scale = min(1.0, side / max(W, H))
+            size = (max(1, round(W * view_scale)), max(1, round(H * view_scale)))
+            rgb, view_scale = np.asarray(Image.fromarray(finest).resize(size, Image.BILINEAR)), size[0] / W
+        views.append(_view(section, rgb, view_scale))
+    return views
+
+
+def _view(section: Section, rgb: np.ndarray, scale: float) -> View:
     view_um = section.um_per_px / scale
     mask = tissue_mask(rgb, view_um)
     if mask.sum() < MIN_TISSUE_PX:

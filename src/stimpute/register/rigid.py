@@ -44,22 +44,40 @@ def flip_x(width: int) -> np.ndarray:
 
 
 def rotation_search(fixed: View, moving: View, step_deg: float = 3.0, n_candidates: int = 4) -> list[Candidate]:
-    """Best rigid placements of `moving` on `fixed` over all angles and the mirror, best first."""
-    side = int(np.ceil(np.hypot(*moving.shape))) + 2  # the moving mask fits at any angle
-    overlap = _Overlap(fixed.mask, side)
+    """Best rigid placements of `moving` on `fixed` over all angles and the mirror, best first.
+
+    Both masks are cut to their tissue's bounding box first: the glass around it adds
+    nothing to any overlap, and the FFTs shrink about 3× on HER2-ST thumbnails. Whole
+    pixels are cut, so every overlap is the uncut masks' own, shifted."""
+    (fy, fx), fixed_mask = _tissue_box(fixed.mask)
+    (my, mx), moving_mask = _tissue_box(moving.mask)
+    side = int(np.ceil(np.hypot(*moving_mask.shape))) + 2  # the moving mask fits at any angle
+    overlap = _Overlap(fixed_mask, side)
+    uncut = np.array([[1.0, 0.0, fx], [0.0, 1.0, fy], [0.0, 0.0, 1.0]])  # cut fixed px -> fixed view px
     found = []
     for mirrored in (False, True):
-        mask = np.fliplr(moving.mask) if mirrored else moving.mask
-        pre = flip_x(moving.shape[1]) if mirrored else np.eye(3)
+        mask = np.fliplr(moving_mask) if mirrored else moving_mask
+        # moving view px -> cut (and mirrored) moving px
+        cut = np.array([[1.0, 0.0, -mx], [0.0, 1.0, -my], [0.0, 0.0, 1.0]])
+        pre = flip_x(mask.shape[1]) @ cut if mirrored else cut
         ys, xs = np.nonzero(mask)
         centroid = (xs.mean(), ys.mean())
         scores = [_best_shift(overlap, mask, centroid, angle) for angle in np.arange(0.0, 360.0, step_deg)]
         ious = np.array([s[0] for s in scores])
         for i in _circular_peaks(ious):
             iou, matrix_view, angle = scores[i]
-            found.append(Candidate(full_matrix(fixed, moving, matrix_view @ pre), iou, angle, mirrored))
+            found.append(Candidate(full_matrix(fixed, moving, uncut @ matrix_view @ pre), iou, angle, mirrored))
     found.sort(key=lambda c: -c.iou)
     return found[:n_candidates]
+
+
+def _tissue_box(mask: np.ndarray) -> tuple[tuple[int, int], np.ndarray]:
+    """The (row, column) of the top-left corner of `mask`'s foreground bounding box, and the
+    mask cut to it (the whole mask where it is empty)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return (0, 0), mask
+    return (int(rows[0]), int(cols[0])), mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 class _Overlap:
