@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -57,12 +58,14 @@ def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[s
     and predicted on one colour scale (1st-99th percentile) and the predicted panel's title
     gives the gene's PCC (`pcc`); without, one panel per gene titled `label`.
     Each panel is one image, the spots rasterised onto the H&E at the panel's resolution, in
-    a fixed layout: a section's figure costs a fraction of a second, not seconds of vector
-    drawing and layout search.
+    a fixed layout, placed on the figure's pixels as they are (`Figure.figimage`, titled by
+    figure text): only the colour bars are axes, so a section's figure costs a fraction of
+    a second, not seconds of vector drawing, axes and layout search.
     """
-    from matplotlib import colormaps
+    from matplotlib import colormaps, rcParams
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.transforms import offset_copy
 
     xy = np.asarray(xy, float)
     d = float(diameter) if diameter else 0.5 * _median_spacing(xy)
@@ -79,17 +82,21 @@ def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[s
     gap, title_h, top, bar_w = 0.15, 0.3, 0.45 if title else 0.1, 1.0  # inches; bar_w: colour bar and its label
     fig_w = (panel_w + gap) * (len(columns) + 1) + bar_w
     fig_h = top + len(genes) * (title_h + panel_h + gap)
-    fig = Figure(figsize=(fig_w, fig_h))
+    fig = Figure(figsize=(fig_w, fig_h), dpi=MAP_DPI)
+    above = offset_copy(fig.transFigure, fig=fig, y=rcParams["axes.titlepad"], units="points")  # where an axes title sits
 
     def axes(col: float, row: float, width: float, height: float):  # inches from the top left
         return fig.add_axes((col / fig_w, 1.0 - (row + height) / fig_h, width / fig_w, height / fig_h))
 
-    def panel(ax, image: np.ndarray, text: str) -> None:
-        ax.imshow(image, interpolation="nearest")
-        ax.set_title(text, fontsize=10)
-        ax.set_axis_off()
+    def panel(col: float, row: float, image: np.ndarray, text: str) -> None:
+        """`image` filling the panel_w x panel_h inches at (col, row), titled `text`."""
+        left, bottom = round(col * MAP_DPI), round((fig_h - row - panel_h) * MAP_DPI)
+        size = (max(1, round((col + panel_w) * MAP_DPI) - left), max(1, round((fig_h - row) * MAP_DPI) - bottom))
+        fig.figimage(cv2.resize(image, size, interpolation=cv2.INTER_NEAREST), left, bottom, origin="upper")
+        fig.text((col + 0.5 * panel_w) / fig_w, 1.0 - row / fig_h, text, fontsize=10, ha="center", va="baseline",
+                 transform=above)
 
-    panel(axes(0.0, top + title_h + 0.5 * (fig_h - top - title_h - panel_h - gap), panel_w, panel_h), background, "H&E")  # centred
+    panel(0.0, top + title_h + 0.5 * (fig_h - top - title_h - panel_h - gap), background, "H&E")  # centred
     cmap = colormaps["viridis"]
     for g, gene in enumerate(genes):
         row = top + g * (title_h + panel_h + gap) + title_h
@@ -100,7 +107,7 @@ def expression_heatmaps(thumbnail: np.ndarray, xy: np.ndarray, genes: Sequence[s
             shown = f"{gene} · {name}"
             if name == "predicted" and pcc is not None and np.isfinite(pcc[g]):
                 shown += f" (PCC {pcc[g]:.2f})"
-            panel(axes(c * (panel_w + gap), row, panel_w, panel_h), paint(cmap(norm(values[:, g]))[:, :3]), shown)
+            panel(c * (panel_w + gap), row, paint(cmap(norm(values[:, g]))[:, :3]), shown)
         bar = axes((len(columns) + 1) * (panel_w + gap), row + 0.1 * panel_h, 0.15, 0.8 * panel_h)
         fig.colorbar(ScalarMappable(norm, cmap), cax=bar, label="log1p expression")
     if title:
@@ -132,8 +139,6 @@ def _spot_raster(image: np.ndarray, xy: np.ndarray, diameter: float, scale: floa
     to that image with each spot a filled disc of `diameter` pixels at `xy`. Each pixel's
     spot cover is measured on a `SUPERSAMPLE` x finer grid, once, so disc edges blend
     smoothly into the H&E; a pixel takes the colour of the spot covering most of it."""
-    import cv2
-
     small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
     small = np.ascontiguousarray(small[..., :3]).astype(np.float32) / (255.0 if small.dtype == np.uint8 else 1.0)
     h, w = small.shape[:2]
