@@ -15,9 +15,11 @@ compared with the best set:
   (MSAGNet + kernel ridge) too and reports how the two rank sets alike.
 - **advisor**: `stimpute.advise` (facility location over the pairs' image continuity,
   nothing fitted) and its ablations (`rule_scores`): without the z prior, without making
-  pairs symmetric, with the issue's image-quality idea added (`untrustworthy`), and the
+  pairs symmetric, with the issue's image-quality idea added (`untrustworthy`), the
   first rehearsal of issue 29 (whole known set, image-model stand-in fused in) and its
-  propagated part alone;
+  propagated part alone, and the fourth round's: the sets equal on the advisor's z line
+  ordered by interpolation (`far_side`), by the first rehearsal, or by a cross-family image
+  model's reach (`cross_family`), and `kriging` over the line;
 - **old model**: the issue-19 linear model (coverage, morphology, z distance; coefficients
   fitted on HER2-ST, `benchmarks/advise_old_model.json`);
 - **middle section** (the `budget` sections around the middle) and **evenly spaced**
@@ -62,11 +64,14 @@ CALIBRATION = ROOT / "src" / "stimpute" / "data" / "advise_calibration.json"
 DEV = [f"synthetic {seed:02d}" for seed in range(0, 100, 2)]  # the development half: even seeds
 MARKERS = ("<!-- bench_advise:start -->", "<!-- bench_advise:end -->")
 SCORED = ("advisor", "z decay by median (round 2)", "pairs ¼ + z prior ¾", "pairs ¼ + z prior ¾, image-quality aware", "pairs ½ + z prior ½",
-          "pairs alone", "first rehearsal", "first rehearsal, propagated part")
+          "pairs alone", "first rehearsal", "first rehearsal, propagated part", "line, ties by interpolation",
+          "line, ties by set rehearsal", "line, ties by cross-family ridge", "kriging over the line")
 FLOOR = "second draw's best (noise floor)"
 RULES = (*SCORED, "old model", "middle section", "evenly spaced", FLOOR)
 SECOND_DRAW = 1  # the count seed and stand-in seed of the second draw (`--draw`), read from OUT/draw1/
 QUALITY_RATIO = 0.65  # the "image-quality aware" ablation's threshold (chosen on the even seeds)
+FAMILIES = {"colour": slice(0, 18), "nuclei": slice(18, 44), "texture": slice(44, 67)}  # handcrafted descriptor blocks
+RIDGE_ALPHA = 0.1  # ridge penalty per spot of the cross-family ablation (standardised descriptors)
 
 
 def synthetic_case(seed: int) -> dict:
@@ -181,11 +186,74 @@ def untrustworthy(pairs: np.ndarray, ratio: float = QUALITY_RATIO) -> np.ndarray
     return out
 
 
-def rule_scores(description, sets: list[tuple[int, ...]]) -> dict[str, np.ndarray]:
+def lexicographic(*keys) -> np.ndarray:
+    """Ranks of the sets by the first key, sets equal on it (to 9 decimals) ordered by the next ones."""
+    order = np.lexsort([np.round(np.asarray(k, float), 9) for k in keys[::-1]])
+    ranks = np.empty(len(order))
+    ranks[order] = np.arange(len(order))
+    return ranks
+
+
+def far_side(description, sets) -> np.ndarray:
+    """Minus the mean, over each set's targets, of the z distance to the nearer known section on
+    the target's other side (a target known from one side only: twice the stack's depth). High
+    when the targets lie between known sections (interpolated, not extrapolated)."""
+    z = description.z_um
+    out = []
+    for known in sets:
+        kz = z[list(known)]
+        far = [max(np.min(np.abs(kz[kz < z[t]] - z[t]), initial=np.inf), np.min(np.abs(kz[kz > z[t]] - z[t]), initial=np.inf))
+               for t in range(len(z)) if t not in known]
+        out.append(-np.mean(np.minimum(far, 2 * np.ptp(z))))
+    return np.array(out)
+
+
+def kriging(continuity: np.ndarray, sets) -> np.ndarray:
+    """The mean, over each set's targets, of the share of the target's variance that the best
+    linear predictor from the known sections explains, the continuity as their covariance (1 on
+    the diagonal): two known sections around a target count more than one, adjacent known
+    sections are partly redundant."""
+    C = np.clip(np.nan_to_num(continuity, nan=1.0), 1e-6, None)
+    out = []
+    for known in sets:
+        targets = [t for t in range(len(C)) if t not in known]
+        R, r = C[np.ix_(known, known)].copy(), C[np.ix_(known, targets)]
+        np.fill_diagonal(R, 1.0)
+        out.append(np.mean(np.clip(np.sum(r * np.linalg.lstsq(R, r, rcond=None)[0], axis=0), 0, 1)))
+    return np.array(out)
+
+
+def cross_family(features: list[np.ndarray], sets, n_components: int = 5) -> np.ndarray:
+    """How well an image model trained on each set's spots carries to its targets: a ridge from
+    the colour and texture descriptors to the nuclei descriptors' first `n_components` principal
+    components, trained on the known sections' spots, its mean component PCC on each target,
+    averaged over the targets (descriptors centred per section, standardised over the stack)."""
+    from stimpute.combine import zscore
+
+    def family(cut: slice) -> list[np.ndarray]:
+        X = [f[:, :, cut].reshape(len(f), -1) - f[:, :, cut].reshape(len(f), -1).mean(0) for f in features]
+        sd = np.concatenate(X).std(0)
+        return [x / np.where(sd > 1e-12, sd, 1.0) for x in X]
+
+    nuclei = family(FAMILIES["nuclei"])
+    axes = np.linalg.svd(np.concatenate(nuclei), full_matrices=False)[2][:n_components].T
+    Y = [x @ axes for x in nuclei]
+    X = [np.c_[a, b] for a, b in zip(family(FAMILIES["colour"]), family(FAMILIES["texture"]))]
+    out = []
+    for known in sets:
+        Xk, Yk = np.concatenate([X[k] for k in known]), np.concatenate([Y[k] for k in known])
+        W = np.linalg.solve(Xk.T @ Xk + RIDGE_ALPHA * len(Xk) * np.eye(Xk.shape[1]), Xk.T @ Yk)
+        out.append(np.mean([np.mean(zscore(X[t] @ W) * zscore(Y[t])) for t in range(len(X)) if t not in known]))
+    return np.array(out)
+
+
+def rule_scores(description, sets: list[tuple[int, ...]], features: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Each scored rule's score of every set: the advisor and its ablations (facility location
     over symmetric pair scores blended with the z prior, with the issue's image-quality idea
-    added, or over the pairs alone) and the first rehearsal."""
-    from stimpute.advise import TIE_BREAK, distance_prior, facility_values
+    added, or over the pairs alone), the first rehearsal, and the fourth round's: the sets
+    equal on the advisor's line ordered by interpolation (`far_side`), by the first rehearsal
+    of the whole set or by an image model's reach (`cross_family`), and `kriging`."""
+    from stimpute.advise import TIE_BREAK, decay_line, distance_prior, facility_values
 
     P = description.pair_scores
     sym = 0.5 * (P + P.T)
@@ -195,20 +263,26 @@ def rule_scores(description, sets: list[tuple[int, ...]]) -> dict[str, np.ndarra
     quality[bad] = prior[bad]  # a ruined section's worth as a source: from its z distance alone
     matrices = {"pairs ¼ + z prior ¾": 0.25 * sym + 0.75 * prior, "pairs ¼ + z prior ¾, image-quality aware": quality,
                 "pairs ½ + z prior ½": 0.5 * sym + 0.5 * prior, "pairs alone": sym}
+    line = decay_line(P, description.z_um)
+    on_line = np.nanmean(facility_values(line, sets), axis=1)
     out = {"advisor": description.scores(sets),
            "z decay by median (round 2)": np.nanmean(facility_values(distance_prior(P, description.z_um)
                                                                      + TIE_BREAK * P, sets), axis=1)}
     out.update({rule: np.nanmean(facility_values(m, sets), axis=1) for rule, m in matrices.items()})
     out["first rehearsal"] = np.nanmean(description.set_scores(sets), axis=1)
     out["first rehearsal, propagated part"] = np.nanmean(description.set_scores(sets, "propagated"), axis=1)
+    out["line, ties by interpolation"] = lexicographic(on_line, far_side(description, sets), out["advisor"])
+    out["line, ties by set rehearsal"] = lexicographic(on_line, out["first rehearsal"])
+    out["line, ties by cross-family ridge"] = lexicographic(on_line, cross_family(features, sets))
+    out["kriging over the line"] = kriging(line, sets) + TIE_BREAK * out["advisor"]
     return out
 
 
-def picks(description, budget: int) -> dict[str, tuple[int, ...]]:
+def picks(description, budget: int, features: list[np.ndarray]) -> dict[str, tuple[int, ...]]:
     """Every rule's pick over all candidate sets of `budget` sections."""
     n = len(description.names)
     sets = list(itertools.combinations(range(n), budget))
-    out = {rule: sets[int(np.argmax(v))] for rule, v in rule_scores(description, sets).items()}
+    out = {rule: sets[int(np.argmax(v))] for rule, v in rule_scores(description, sets, features).items()}
     old = old_scores(description, sets)
     out["old model"] = max(sets, key=lambda k: (old[k], [-i for i in k]))
     out["middle section"], out["evenly spaced"] = spaced(n, budget, True), spaced(n, budget, False)
@@ -228,6 +302,8 @@ def score_stack(path: Path, label: str, second: Path | None = None) -> pd.DataFr
         frame = frame.merge(pd.read_csv(second).rename(columns={"actual": "actual_second"})[
             ["budget", "known", "actual_second"]], on=["budget", "known"], how="left")
     description, described = load_description(path)
+    stored = np.load(path.with_suffix(".npz"))
+    features = [stored[f"features{i}"].astype(np.float64) for i in range(len(description.names))]
     index = {name: i for i, name in enumerate(description.names)}
     out = []
     for budget, group in frame.groupby("budget"):
@@ -242,10 +318,10 @@ def score_stack(path: Path, label: str, second: Path | None = None) -> pd.DataFr
                              tie=advice.loc[group["known"], "tie"].to_numpy(),
                              gap=advice.loc[group["known"], "gap"].to_numpy(),
                              seconds_advise=seconds, seconds_register_features=described)
-        for rule, values in rule_scores(description, sets).items():
+        for rule, values in rule_scores(description, sets, features).items():
             group[rule] = values
         group["old model"] = [old[k] for k in sets]
-        for rule, known in picks(description, int(budget)).items():
+        for rule, known in picks(description, int(budget), features).items():
             group[f"pick_{rule}"] = "+".join(description.names[i] for i in known)
         if "actual_second" in group and group["actual_second"].notna().all():
             group[f"pick_{FLOOR}"] = group.loc[group["actual_second"].idxmax(), "known"]
