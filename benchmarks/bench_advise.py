@@ -23,7 +23,11 @@ compared with the best set:
 - **old model**: the issue-19 linear model (coverage, morphology, z distance; coefficients
   fitted on HER2-ST, `benchmarks/advise_old_model.json`);
 - **middle section** (the `budget` sections around the middle) and **evenly spaced**
-  (section ⌊(i + ½)·n/budget⌋).
+  (section ⌊(i + ½)·n/budget⌋);
+- beside them, reading the counts: the **noise floor** (the best set by a second draw of the
+  counts, `--draw`) and the **pair-level ceiling** (`--singles`: every single section imputed,
+  each target's accuracy kept: what facility location, the advisor's kind of score, picks
+  when its pair table is the true one in gene space).
 
 Reported per rule: Spearman's rho of its scores with the actual over the candidate sets
 (rules with one pick have none), regret (best actual minus the pick's actual; >= 0) and the
@@ -32,7 +36,8 @@ seeds (the development half, where the score's variants were chosen) and on the 
 (held out). The advisor's relative calibration (`src/stimpute/data/advise_calibration.json`,
 `--write-calibration`) is fitted on the even seeds and checked on the odd seeds and on HER2-ST.
 
-Run: `python benchmarks/bench_advise.py [--out bench-advise] [--synthetic 20] [--check-full SEEDS] [--measure SEEDS]`
+Run: `python benchmarks/bench_advise.py [--out bench-advise] [--synthetic 20] [--check-full SEEDS] [--measure SEEDS]
+[--draw 1] [--singles SEEDS]`
 (~2.6 CPU h: ~2,650 imputations; per-stack results are kept in OUT/cases/ and reused; `--measure` fills
 them for some stacks only, so that several processes can share the work). Writes
 OUT/bench_advise.csv (one row per stack, budget, candidate), OUT/bench_advise.md and the
@@ -67,7 +72,9 @@ SCORED = ("advisor", "z decay by median (round 2)", "pairs ¼ + z prior ¾", "pa
           "pairs alone", "first rehearsal", "first rehearsal, propagated part", "line, ties by interpolation",
           "line, ties by set rehearsal", "line, ties by cross-family ridge", "kriging over the line")
 FLOOR = "second draw's best (noise floor)"
-RULES = (*SCORED, "old model", "middle section", "evenly spaced", FLOOR)
+CEILING = "gene-space pairs (pair-level ceiling)"
+RULES = (*SCORED, "old model", "middle section", "evenly spaced", FLOOR, CEILING)
+BEYOND = (FLOOR, CEILING)  # rules that read the counts: reported beside the others, never in their tables
 SECOND_DRAW = 1  # the count seed and stand-in seed of the second draw (`--draw`), read from OUT/draw1/
 QUALITY_RATIO = 0.65  # the "image-quality aware" ablation's threshold (chosen on the even seeds)
 FAMILIES = {"colour": slice(0, 18), "nuclei": slice(18, 44), "texture": slice(44, 67)}  # handcrafted descriptor blocks
@@ -107,9 +114,9 @@ def spaced(n: int, budget: int, middle: bool) -> tuple[int, ...]:
     return tuple(int((i + 0.5) * n / budget) for i in range(budget))
 
 
-def actual_accuracy(prepared, known: tuple[int, ...], full: bool = False, seed: int = 0) -> float:
-    """Mean per-gene PCC over the targets of the stand-in imputation (or the full pipeline),
-    its random parts (held-out spots, subsets, programmes) drawn from `seed`."""
+def target_accuracies(prepared, known: tuple[int, ...], full: bool = False, seed: int = 0) -> dict[int, float]:
+    """Per target (section index): mean per-gene PCC of the stand-in imputation (or the full
+    pipeline), its random parts (held-out spots, subsets, programmes) drawn from `seed`."""
     from stimpute.metrics import pearson_columns
     from stimpute.models.asign import impute_stack
     from stimpute.prepare import with_known_panel
@@ -117,8 +124,35 @@ def actual_accuracy(prepared, known: tuple[int, ...], full: bool = False, seed: 
     split = with_known_panel(prepared, list(known))
     result = impute_stack(split, list(known), seed=seed,
                           members=("msagnet_3d", "kernel_ridge") if full else ("kernel_ridge",))
-    return float(np.mean([np.nan_to_num(pearson_columns(result.fused[t], split.expression[t])).mean()
-                          for t in result.fused]))
+    return {t: float(np.nan_to_num(pearson_columns(result.fused[t], split.expression[t])).mean()) for t in result.fused}
+
+
+def actual_accuracy(prepared, known: tuple[int, ...], full: bool = False, seed: int = 0) -> float:
+    """Mean per-gene PCC over the targets (`target_accuracies`): what a candidate set is worth."""
+    return float(np.mean(list(target_accuracies(prepared, known, full, seed).values())))
+
+
+def measure_singles(stack, cache: Path, path: Path) -> None:
+    """Every section alone as the known set (true registration, the stand-in, seed 0): each
+    target's own accuracy, written to PATH (known, target, pcc): the gene-space pair table
+    `gene_pairs` reads."""
+    from stimpute.datasets import synthetic_registration
+    from stimpute.files import write_text_atomic
+    from stimpute.prepare import prepare_stack
+
+    prepared = prepare_stack(stack, known=[stack.names[0]], registration=synthetic_registration(stack), cache_dir=cache)
+    rows = [{"known": stack.names[k], "target": stack.names[t], "pcc": pcc}
+            for k in range(len(stack)) for t, pcc in target_accuracies(prepared, (k,)).items()]
+    write_text_atomic(path, pd.DataFrame(rows).to_csv(index=False))
+
+
+def gene_pairs(path: Path, names: list[str]) -> np.ndarray:
+    """(n, n) G[k, t]: target t's accuracy with section k alone known (`measure_singles`), NaN on the diagonal."""
+    index = {name: i for i, name in enumerate(names)}
+    G = np.full((len(names), len(names)), np.nan)
+    for row in pd.read_csv(path).itertuples():
+        G[index[row.known], index[row.target]] = row.pcc
+    return G
 
 
 def measure_stack(stack, cache: Path, path: Path, budgets, full_budgets=(), synthetic: bool = True,
@@ -289,13 +323,15 @@ def picks(description, budget: int, features: list[np.ndarray]) -> dict[str, tup
     return out
 
 
-def score_stack(path: Path, label: str, second: Path | None = None) -> pd.DataFrame:
+def score_stack(path: Path, label: str, second: Path | None = None, singles: Path | None = None) -> pd.DataFrame:
     """One row per (budget, candidate set): actual, every rule's score (NaN for the rules with one pick), the
     advisor's tie and gap, `pick_<rule>` (the set the rule picks over all candidates), and the
     advisor's seconds beyond registration and features. With `second` (the same stack's
     `--draw` csv), where it holds every set of a budget: `actual_second` and the noise floor's
-    pick (`FLOOR`: the best set by the second draw)."""
-    from stimpute.advise import StackDescription, advise
+    pick (`FLOOR`: the best set by the second draw). With `singles` (`measure_singles`): the
+    pick of facility location over the gene-space pair table (`CEILING`: what the advisor's kind
+    of score picks when its pair table is the true one)."""
+    from stimpute.advise import StackDescription, advise, facility_values
 
     frame = pd.read_csv(path.with_suffix(".csv"))
     if second is not None and second.is_file():
@@ -325,6 +361,9 @@ def score_stack(path: Path, label: str, second: Path | None = None) -> pd.DataFr
             group[f"pick_{rule}"] = "+".join(description.names[i] for i in known)
         if "actual_second" in group and group["actual_second"].notna().all():
             group[f"pick_{FLOOR}"] = group.loc[group["actual_second"].idxmax(), "known"]
+        if singles is not None and singles.is_file():
+            group[CEILING] = np.nanmean(facility_values(gene_pairs(singles, description.names), sets), axis=1)
+            group[f"pick_{CEILING}"] = group.loc[group[CEILING].idxmax(), "known"]
         out.append(group)
     return pd.concat(out, ignore_index=True)
 
@@ -417,6 +456,8 @@ def main() -> None:
                              "(count_seed N) and the stand-in seeded with N (HER2-ST: the seed only)")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="synthetic budgets to measure (comma list)")
     parser.add_argument("--check-full", default="", help="synthetic seeds whose budget-1 sets also get the full pipeline")
+    parser.add_argument("--singles", default="", help="synthetic seeds whose single sections are imputed one by one, each "
+                                                      "target's accuracy kept (OUT/singles/): the pair-level ceiling")
     parser.add_argument("--no-readme", action="store_true", help="do not write the table into benchmarks/README.md")
     parser.add_argument("--measured-only", action="store_true", help="report the stacks measured so far, measure nothing")
     parser.add_argument("--write-calibration", action="store_true",
@@ -441,13 +482,18 @@ def main() -> None:
         path = cases_dir / label.replace(" ", "_")
         if not path.with_suffix(".csv").is_file() and args.measured_only:
             continue
+        singles = args.out / "singles" / path.with_suffix(".csv").name
+        if args.draw == 0 and label.split()[-1] in {f"{int(s):02d}" for s in args.singles.split(",") if s} \
+                and not singles.is_file():
+            singles.parent.mkdir(parents=True, exist_ok=True)
+            measure_singles(make(), args.out / "cache" / path.name, singles)
         if measure is not None and label in measure or measure is None and not path.with_suffix(".csv").is_file():
             start = time.perf_counter()
             measure_stack(make(), args.out / "cache" / path.name, path, budgets, full, synthetic=label != "HER2-ST",
                           seed=args.draw)
             print(f"{label}: measured in {time.perf_counter() - start:.0f} s", flush=True)
         if measure is None:
-            frames.append(score_stack(path, label, args.out / f"draw{SECOND_DRAW}" / path.with_suffix(".csv").name))
+            frames.append(score_stack(path, label, args.out / f"draw{SECOND_DRAW}" / path.with_suffix(".csv").name, singles))
     if measure is not None:
         return
     frame = pd.concat(frames, ignore_index=True)
@@ -501,6 +547,7 @@ def noise_floor(synthetic: pd.DataFrame, per_case: pd.DataFrame) -> list[str]:
     if measured.empty:
         return []
     on = per_case.merge(measured, on=["stack", "budget"])
+    on = on[on["rule"] != CEILING]
     dev = on["stack"].isin(DEV)
     within = (synthetic.merge(measured, on=["stack", "budget"]).groupby(["stack", "budget"])
               .apply(lambda g: int((g["actual"] >= g["actual"].max() - TOLERANCE).sum()), include_groups=False))
@@ -524,7 +571,35 @@ def noise_floor(synthetic: pd.DataFrame, per_case: pd.DataFrame) -> list[str]:
             ""]
 
 
-def held_out_cases(per_case: pd.DataFrame, rules=("advisor", "z decay by median (round 2)", "evenly spaced", FLOOR)) -> list[str]:
+def pair_ceiling(per_case: pd.DataFrame) -> list[str]:
+    """Mean regret and share within 0.01 per budget of the advisor, evenly spaced, the pair-level
+    ceiling (`CEILING`) and the noise floor, on the cases where the ceiling was measured."""
+    measured = per_case.loc[per_case["rule"] == CEILING, ["stack", "budget"]]
+    if measured.empty:
+        return []
+    on = per_case.merge(measured, on=["stack", "budget"])
+    rules = [r for r in ("advisor", "evenly spaced", CEILING, FLOOR) if r in set(on["rule"])]
+    budgets = sorted(on["budget"].unique())
+
+    def cell(r: pd.Series) -> str:
+        return f"{r.mean():.4f} / {np.mean(r <= TOLERANCE):.0%}" if len(r) else "—"
+
+    lines = [f"**Pair-level ceiling** ({len(measured)} synthetic cases: {measured['stack'].nunique()} stacks whose single "
+             "sections were imputed one by one, each target's accuracy kept: `--singles`). "
+             f"\"{CEILING}\" is the advisor's kind of score, facility location over a pair table, given the true "
+             "pair table in gene space: G[k, t], target t's actual accuracy with section k alone known (read from the counts). "
+             "Mean regret / share ≤ 0.01:", "",
+             "| rule | " + " | ".join(f"budget {b}" for b in budgets) + " | all | even seeds | odd seeds |",
+             "|---|" + "---|" * (len(budgets) + 3)]
+    for rule in rules:
+        r = on[on["rule"] == rule]
+        cells = [cell(r.loc[r["budget"] == b, "regret"]) for b in budgets]
+        cells += [cell(r["regret"]), cell(r.loc[r["stack"].isin(DEV), "regret"]), cell(r.loc[~r["stack"].isin(DEV), "regret"])]
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def held_out_cases(per_case: pd.DataFrame, rules=("advisor", "z decay by median (round 2)", "evenly spaced", CEILING, FLOOR)) -> list[str]:
     """Per held-out (odd seed) case: what the generator put in the stack and each rule's regret."""
     held = per_case[~per_case["stack"].isin(DEV)]
     regret = held.pivot_table(index=["stack", "budget"], columns="rule", values="regret")
@@ -549,7 +624,7 @@ def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
     synthetic = frame[frame["stack"] != "HER2-ST"]
     per_case = cases(frame)
     floor_cases = per_case[per_case["stack"] != "HER2-ST"]
-    syn_cases = floor_cases[floor_cases["rule"] != FLOOR]
+    syn_cases = floor_cases[~floor_cases["rule"].isin(BEYOND)]
     sizes = synthetic.groupby("stack")["n_sections"].first()
     counts = syn_cases[syn_cases["rule"] == "advisor"].groupby("budget").size()
     lines = [f"Synthetic stacks: {len(sizes)} ({sizes.min()}-{sizes.max()} sections); (stack, budget) cases: "
@@ -564,7 +639,7 @@ def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
               *markdown_table(summary(syn_cases[~dev])), ""]
     for budget, group in syn_cases.groupby("budget"):
         lines += [f"Budget {budget} (all synthetic stacks):", "", *markdown_table(summary(group)), ""]
-    lines += noise_floor(synthetic, floor_cases) + held_out_cases(floor_cases)
+    lines += noise_floor(synthetic, floor_cases) + pair_ceiling(floor_cases) + held_out_cases(floor_cases)
     calibration = load_calibration()
     held = synthetic[~synthetic["stack"].isin(DEV)]
     lines += [f"Relative calibration (`src/stimpute/data/advise_calibration.json`, fitted on {calibration['source']}): "
