@@ -23,8 +23,11 @@ target to its nearest known section, and among those (often many) the pair rehea
 decides. Nothing is fitted: no coefficient comes from any stack. The variants (the decay
 as a median per distance (`distance_prior`, the second round's), a line, or an exponential;
 how much of a pair's own P to keep; an image-quality test; ties broken by evenness, tissue
-area or spot coverage) were compared on the even seeds of `benchmarks/bench_advise.py` (the
-lowest mean regret chose); see benchmarks/README.md for what else was seen while choosing.
+area or spot coverage; in the fourth round, targets between two known sections, the whole-set
+rehearsal among sets equal on the line, kriging, an image model's reach) were compared on the
+even seeds of `benchmarks/bench_advise.py` (the lowest mean regret chose); see
+benchmarks/README.md for what else was seen while choosing, and for the ceiling of any score
+of this kind (facility location over a pair table).
 
 The first rehearsal (every target imputed from the whole known set, with an image-model
 stand-in fused in: `set_scores`) stays as an alternative the benchmark compares.
