@@ -182,60 +182,95 @@ def tile_sums(read: Callable[[int, int, int, int], np.ndarray], corners: np.ndar
 
 def strip_sums(read: Callable[[int, int, int, int], np.ndarray], grid: _Grid,
                advance: Callable[[int], None] | None = None) -> np.ndarray:
-    """`window_sums` from strips of the level: each strip's maps summed into cells, each
-    window's sums from running column sums of the cell rows (`_box`), kept in one buffer
-    of a window's and a strip's rows (the rows above the first waiting window dropped)."""
+    """`window_sums` from strips of the level: each strip's maps summed into cells (in the
+    workers), each window's sums from running column sums of the cell rows (`_box`), kept in
+    a ring of a window's and a strip's rows (rows above the first waiting window reused)."""
     g = grid
     order = np.argsort(g.cy + g.span)  # spots by the cell row their window ends on
     ends = (g.cy + g.span)[order]
     out = np.empty((len(g.cx), N_CHANNELS))
-    prefix = np.zeros((math.ceil(g.span) + 3 + g.rows, N_CHANNELS, g.wc))  # column sums at row boundaries [top, done]
-    top, done, evaluated, n = 0, 0, 0, 1
+    ring = _Ring(math.ceil(g.span) + 3 + g.rows, g.wc)
+    evaluated = 0
 
     def strip(r0: int) -> np.ndarray:
-        """Column sums (rows, N_CHANNELS, wc) float64 of the cell rows of strip rows [r0, r0 +
-        rows) down to each row, read only across the windows that reach it (in the workers)."""
+        """Cell sums (rows, N_CHANNELS, wc) float32 of strip rows [r0, r0 + rows), read only
+        across the windows that reach it."""
         r0, r1, runs = g.strip(r0)
-        cells = np.zeros((r1 - r0, N_CHANNELS, g.wc), np.float32)  # rows first: running sums over contiguous rows
+        cells = np.zeros((r1 - r0, N_CHANNELS, g.wc), np.float32)  # rows first: each row's channels contiguous
         for c0, c1 in runs:
             rgb = read(g.x0 + c0 * CELL - HALO, g.y0 + r0 * CELL - HALO, (c1 - c0) * CELL + 2 * HALO, (r1 - r0) * CELL + 2 * HALO)
             cells[:, :, c0:c1] = strip_cells(rgb, HALO).transpose(1, 0, 2)
-        return np.cumsum(cells, axis=0, dtype=np.float64)
+        return cells
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        for sums in pool.map(strip, range(0, g.hc, g.rows)):
-            r = len(sums)
-            np.add(sums, prefix[n - 1], out=prefix[n:n + r])
-            n, done = n + r, done + r
-            del sums
-            ready = order[evaluated:len(order) if done >= g.hc else np.searchsorted(ends, done, side="right")]
+        for cells in pool.map(strip, range(0, g.hc, g.rows)):
+            ring.append(cells)
+            del cells
+            ready = order[evaluated:len(order) if ring.done >= g.hc else np.searchsorted(ends, ring.done, side="right")]
             evaluated += len(ready)
             for chunk in np.array_split(ready, max(1, -(-len(ready) // BOX_CHUNK))):
-                out[chunk] = _box(prefix[:n], g.cx[chunk], g.cy[chunk] - top, g.span)
+                out[chunk] = _box(ring, g.cx[chunk], g.cy[chunk] - ring.top, g.span)
             if advance is not None and len(ready):
                 advance(len(ready))
             if evaluated < len(order):  # keep the rows from the first waiting window's top, and the last boundary
-                keep = min(max(0, math.floor(g.cy[order[evaluated:]].min()) - top), n - 1)
-                prefix[:n - keep] = prefix[keep:n]
-                n, top = n - keep, top + keep
+                ring.drop(min(max(0, math.floor(g.cy[order[evaluated:]].min()) - ring.top), ring.n - 1))
     return out
 
 
-def _box(prefix: np.ndarray, x: np.ndarray, y: np.ndarray, span: float) -> np.ndarray:
-    """Sums (n, C) over windows [x, x+span) × [y, y+span) (cell units, fractional) from
-    column prefix sums (row boundaries, C, cols): linear between row boundaries, each
-    cell column weighted by its overlap with the window (exact where a map is uniform
-    within a cell)."""
+class _Ring:
+    """Column prefix sums (N_CHANNELS, cols) float64 at the cell-row boundaries [top, done]
+    (`n` of them) in a ring of `size`: bounded memory, and boundaries dropped cost no copy."""
+
+    def __init__(self, size: int, cols: int):
+        self.rows = np.zeros((size, N_CHANNELS, cols))  # boundary 0: zeros
+        self.top, self.n = 0, 1
+
+    @property
+    def done(self) -> int:
+        return self.top + self.n - 1
+
+    def slot(self, i):
+        """Where boundary `top + i` is kept."""
+        return (self.top + i) % len(self.rows)
+
+    def append(self, cells: np.ndarray) -> None:
+        """The boundaries below each cell row of `cells` (rows, N_CHANNELS, cols) float32: the
+        strip's own running sums (float64) each plus the last boundary, as
+        `np.cumsum(cells, axis=0, dtype=np.float64) + last` but ~10 × cheaper (numpy's cumsum
+        over the outer axis with a cast runs element by element) and with no float64 copy."""
+        if self.n + len(cells) > len(self.rows):
+            raise ValueError(f"{len(cells)} cell rows do not fit a ring of {len(self.rows)} holding {self.n}")
+        last = self.rows[self.slot(self.n - 1)]
+        running = np.empty(cells.shape[1:])
+        for j, row in enumerate(cells):
+            if j:
+                np.add(running, row, out=running)
+            else:
+                running[:] = row
+            np.add(running, last, out=self.rows[self.slot(self.n + j)])
+        self.n += len(cells)
+
+    def drop(self, k: int) -> None:
+        """Forget the first `k` boundaries."""
+        self.top, self.n = self.top + k, self.n - k
+
+
+def _box(ring: _Ring, x: np.ndarray, y: np.ndarray, span: float) -> np.ndarray:
+    """Sums (n, C) over windows [x, x+span) × [y, y+span) (cell units, fractional; rows from
+    the ring's top) from its column prefix sums: linear between row boundaries, each cell
+    column weighted by its overlap with the window (exact where a map is uniform within a
+    cell)."""
+    prefix = ring.rows
     k = math.ceil(span) + 1  # cell columns a window can touch
     j0 = np.clip(np.floor(x).astype(int), 0, prefix.shape[2] - k)
     cols = j0[:, None] + np.arange(k)
     weights = np.clip(np.minimum(cols + 1, (x + span)[:, None]) - np.maximum(cols, x[:, None]), 0.0, 1.0)
 
     def at(ys: np.ndarray) -> np.ndarray:  # prefix at fractional row boundaries, (n, k, C)
-        ys = np.clip(ys, 0, len(prefix) - 1)
-        i = np.minimum(ys.astype(int), len(prefix) - 2)
+        ys = np.clip(ys, 0, ring.n - 1)
+        i = np.minimum(ys.astype(int), ring.n - 2)
         f = (ys - i)[:, None, None]
-        return (1 - f) * prefix[i[:, None], :, cols] + f * prefix[i[:, None] + 1, :, cols]
+        return (1 - f) * prefix[ring.slot(i)[:, None], :, cols] + f * prefix[ring.slot(i + 1)[:, None], :, cols]
 
     return np.einsum("nk,nkc->nc", weights, at(y + span) - at(y))
 
@@ -345,7 +380,8 @@ def _blob_cells(mask: np.ndarray, h: np.ndarray, halo: int, H: int, W: int) -> d
     statistics of each blob of at least MIN_NUCLEUS_PX spread over its pixels, each pixel
     carrying 1/area of its blob: a window holding a blob whole counts it once, a window
     holding part of it counts that fraction (as a patch holds the part it cuts)."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    # block-based decision trees (BBDT): the default's (Spaghetti) labels and statistics, ~2.4 × faster with statistics
+    _, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_BBDT)
     rows, cols = np.divmod(np.flatnonzero(mask[halo:halo + H, halo:halo + W]), W)  # the core's blob pixels
     at = (rows + halo) * mask.shape[1] + cols + halo  # their flat index in the strip
     lab = labels.ravel()[at]
