@@ -30,6 +30,7 @@ import ctypes
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -45,13 +46,20 @@ HALO = 48  # level px read around each strip: blobs, LBP/GLCM neighbours and the
 TILE_HALO = 16  # level px read around a window mapped alone: its edge's blobs, LBP/GLCM neighbours, the finer DoG bands
 STRIP_PX = 1 << 22  # level px per strip (its rows rounded to whole cells): ~30 B of maps a px alive, per worker
 HIST_BINS = 16  # byte bins of the optical-density histograms
+_HIST_BITS = 8 - (HIST_BINS.bit_length() - 1)  # a byte's bin: its top bits (HIST_BINS a power of 2)
 WORKERS = 2  # threads computing strips (OpenCV and numpy release the GIL)
 BOX_CHUNK = 512  # windows summed at once
 _N_SIZES = len(hc.NUCLEUS_LOG_AREA_EDGES) - 1
 _BLOB_VALUES = ("n", "area", "area2", "elong", "fill")
 _LBP_BINS = hc.LBP_POINTS + 2
 _DIFF = np.arange(256, dtype=np.float32)  # tables of a grey-level difference (GLCM), for cv2.LUT
-_CON_LUT, _HOM_LUT, _EQ_LUT = _DIFF**2, 1.0 / (1.0 + _DIFF**2), (_DIFF == 0).astype(np.float32)
+_HOM_LUT = 1.0 / (1.0 + _DIFF**2)
+# integer maps summed as one, exactly (float32 cell sums below 2**24), and split after summing:
+# an offset's squared difference and, 2**16 above, whether it is 0 (4 offsets: < 4 · 31² + 4 · 2**16 a px);
+# the GLCM level q and, 2**9 above, q² (16 px a cell: Σq ≤ 496 < 2**9)
+_CON_EQ_SHIFT, _Q_SHIFT = 16, 9
+_CON_EQ_LUT = (_DIFF**2 + (_DIFF == 0) * 2.0**_CON_EQ_SHIFT).astype(np.int32)
+_Q_LUT = (_DIFF + _DIFF**2 * 2.0**_Q_SHIFT).astype(np.int32)
 _LBP_LABELS = hc._LBP_LABELS.astype(np.uint8)
 _HAEM_LUTS = [np.ascontiguousarray(hc._OD_LUT * hc._HED_FROM_RGB[c, 0]) for c in range(3)]  # OD × haematoxylin weight
 
@@ -77,14 +85,28 @@ def dense_features(section: Section, scales_um: Sequence[float], out_size: int =
     spot's window at each scale (`stimpute.patches` windows). `advance(n)`: n windows done."""
     feats = np.empty((section.n_spots, len(scales_um), hc.HANDCRAFTED_DIM), np.float32)
     lock = threading.Lock()  # one reader at a time: the image builds its levels and caches tiles as it reads
-    for s, side in enumerate(window_sizes_px(section, scales_um)):
-        f = side / out_size  # full-resolution px per level px
-        corners = window_origins(section.xy, side) / f  # windows' top-left corners, level px
-        sums = window_sums(lambda x, y, w, h: _read(section.image, x, y, w, h, f, stain_normalizer, lock), corners,
-                           out_size, advance)
-        feats[:, s] = describe_windows(sums, out_size)
-        _return_freed_memory()
+    with _one_opencv_thread():
+        for s, side in enumerate(window_sizes_px(section, scales_um)):
+            f = side / out_size  # full-resolution px per level px
+            corners = window_origins(section.xy, side) / f  # windows' top-left corners, level px
+            sums = window_sums(lambda x, y, w, h: _read(section.image, x, y, w, h, f, stain_normalizer, lock), corners,
+                               out_size, advance)
+            feats[:, s] = describe_windows(sums, out_size)
+            _return_freed_memory()
     return feats
+
+
+@contextmanager
+def _one_opencv_thread():
+    """OpenCV without its own thread pool meanwhile: the `WORKERS` threads already keep the
+    cores busy, and its pool's threads spin while they wait (a Visium section: ~10-15 % more
+    CPU, no shorter wall time). The same values."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _return_freed_memory() -> None:
@@ -309,19 +331,15 @@ def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
         return plane[r:r + H // 2, c:c + W // 2]
 
     first = shifted(0, 0, 0)
-    qf = first.astype(np.float32)
-    put("q", _cells(qf, half))
-    put("q2", _cells(qf * qf, half))
+    put("q", _split_cells(cv2.LUT(first, _Q_LUT), half, _Q_SHIFT, out[CHANNELS["q2"]]))
     for d, offsets in zip(hc.GLCM_DISTANCES, np.reshape(hc._GLCM_OFFSETS, (len(hc.GLCM_DISTANCES), -1, 2))):
-        con, hom, eq = (np.zeros(first.shape, np.float32) for _ in range(3))
+        hom = con_eq = None
         for dr, dc in offsets:
             diff = cv2.absdiff(first, shifted(int(dr), int(dc), 0))
-            cv2.add(con, cv2.LUT(diff, _CON_LUT), con)
-            cv2.add(hom, cv2.LUT(diff, _HOM_LUT), hom)
-            cv2.add(eq, cv2.LUT(diff, _EQ_LUT), eq)
-        put(f"con{d}", _cells(con, half))
+            hom = cv2.LUT(diff, _HOM_LUT) if hom is None else cv2.add(hom, cv2.LUT(diff, _HOM_LUT), hom)
+            con_eq = cv2.LUT(diff, _CON_EQ_LUT) if con_eq is None else cv2.add(con_eq, cv2.LUT(diff, _CON_EQ_LUT), con_eq)
+        put(f"con{d}", _split_cells(con_eq, half, _CON_EQ_SHIFT, out[CHANNELS[f"eq{d}"]]))
         put(f"hom{d}", _cells(hom, half))
-        put(f"eq{d}", _cells(eq, half))
     centre = shifted(0, 0, 1)
     code = np.zeros(centre.shape, np.uint8)
     for bit, (dy, dx) in enumerate(hc._LBP_OFFSETS):
@@ -338,11 +356,11 @@ def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
     put("od", _cells(odt, half))
     put("od2", _cells(odt * odt, half))
     put("he", _cells(hc._unmix(odt, 2), half))
-    bins = rgb_sub // (256 // HIST_BINS)
-    bins[tsub == 0] = HIST_BINS  # glass: an extra bin, dropped
+    glass = (tsub ^ 1) * np.uint8(HIST_BINS)  # glass: an extra bin, dropped
     base = _scaled_index(H // 2, W // 2, half, HIST_BINS + 1)
-    for c in range(3):
-        counts = np.bincount((base + bins[..., c]).ravel(), minlength=n_cells * (HIST_BINS + 1))
+    for c, channel in enumerate(cv2.split(rgb_sub)):
+        bins = cv2.max(channel >> _HIST_BITS, glass)
+        counts = np.bincount((base + bins).ravel(), minlength=n_cells * (HIST_BINS + 1))
         first_bin = CHANNELS["hist"].start + c * HIST_BINS
         out[first_bin:first_bin + HIST_BINS] = np.moveaxis(counts.reshape(*out.shape[1:], HIST_BINS + 1)[..., :HIST_BINS], -1, 0)
     return out
@@ -357,6 +375,15 @@ def _haematoxylin(rgb: np.ndarray) -> np.ndarray:
         cv2.add(haem, cv2.LUT(channels[c], _HAEM_LUTS[c]), haem)
     del channels
     return cv2.GaussianBlur(cv2.max(haem, 0.0, haem), (0, 0), 1.0)
+
+
+def _split_cells(packed: np.ndarray, k: int, shift: int, high: np.ndarray) -> np.ndarray:
+    """Cell sums of the low bits of an integer map `packed` (sums below 2**shift), returned;
+    those of its bits from `shift` up, into `high` (float32: exact, the cell sums of
+    `packed` being below 2**24)."""
+    cells = _cells(packed, k)
+    np.floor(cells * 2.0**-shift, out=high.reshape(cells.shape))
+    return cells - high.reshape(cells.shape) * 2.0**shift
 
 
 def _cells(values: np.ndarray, k: int) -> np.ndarray:
@@ -392,11 +419,13 @@ def _blob_cells(mask: np.ndarray, h: np.ndarray, halo: int, H: int, W: int) -> d
     w, hh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
     share = np.where(area >= hc.MIN_NUCLEUS_PX, 1.0 / area, 0.0)  # of a blob, per pixel
     share[0] = 0.0  # background
-    per_pixel = {"n": share, "area": share * area, "area2": area * (share > 0),
+    per_pixel = {"area": share * area, "area2": area * (share > 0),
                  "elong": share * np.maximum(w, hh) / np.maximum(np.minimum(w, hh), 1), "fill": share * area / (w * hh)}
+    pixel_share = share[lab]
+    maps["n"] = np.bincount(cell, weights=pixel_share, minlength=n_cells)
     maps |= {k: np.bincount(cell, weights=v[lab], minlength=n_cells) for k, v in per_pixel.items()}
     size_bin = np.searchsorted(hc.NUCLEUS_LOG_AREA_EDGES, np.log(np.maximum(area, 1.0)), side="right") - 1
-    maps["sizes"] = np.bincount(cell * _N_SIZES + np.maximum(size_bin, 0)[lab], weights=share[lab], minlength=n_cells * _N_SIZES)
+    maps["sizes"] = np.bincount(cell * _N_SIZES + np.maximum(size_bin, 0)[lab], weights=pixel_share, minlength=n_cells * _N_SIZES)
     return maps
 
 
