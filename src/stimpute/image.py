@@ -364,7 +364,10 @@ def _decode_jpeg(path: Path) -> np.ndarray | None:
                 return None
     except OSError:
         return None
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)  # as Pillow: EXIF orientation not applied
+    flags = cv2.IMREAD_IGNORE_ORIENTATION  # as Pillow: EXIF orientation not applied
+    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # recent OpenCV: the decoder's own RGB output (the same pixels, no swap of the image)
+        return cv2.imread(str(path), cv2.IMREAD_COLOR_RGB | flags)
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | flags)
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)
 
 

@@ -309,8 +309,8 @@ def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
 
     def put(name: str, cells: np.ndarray) -> None:
         """Cells (rows, cols[, k]) or flat counts (rows × cols × k) into the channels `name`."""
-        cells = cells.reshape(*out.shape[1:], -1)
-        out[CHANNELS[name]] = np.moveaxis(cells, -1, 0)
+        rows, cols = out.shape[1:]
+        out[CHANNELS[name]] = cells.reshape(rows, cols, -1).transpose(2, 0, 1)  # (np.moveaxis: ~0.1 ms a call more)
 
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     tissue = gray < hc.TISSUE_MAX_GRAY
