@@ -15,6 +15,10 @@ Parts (`--parts`, default all):
   process and of the worker processes, the load average, and CPU ms per patch of each
   descriptor part (one process, on a sample of the same patches). Target: >= 250 patches/s
   on 2 cores, i.e. <= 8 ms CPU a patch in all.
+- `against` (issue 28): the handcrafted features of `--sections` (default: the synthetic Visium
+  section of `throughput`) on this tree and on `--baseline` (a git ref or a tree's folder),
+  interleaved, `--reps` repetitions: CPU ms per patch from `wait4` of fresh processes (one
+  that computes the features minus one that only imports and reads), and patches/s.
 - `ridge`: ridge regression from features to expression — HER2-ST trained on C3, tested on
   C2 and C4 (per-gene PCC over the 250-gene panel and its top-50 variable genes), handcrafted
   with/without stain normalisation vs. a colour/H&E-statistics baseline; and the synthetic
@@ -28,9 +32,12 @@ Writes `OUT/bench_features.md` and prints it.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -396,14 +403,17 @@ def _descriptor_parts(paths: list[str], n: int = 192, runs: int = 3) -> dict:
     return parts
 
 
-def part_throughput(data: Path, work: Path, spots: int = 4000, runs: int = 3) -> list[str]:
+def visium_section(work: Path, spots: int) -> Path:
+    """The synthetic Visium section (1 × `spots`, `write_visium_block`), written once under `work`."""
     from stimpute.datasets import write_visium_block
 
     block = work / f"visium_1x{spots}"
     st = sorted((block / "st").glob("*.h5ad")) if (block / "st").is_dir() else []
-    if not st:
-        st = write_visium_block(block, n_sections=1, spots_per_section=spots, seed=0).sections
-    inputs = {f"synthetic Visium, 1 section × {spots} spots (pyramidal JPEG TIFF, 0.5 µm/px)": [str(st[0])],
+    return Path(st[0] if st else write_visium_block(block, n_sections=1, spots_per_section=spots, seed=0).sections[0])
+
+
+def part_throughput(data: Path, work: Path, spots: int = 4000, runs: int = 3) -> list[str]:
+    inputs = {f"synthetic Visium, 1 section × {spots} spots (pyramidal JPEG TIFF, 0.5 µm/px)": [str(visium_section(work, spots))],
               "HER2-ST C2 + C3 + C4 (flat JPEGs, 0.686 µm/px; each decoded in the run)": [str(data / s) for s in SECTIONS]}
     rows = [f"## Handcrafted feature extraction end to end (issue 16): `spot_features`, all spots × 3 scales, "
             f"{os.cpu_count()} cores, best of {runs}", "",
@@ -424,8 +434,68 @@ def part_throughput(data: Path, work: Path, spots: int = 4000, runs: int = 3) ->
                        "(2 cores ÷ total CPU ms = the rate on an idle machine).", ""]
 
 
+_FEATURES_RUN = """
+import json, sys
+import numpy as np
+from stimpute.features import spot_features
+from stimpute.io import read_section
+sections = [read_section(p) for p in sys.argv[2:]]
+n = sum(int(np.prod(spot_features(s).shape[:2])) for s in sections) if sys.argv[1] == "features" else 0
+print(json.dumps({"patches": n}))
+"""
+
+
+def _features_process(src: Path, mode: str, paths: list[str]) -> dict:
+    """One fresh process with `src` first on PYTHONPATH: import the features and read the
+    sections (`mode` "read"), and compute their handcrafted features too ("features"; no
+    cache). Wall and CPU seconds (`wait4`: the process and the workers it reaped), patches."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _FEATURES_RUN, mode, *paths], stdout=subprocess.PIPE, env=env, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"features run with {src} failed (exit {os.waitstatus_to_exitcode(status)})")
+    return {"wall": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime,
+            **json.loads(stdout.strip().splitlines()[-1])}
+
+
+def part_against(baseline: str, paths: list[str], work: Path, reps: int = 2) -> list[str]:
+    """The handcrafted features of `paths` on this tree and on `baseline` (a git ref, checked
+    out under WORK/ref-tree, or a tree's folder), interleaved, `reps` repetitions with the order
+    swapped each time: CPU ms per patch = CPU of a process that computes them minus CPU of one
+    that only imports and reads the sections (each a fresh process, no cache)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_speed import ref_tree
+
+    trees = {"this": ROOT / "src"}
+    trees[baseline] = Path(baseline) / "src" if Path(baseline, "src").is_dir() else ref_tree(baseline, work / "ref-tree") / "src"
+    runs = {name: [] for name in trees}
+    for rep in range(reps):
+        for name in list(trees)[::1 if rep % 2 == 0 else -1]:
+            read = _features_process(trees[name], "read", paths)
+            full = _features_process(trees[name], "features", paths)
+            runs[name].append({"cpu_ms": (full["cpu"] - read["cpu"]) / full["patches"] * 1e3,
+                               "rate": full["patches"] / max(full["wall"] - read["wall"], 1e-9),
+                               "patches": full["patches"], "load": os.getloadavg()[0]})
+            print(f"[against: {name} rep {rep + 1}: {runs[name][-1]}]", flush=True)
+    this, ref = runs["this"], runs[baseline]
+    ratio = [r["cpu_ms"] / t["cpu_ms"] for t, r in zip(this, ref)]
+    rate = [t["rate"] / r["rate"] for t, r in zip(this, ref)]
+    rows = [f"## Handcrafted features against {baseline} (interleaved, {reps} repetitions, no cache)", "",
+            f"Sections: {', '.join(paths)} ({this[0]['patches']} patches). CPU: `wait4` of a fresh process that computes "
+            "the features (and of the workers it reaped) minus that of one that only imports and reads the sections; "
+            f"load average {min(r['load'] for r in this + ref):.1f}-{max(r['load'] for r in this + ref):.1f}.", "",
+            "| tree | CPU ms / patch | patches/s (wall) |", "|---|---|---|"]
+    for name in trees:
+        cpu, rates = (", ".join(f"{r[key]:{fmt}}" for r in runs[name]) for key, fmt in (("cpu_ms", ".2f"), ("rate", ".0f")))
+        rows.append(f"| {name} | {cpu} | {rates} |")
+    rows += [f"| ratio (paired by repetition) | **{min(ratio):.2f}-{max(ratio):.2f} ×** | {min(rate):.2f}-{max(rate):.2f} × |", ""]
+    return rows
+
+
 PARTS = {"extract": part_extract, "encoders": part_encoders, "wsi": part_wsi, "cache": part_cache, "ridge": part_ridge,
-         "throughput": part_throughput}
+         "throughput": part_throughput, "against": part_against}
 
 
 def main() -> None:
@@ -436,6 +506,10 @@ def main() -> None:
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--spots", type=int, default=4000, help="throughput: spots of the synthetic Visium section")
     ap.add_argument("--runs", type=int, default=3, help="throughput: runs, the fastest reported")
+    ap.add_argument("--baseline", default="9be9671", help="against: a git ref (checked out under OUT/features_work/ref-tree) or a tree's folder")
+    ap.add_argument("--sections", nargs="+", default=None,
+                    help="against: the sections (default: the synthetic Visium section of the throughput part)")
+    ap.add_argument("--reps", type=int, default=2, help="against: repetitions of each tree, the order swapped each time")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     work = args.out / "features_work"
@@ -449,6 +523,8 @@ def main() -> None:
             lines += PARTS[part](work)
         elif part == "throughput":
             lines += part_throughput(args.data, work, args.spots, args.runs)
+        elif part == "against":
+            lines += part_against(args.baseline, args.sections or [str(visium_section(work, args.spots))], work, args.reps)
         else:
             lines += PARTS[part](args.data, work)
         print(f"[{part}: {time.perf_counter() - t:.0f} s]", flush=True)
