@@ -23,13 +23,14 @@ def test_pipeline_import_leaves_training_libraries_for_later():
 
 
 def test_preloading_imports_in_a_thread_and_restores_the_import_hooks():
-    code = ("from stimpute.preload import preloading\nimport sys, builtins, importlib\n"
-            "before = builtins.__import__, importlib.import_module\n"
+    code = ("from stimpute.preload import preloading\nimport sys, builtins, importlib, gc\n"
+            "before, thresholds = (builtins.__import__, importlib.import_module), gc.get_threshold()\n"
             "with preloading(['json.tool', 'no_such_module_xyz']) as worker:\n"
             "    import csv  # another thread's import meanwhile: serialised with the worker's\n"
             "    assert worker is not None and worker.name == 'stimpute-preload'\n"
             "assert not worker.is_alive() and 'json.tool' in sys.modules and 'csv' in sys.modules\n"
-            "assert (builtins.__import__, importlib.import_module) == before\n"
+            "assert (builtins.__import__, importlib.import_module) == before and gc.get_threshold() == thresholds\n"
+            "assert gc.get_freeze_count() > 0  # what the libraries left behind: out of later full collections\n"
             "try:\n    import no_such_module_xyz\nexcept ModuleNotFoundError as exc:\n    print('missing', exc.name)\n")
     printed = []
     heavy_after(code, printed)

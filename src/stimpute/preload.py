@@ -14,11 +14,14 @@ two cannot deadlock (an import that reached a module lock some other way, past t
 `builtins.__import__` and `importlib.import_module`, waits at most `WAIT_S`, then goes on as
 without this module). A failed import in the thread is left for the code that needs the module
 to meet and report. Results do not depend on it: the same modules are imported, only earlier.
+While the thread imports, full garbage collections wait, and what the libraries left behind
+is frozen after (`gc.freeze`): collections never walk those objects, which live as long as the process.
 """
 
 from __future__ import annotations
 
 import builtins
+import gc
 import importlib
 import sys
 import threading
@@ -31,6 +34,7 @@ from typing import Iterator, Sequence
 # s3fs where installed: Lightning imports it to ask whether a checkpoint folder is on S3 (~1 s)
 TRAINING_MODULES = ("torch._dynamo", "torch_geometric", "torch_geometric.nn", "torchmetrics", "lightning", "scanpy",
                     "stimpute.models.msagnet_training", "stimpute.models.asign", "s3fs")
+FULL_GC_DEFERRED = 1000  # gen-1 collections before a full one while the thread imports (Python's default: 10)
 WAIT_S = 60.0  # the longest an import waits for the thread's current module (it takes ~1-3 s)
 
 _ORIGINAL_IMPORT = builtins.__import__
@@ -72,14 +76,23 @@ def preloading(modules: Sequence[str] = TRAINING_MODULES) -> Iterator[threading.
     waiting = [0]  # other threads waiting for the lock: the thread lets them go first
 
     def load() -> None:
-        for name in modules:
-            while waiting[0]:
-                time.sleep(0.001)
-            with lock:
-                try:
-                    _ORIGINAL_IMPORT_MODULE(name)
-                except BaseException:  # noqa: BLE001 - the code that needs it imports it again and reports
-                    pass
+        # no full garbage collection while the libraries load (imports trigger ~10, up to 0.3 s
+        # each): their objects live as long as the process. Frozen at the end, later full
+        # collections do not walk them either
+        thresholds = gc.get_threshold()
+        gc.set_threshold(thresholds[0], thresholds[1], max(thresholds[2], FULL_GC_DEFERRED))
+        try:
+            for name in modules:
+                while waiting[0]:
+                    time.sleep(0.001)
+                with lock:
+                    try:
+                        _ORIGINAL_IMPORT_MODULE(name)
+                    except BaseException:  # noqa: BLE001 - the code that needs it imports it again and reports
+                        pass
+        finally:
+            gc.freeze()
+            gc.set_threshold(*thresholds)
 
     worker = threading.Thread(target=load, name="stimpute-preload", daemon=True)
 
