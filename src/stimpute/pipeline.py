@@ -48,6 +48,7 @@ from stimpute.prepare import FEATURE_NORMS, known_indices, prepare_stack
 from stimpute.register.grid import GridOptions, known_lattice
 from stimpute.io.registration import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
+from stimpute.trainer import lightning_flags  # and torch, here: needed before registration, it would wait for `preloading`
 from stimpute.tl import given_features, impute_sections
 from stimpute.preload import preloading
 from stimpute.view import VIEW_FILE
@@ -249,8 +250,6 @@ def run_train(sections: Sequence[str | Path], out: str | Path, genes: str | Path
 
 
 def _train(run: Run, sections, genes, seed, progress, features, model, mode, folds) -> Path:
-    from stimpute.trainer import lightning_flags  # imports torch: `import stimpute.pipeline` leaves it to `preloading`
-
     out = run.out
     saved = "checkpoints/" if model.saved.startswith("checkpoints/") else model.saved
     outputs = [saved, "checkpoints/", "config.yaml"] + (["cv_metrics.csv"] if mode == "cv" else [])
