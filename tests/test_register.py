@@ -102,3 +102,16 @@ def test_her2st_adjacent_pair_dice():
     assert row["dice_after"] >= 0.85 and row["dice_after"] > row["dice_before"]
     assert reg.transforms[0].tolist() == np.eye(3).tolist()
     assert np.allclose(reg.coords_ref[1], apply_transform(reg.transforms[1], read_section(HER2ST / "C4").xy))
+
+
+def test_thumbnails_from_one_decode_match_their_own_thumbnails():
+    """Registration's two views (and a result's hires and lowres images) come from one decode:
+    the largest is `thumbnail`'s own, the smaller ones resampled from it stay within a grey
+    level or two of a thumbnail decoded for their size, at the same scale."""
+    rng = np.random.default_rng(0)
+    image = SectionImage(array=cv2.GaussianBlur(rng.integers(0, 256, (900, 700, 3), dtype=np.uint8), (0, 0), 3))
+    (big, big_scale), (small, small_scale) = image.thumbnails([400, 120])
+    np.testing.assert_array_equal(big, image.thumbnail(400)[0])
+    own, own_scale = image.thumbnail(120)
+    assert small.shape == own.shape and small_scale == own_scale and big_scale > small_scale
+    assert np.abs(small.astype(int) - own.astype(int)).mean() < 1.5

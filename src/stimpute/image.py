@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -240,6 +241,19 @@ class SectionImage:
                 raise InputError(self.path, f"cannot decode image ({_reason(exc)})") from None
         thumb = np.asarray(im.resize((tw, th), Image.BILINEAR))
         return thumb, tw / W
+
+    def thumbnails(self, sides: Sequence[int]) -> list[tuple[np.ndarray, float]]:
+        """`thumbnail(side)` for each of `sides` from one decode: the largest is read, the
+        others are resampled from it (antialiased bilinear, as `thumbnail` resamples)."""
+        finest, _ = self.thumbnail(max(sides))
+        W, H = self.size
+        out = []
+        for side in sides:
+            scale = min(1.0, side / max(W, H))
+            tw, th = max(1, round(W * scale)), max(1, round(H * scale))
+            same = (th, tw) == finest.shape[:2]
+            out.append((finest if same else np.asarray(Image.fromarray(finest).resize((tw, th), Image.BILINEAR)), tw / W))
+        return out
 
     def array_digest(self) -> str | None:
         """SHA-256 of an in-memory image's pixels and scale (cache identity); None for a file."""

@@ -73,8 +73,7 @@ def spatial_entry(section: Section, hires_side: int = HIRES_SIDE, source: Path |
     """`uns["spatial"][name]` of a section: hires and lowres images, their scale factors and
     the absolute path of the source image (scanpy's `metadata["source_image_path"]`;
     `source`, else the section's image file, else "")."""
-    hires, hires_scale = section.image.thumbnail(hires_side)
-    lowres, lowres_scale = section.image.thumbnail(min(LOWRES_SIDE, hires_side))
+    (hires, hires_scale), (lowres, lowres_scale) = section.image.thumbnails([hires_side, min(LOWRES_SIDE, hires_side)])
     source = source or section.image.path
     source = str(Path(source).resolve()) if source else ""
     return {

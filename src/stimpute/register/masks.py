@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from skimage.filters import gaussian, threshold_otsu  # by name: skimage loads them here, not in the first registration
 from skimage.morphology import remove_small_holes
@@ -129,21 +128,11 @@ def section_view(section: Section, um_per_px: float) -> View:
 
 
 def section_views(section: Section, um_per_px: Sequence[float]) -> list[View]:
-    """`section_view` at each of `um_per_px` from one decode of the image: the finest
-    thumbnail is read, the coarser ones are resampled from it (antialiased, as
-    `SectionImage.thumbnail` resamples)."""
+    """`section_view` at each of `um_per_px` from one decode of the image
+    (`SectionImage.thumbnails`)."""
     W, H = section.image.size
     sides = [max(1, int(round(max(W, H) * section.um_per_px / um))) for um in um_per_px]
-    finest, scale = section.image.thumbnail(max(sides))
-    views = []
-    for side in sides:
-        rgb, view_scale = finest, scale
-        if side < max(finest.shape[:2]):
-            view_scale = min(1.0, side / max(W, H))
-            size = (max(1, round(W * view_scale)), max(1, round(H * view_scale)))
-            rgb, view_scale = np.asarray(Image.fromarray(finest).resize(size, Image.BILINEAR)), size[0] / W
-        views.append(_view(section, rgb, view_scale))
-    return views
+    return [_view(section, rgb, scale) for rgb, scale in section.image.thumbnails(sides)]
 
 
 def _view(section: Section, rgb: np.ndarray, scale: float) -> View:
