@@ -146,6 +146,12 @@ def measure_singles(stack, cache: Path, path: Path) -> None:
     write_text_atomic(path, pd.DataFrame(rows).to_csv(index=False))
 
 
+def source_order_agreement(truth: np.ndarray, table: np.ndarray) -> float:
+    """Mean over targets (columns) of the Spearman rho between two pair tables' values of its sources."""
+    off = ~np.eye(len(truth), dtype=bool)
+    return float(np.nanmean([spearmanr(truth[off[:, t], t], table[off[:, t], t]).statistic for t in range(len(truth))]))
+
+
 def gene_pairs(path: Path, names: list[str]) -> np.ndarray:
     """(n, n) G[k, t]: target t's accuracy with section k alone known (`measure_singles`), NaN on the diagonal."""
     index = {name: i for i, name in enumerate(names)}
@@ -362,8 +368,11 @@ def score_stack(path: Path, label: str, second: Path | None = None, singles: Pat
         if "actual_second" in group and group["actual_second"].notna().all():
             group[f"pick_{FLOOR}"] = group.loc[group["actual_second"].idxmax(), "known"]
         if singles is not None and singles.is_file():
-            group[CEILING] = np.nanmean(facility_values(gene_pairs(singles, description.names), sets), axis=1)
+            G = gene_pairs(singles, description.names)
+            group[CEILING] = np.nanmean(facility_values(G, sets), axis=1)
             group[f"pick_{CEILING}"] = group.loc[group[CEILING].idxmax(), "known"]
+            group["order_by_z"] = source_order_agreement(G, -np.abs(np.subtract.outer(description.z_um, description.z_um)))
+            group["order_by_pairs"] = source_order_agreement(G, description.pair_scores)
         out.append(group)
     return pd.concat(out, ignore_index=True)
 
@@ -571,9 +580,11 @@ def noise_floor(synthetic: pd.DataFrame, per_case: pd.DataFrame) -> list[str]:
             ""]
 
 
-def pair_ceiling(per_case: pd.DataFrame) -> list[str]:
+def pair_ceiling(per_case: pd.DataFrame, stacks: pd.DataFrame) -> list[str]:
     """Mean regret and share within 0.01 per budget of the advisor, evenly spaced, the pair-level
-    ceiling (`CEILING`) and the noise floor, on the cases where the ceiling was measured."""
+    ceiling (`CEILING`) and the noise floor, on the cases where the ceiling was measured; how the
+    true table orders each target's sources beside z distance and the image pair table (`stacks`:
+    one row per stack with `order_by_z`, `order_by_pairs`)."""
     measured = per_case.loc[per_case["rule"] == CEILING, ["stack", "budget"]]
     if measured.empty:
         return []
@@ -596,7 +607,11 @@ def pair_ceiling(per_case: pd.DataFrame) -> list[str]:
         cells = [cell(r.loc[r["budget"] == b, "regret"]) for b in budgets]
         cells += [cell(r["regret"]), cell(r.loc[r["stack"].isin(DEV), "regret"]), cell(r.loc[~r["stack"].isin(DEV), "regret"])]
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    halves = stacks.groupby(stacks["stack"].isin(DEV))[["order_by_z", "order_by_pairs"]].mean().reindex([True, False])
+    return lines + ["", "How each target's sources are ordered by the true table and by what the advisor reads (mean "
+                    "over targets and stacks of Spearman ρ, even / odd seeds): by z distance "
+                    f"{halves.loc[True, 'order_by_z']:.2f} / {halves.loc[False, 'order_by_z']:.2f}, by the image pair "
+                    f"table {halves.loc[True, 'order_by_pairs']:.2f} / {halves.loc[False, 'order_by_pairs']:.2f}.", ""]
 
 
 def held_out_cases(per_case: pd.DataFrame, rules=("advisor", "z decay by median (round 2)", "evenly spaced", CEILING, FLOOR)) -> list[str]:
@@ -639,7 +654,10 @@ def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
               *markdown_table(summary(syn_cases[~dev])), ""]
     for budget, group in syn_cases.groupby("budget"):
         lines += [f"Budget {budget} (all synthetic stacks):", "", *markdown_table(summary(group)), ""]
-    lines += noise_floor(synthetic, floor_cases) + pair_ceiling(floor_cases) + held_out_cases(floor_cases)
+    lines += noise_floor(synthetic, floor_cases)
+    if "order_by_z" in synthetic:
+        lines += pair_ceiling(floor_cases, synthetic.dropna(subset=["order_by_z"]).groupby("stack", as_index=False).first())
+    lines += held_out_cases(floor_cases)
     calibration = load_calibration()
     held = synthetic[~synthetic["stack"].isin(DEV)]
     lines += [f"Relative calibration (`src/stimpute/data/advise_calibration.json`, fitted on {calibration['source']}): "
