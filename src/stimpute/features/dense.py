@@ -292,9 +292,14 @@ def _box(ring: _Ring, x: np.ndarray, y: np.ndarray, span: float) -> np.ndarray:
         ys = np.clip(ys, 0, ring.n - 1)
         i = np.minimum(ys.astype(int), ring.n - 2)
         f = (ys - i)[:, None, None]
-        return (1 - f) * prefix[ring.slot(i)[:, None], :, cols] + f * prefix[ring.slot(i + 1)[:, None], :, cols]
+        below = prefix[ring.slot(i)[:, None], :, cols]
+        below *= 1 - f
+        above = prefix[ring.slot(i + 1)[:, None], :, cols]
+        above *= f
+        return np.add(below, above, out=below)  # (in place: the same values, no temporaries)
 
-    return np.einsum("nk,nkc->nc", weights, at(y + span) - at(y))
+    bottom = at(y + span)
+    return np.einsum("nk,nkc->nc", weights, np.subtract(bottom, at(y), out=bottom))
 
 
 def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
@@ -362,7 +367,7 @@ def strip_cells(rgb: np.ndarray, halo: int) -> np.ndarray:
         bins = cv2.max(channel >> _HIST_BITS, glass)
         counts = np.bincount((base + bins).ravel(), minlength=n_cells * (HIST_BINS + 1))
         first_bin = CHANNELS["hist"].start + c * HIST_BINS
-        out[first_bin:first_bin + HIST_BINS] = np.moveaxis(counts.reshape(*out.shape[1:], HIST_BINS + 1)[..., :HIST_BINS], -1, 0)
+        out[first_bin:first_bin + HIST_BINS] = counts.reshape(*out.shape[1:], HIST_BINS + 1)[..., :HIST_BINS].transpose(2, 0, 1)
     return out
 
 
@@ -448,7 +453,8 @@ def _dog_cells(gray: np.ndarray, halo: int, H: int, W: int, side: int = DEFAULT_
         if halve:
             level, step = np.ascontiguousarray(level[::2, ::2]), step * 2
         blurred = cv2.GaussianBlur(level, (0, 0), np.sqrt(target**2 - sigma**2) / step)
-        band = cv2.absdiff(level, blurred)[halo // step:(halo + H) // step, halo // step:(halo + W) // step]
+        core = (slice(halo // step, (halo + H) // step), slice(halo // step, (halo + W) // step))
+        band = cv2.absdiff(level[core], blurred[core])
         yield _cells(band, CELL // step) * float(step * step)
         level, sigma = blurred, target
 
