@@ -208,3 +208,34 @@ def test_strips_read_only_the_column_runs_windows_cover():
     assert max(reads) < 500  # the 400 px gap is not read
     alone = np.vstack([dense.window_sums(reader(img), c, 96, tiles=False) for c in (left, right)])
     np.testing.assert_allclose(both, alone, rtol=2e-3, atol=1e-2)
+
+
+def test_ring_boundaries_are_the_column_sums_of_cumsum():
+    """The ring's boundaries, strip after strip and past its wrap, are bit for bit
+    `np.cumsum(strip, axis=0, dtype=np.float64)` plus the boundary above the strip."""
+    rng = np.random.default_rng(11)
+    strips = [rng.uniform(0, 100, (r, dense.N_CHANNELS, 5)).astype(np.float32) for r in (3, 4, 2, 4)]
+    ring = dense._Ring(6, 5)
+    above = np.zeros((dense.N_CHANNELS, 5))
+    for strip in strips:
+        ring.append(strip)
+        want = np.cumsum(strip, axis=0, dtype=np.float64) + above
+        got = np.stack([ring.rows[ring.slot(ring.n - len(strip) + j)] for j in range(len(strip))])
+        assert np.array_equal(got, want)
+        above = want[-1]
+        ring.drop(ring.n - 1)  # keep the last boundary only: the next strip wraps around the ring
+    with pytest.raises(ValueError):
+        ring.append(np.zeros((6, dense.N_CHANNELS, 5), np.float32))
+
+
+def test_packed_integer_maps_split_into_their_exact_cell_sums():
+    """GLCM contrast and equal-pair counts summed as one packed map give the cell sums of each."""
+    rng = np.random.default_rng(12)
+    diffs = rng.integers(0, 32, (4, 64, 48)).astype(np.uint8)  # the 4 offsets' grey-level differences
+    diffs[:, :8] = 0  # cells of equal pairs only
+    packed = sum(cv2.LUT(d, dense._CON_EQ_LUT) for d in diffs)
+    high = np.empty((16, 12), np.float32)
+    con = dense._split_cells(packed, 4, dense._CON_EQ_SHIFT, high)
+    want_con = dense._cells(sum(d.astype(np.float32) ** 2 for d in diffs), 4)
+    want_eq = dense._cells(sum((d == 0).astype(np.float32) for d in diffs), 4)
+    assert np.array_equal(con, want_con) and np.array_equal(high, want_eq) and high.max() == 64
