@@ -20,7 +20,6 @@ place (no `best-v1.ckpt` beside the old file). Only the process of global rank 0
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import tempfile
 import warnings
@@ -37,10 +36,10 @@ from stimpute.errors import StimputeWarning
 from stimpute.files import atomic_write
 from stimpute.files import record_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig, TrainConfig  # noqa: F401  (TrainConfig re-exported)
-from stimpute.trainer import lightning_flags, quiet_trainer, split_known, torch_threads  # noqa: F401  (re-exported)
+from stimpute.trainer import (LARGE_GRAPH_NODES, lightning_flags, quiet_trainer, split_known,  # noqa: F401  (re-exported)
+                              threads_for_size, torch_threads)
 from stimpute.timing import timed
 
-LARGE_GRAPH_NODES = 5_000  # from this many nodes a training step is big enough to share across cores
 
 
 @dataclass
@@ -120,9 +119,7 @@ def schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
 def threads_for(config: TrainConfig, n_nodes: int) -> int:
     """Intra-op threads: `config.threads`, or with 0 one thread below `LARGE_GRAPH_NODES`
     nodes (small steps gain nothing from sharing) and every core from there."""
-    if config.threads:
-        return config.threads
-    return (os.cpu_count() or 1) if n_nodes >= LARGE_GRAPH_NODES else 1
+    return config.threads or threads_for_size(n_nodes)
 
 
 class _Subgraphs(torch.utils.data.Dataset):

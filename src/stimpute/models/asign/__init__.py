@@ -68,7 +68,7 @@ from stimpute.models.msagnet_model import held_out
 from stimpute.prepare import PreparedStack
 from stimpute.models.asign.programs import GenePrograms, resolve_programs
 from stimpute.timing import timed
-from stimpute.trainer import torch_threads
+from stimpute.trainer import blas_threads, threads_for_size, torch_threads
 
 FUSION_STEPS = 300
 FUSION_SHRINK = 0.01
@@ -114,6 +114,12 @@ class ImputeResult:
     programs: GenePrograms | None = None
     residual: dict[int, np.ndarray] | None = None
     transferred: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def _blas_for(prepared: PreparedStack):
+    """numpy's and scikit-learn's threads for a stack of this many spots (`threads_for_size`):
+    kernel ridge, gene programs and propagation are small dense steps below it."""
+    return blas_threads(threads_for_size(sum(section.n_spots for section in prepared.stack)))
 
 
 @timed("fusion")
@@ -224,6 +230,11 @@ class Asign(Model):
     def fit(self, prepared: PreparedStack, train: list[int], seed: int = 0, checkpoints: Path | None = None,
             progress: bool = False) -> "Asign":
         """Fit the members, the gene programs and the fusion on the `train` (known) sections."""
+        with _blas_for(prepared):
+            return self._fit(prepared, train, seed, checkpoints, progress)
+
+    def _fit(self, prepared: PreparedStack, train: list[int], seed: int, checkpoints: Path | None,
+             progress: bool) -> "Asign":
         cfg = self.config
         if cfg.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {cfg.fusion!r}")
@@ -259,6 +270,10 @@ class Asign(Model):
     def impute(self, prepared: PreparedStack, targets: list[int]) -> ImputeResult:
         """Every part of the imputation of `targets`, sections of `prepared`, which holds the
         known sections (found by name) with their measured expression."""
+        with _blas_for(prepared):
+            return self._impute(prepared, targets)
+
+    def _impute(self, prepared: PreparedStack, targets: list[int]) -> ImputeResult:
         cfg, known_state = self.config, self.known_
         known = [prepared.stack.index(name) for name in known_state.names]
         predictions = {m: member.predict(prepared, targets) for m, member in self.members_.items()}
