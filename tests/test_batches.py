@@ -11,7 +11,8 @@ import torch
 from stimpute.batches import MIN_BATCH_SPOTS, in_neighbourhood, node_chunks
 from stimpute.errors import StimputeError
 from stimpute.models.msagnet import CROSS, WITHIN, MSAGNet, MSAGNetConfig, gene_loss
-from stimpute.models.msagnet_training import (LARGE_GRAPH_NODES, GraphBatch, GraphData, TrainConfig, fit, predict_graph, schedule,
+from stimpute.threads import LARGE_GRAPH_NODES
+from stimpute.models.msagnet_training import (GraphBatch, GraphData, TrainConfig, fit, predict_graph, schedule,
                             threads_for, training_plan)
 
 SMALL = MSAGNetConfig(width=16, heads=2, transformer_layers=1)

@@ -15,7 +15,7 @@ import networkx as nx
 import stimpute
 
 SRC = Path(stimpute.__file__).parent
-LEAVES = ("stimpute.metrics", "stimpute.trainer", "stimpute.errors", "stimpute.combine", "stimpute.defaults", "stimpute.files")
+LEAVES = ("stimpute.metrics", "stimpute.trainer", "stimpute.threads", "stimpute.errors", "stimpute.combine", "stimpute.defaults", "stimpute.files")
 
 
 def part(module: str) -> str:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
+import torch  # here, not in `preloading`'s thread: a run needs it before registration ends, and would wait
 import yaml
 
 from stimpute import __version__
@@ -48,7 +49,7 @@ from stimpute.prepare import FEATURE_NORMS, known_indices, prepare_stack
 from stimpute.register.grid import GridOptions, known_lattice
 from stimpute.io.registration import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
-from stimpute.trainer import lightning_flags  # and torch, here: needed before registration, it would wait for `preloading`
+from stimpute.trainer import lightning_flags
 from stimpute.tl import given_features, impute_sections
 from stimpute.preload import preloading
 from stimpute.view import VIEW_FILE
@@ -315,10 +316,8 @@ def run_predict(sections: Sequence[str | Path], model_dir: str | Path, out: str 
 
 def _predict(run: Run, sections, model_dir: Path, progress: bool, method: str | None, encoder, weights,
              um_per_px, grid, summary, order) -> list[Path]:
-    import torch
-
     from stimpute.models import MODEL_ALIASES, MODELS, current_name, get_model
-    from stimpute.trainer import torch_threads
+    from stimpute.threads import torch_threads
 
     out = run.out
     cfg_file = model_dir / "config.yaml"

@@ -1,17 +1,14 @@
 """Training pieces every model shares (a leaf below `models` and `train`): the Lightning
 trainer factory (its `accelerator` from `stimpute.device`), the seeded held-out split of
-known spots, and a CPU thread limit. Lightning is imported where a trainer is made: importing
-this module stays cheap (`stimpute.preload`)."""
+known spots. Lightning is imported where a trainer is made: importing this module stays
+cheap (`stimpute.preload`); thread limits are `stimpute.threads`."""
 
 from __future__ import annotations
 
 import logging
-import os
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
     import lightning as L
@@ -26,38 +23,6 @@ def split_known(n_known: int, val_fraction: float, seed: int) -> np.ndarray:
 
 
 HARDWARE = ("accelerator", "devices", "num_nodes", "strategy")  # config fields handed to the Lightning trainer
-
-
-LARGE_GRAPH_NODES = 5_000  # from this many spots (graph nodes) a step is big enough to share across cores
-
-
-def threads_for_size(n: int) -> int:
-    """Threads for a step over `n` spots: one below `LARGE_GRAPH_NODES` (small steps gain
-    nothing from sharing, and on a busy machine a second thread only waits for a core), else
-    every core."""
-    return (os.cpu_count() or 1) if n >= LARGE_GRAPH_NODES else 1
-
-
-@contextmanager
-def blas_threads(n: int):
-    """Run a block with numpy's and scikit-learn's BLAS and OpenMP pools on `n` threads
-    (`threadpoolctl`). Kernel ridge's eigendecomposition of a few hundred spots on a busy
-    2-core machine: 0.2-0.3 CPU s on one thread, 3.8-5.1 on two (spinning)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(n):
-        yield
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run a block with `n` torch intra-op threads, restoring the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def quiet_trainer(max_epochs: int, callbacks=(), *, progress: bool = False, checkpointing: bool = False,

@@ -30,7 +30,6 @@ import ctypes
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -40,6 +39,7 @@ import numpy as np
 from stimpute.data import Section
 from stimpute.features import handcrafted as hc
 from stimpute.patches import DEFAULT_OUT_SIZE, window_origins, window_sizes_px
+from stimpute.threads import opencv_threads
 
 CELL = 8  # level px per cell side
 HALO = 48  # level px read around each strip: blobs, LBP/GLCM neighbours and the DoG blurs (3σ) see past its edge
@@ -85,7 +85,9 @@ def dense_features(section: Section, scales_um: Sequence[float], out_size: int =
     spot's window at each scale (`stimpute.patches` windows). `advance(n)`: n windows done."""
     feats = np.empty((section.n_spots, len(scales_um), hc.HANDCRAFTED_DIM), np.float32)
     lock = threading.Lock()  # one reader at a time: the image builds its levels and caches tiles as it reads
-    with _one_opencv_thread():
+    # OpenCV's own pool off meanwhile: the `WORKERS` threads keep the cores busy, and its pool's
+    # threads spin while they wait (a Visium section: ~10-15 % more CPU, no shorter wall time)
+    with opencv_threads(1):
         for s, side in enumerate(window_sizes_px(section, scales_um)):
             f = side / out_size  # full-resolution px per level px
             corners = window_origins(section.xy, side) / f  # windows' top-left corners, level px
@@ -94,19 +96,6 @@ def dense_features(section: Section, scales_um: Sequence[float], out_size: int =
             feats[:, s] = describe_windows(sums, out_size)
             _return_freed_memory()
     return feats
-
-
-@contextmanager
-def _one_opencv_thread():
-    """OpenCV without its own thread pool meanwhile: the `WORKERS` threads already keep the
-    cores busy, and its pool's threads spin while they wait (a Visium section: ~10-15 % more
-    CPU, no shorter wall time). The same values."""
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(threads)
 
 
 def _return_freed_memory() -> None:

@@ -351,7 +351,7 @@ class MoE3D(Model):
         batch.update(edges=torch.as_tensor(edges), edge_weight=torch.as_tensor(weight))
         net = MoE3DNet(batch["visual"].shape[1], batch["stats"].shape[1], len(self.panel_) + 1, c, use_coords)
         module = MoE3DModule(net, c)
-        from stimpute.trainer import torch_threads
+        from stimpute.threads import torch_threads
 
         with warnings.catch_warnings(), torch_threads(1):  # tiny full-batch steps: threads only add overhead
             warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")

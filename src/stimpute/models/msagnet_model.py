@@ -94,7 +94,8 @@ class MSAGNetModel(Model):
         return self
 
     def predict(self, prepared: PreparedStack, targets: list[int]) -> dict[int, np.ndarray]:
-        from stimpute.models.msagnet_training import GraphBatch, predict_graph, threads_for, torch_threads
+        from stimpute.models.msagnet_training import GraphBatch, predict_graph, threads_for
+        from stimpute.threads import torch_threads
 
         g = prepared.graph
         x = torch.as_tensor(np.concatenate(prepared.features), dtype=torch.float32)

@@ -36,8 +36,8 @@ from stimpute.errors import StimputeWarning
 from stimpute.files import atomic_write
 from stimpute.files import record_write
 from stimpute.models.msagnet import LOSSES, MSAGNet, MSAGNetConfig, TrainConfig  # noqa: F401  (TrainConfig re-exported)
-from stimpute.trainer import (LARGE_GRAPH_NODES, lightning_flags, quiet_trainer, split_known,  # noqa: F401  (re-exported)
-                              threads_for_size, torch_threads)
+from stimpute.threads import threads_for_size, torch_threads
+from stimpute.trainer import lightning_flags, quiet_trainer, split_known  # noqa: F401  (re-exported)
 from stimpute.timing import timed
 
 

@@ -35,7 +35,8 @@ from stimpute.metrics import gene_metrics, pearson_columns
 from stimpute.files import atomic_write
 from stimpute.models.base import Model, register_method
 from stimpute.prepare import PreparedStack
-from stimpute.trainer import lightning_checkpoint, lightning_flags, quiet_trainer, split_known, torch_threads
+from stimpute.threads import torch_threads
+from stimpute.trainer import lightning_checkpoint, lightning_flags, quiet_trainer, split_known
 
 SPOT_SCALE = 0  # index of the spot-scale patch in PreparedStack.features (neighbour tokens)
 

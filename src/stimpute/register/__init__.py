@@ -29,6 +29,7 @@ from stimpute.errors import StimputeError, StimputeWarning
 from stimpute.register.masks import View, section_view, section_views, tissue_mask
 from stimpute.register.refine import pair_quality, refine_ecc
 from stimpute.register.rigid import Candidate, rotation_search
+from stimpute.threads import opencv_threads
 from stimpute.timing import timed
 
 COARSE_SIDE = 256  # px of the largest image's side in the rotation-search views
@@ -102,7 +103,9 @@ def register_stack(
     views = []  # the last two sections' views: memory does not grow with the stack
     transforms = [np.eye(3)]
     rows = []
-    with _progress(progress) as bar:
+    # views are at most `fine_side` px across: OpenCV's pool gains nothing there, and on a busy
+    # machine its threads wait for a core (`stimpute.threads`)
+    with _progress(progress) as bar, opencv_threads(1):
         task = bar.add_task("registering sections", total=2 * len(stack) - 1)
         for i, section in enumerate(stack):
             views = views[-1:] + [tuple(section_views(section, [extent_um / coarse_side, fine_um]))]

@@ -68,7 +68,7 @@ from stimpute.models.msagnet_model import held_out
 from stimpute.prepare import PreparedStack
 from stimpute.models.asign.programs import GenePrograms, resolve_programs
 from stimpute.timing import timed
-from stimpute.trainer import blas_threads, threads_for_size, torch_threads
+from stimpute.threads import blas_threads, threads_for_size, torch_threads
 
 FUSION_STEPS = 300
 FUSION_SHRINK = 0.01
