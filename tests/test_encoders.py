@@ -81,7 +81,7 @@ def folders(tmp_path_factory):
     from stimpute.datasets import synthetic_stack
 
     root = tmp_path_factory.mktemp("stack")
-    stack = synthetic_stack(3, seed=0, n_genes=30, tissue_radius_um=260.0, image_size=600)
+    stack = synthetic_stack(3, seed=0, n_genes=30, tissue_radius_um=180.0, image_size=600)  # ~12 spots a section: the ResNet runs on few patches
     return [str(write_section(s, root)) for s in stack]
 
 
