@@ -21,17 +21,11 @@ def threads_for_size(n: int) -> int:
     return (os.cpu_count() or 1) if n >= LARGE_GRAPH_NODES else 1
 
 
-@contextmanager
 def torch_threads(n: int):
     """Run a block with `n` torch intra-op threads, restoring the previous setting."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _set_during(torch.get_num_threads, torch.set_num_threads, n)
 
 
 @contextmanager
@@ -43,15 +37,20 @@ def blas_threads(n: int):
         yield
 
 
-@contextmanager
 def opencv_threads(n: int):
     """Run a block with OpenCV's pool on `n` threads, restoring the previous setting (the
     same values: OpenCV's parallel loops split rows, not sums)."""
     import cv2
 
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(n)
+    return _set_during(cv2.getNumThreads, cv2.setNumThreads, n)
+
+
+@contextmanager
+def _set_during(get, set_, n: int):
+    """`set_(n)` for the block, then the value `get()` gave before."""
+    before = get()
+    set_(n)
     try:
         yield
     finally:
-        cv2.setNumThreads(before)
+        set_(before)
