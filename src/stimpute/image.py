@@ -225,9 +225,8 @@ class SectionImage:
         Flat images are always decoded from the file (JPEG at reduced scale), never from
         pixels a region read left in memory, so the result never depends on what was read before.
         """
-        W, H = self.size
-        scale = min(1.0, max_side / max(W, H))
-        tw, th = max(1, round(W * scale)), max(1, round(H * scale))
+        W = self.size[0]
+        tw, th = self._thumbnail_size(max_side)
         if self.path is None:
             im = Image.fromarray(self._array)
         elif (slide := self._open_slide()) is not None:
@@ -246,14 +245,19 @@ class SectionImage:
         """`thumbnail(side)` for each of `sides` from one decode: the largest is read, the
         others are resampled from it (antialiased bilinear, as `thumbnail` resamples)."""
         finest, _ = self.thumbnail(max(sides))
-        W, H = self.size
         out = []
         for side in sides:
-            scale = min(1.0, side / max(W, H))
-            tw, th = max(1, round(W * scale)), max(1, round(H * scale))
+            tw, th = self._thumbnail_size(side)
             same = (th, tw) == finest.shape[:2]
-            out.append((finest if same else np.asarray(Image.fromarray(finest).resize((tw, th), Image.BILINEAR)), tw / W))
+            out.append((finest if same else np.asarray(Image.fromarray(finest).resize((tw, th), Image.BILINEAR)),
+                        tw / self.size[0]))
         return out
+
+    def _thumbnail_size(self, max_side: int) -> tuple[int, int]:
+        """(width, height) px of the thumbnail no larger than `max_side`."""
+        W, H = self.size
+        scale = min(1.0, max_side / max(W, H))
+        return max(1, round(W * scale)), max(1, round(H * scale))
 
     def array_digest(self) -> str | None:
         """SHA-256 of an in-memory image's pixels and scale (cache identity); None for a file."""
