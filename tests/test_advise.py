@@ -20,7 +20,7 @@ from stimpute.io import write_section
 
 runner = CliRunner()
 PITCH = 100.0
-COLUMNS = ["rank", "known", "expected_pcc", "score", "gap", "loss", "loss_low", "loss_high", "tie"]
+COLUMNS = ["rank", "known", "expected_pcc", "score", "gap", "loss", "loss_low", "loss_high", "tie", "usable_image"]
 
 
 def small_stack(n: int = 3, seed: int = 0) -> Stack:
@@ -279,3 +279,29 @@ def test_the_only_whole_section_is_advised_by_design():
     table = advise(truly_registered(stack), 1).table
     assert table["known"].iloc[0] == "S2", table
     assert table["gap"].iloc[1] > 0 and table["tie"].iloc[0], table
+
+
+def test_a_ruined_image_is_never_the_one_section_to_measure():
+    """The middle of five evenly drifting sections ranks first on z (`test_ranking_follows_continuity_along_z`);
+    with its image ruined (its spots' features resemble no other section's) it must rank last
+    with one section to measure, its loss not estimated and no tie claimed, while with two it
+    may still be measured beside a section whose image is usable."""
+    d = drifting(5, 0.6)
+    d.embedding[2] = np.random.default_rng(0).normal(size=d.embedding[2].shape) + 50.0
+    d = description(d.xy_um, d.embedding)
+    assert list(d.usable) == [True, True, False, True, True], d.image_coverage
+    table = advise(d, 1).table
+    assert table["known"].iloc[0] in ("S1", "S3") and table["known"].iloc[-1] == "S2", table
+    last = table.iloc[-1]
+    assert not last["usable_image"] and not last["tie"] and last[["loss", "loss_low", "loss_high"]].isna().all()
+    assert table["usable_image"].iloc[:-1].all() and table["loss"].iloc[:-1].notna().all()
+    assert advise(d, 2).table["usable_image"].all()
+
+
+def test_a_ruined_image_in_a_synthetic_stack_is_set_apart():
+    """`synthetic_stack(damaged=...)` smears a section's image: the advisor (true registration,
+    handcrafted features) must find exactly that section unusable and not advise it alone."""
+    stack = synthetic_stack(5, seed=3, tissue_radius_um=400, image_size=900, damaged=[2])
+    d = truly_registered(stack)
+    assert list(d.usable) == [True, True, False, True, True], d.image_coverage
+    assert advise(d, 1).table["known"].iloc[0] != "S2"

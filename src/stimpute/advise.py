@@ -20,7 +20,11 @@ facility-location value: the mean over its targets (the sections it leaves out, 
 accuracy averages over them) of the continuity with the target's best known section. With a
 straight decay, the sets ranked first are those with the least mean z distance from each
 target to its nearest known section, and among those (often many) the pair rehearsal
-decides. Nothing is fitted: no coefficient comes from any stack. The variants (the decay
+decides. One exception comes first: a set whose every section has a ruined image
+(`StackDescription.usable`: its spots resemble almost none of the other sections' in feature
+space) ranks after every set with a usable one, whatever its score; measured alone, such a
+section leaves the image model nothing to learn from. Nothing is fitted: no coefficient
+comes from any stack. The variants (the decay
 as a median per distance (`distance_prior`, the second round's), a line, or an exponential;
 how much of a pair's own P to keep; an image-quality test; ties broken by evenness, tissue
 area or spot coverage; in the fourth round, targets between two known sections, the whole-set
@@ -78,6 +82,7 @@ N_TIES_NAMED = 10  # tied candidates advice.md names in its verdict (all are in 
 MODEL_K = 8  # feature-space neighbours of the image model's stand-in (`set_scores`)
 TIE_BREAK = 1e-3  # weight of a pair's own rehearsal score beside the typical one as far apart in z
 PROPAGATED_SHARE = 2 / 3  # the propagated part's share per unit reach (`stimpute.models.asign.FIXED_SHARE`)
+RUINED_SHARE = 0.1  # image coverage below this share of the stack's median: a ruined image (`StackDescription.usable`)
 CALIBRATION_FILE = Path(__file__).parent / "data" / "advise_calibration.json"
 
 
@@ -193,6 +198,27 @@ class StackDescription:
         stack's decay of pair scores with z distance (`decay_line`), ties broken by the pair's own."""
         return decay_line(self.pair_scores, self.z_um) + TIE_BREAK * self.pair_scores
 
+    @cached_property
+    def image_coverage(self) -> np.ndarray:
+        """(n,) per section k, the share of the other sections' spots whose nearest spot of k in
+        feature space is no farther than the stack's median distance from a spot to the nearest
+        spot of any other section: how much of the stack's morphology section k shows."""
+        feature_nn, n = self._neighbours[1], len(self.names)
+        others = [[s for s in range(n) if s != t] for t in range(n)]
+        typical = np.median(np.concatenate([np.min([feature_nn[t, s] for s in others[t]], axis=0) for t in range(n)]))
+        return np.array([np.mean(np.concatenate([feature_nn[t, k] <= typical for t in others[k]])) for k in range(n)])
+
+    @cached_property
+    def usable(self) -> np.ndarray:
+        """(n,) sections whose image is usable: image coverage at least `RUINED_SHARE` of the
+        stack's median. A ruined image (smeared, out of focus) resembles almost no spot of the
+        other sections; measured alone, it leaves the image model nothing to learn from."""
+        return self.image_coverage >= RUINED_SHARE * np.median(self.image_coverage)
+
+    def with_usable_image(self, sets) -> np.ndarray:
+        """(m,) whether each known set holds a section with a usable image (`usable`)."""
+        return np.array([bool(self.usable[list(known)].any()) for known in sets])
+
     def target_values(self, sets) -> np.ndarray:
         """(m, n_sections) each section's continuity with its best known section of each set
         (NaN for the set's own sections): what the score averages."""
@@ -272,7 +298,7 @@ def facility_values(continuity: np.ndarray, sets) -> np.ndarray:
 @dataclass
 class Advice:
     """Ranked candidates (`table`: rank, known, expected_pcc (empty: see the module docstring),
-    score, gap, loss, loss_low, loss_high, tie) and their reasoning (`details[known]`: per target)."""
+    score, gap, loss, loss_low, loss_high, tie, usable_image) and their reasoning (`details[known]`: per target)."""
 
     table: pd.DataFrame
     details: dict[str, pd.DataFrame]
@@ -413,12 +439,16 @@ def advise(description: StackDescription, budget: int, max_exhaustive: int = MAX
     else:
         search = f"beam search (width {beam_width}) over {math.comb(n, budget)} combinations"
         scored = _beam(n, budget, score, beam_width)
-    order = sorted(scored, key=lambda known: (-scored[known], known))
+    usable = dict(zip(scored, description.with_usable_image(list(scored))))
+    order = sorted(scored, key=lambda known: (not usable[known], -scored[known], known))
     labels = ["+".join(description.names[i] for i in known) for known in order]
     gap = scored[order[0]] - np.array([scored[known] for known in order])
+    set_apart = usable[order[0]] & ~np.array([usable[known] for known in order])  # last for their images: no loss estimate
+    loss = {k: np.where(set_apart, np.nan, np.round(v, 4)) if k != "tie" else v & ~set_apart
+            for k, v in expected_loss(gap).items()}
     table = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "known": labels, "expected_pcc": np.nan,
-                          "score": np.round([scored[known] for known in order], 4), "gap": np.round(gap, 4),
-                          **{k: np.round(v, 4) if k != "tie" else v for k, v in expected_loss(gap).items()}})
+                          "score": np.round([scored[known] for known in order], 4), "gap": np.round(gap, 4), **loss,
+                          "usable_image": [usable[known] for known in order]})
     details = {label: description.quantities(known) for label, known in zip(labels[:N_DETAILED], order[:N_DETAILED])}
     return Advice(table, details, description, budget, search)
 
@@ -457,7 +487,8 @@ OUTPUT_NAMES = ("advice.csv", "advice.md", "advice.png")
 
 
 def write_advice(result: Advice, out: str | Path) -> list[Path]:
-    """advice.csv (rank, known, expected_pcc, score, gap, loss, loss_low, loss_high, tie), advice.md (the reasoning) and advice.png."""
+    """advice.csv (rank, known, expected_pcc, score, gap, loss, loss_low, loss_high, tie, usable_image), advice.md
+    (the reasoning) and advice.png."""
     from stimpute.files import write_text_atomic
     from stimpute.figures import advice_figure
 
@@ -487,9 +518,16 @@ def advice_markdown(result: Advice, figure: str, n_ranked: int = 20) -> str:
         "only (counts, where present, are never read).", "", verdict, "",
         f"| rank | known | score | expected loss of mean per-gene PCC against the top ({level} interval) | tie |",
         "|---|---|---|---|---|",
-        *[f"| {r.rank} | {r.known} | {r.score:.4f} | {r.loss:.3f} ({r.loss_low:+.3f} to {r.loss_high:+.3f}) | "
+        *[f"| {r.rank} | {r.known} | {r.score:.4f} | "
+          f"{f'{r.loss:.3f} ({r.loss_low:+.3f} to {r.loss_high:+.3f})' if r.usable_image or not table['usable_image'][0] else 'not estimated: no usable image'} | "
           f"{'yes' if r.tie else 'no'} |" for r in table.head(n_ranked).itertuples()],
     ]
+    ruined = [f"{name} (image coverage {c:.3f})" for name, c, ok in zip(d.names, d.image_coverage, d.usable) if not ok]
+    if ruined:
+        lines += ["", f"Ruined image: {', '.join(ruined)}, against the stack's median {np.median(d.image_coverage):.3f} (the "
+                  "share of the other sections' spots that resemble one of its spots in feature space). Its spots resemble "
+                  "almost none of the other sections'; measured alone it leaves the image model nothing to learn from, "
+                  "so a set of such sections only ranks after every other (its loss is not estimated)."]
     if len(table) > n_ranked:
         lines.append(f"\n({len(table) - n_ranked} more in advice.csv)")
     lines += [
