@@ -19,7 +19,8 @@ compared with the best set:
   first rehearsal of issue 29 (whole known set, image-model stand-in fused in) and its
   propagated part alone, and the fourth round's: the sets equal on the advisor's z line
   ordered by interpolation (`far_side`), by the first rehearsal, or by a cross-family image
-  model's reach (`cross_family`), and `kriging` over the line;
+  model's reach (`cross_family`), and `kriging` over the line; the fifth round's: the advisor without
+  setting ruined images apart (the third round's score) and the soft facility over the line;
 - **old model**: the issue-19 linear model (coverage, morphology, z distance; coefficients
   fitted on HER2-ST, `benchmarks/advise_old_model.json`);
 - **middle section** (the `budget` sections around the middle) and **evenly spaced**
@@ -27,7 +28,8 @@ compared with the best set:
 - beside them, reading the counts: the **noise floor** (the best set by a second draw of the
   counts, `--draw`) and the **pair-level ceiling** (`--singles`: every single section imputed,
   each target's accuracy kept: what facility location, the advisor's kind of score, picks
-  when its pair table is the true one in gene space).
+  when its pair table is the true one in gene space), and which set-level form of that true table
+  (`ORACLE_FORMS`, `ORACLE_SET_TERMS`) predicts the sets' actuals best.
 
 Reported per rule: Spearman's rho of its scores with the actual over the candidate sets
 (rules with one pick have none), regret (best actual minus the pick's actual; >= 0) and the
@@ -70,7 +72,8 @@ DEV = [f"synthetic {seed:02d}" for seed in range(0, 100, 2)]  # the development 
 MARKERS = ("<!-- bench_advise:start -->", "<!-- bench_advise:end -->")
 SCORED = ("advisor", "z decay by median (round 2)", "pairs ¼ + z prior ¾", "pairs ¼ + z prior ¾, image-quality aware", "pairs ½ + z prior ½",
           "pairs alone", "first rehearsal", "first rehearsal, propagated part", "line, ties by interpolation",
-          "line, ties by set rehearsal", "line, ties by cross-family ridge", "kriging over the line")
+          "line, ties by set rehearsal", "line, ties by cross-family ridge", "kriging over the line",
+          "advisor, ruined images not set apart (round 3)", "soft facility ¼ over the line")
 FLOOR = "second draw's best (noise floor)"
 CEILING = "gene-space pairs (pair-level ceiling)"
 RULES = (*SCORED, "old model", "middle section", "evenly spaced", FLOOR, CEILING)
@@ -79,6 +82,24 @@ SECOND_DRAW = 1  # the count seed and stand-in seed of the second draw (`--draw`
 QUALITY_RATIO = 0.65  # the "image-quality aware" ablation's threshold (chosen on the even seeds)
 FAMILIES = {"colour": slice(0, 18), "nuclei": slice(18, 44), "texture": slice(44, 67)}  # handcrafted descriptor blocks
 RIDGE_ALPHA = 0.1  # ridge penalty per spot of the cross-family ablation (standardised descriptors)
+# Set-level forms over the true single-section table (`--singles`: g, the targets' accuracies from each known
+# section; dz, their z distances in z steps; bracketed, a known section on each side): what a set's actual is,
+# given the pairs (fifth round; each parameter the best of a few on the even seeds' budgets 2-3).
+ORACLE_FORMS = {
+    "max (facility location: the pair-level ceiling)": lambda g, dz, bracketed: g.max(),
+    "soft-max (τ 0.01)": lambda g, dz, bracketed: 0.01 * np.log(np.exp((g - g.max()) / 0.01).sum()) + g.max(),
+    "max + 0.1 × second": lambda g, dz, bracketed: g.max() + (0.1 * np.sort(g)[-2] if len(g) > 1 else 0.0),
+    "soft facility: max + ¼ × second × (1 − max)": lambda g, dz, bracketed: soft_facility(g, 0.25),
+    "noisy-or: 1 − ∏(1 − g)": lambda g, dz, bracketed: 1 - np.prod(1 - np.clip(g, 0, 1)),
+    "max + 0.005 if bracketed": lambda g, dz, bracketed: g.max() + 0.005 * bracketed,
+    "kernel mix: mean weighted exp(−(dz / ½)²)": lambda g, dz, bracketed: kernel_mix(g, dz, 0.5),
+    "¼ kernel mix (2 steps) + ¾ max": lambda g, dz, bracketed: 0.25 * kernel_mix(g, dz, 2.0) + 0.75 * g.max(),
+}
+ORACLE_SET_TERMS = {  # a whole-set term added to a form: the image model learns from every known spot
+    "max + 0.0025 × log(known spots)": ("max (facility location: the pair-level ceiling)", 0.0025, "spots"),
+    "soft facility ¼ + 0.005 × morphological coverage of the set": (
+        "soft facility: max + ¼ × second × (1 − max)", 0.005, "coverage"),
+}
 
 
 def synthetic_case(seed: int) -> dict:
@@ -159,6 +180,77 @@ def gene_pairs(path: Path, names: list[str]) -> np.ndarray:
     for row in pd.read_csv(path).itertuples():
         G[index[row.known], index[row.target]] = row.pcc
     return G
+
+
+def soft_facility(g: np.ndarray, w: float) -> float:
+    """A target's best source plus `w` × its second-best × what the best leaves (1 − best)."""
+    top = np.sort(g)[::-1]
+    return float(top[0] + w * max(top[1], 0.0) * (1 - top[0])) if len(g) > 1 else float(top[0])
+
+
+def kernel_mix(g: np.ndarray, dz: np.ndarray, width: float) -> float:
+    """The targets' accuracies from its known sections averaged with weights exp(−(dz / width)²), dz in z
+    steps: the propagation mixes every known section, near ones most."""
+    w = np.exp(-(dz / width) ** 2)
+    return float(w @ g / w.sum())
+
+
+def oracle_scores(G: np.ndarray, description, sets) -> dict[str, np.ndarray]:
+    """Each set-level form (`ORACLE_FORMS`, `ORACLE_SET_TERMS`) of every set over the true single-section table
+    G: the mean over the set's targets of the form, plus a whole-set term (log of the known spots; the share of
+    the target spots whose nearest known spot in feature space is within the stack's median nearest-other-section
+    distance, `StackDescription.image_coverage`'s yardstick)."""
+    z = description.z_um
+    step = float(np.median(np.diff(np.sort(z))))
+    spots = np.array([len(xy) for xy in description.xy_um])
+    feature_nn, n = description._neighbours[1], len(z)
+    typical = np.median(np.concatenate([np.min([feature_nn[t, s] for s in range(n) if s != t], axis=0) for t in range(n)]))
+    out = {form: [] for form in ORACLE_FORMS}
+    terms = {"spots": [], "coverage": []}
+    for known in sets:
+        K = list(known)
+        targets = [t for t in range(n) if t not in known]
+        for form, f in ORACLE_FORMS.items():
+            out[form].append(np.mean([f(G[K, t], np.abs(z[K] - z[t]) / step, bool((z[K] < z[t]).any() and (z[K] > z[t]).any()))
+                                      for t in targets]))
+        terms["spots"].append(np.log(spots[K].sum()))
+        terms["coverage"].append(np.mean(np.concatenate([np.min([feature_nn[t, k] for k in K], axis=0) <= typical
+                                                         for t in targets])))
+    out = {form: np.array(v) for form, v in out.items()}
+    for name, (form, weight, term) in ORACLE_SET_TERMS.items():
+        out[name] = out[form] + weight * np.array(terms[term])
+    return out
+
+
+def oracle_table(frame: pd.DataFrame) -> list[str]:
+    """Mean regret / share ≤ 0.01 of each set-level form's pick (the set it scores highest), per budget and, on
+    budgets 2-3 (where the forms differ), per half."""
+    columns = [c for c in frame if c.startswith("oracle: ")]
+    if not columns:
+        return []
+    rows = []
+    for (stack, budget), g in frame.dropna(subset=columns).groupby(["stack", "budget"], sort=False):
+        for c in columns:
+            rows.append({"stack": stack, "budget": budget, "form": c[len("oracle: "):],
+                         "regret": g["actual"].max() - g["actual"].iloc[int(np.argmax(g[c].to_numpy()))]})
+    r = pd.DataFrame(rows)
+    r["dev"] = r["stack"].isin(DEV)
+
+    def cell(x: pd.Series) -> str:
+        return f"{x.mean():.4f} / {np.mean(x <= TOLERANCE):.0%}"
+
+    lines = [f"**Set-level forms over the true single-section table** ({r['stack'].nunique()} stacks, `--singles`; an "
+             "oracle: it reads G, each target's actual accuracy with each single known section, and asks which function "
+             "of G predicts the set's actual; each form's parameter the best of a few on the even seeds' budgets 2-3). "
+             "Mean regret / share ≤ 0.01:", "",
+             "| form | budget 1 | budget 2 | budget 3 | budgets 2-3, even seeds | budgets 2-3, odd seeds | budgets 2-3 |",
+             "|---|---|---|---|---|---|---|"]
+    for form, g in r.groupby("form", sort=False):
+        multi = g[g["budget"] > 1]
+        cells = [cell(g.loc[g["budget"] == b, "regret"]) for b in BUDGETS]
+        cells += [cell(multi.loc[multi["dev"], "regret"]), cell(multi.loc[~multi["dev"], "regret"]), cell(multi["regret"])]
+        lines.append(f"| {form} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def measure_stack(stack, cache: Path, path: Path, budgets, full_budgets=(), synthetic: bool = True,
@@ -315,6 +407,11 @@ def rule_scores(description, sets: list[tuple[int, ...]], features: list[np.ndar
     out["line, ties by set rehearsal"] = lexicographic(on_line, out["first rehearsal"])
     out["line, ties by cross-family ridge"] = lexicographic(on_line, cross_family(features, sets))
     out["kriging over the line"] = kriging(line, sets) + TIE_BREAK * out["advisor"]
+    out["advisor, ruined images not set apart (round 3)"] = out["advisor"]
+    C = description.continuity
+    out["soft facility ¼ over the line"] = np.array([np.mean([soft_facility(C[list(known), t], 0.25)
+                                                              for t in range(len(C)) if t not in known]) for known in sets])
+    out["advisor"] = lexicographic(description.with_usable_image(sets), out["advisor"])  # as `advise` orders them
     return out
 
 
@@ -359,12 +456,15 @@ def score_stack(path: Path, label: str, second: Path | None = None, singles: Pat
         group = group.assign(stack=label, n_sections=len(description.names),
                              tie=advice.loc[group["known"], "tie"].to_numpy(),
                              gap=advice.loc[group["known"], "gap"].to_numpy(),
+                             advisor_score=advice.loc[group["known"], "score"].to_numpy(),
+                             usable_image=advice.loc[group["known"], "usable_image"].to_numpy(),
                              seconds_advise=seconds, seconds_register_features=described)
         for rule, values in rule_scores(description, sets, features).items():
             group[rule] = values
         group["old model"] = [old[k] for k in sets]
         for rule, known in picks(description, int(budget), features).items():
             group[f"pick_{rule}"] = "+".join(description.names[i] for i in known)
+        group["pick_advisor"] = advice.index[0]  # `advise`'s own first (its order on exact ties)
         if "actual_second" in group and group["actual_second"].notna().all():
             group[f"pick_{FLOOR}"] = group.loc[group["actual_second"].idxmax(), "known"]
         if singles is not None and singles.is_file():
@@ -373,6 +473,8 @@ def score_stack(path: Path, label: str, second: Path | None = None, singles: Pat
             group[f"pick_{CEILING}"] = group.loc[group[CEILING].idxmax(), "known"]
             group["order_by_z"] = source_order_agreement(G, -np.abs(np.subtract.outer(description.z_um, description.z_um)))
             group["order_by_pairs"] = source_order_agreement(G, description.pair_scores)
+            for form, values in oracle_scores(G, description, sets).items():
+                group[f"oracle: {form}"] = values
         out.append(group)
     return pd.concat(out, ignore_index=True)
 
@@ -396,12 +498,14 @@ def cases(frame: pd.DataFrame) -> pd.DataFrame:
 
 def calibration_pairs(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (stack, budget) and candidate other than the advisor's top: its score gap to the
-    top and its actual loss against the top (mean per-gene PCC; negative: it did better)."""
+    top and its actual loss against the top (mean per-gene PCC; negative: it did better);
+    the sets `advise` ranks last for their ruined images (no loss estimated) left out."""
     rows = []
     for (stack, budget), case in frame.groupby(["stack", "budget"], sort=False):
-        top = case.loc[case["advisor"].idxmax()]
+        top = case.loc[(case["known"] == case["pick_advisor"]).idxmax()]
         rest = case.drop(index=top.name)
-        rows.append(pd.DataFrame({"stack": stack, "budget": budget, "gap": top["advisor"] - rest["advisor"],
+        rest = rest[rest["usable_image"] | ~top["usable_image"]]
+        rows.append(pd.DataFrame({"stack": stack, "budget": budget, "gap": top["advisor_score"] - rest["advisor_score"],
                                   "loss": top["actual"] - rest["actual"]}))
     return pd.concat(rows, ignore_index=True)
 
@@ -657,6 +761,7 @@ def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
     lines += noise_floor(synthetic, floor_cases)
     if "order_by_z" in synthetic:
         lines += pair_ceiling(floor_cases, synthetic.dropna(subset=["order_by_z"]).groupby("stack", as_index=False).first())
+        lines += oracle_table(synthetic)
     lines += held_out_cases(floor_cases)
     calibration = load_calibration()
     held = synthetic[~synthetic["stack"].isin(DEV)]
@@ -676,7 +781,7 @@ def report(frame: pd.DataFrame, cases_dir: Path) -> list[str]:
             cells = [f"{r.pick} / {r.regret:.4f}" for r in group.sort_values("budget").itertuples()]
             lines.append(f"| {rule} | {' | '.join(cells)} |")
         lines += ["", "| known | actual (stand-in) | advisor score | tie | old model |", "|---|---|---|---|---|",
-                  *[f"| {r['known']} | {r['actual']:.4f} | {r['advisor']:.4f} | {'yes' if r['tie'] else 'no'} | "
+                  *[f"| {r['known']} | {r['actual']:.4f} | {r['advisor_score']:.4f} | {'yes' if r['tie'] else 'no'} | "
                     f"{r['old model']:.4f} |" for _, r in h.iterrows()], ""]
     if "actual_full" in frame and frame["actual_full"].notna().any():
         rows = []

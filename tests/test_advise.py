@@ -10,8 +10,8 @@ import pytest
 from scipy import sparse
 from typer.testing import CliRunner
 
-from stimpute.advise import (TIE_BREAK, StackDescription, advise, count_free, decay_line, describe_stack,
-                             description_of, distance_prior, facility_values)
+from stimpute.advise import (TIE_BREAK, StackDescription, advice_markdown, advise, count_free, decay_line,
+                             describe_stack, description_of, distance_prior, facility_values)
 from stimpute.cli import app
 from stimpute.data import SectionImage, Stack
 from stimpute.datasets import synthetic_stack
@@ -290,8 +290,11 @@ def test_a_ruined_image_is_never_the_one_section_to_measure():
     d.embedding[2] = np.random.default_rng(0).normal(size=d.embedding[2].shape) + 50.0
     d = description(d.xy_um, d.embedding)
     assert list(d.usable) == [True, True, False, True, True], d.image_coverage
-    table = advise(d, 1).table
+    result = advise(d, 1)
+    table = result.table
     assert table["known"].iloc[0] in ("S1", "S3") and table["known"].iloc[-1] == "S2", table
+    text = advice_markdown(result, "advice.png")
+    assert "Ruined image: S2" in text and "| S2 | " in text and "not estimated: no usable image" in text
     last = table.iloc[-1]
     assert not last["usable_image"] and not last["tie"] and last[["loss", "loss_low", "loss_high"]].isna().all()
     assert table["usable_image"].iloc[:-1].all() and table["loss"].iloc[:-1].notna().all()

@@ -519,17 +519,17 @@ def advice_markdown(result: Advice, figure: str, n_ranked: int = 20) -> str:
         f"| rank | known | score | expected loss of mean per-gene PCC against the top ({level} interval) | tie |",
         "|---|---|---|---|---|",
         *[f"| {r.rank} | {r.known} | {r.score:.4f} | "
-          f"{f'{r.loss:.3f} ({r.loss_low:+.3f} to {r.loss_high:+.3f})' if r.usable_image or not table['usable_image'][0] else 'not estimated: no usable image'} | "
-          f"{'yes' if r.tie else 'no'} |" for r in table.head(n_ranked).itertuples()],
+          + ("not estimated: no usable image" if pd.isna(r.loss) else f"{r.loss:.3f} ({r.loss_low:+.3f} to {r.loss_high:+.3f})")
+          + f" | {'yes' if r.tie else 'no'} |" for r in table.head(n_ranked).itertuples()],
     ]
+    if len(table) > n_ranked:
+        lines.append(f"\n({len(table) - n_ranked} more in advice.csv)")
     ruined = [f"{name} (image coverage {c:.3f})" for name, c, ok in zip(d.names, d.image_coverage, d.usable) if not ok]
     if ruined:
         lines += ["", f"Ruined image: {', '.join(ruined)}, against the stack's median {np.median(d.image_coverage):.3f} (the "
-                  "share of the other sections' spots that resemble one of its spots in feature space). Its spots resemble "
-                  "almost none of the other sections'; measured alone it leaves the image model nothing to learn from, "
-                  "so a set of such sections only ranks after every other (its loss is not estimated)."]
-    if len(table) > n_ranked:
-        lines.append(f"\n({len(table) - n_ranked} more in advice.csv)")
+                  "share of the other sections' spots that resemble one of its spots in feature space). Measured alone, "
+                  "such a section leaves the image model nothing to learn from, so a set made only of such sections ranks "
+                  "after every other (its loss is not estimated)."]
     lines += [
         "", "## What the score is, and what the numbers claim", "",
         f"Each section's *pseudo-expression* is its spots' first {N_COMPONENTS} principal components of image "

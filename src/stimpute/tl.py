@@ -306,7 +306,8 @@ def advise(adatas: Sections, budget: int, *, encoder: str | None = None, um_per_
     Returns
     -------
     The table `rank, known, expected_pcc` (empty: no absolute PCC is claimed), `score, gap,
-    loss, loss_low, loss_high, tie` (`known`: names joined by `+`); its `attrs["details"]`
+    loss, loss_low, loss_high, tie, usable_image` (`known`: names joined by `+`; a set with
+    no usable image ranks last, its loss not estimated); its `attrs["details"]`
     holds, per top candidate, each target's coverage, z distance, morphological coverage,
     reach and score (its continuity with its best known section). The given objects are not changed.
     """
