@@ -45,23 +45,55 @@ def her2st_stack(her2st_root) -> list[Path]:
     return [her2st_root / name for name in HER2ST_STACK]
 
 
-@pytest.fixture(scope="session")
-def her2st_features(her2st_stack, tmp_path_factory) -> Path:
-    """A feature cache of C2, C3 and C4 (handcrafted, the default), filled once per test run
-    by `stimpute features`, so it is a cache stimpute owns: the tests that prepare these
-    sections (impute's accuracy guard, advise) start from a copy and compute no features.
-    pytest-xdist workers share it: the first fills it under a lock, the others wait for it."""
+def _once_per_run(tmp_path_factory, name: str, fill) -> Path:
+    """The folder `name` of this test run, filled by `fill(folder)` once: pytest-xdist workers
+    share it, the first fills it under a lock, the others wait for it. Treat it as read-only."""
     from filelock import FileLock
-
-    from tests.helpers import run_cli
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # this run's folder, above every worker's own
-    cache, filled = root / "her2st_features", root / "her2st_features.filled"
-    with FileLock(f"{cache}.lock"):
+    folder, filled = root / name, root / f"{name}.filled"
+    with FileLock(f"{folder}.lock"):
         if not filled.is_file():
-            result = run_cli("features", *her2st_stack, "--out", cache)
-            assert result.exit_code == 0, result.output
+            fill(folder)
             filled.touch()
-    return cache
+    return folder
+
+
+@pytest.fixture(scope="session")
+def her2st_features(her2st_stack, tmp_path_factory) -> Path:
+    """A feature cache of C2, C3 and C4 (handcrafted, the default), filled once per test run
+    by `stimpute features`, so it is a cache stimpute owns: the tests that prepare these
+    sections (impute's accuracy guard, advise) start from a copy and compute no features."""
+    from tests.helpers import run_cli
+
+    def fill(cache: Path) -> None:
+        result = run_cli("features", *her2st_stack, "--out", cache)
+        assert result.exit_code == 0, result.output
+
+    return _once_per_run(tmp_path_factory, "her2st_features", fill)
+
+
+
+@pytest.fixture(scope="session")
+def image_section_impute(tmp_path_factory) -> Path:
+    """The output folder of one `stimpute impute` per test run (its outputs and its 3D view are
+    tested in two modules): `synthetic_stack(**IMAGE_SECTION_STACK)` with S0 measured (known),
+    S1 handed over as an H&E image alone (`he_1.png`, 2 µm/px) and S2 a measured target;
+    every figure. Read-only: a test that changes it works on a copy."""
+    from PIL import Image
+
+    from stimpute.io import write_section
+    from tests.helpers import IMAGE_SECTION_STACK, run_cli
+
+    def fill(root: Path) -> None:
+        stack = synthetic_stack(**IMAGE_SECTION_STACK)
+        he = stack[1].image
+        root.mkdir()
+        Image.fromarray(he.read_region(0, 0, *he.size)).save(root / "he_1.png")
+        inputs = [write_section(stack[0], root / "in"), root / "he_1.png", write_section(stack[2], root / "in")]
+        result = run_cli("impute", *inputs, "--known", "S0", "--out", root / "out", "--um-per-px", "2", "--epochs", "5", "--figures", "all")
+        assert result.exit_code == 0, result.output
+
+    return _once_per_run(tmp_path_factory, "image_section_impute", fill) / "out"

@@ -87,7 +87,9 @@ def test_demo_runs_twice_into_its_own_folder(folders, tmp_path, monkeypatch):
     """The demo on a small stand-in for the mini stack (C2, C3, C4), run twice; `impute`
     results of the user's are still refused without --force."""
     import stimpute.datasets
+    import stimpute.pipeline
     from stimpute.files import write_text_atomic
+    from stimpute.models.msagnet import TrainConfig
     from stimpute.files import run_ownership
 
     stand_in = tmp_path / "mini"
@@ -95,6 +97,9 @@ def test_demo_runs_twice_into_its_own_folder(folders, tmp_path, monkeypatch):
         s.name = name
         write_section(s, stand_in)
     monkeypatch.setattr(stimpute.datasets, "her2st_mini_path", lambda: stand_in)
+    run_impute = stimpute.pipeline.run_impute  # the demo's run, trained 3 epochs: the folder is what is tested here
+    monkeypatch.setattr(stimpute.pipeline, "run_impute",
+                        lambda *args, **kwargs: run_impute(*args, **kwargs, config=TrainConfig(seed=kwargs["seed"], max_epochs=3)))
     out = tmp_path / "stimpute-demo"
     first = run_cli("demo", "--out", out)
     assert first.exit_code == 0, first.output

@@ -10,22 +10,15 @@ from typer.testing import CliRunner
 
 from stimpute.cli import app
 from stimpute.datasets import synthetic_stack
-from stimpute.io import read_sections, write_h5ad_atomic, write_section
+from stimpute.io import read_sections, write_h5ad_atomic
 from stimpute.io.results import block_library, block_section
+from tests.helpers import IMAGE_SECTION_STACK
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """S0 measured (known), S1 handed over as a PNG alone, S2 measured target."""
-    root = tmp_path_factory.mktemp("virtual")
-    stack = synthetic_stack(3, seed=0, n_genes=30, tissue_radius_um=350.0, image_size=800)
-    s1 = stack[1]
-    Image.fromarray(s1.image.read_region(0, 0, *s1.image.size)).save(root / "he_1.png")
-    inputs = [write_section(stack[0], root / "in"), root / "he_1.png", write_section(stack[2], root / "in")]
-    args = ["impute", *map(str, inputs), "--known", "S0", "--out", str(root / "out"), "--um-per-px", "2", "--epochs", "5", "--figures", "all"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return root / "out", stack
+def run(image_section_impute):
+    """S0 measured (known), S1 handed over as a PNG alone (he_1), S2 measured target (conftest)."""
+    return image_section_impute, synthetic_stack(**IMAGE_SECTION_STACK)
 
 
 def test_image_section_output_contract(run):

@@ -14,38 +14,30 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from PIL import Image
 
-from stimpute.datasets import synthetic_stack
 from stimpute.errors import StimputeWarning
-from stimpute.io import write_section
 from stimpute.files import read_manifest
 from stimpute.view import build_view, read_view_sections
 from tests.helpers import one_error_line, run_cli
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory) -> Path:
-    """`stimpute impute` on a tiny synthetic stack: S0 measured (known); S1, an H&E image
-    alone, and S2 imputed, S2 carrying counts (so its measured values are shown beside)."""
-    root = tmp_path_factory.mktemp("view")
-    stack = synthetic_stack(3, seed=0, n_genes=20, tissue_radius_um=300.0, image_size=600)
-    Image.fromarray(stack[1].image.read_region(0, 0, *stack[1].image.size)).save(root / "S1.png")
-    inputs = [write_section(stack[0], root / "in"), root / "S1.png", write_section(stack[2], root / "in")]
-    result = run_cli("impute", *inputs, "--known", "S0", "--out", root / "out", "--epochs", "3", "--um-per-px", "2")
-    assert result.exit_code == 0, result.output
-    return root / "out"
+def out(image_section_impute, tmp_path_factory) -> Path:
+    """A copy of `stimpute impute` on a small synthetic stack (conftest): S0 measured (known);
+    he_1, an H&E image alone, and S2 imputed, S2 carrying counts (so its measured values are
+    shown beside). A copy: `stimpute view` here redraws its view.html."""
+    return shutil.copytree(image_section_impute, tmp_path_factory.mktemp("view") / "out")
 
 
 def test_impute_writes_a_self_contained_view(out):
     page = (out / "view.html").read_text()
     assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*\shref=", page)  # plotly.js inline: nothing to fetch
-    assert len(page) < 8e6 and page.count('<option value="GENE') == 20  # the search box lists the panel
+    assert len(page) < 8e6 and page.count('<option value="GENE') == 30  # the search box lists the panel
     block = ad.read_h5ad(out / "block.h5ad")
     truth = block.layers["measured"]
-    on = {name: (block.obs["section"] == name).to_numpy() for name in ("S0", "S1", "S2")}
-    assert np.isfinite(truth).all() and not truth[on["S1"]].any() and truth[on["S2"]].any()  # S1 has no counts: zeros
-    assert not block.uns["stimpute"]["sections"]["S1"]["has_counts"] and block.uns["stimpute"]["sections"]["S2"]["has_counts"]
+    on = {name: (block.obs["section"] == name).to_numpy() for name in ("S0", "he_1", "S2")}
+    assert np.isfinite(truth).all() and not truth[on["he_1"]].any() and truth[on["S2"]].any()  # he_1 has no counts: zeros
+    assert not block.uns["stimpute"]["sections"]["he_1"]["has_counts"] and block.uns["stimpute"]["sections"]["S2"]["has_counts"]
     assert np.array_equal(truth[on["S0"]], block.X[on["S0"]])
 
 
@@ -53,7 +45,7 @@ def test_view_draws_textures_true_size_spots_and_measured_beside(out):
     genes, sections = read_view_sections(out)
     figure, data = build_view(out, gene=genes[3])
     kinds = [t.type for t in figure.data]
-    assert kinds.count("surface") == 4  # S0, S1, S2 and S2's measured copy beside it
+    assert kinds.count("surface") == 4  # S0, he_1, S2 and S2's measured copy beside it
     texture = next(t for t in figure.data if t.type == "surface")
     index, x, y = np.asarray(texture.surfacecolor), np.asarray(texture.x), np.asarray(texture.y)
     under = index[np.searchsorted(y, sections[0].xyz[:, 1]), np.searchsorted(x, sections[0].xyz[:, 0])]
@@ -86,11 +78,11 @@ def test_view_command_and_python_api(out, tmp_path):
     one_error_line(run_cli("view", tmp_path), "no block.h5ad")
     import stimpute
 
-    parts = [ad.read_h5ad(out / f"{name}.h5ad") for name in ("S1", "S2")]  # per-section results, not a block
+    parts = [ad.read_h5ad(out / f"{name}.h5ad") for name in ("he_1", "S2")]  # per-section results, not a block
     page = stimpute.pl.view(parts, genes[2], path=tmp_path / "parts.html")
     assert (tmp_path / "parts.html").read_text() == page.html and "iframe" in page._repr_html_()
     fig = stimpute.pl.block_3d(parts, genes[2], layer="X")
-    assert [t.get_text() for t in fig.axes[0].get_zticklabels()] == ["S1 (imputed)", "S2 (imputed)"]
+    assert [t.get_text() for t in fig.axes[0].get_zticklabels()] == ["he_1 (imputed)", "S2 (imputed)"]
 
 
 def test_a_failed_view_never_fails_the_impute(out, monkeypatch):
@@ -182,7 +174,7 @@ def test_view_renders_in_a_headless_browser(out, tmp_path):
     assert _coloured(first) > 0.01 and (np.abs(first - 255).sum(axis=2) > 30).mean() > 0.2  # panes, textures, spots: not blank
     for before, after in ((first, second), (second, confidence)):
         assert (np.abs(after - before).sum(axis=2) > 30).mean() > 0.002  # the spots took other colours
-    assert _coloured(alone) < 0.8 * _coloured(confidence)  # S1 and S2 hidden
+    assert _coloured(alone) < 0.8 * _coloured(confidence)  # he_1 and S2 hidden
 
 
 def _coloured(pixels: np.ndarray) -> float:
