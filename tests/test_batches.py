@@ -93,6 +93,11 @@ def test_chunked_inference_equals_one_pass_and_chunks_fit_the_budget():
         assert all(len(c.nodes) <= budget for c in chunks) and len(chunks) > 1
         assert torch.equal(torch.sort(torch.cat([c.nodes[c.seeds] for c in chunks])).values, torch.arange(len(batch.x)))
         assert torch.allclose(predict_graph(model, batch, budget), whole, atol=1e-5)
+        some = torch.arange(len(batch.x) // 3, len(batch.x) // 2)  # a few sections' nodes: only their reach is run
+        assert len(node_chunks(len(batch.x), batch.edge_index, MSAGNet.reach, budget, batch.pos, batch.edge_type,
+                               some)) < len(chunks)
+        assert torch.allclose(predict_graph(model, batch, budget, some), whole[some], atol=1e-5)
+    assert torch.equal(predict_graph(model, batch, len(batch.x), some), whole[some])
 
 
 def test_training_plan_picks_whole_graph_subgraph_or_bounded_mini_batches():

@@ -27,8 +27,8 @@ gradients. Three regimes, chosen by `training_plan`:
    reads the same bands, and its loss is computed over all their held-out spots at
    the end of the epoch, as on the whole graph.
 
-Inference (`node_chunks`) runs over runs of all nodes in the same spatial order, each
-within the budget.
+Inference (`node_chunks`) runs over runs of the nodes asked for (all, or a few sections')
+in the same spatial order, each within the budget.
 """
 
 from __future__ import annotations
@@ -111,10 +111,11 @@ def bounded_runs(ordered: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, 
 
 
 def node_chunks(n_nodes: int, edge_index: torch.Tensor, hops: Hops, budget: int,
-                pos: torch.Tensor | None = None, edge_type: torch.Tensor | None = None) -> list[SubgraphBatch]:
-    """All nodes, in spatial order, in runs whose in-neighbourhoods fit `budget` nodes."""
-    ordered = spatial_order(torch.arange(n_nodes), pos)
-    return bounded_runs(ordered, edge_index, n_nodes, hops, budget, -(-n_nodes // budget), min_seeds=1,
+                pos: torch.Tensor | None = None, edge_type: torch.Tensor | None = None,
+                nodes: torch.Tensor | None = None) -> list[SubgraphBatch]:
+    """`nodes` (default all), in spatial order, in runs whose in-neighbourhoods fit `budget` nodes."""
+    ordered = spatial_order(torch.arange(n_nodes) if nodes is None else nodes, pos)
+    return bounded_runs(ordered, edge_index, n_nodes, hops, budget, -(-len(ordered) // budget), min_seeds=1,
                         edge_type=edge_type)
 
 

@@ -102,10 +102,12 @@ class MSAGNetModel(Model):
         unlabelled = torch.zeros(len(x), dtype=torch.bool)
         batch = GraphBatch(x, g.edge_index, g.edge_type, g.edge_weight.float(), torch.zeros(len(x), 0), unlabelled,
                            unlabelled, getattr(g, "pos", None))
-        with torch_threads(threads_for(self.config, len(x))):
-            out = predict_graph(self.module_.model, batch, self.config.batch_nodes).numpy()
         off = prepared.offsets
-        return {i: np.asarray(out[off[i]:off[i + 1]], np.float32) for i in targets}
+        nodes = torch.cat([torch.arange(off[i], off[i + 1]) for i in targets])
+        with torch_threads(threads_for(self.config, len(x))):
+            out = predict_graph(self.module_.model, batch, self.config.batch_nodes, nodes).numpy()
+        ends = np.cumsum([off[i + 1] - off[i] for i in targets])
+        return {i: np.asarray(part, np.float32) for i, part in zip(targets, np.split(out, ends[:-1]))}
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / self.saved

@@ -157,16 +157,21 @@ class _EpochOrder(torch.utils.data.Sampler):
 
 
 @torch.no_grad()
-def predict_graph(model: MSAGNet, batch: GraphBatch, budget: int) -> torch.Tensor:
-    """(N, n_genes) prediction at every node: one pass when the graph fits `budget` nodes,
-    else chunk by chunk over in-neighbourhoods of at most `budget` nodes (same values)."""
+def predict_graph(model: MSAGNet, batch: GraphBatch, budget: int, nodes: torch.Tensor | None = None) -> torch.Tensor:
+    """(len(nodes), n_genes) prediction at `nodes` (default every node, in order): one pass
+    when the graph fits `budget` nodes, else chunk by chunk over the in-neighbourhoods of
+    runs of `nodes` of at most `budget` nodes (same values), so a few sections of a large
+    stack cost their own reach, not the whole graph's."""
     n = batch.x.shape[0]
     if n <= budget:
-        return model(batch.x, batch.edge_index, batch.edge_type, batch.edge_weight)
-    out = torch.empty(n, model.head[-1].out_features)
-    for sub in node_chunks(n, batch.edge_index, model.reach, budget, batch.pos, batch.edge_type):
+        out = model(batch.x, batch.edge_index, batch.edge_type, batch.edge_weight)
+        return out if nodes is None else out[nodes]
+    row = torch.arange(n) if nodes is None else torch.full((n,), -1, dtype=torch.long).index_put_(
+        (nodes,), torch.arange(len(nodes)))
+    out = torch.empty(n if nodes is None else len(nodes), model.head[-1].out_features)
+    for sub in node_chunks(n, batch.edge_index, model.reach, budget, batch.pos, batch.edge_type, nodes):
         part = restrict(batch, sub)
-        out[sub.nodes[sub.seeds]] = model(part.x, part.edge_index, part.edge_type, part.edge_weight)[sub.seeds]
+        out[row[sub.nodes[sub.seeds]]] = model(part.x, part.edge_index, part.edge_type, part.edge_weight)[sub.seeds]
     return out
 
 
