@@ -8,7 +8,7 @@ import builtins
 import importlib
 import sys
 
-from stimpute.preload import _absolute, preloading
+from stimpute.preload import _absolute, preloading, thawed_after
 from tests.helpers import heavy_after
 
 
@@ -37,8 +37,33 @@ def test_preloading_imports_in_a_thread_and_restores_the_import_hooks():
     assert "missing no_such_module_xyz" in printed[0]
 
 
+def test_a_run_freezes_objects_only_while_it_runs():
+    """`thawed_after` (around each `run_impute`) undoes the preloading's `gc.freeze`, which took
+    the caller's live objects too, unless the caller had frozen objects itself; the warm-up
+    calls run in the thread after the imports, a failing one ignored."""
+    code = ("from stimpute.preload import preloading, thawed_after\nimport gc, threading\n"
+            "ran = []\n"
+            "with thawed_after():\n"
+            "    with preloading(['json.tool'], warm=[lambda: 1 / 0, lambda: ran.append(threading.current_thread().name)]):\n"
+            "        pass\n"
+            "    assert gc.get_freeze_count() > 0 and ran == ['stimpute-preload']\n"
+            "assert gc.get_freeze_count() == 0\n"
+            "gc.freeze()\nfrozen = gc.get_freeze_count()\n"
+            "with thawed_after():\n"
+            "    with preloading(['csv']):\n"
+            "        pass\n"
+            "assert gc.get_freeze_count() >= frozen > 0\ngc.unfreeze()\n"
+            "with thawed_after():\n"
+            "    with preloading(['csv']) as worker:  # loaded: nothing to import, frozen at once\n"
+            "        assert worker is None and gc.get_freeze_count() > 0\n"
+            "assert gc.get_freeze_count() == 0\nprint('thawed')\n")
+    printed = []
+    heavy_after(code, printed)
+    assert "thawed" in printed[0]
+
+
 def test_preloading_starts_nothing_when_all_is_loaded_or_nested():
-    with preloading(["json", "os"]) as worker:
+    with thawed_after(), preloading(["json", "os"]) as worker:
         assert worker is None
     outer_hooks = None
     with preloading(["this_module_does_not_exist_abc"]) as outer:

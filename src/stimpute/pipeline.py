@@ -51,8 +51,8 @@ from stimpute.io.registration import figure_names, write_figures
 from stimpute.timing import TIMINGS_FILE, records_stages, stage, timed
 from stimpute.trainer import lightning_flags
 from stimpute.tl import given_features, impute_sections
-from stimpute.preload import preloading
-from stimpute.view import VIEW_FILE
+from stimpute.preload import preloading, thawed_after
+from stimpute.view import VIEW_FILE, warm_plotly
 
 if TYPE_CHECKING:  # the models are imported where they run: `import stimpute.pipeline` stays light (`stimpute.preload`)
     from stimpute.models.asign import ImputeResult
@@ -109,7 +109,7 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
         raise StimputeError("--known", "the list of known sections is empty: name the measured section(s), e.g. --known C3")
     check_encoder(encoder, weights)
     features = {"encoder": encoder, "weights": weights}
-    with rank_output(out) as out, run_ownership(out, command, [*sections, genes, weights], force) as run:
+    with rank_output(out) as out, run_ownership(out, command, [*sections, genes, weights], force) as run, thawed_after():
         return _impute(run, out, sections, known, genes, seed, progress and is_rank_zero(), config, features, members,
                        fusion, um_per_px, grid, programs, figures)
 
@@ -118,7 +118,8 @@ def run_impute(sections: Sequence[str | Path], known: str, out: str | Path, gene
 def _impute(run: Run, out: Path, sections, known, genes, seed, progress, config, features, members, fusion,
             um_per_px, grid, programs, figures) -> ImputeRun:
     stack = read_stack(sections, um_per_px=um_per_px)
-    with preloading():  # the models' libraries are imported in a thread while the sections are registered
+    # the models' and the writing's libraries are imported in a thread while the sections are registered
+    with preloading(warm=[warm_plotly]):
         stored_encoder(stack, features["encoder"])  # one feature space, checked before registration
         k = known_indices(stack, known)
         targets = [i for i in range(len(stack)) if i not in k]

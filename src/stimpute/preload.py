@@ -2,8 +2,9 @@
 registers its sections.
 
 `stimpute impute` spends seconds importing scanpy, torch_geometric and Lightning (which
-imports torch's compiler and torchmetrics), none of which reading and registration need,
-and these stages leave a core idle, so importing there costs no wall time.
+imports torch's compiler and torchmetrics), and its writing stage matplotlib and plotly (and
+plotly's property validators, a 3 MB JSON read at the first figure), none of which reading
+and registration need; these stages leave a core idle, so importing there costs no wall time.
 
 Safe by construction: while the thread runs, imports are serialised by one re-entrant lock.
 The thread imports each of its modules holding it; any other thread that imports a module
@@ -15,25 +16,30 @@ two cannot deadlock (an import that reached a module lock some other way, past t
 without this module). A failed import in the thread is left for the code that needs the module
 to meet and report. Results do not depend on it: the same modules are imported, only earlier.
 While the thread imports, full garbage collections wait, and what the libraries left behind
-is frozen after (`gc.freeze`): collections never walk those objects, which live as long as the process.
+is frozen after (`gc.freeze`): collections do not walk those objects, which live as long as the
+process, until the run ends (`thawed_after`).
 """
 
 from __future__ import annotations
 
 import builtins
+import functools
 import gc
 import importlib
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 # what `stimpute impute` imports after reading and registering its sections, slowest first:
 # the graph and MSAGNet (torch_geometric), training (Lightning), the panel (scanpy), ASIGN;
 # s3fs where installed: Lightning imports it to ask whether a checkpoint folder is on S3 (~1 s)
 TRAINING_MODULES = ("torch._dynamo", "torch_geometric", "torch_geometric.nn", "torchmetrics", "lightning", "scanpy",
                     "stimpute.models.msagnet_training", "stimpute.models.asign", "s3fs")
+# what its writing stage imports: the figures (matplotlib's Agg and 3D axes) and the 3D view (plotly)
+WRITING_MODULES = ("stimpute.figures", "matplotlib.backends.backend_agg", "mpl_toolkits.mplot3d", "plotly.graph_objects",
+                   "plotly.offline")
 FULL_GC_DEFERRED = 1000  # gen-1 collections before a full one while the thread imports (Python's default: 10)
 WAIT_S = 60.0  # the longest an import waits for the thread's current module (it takes ~1-3 s)
 
@@ -65,11 +71,17 @@ def _may_load(name: str, fromlist) -> bool:
 
 
 @contextmanager
-def preloading(modules: Sequence[str] = TRAINING_MODULES) -> Iterator[threading.Thread | None]:
+def preloading(modules: Sequence[str] = TRAINING_MODULES + WRITING_MODULES,
+               warm: Sequence[Callable[[], object]] = ()) -> Iterator[threading.Thread | None]:
     """Import `modules` in a background thread during the block (joined at its end), other
-    threads' imports of modules not yet loaded serialised with it. Where imports are already
-    wrapped (a nested or concurrent use) or every module is loaded, nothing is started."""
+    threads' imports of modules not yet loaded serialised with it, then call `warm` there
+    (first-use work of those libraries; a failure is ignored, as a failed import is). Where
+    imports are already wrapped (a nested or concurrent use), nothing is started; where every
+    module is loaded (an earlier run in this process), nothing either, and what is alive is
+    frozen at once, as the thread would have frozen it."""
     if builtins.__import__ is not _ORIGINAL_IMPORT or all(_loaded(m) for m in modules):
+        if builtins.__import__ is _ORIGINAL_IMPORT:
+            gc.freeze()
         yield None
         return
     lock = threading.RLock()
@@ -82,12 +94,12 @@ def preloading(modules: Sequence[str] = TRAINING_MODULES) -> Iterator[threading.
         thresholds = gc.get_threshold()
         gc.set_threshold(thresholds[0], thresholds[1], max(thresholds[2], FULL_GC_DEFERRED))
         try:
-            for name in modules:
+            for step in [functools.partial(_ORIGINAL_IMPORT_MODULE, name) for name in modules] + list(warm):
                 while waiting[0]:
                     time.sleep(0.001)
                 with lock:
                     try:
-                        _ORIGINAL_IMPORT_MODULE(name)
+                        step()
                     except BaseException:  # noqa: BLE001 - the code that needs it imports it again and reports
                         pass
         finally:
@@ -122,3 +134,17 @@ def preloading(modules: Sequence[str] = TRAINING_MODULES) -> Iterator[threading.
     finally:
         worker.join()
         builtins.__import__, importlib.import_module = _ORIGINAL_IMPORT, _ORIGINAL_IMPORT_MODULE
+
+
+@contextmanager
+def thawed_after() -> Iterator[None]:
+    """Undo, at the block's end, the freeze that a preloading inside it made (`gc.freeze`
+    takes every object alive at that moment, the caller's too: in a long Python session their
+    cyclic garbage would never be collected). Full collections walk those objects again after,
+    as without the freeze. Left as it is where something froze objects before the block."""
+    frozen_before = gc.get_freeze_count()
+    try:
+        yield
+    finally:
+        if not frozen_before and gc.get_freeze_count():
+            gc.unfreeze()

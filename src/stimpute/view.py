@@ -245,6 +245,15 @@ def default_gene(genes: Sequence[str], sections: Sequence[ViewSection]) -> str:
     return genes[int(np.argmax(values.var(0)))]
 
 
+def warm_plotly() -> None:
+    """Do plotly's first-figure work for the trace types the view draws: import their classes
+    and read its property validators (a 3 MB JSON), so that a run's preloading thread pays
+    for it (`stimpute.preload`), not its writing stage."""
+    import plotly.graph_objects as go
+
+    go.Figure([go.Surface(), go.Mesh3d(), go.Scatter3d()], go.Layout(title=dict(text="")))
+
+
 def build_view(data, gene: str | None = None, key: str = "stimpute", title: str = "stimpute view"):
     """The Plotly figure of the block (`gene` shown) and the page's data for its controls."""
     import plotly.graph_objects as go
