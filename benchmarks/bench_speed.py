@@ -14,7 +14,7 @@ REF is checked out as a detached `git worktree` under DIR/ref-tree (kept for rer
 repetition runs every workload on both trees, the order of the trees swapped from one
 repetition to the next. Per workload and tree: wall seconds, CPU seconds (user + system of
 the process and its workers) and peak RSS from `wait4`, and the stage seconds of the run's
-`timings.json`. The ratio of a stage is this tree / REF within one repetition; the table
+`timings.json`, wall and CPU (`<stage>_cpu_s`: the process's, every thread's, while the stage ran). The ratio of a stage is this tree / REF within one repetition; the table
 gives its median over the repetitions and the range (min–max) as the spread.
 
 Writes DIR/bench_speed.csv (one row per run and measure, after every run) and
@@ -46,7 +46,7 @@ BLOCK = (10, 4000)  # sections × spots per section of the Visium block
 
 def run_impute(src: Path, sections: list[Path], known: str, out: Path, log: Path) -> dict:
     """`stimpute impute SECTIONS --known KNOWN --out OUT` with `src` first on PYTHONPATH, in
-    a fresh `out`: wall and CPU seconds, peak RSS (MiB) and the stage seconds of its timings.json."""
+    a fresh `out`: wall and CPU seconds, peak RSS (MiB) and the stage wall and CPU seconds of its timings.json."""
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "stimpute", "impute", *map(str, sections), "--known", known, "--out", str(out)]
@@ -62,7 +62,9 @@ def run_impute(src: Path, sections: list[Path], known: str, out: Path, log: Path
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
             # per-stage peak resets (clear_refs) also reset what wait4 sees: take the larger
             "peak_mib": max(usage.ru_maxrss / 1024, stages.get("total", {}).get("peak_mib", 0.0)),
-            **{s: stages.get(s, {}).get("seconds", 0.0) for s in STAGES}}
+            **{s: stages.get(s, {}).get("seconds", 0.0) for s in STAGES},
+            # CPU seconds of the process (every thread) while the stage ran: steadier than wall on a busy machine
+            **{f"{s}_cpu_s": stages.get(s, {}).get("user_s", 0.0) + stages.get(s, {}).get("sys_s", 0.0) for s in STAGES}}
 
 
 def ref_tree(ref: str, folder: Path) -> Path:
