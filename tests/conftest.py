@@ -1,8 +1,9 @@
-"""Shared fixtures: synthetic stacks made once per session, and the shared HER2-ST data."""
+"""Shared fixtures: synthetic stacks and impute runs made once per test run, and the shared HER2-ST data."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,6 @@ def her2st_root() -> Path:
     return HER2ST
 
 
-@pytest.fixture(scope="session")
-def synthetic():
-    """A 3-section synthetic stack (seed 0); treat as read-only."""
-    return synthetic_stack(3, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +56,17 @@ def _once_per_run(tmp_path_factory, name: str, fill) -> Path:
             fill(folder)
             filled.touch()
     return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A 3-section synthetic stack (seed 0), built once per test run and handed to every
+    pytest-xdist worker as a pickle; treat as read-only."""
+    def fill(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "stack.pkl").write_bytes(pickle.dumps(synthetic_stack(3, seed=0)))
+
+    return pickle.loads((_once_per_run(tmp_path_factory, "synthetic", fill) / "stack.pkl").read_bytes())
 
 
 @pytest.fixture(scope="session")
