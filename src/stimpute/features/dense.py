@@ -204,13 +204,13 @@ def strip_sums(read: Callable[[int, int, int, int], np.ndarray], grid: _Grid,
     evaluated = 0
 
     def strip(r0: int) -> np.ndarray:
-        """Cell sums (rows, N_CHANNELS, wc) float32 of strip rows [r0, r0 + rows), read only
+        """Cell sums (rows, wc, N_CHANNELS) float32 of strip rows [r0, r0 + rows), read only
         across the windows that reach it."""
         r0, r1, runs = g.strip(r0)
-        cells = np.zeros((r1 - r0, N_CHANNELS, g.wc), np.float32)  # rows first: each row's channels contiguous
+        cells = np.zeros((r1 - r0, g.wc, N_CHANNELS), np.float32)  # channels last: a window's columns gathered whole
         for c0, c1 in runs:
             rgb = read(g.x0 + c0 * CELL - HALO, g.y0 + r0 * CELL - HALO, (c1 - c0) * CELL + 2 * HALO, (r1 - r0) * CELL + 2 * HALO)
-            cells[:, :, c0:c1] = strip_cells(rgb, HALO).transpose(1, 0, 2)
+            cells[:, c0:c1] = strip_cells(rgb, HALO).transpose(1, 2, 0)
         return cells
 
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -229,11 +229,13 @@ def strip_sums(read: Callable[[int, int, int, int], np.ndarray], grid: _Grid,
 
 
 class _Ring:
-    """Column prefix sums (N_CHANNELS, cols) float64 at the cell-row boundaries [top, done]
-    (`n` of them) in a ring of `size`: bounded memory, and boundaries dropped cost no copy."""
+    """Column prefix sums (cols, N_CHANNELS) float64 at the cell-row boundaries [top, done]
+    (`n` of them) in a ring of `size`: bounded memory, and boundaries dropped cost no copy.
+    Channels last: `_box` gathers each window's cells with their channels contiguous (~2.5 ×
+    faster than gathering one channel a cache line)."""
 
     def __init__(self, size: int, cols: int):
-        self.rows = np.zeros((size, N_CHANNELS, cols))  # boundary 0: zeros
+        self.rows = np.zeros((size, cols, N_CHANNELS))  # boundary 0: zeros
         self.top, self.n = 0, 1
 
     @property
@@ -245,7 +247,7 @@ class _Ring:
         return (self.top + i) % len(self.rows)
 
     def append(self, cells: np.ndarray) -> None:
-        """The boundaries below each cell row of `cells` (rows, N_CHANNELS, cols) float32: the
+        """The boundaries below each cell row of `cells` (rows, cols, N_CHANNELS) float32: the
         strip's own running sums (float64) each plus the last boundary, as
         `np.cumsum(cells, axis=0, dtype=np.float64) + last` but ~10 × cheaper (numpy's cumsum
         over the outer axis with a cast runs element by element) and with no float64 copy."""
@@ -273,7 +275,7 @@ def _box(ring: _Ring, x: np.ndarray, y: np.ndarray, span: float) -> np.ndarray:
     cell)."""
     prefix = ring.rows
     k = math.ceil(span) + 1  # cell columns a window can touch
-    j0 = np.clip(np.floor(x).astype(int), 0, prefix.shape[2] - k)
+    j0 = np.clip(np.floor(x).astype(int), 0, prefix.shape[1] - k)
     cols = j0[:, None] + np.arange(k)
     weights = np.clip(np.minimum(cols + 1, (x + span)[:, None]) - np.maximum(cols, x[:, None]), 0.0, 1.0)
 
@@ -281,9 +283,9 @@ def _box(ring: _Ring, x: np.ndarray, y: np.ndarray, span: float) -> np.ndarray:
         ys = np.clip(ys, 0, ring.n - 1)
         i = np.minimum(ys.astype(int), ring.n - 2)
         f = (ys - i)[:, None, None]
-        below = prefix[ring.slot(i)[:, None], :, cols]
+        below = prefix[ring.slot(i)[:, None], cols]
         below *= 1 - f
-        above = prefix[ring.slot(i + 1)[:, None], :, cols]
+        above = prefix[ring.slot(i + 1)[:, None], cols]
         above *= f
         return np.add(below, above, out=below)  # (in place: the same values, no temporaries)
 
