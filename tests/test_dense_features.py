@@ -214,9 +214,9 @@ def test_ring_boundaries_are_the_column_sums_of_cumsum():
     """The ring's boundaries, strip after strip and past its wrap, are bit for bit
     `np.cumsum(strip, axis=0, dtype=np.float64)` plus the boundary above the strip."""
     rng = np.random.default_rng(11)
-    strips = [rng.uniform(0, 100, (r, dense.N_CHANNELS, 5)).astype(np.float32) for r in (3, 4, 2, 4)]
+    strips = [rng.uniform(0, 100, (r, 5, dense.N_CHANNELS)).astype(np.float32) for r in (3, 4, 2, 4)]
     ring = dense._Ring(6, 5)
-    above = np.zeros((dense.N_CHANNELS, 5))
+    above = np.zeros((5, dense.N_CHANNELS))
     for strip in strips:
         ring.append(strip)
         want = np.cumsum(strip, axis=0, dtype=np.float64) + above
@@ -225,7 +225,7 @@ def test_ring_boundaries_are_the_column_sums_of_cumsum():
         above = want[-1]
         ring.drop(ring.n - 1)  # keep the last boundary only: the next strip wraps around the ring
     with pytest.raises(ValueError):
-        ring.append(np.zeros((6, dense.N_CHANNELS, 5), np.float32))
+        ring.append(np.zeros((6, 5, dense.N_CHANNELS), np.float32))
 
 
 def test_packed_integer_maps_split_into_their_exact_cell_sums():
