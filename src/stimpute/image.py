@@ -334,7 +334,8 @@ class _TileCache:
         """Pixels [y, y+h) × [x, x+w) of `level` (its own pixels), white outside the level."""
         page = self.pages[level]
         tw, th, W, H = page.tilewidth, page.tilelength, page.imagewidth, page.imagelength
-        out = np.full((h, w, 3), FILL, np.uint8)
+        inside = x >= 0 and y >= 0 and x + w <= W and y + h <= H  # then the tiles cover every pixel
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), FILL, np.uint8)
         n_x = -(-W // tw)
         for ty in range(max(y, 0) // th, min(y + h, H) // th + 1):
             for tx in range(max(x, 0) // tw, min(x + w, W) // tw + 1):
