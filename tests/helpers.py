@@ -21,7 +21,7 @@ import stimpute
 
 HEAVY = ("torch", "scanpy", "anndata", "sklearn", "lightning")
 SRC = Path(stimpute.__file__).parents[1]  # the tree under test, also in the subprocess
-IMAGE_SECTION_STACK = dict(n_sections=3, seed=0, n_genes=30, tissue_radius_um=350.0, image_size=800)  # conftest.image_section_impute
+IMAGE_SECTION_STACK = dict(n_sections=3, seed=0, n_genes=20, tissue_radius_um=300.0, image_size=600)  # conftest.image_section_impute
 
 
 def write_her2st_folder(folder: Path, name: str = "X1", n_side: int = 6, pitch: float = 40.0, seed: int = 0,

@@ -25,7 +25,7 @@ def test_image_section_output_contract(run):
     out, stack = run
     adata = ad.read_h5ad(out / "he_1.h5ad")
     xy = adata.obsm["spatial"]
-    assert adata.n_obs > 20 and (xy >= 0).all() and (xy < 800).all()  # own full-resolution pixels
+    assert adata.n_obs > 20 and (xy >= 0).all() and (xy < 600).all()  # own full-resolution pixels
     assert all("x" in name for name in adata.obs_names) and not adata.obs["measured"].any()
     assert (adata.X >= 0).all() and all((adata.layers[f"stimpute{k}"] >= 0).all() for k in ("", "_model", "_propagated"))
     assert ((adata.layers["stimpute_weight"] >= 0) & (adata.layers["stimpute_weight"] <= 1)).all()

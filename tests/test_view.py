@@ -32,7 +32,7 @@ def out(image_section_impute, tmp_path_factory) -> Path:
 def test_impute_writes_a_self_contained_view(out):
     page = (out / "view.html").read_text()
     assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*\shref=", page)  # plotly.js inline: nothing to fetch
-    assert len(page) < 8e6 and page.count('<option value="GENE') == 30  # the search box lists the panel
+    assert len(page) < 8e6 and page.count('<option value="GENE') == 20  # the search box lists the panel
     block = ad.read_h5ad(out / "block.h5ad")
     truth = block.layers["measured"]
     on = {name: (block.obs["section"] == name).to_numpy() for name in ("S0", "he_1", "S2")}
