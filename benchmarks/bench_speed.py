@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +64,9 @@ def run_impute(src: Path, sections: list[Path], known: str, out: Path, log: Path
             # per-stage peak resets (clear_refs) also reset what wait4 sees: take the larger
             "peak_mib": max(usage.ru_maxrss / 1024, stages.get("total", {}).get("peak_mib", 0.0)),
             **{s: stages.get(s, {}).get("seconds", 0.0) for s in STAGES},
-            # CPU seconds of the process (every thread) while the stage ran: steadier than wall on a busy machine
-            **{f"{s}_cpu_s": stages.get(s, {}).get("user_s", 0.0) + stages.get(s, {}).get("sys_s", 0.0) for s in STAGES}}
+            # CPU seconds of the process (every thread) while the stage ran: steadier than wall on a busy
+            # machine; absent where a tree's timings.json does not record them (before 26010ac)
+            **{f"{s}_cpu_s": stages[s]["user_s"] + stages[s]["sys_s"] for s in STAGES if "user_s" in stages.get(s, {})}}
 
 
 def ref_tree(ref: str, folder: Path) -> Path:
@@ -100,10 +102,12 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     (this tree / REF, paired by repetition): median and range."""
     rows = []
     for (load, measure), g in runs.groupby(["workload", "measure"], sort=False):
-        wide = g.pivot(index="rep", columns="tree", values="value")
+        wide = g.pivot(index="rep", columns="tree", values="value").reindex(columns=["this", "ref"])
         ratio = (wide["this"] / wide["ref"]).dropna()
-        rows.append({"workload": load, "measure": measure, "this": wide["this"].median(), "ref": wide["ref"].median(),
-                     "ratio": ratio.median(), "ratio_min": ratio.min(), "ratio_max": ratio.max(), "reps": len(ratio)})
+        this, ref = (wide[tree].dropna() for tree in ("this", "ref"))
+        rows.append({"workload": load, "measure": measure, **{k: v.median() if len(v) else np.nan for k, v in
+                                                             (("this", this), ("ref", ref), ("ratio", ratio))},
+                     "ratio_min": ratio.min(), "ratio_max": ratio.max(), "reps": len(ratio)})
     return pd.DataFrame(rows)
 
 
@@ -115,10 +119,16 @@ def markdown(table: pd.DataFrame, ref: str, reps: int) -> str:
              "(median, and min–max over the repetitions).", ""]
     for load, g in table.groupby("workload", sort=False):
         lines += [f"## {load}", "", "| measure | this | ref | ratio | spread |", "|---|---|---|---|---|"]
-        lines += [f"| {r.measure} | {r.this:.1f} | {r.ref:.1f} | {r.ratio:.2f} | {r.ratio_min:.2f}–{r.ratio_max:.2f} |"
+        lines += [f"| {r.measure} | {_cell(r.this, '.1f')} | {_cell(r.ref, '.1f')} | {_cell(r.ratio, '.2f')} | "
+                  f"{'—' if pd.isna(r.ratio_min) else f'{r.ratio_min:.2f}–{r.ratio_max:.2f}'} |"
                   for r in g.itertuples() if r.ref > 0 or r.this > 0]
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(value: float, spec: str) -> str:
+    """A table cell: `value` formatted, or — where a tree did not record it."""
+    return "—" if pd.isna(value) else format(value, spec)
 
 
 def main() -> None:
