@@ -198,13 +198,11 @@ def kernel_mix(g: np.ndarray, dz: np.ndarray, width: float) -> float:
 def oracle_scores(G: np.ndarray, description, sets) -> dict[str, np.ndarray]:
     """Each set-level form (`ORACLE_FORMS`, `ORACLE_SET_TERMS`) of every set over the true single-section table
     G: the mean over the set's targets of the form, plus a whole-set term (log of the known spots; the share of
-    the target spots whose nearest known spot in feature space is within the stack's median nearest-other-section
-    distance, `StackDescription.image_coverage`'s yardstick)."""
+    the target spots whose nearest known spot in feature space is within `StackDescription.typical_feature_distance`)."""
     z = description.z_um
     step = float(np.median(np.diff(np.sort(z))))
     spots = np.array([len(xy) for xy in description.xy_um])
-    feature_nn, n = description._neighbours[1], len(z)
-    typical = np.median(np.concatenate([np.min([feature_nn[t, s] for s in range(n) if s != t], axis=0) for t in range(n)]))
+    feature_nn, n, typical = description._neighbours[1], len(z), description.typical_feature_distance
     out = {form: [] for form in ORACLE_FORMS}
     terms = {"spots": [], "coverage": []}
     for known in sets:

@@ -34,8 +34,6 @@ def her2st_root() -> Path:
     return HER2ST
 
 
-
-
 @pytest.fixture(scope="session")
 def her2st_stack(her2st_root) -> list[Path]:
     """The folders of C2, C3 and C4, in stack order."""
@@ -81,7 +79,6 @@ def her2st_features(her2st_stack, tmp_path_factory) -> Path:
         assert result.exit_code == 0, result.output
 
     return _once_per_run(tmp_path_factory, "her2st_features", fill)
-
 
 
 @pytest.fixture(scope="session")

@@ -199,14 +199,21 @@ class StackDescription:
         return decay_line(self.pair_scores, self.z_um) + TIE_BREAK * self.pair_scores
 
     @cached_property
+    def typical_feature_distance(self) -> float:
+        """The stack's median feature-space distance from a spot to the nearest spot of any other
+        section: the yardstick of "resembles" (`image_coverage`)."""
+        feature_nn, n = self._neighbours[1], len(self.names)
+        return float(np.median(np.concatenate([np.min([feature_nn[t, s] for s in range(n) if s != t], axis=0)
+                                               for t in range(n)])))
+
+    @cached_property
     def image_coverage(self) -> np.ndarray:
         """(n,) per section k, the share of the other sections' spots whose nearest spot of k in
-        feature space is no farther than the stack's median distance from a spot to the nearest
-        spot of any other section: how much of the stack's morphology section k shows."""
-        feature_nn, n = self._neighbours[1], len(self.names)
-        others = [[s for s in range(n) if s != t] for t in range(n)]
-        typical = np.median(np.concatenate([np.min([feature_nn[t, s] for s in others[t]], axis=0) for t in range(n)]))
-        return np.array([np.mean(np.concatenate([feature_nn[t, k] <= typical for t in others[k]])) for k in range(n)])
+        feature space is no farther than `typical_feature_distance`: how much of the stack's
+        morphology section k shows."""
+        feature_nn, n, typical = self._neighbours[1], len(self.names), self.typical_feature_distance
+        return np.array([np.mean(np.concatenate([feature_nn[t, k] <= typical for t in range(n) if t != k]))
+                         for k in range(n)])
 
     @cached_property
     def usable(self) -> np.ndarray:
