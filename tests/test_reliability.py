@@ -29,17 +29,83 @@ from tests.helpers import run_cli
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}  # this checkout's code
 EPOCHS = 20  # short training: a few seconds, long enough to be killed part-way
-KILL_ON_WRITE = """
-import os, signal, sys
+# One interpreter that imports what `stimpute impute` and `train` import, once, then forks a
+# child per command line read from stdin: the child runs as `python -m stimpute ARGS` would (an
+# interpreter's ordinary end through SystemExit), its output appended to its log, and
+# "kill_on_write" makes it die inside its first `.h5ad` write, after the temporary file is
+# complete and before the rename. The server prints each child's pid and, once it is reaped,
+# writes its exit code (negative: the signal) to the child's status file. Each start of a fresh
+# interpreter costs ~10 CPU s of imports; the killed runs below would pay it five times.
+FORK_SERVER = """
+import json, os, signal, sys
 import anndata
-write = anndata.AnnData.write_h5ad
-def write_then_die(self, *args, **kwargs):  # the temporary file is complete, the rename never happens
-    write(self, *args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-anndata.AnnData.write_h5ad = write_then_die
-from stimpute.cli import app
-app(sys.argv[1:], prog_name="stimpute")
+import stimpute.cli, stimpute.pipeline
+from stimpute.preload import TRAINING_MODULES, WRITING_MODULES
+from stimpute.view import warm_plotly
+for name in TRAINING_MODULES + WRITING_MODULES:
+    try:
+        __import__(name)
+    except ImportError:  # s3fs where it is not installed, as the run's preloading ignores it
+        pass
+warm_plotly()
+print("ready", flush=True)
+for line in sys.stdin:
+    run = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        log = os.open(run["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        if run["kill_on_write"]:
+            write = anndata.AnnData.write_h5ad
+            def write_then_die(self, *args, **kwargs):
+                write(self, *args, **kwargs)
+                os.kill(os.getpid(), signal.SIGKILL)
+            anndata.AnnData.write_h5ad = write_then_die
+        raise SystemExit(stimpute.cli.app(run["args"], prog_name="stimpute"))
+    print(pid, flush=True)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    with open(run["status"] + ".part", "w") as fh:
+        fh.write(str(code))
+    os.replace(run["status"] + ".part", run["status"])
 """
+
+
+class Child:
+    """A command run by the fork server: its pid, and `poll()` its exit code once it ended (else None)."""
+
+    def __init__(self, pid: int, status: Path):
+        self.pid, self.status = pid, status
+
+    def poll(self) -> int | None:
+        return int(self.status.read_text()) if self.status.is_file() else None
+
+
+class ForkServer:
+    """The `FORK_SERVER` interpreter; `folder` is on its command line, and so on every child's."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.runs = folder, 0
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(folder)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=open(folder / "server.log", "ab"), text=True, env=ENV)
+        assert self.proc.stdout.readline().strip() == "ready", (folder / "server.log").read_text()
+
+    def start(self, args: list[str], log: Path, kill_on_write: bool = False) -> Child:
+        self.runs += 1
+        status = self.folder / f"run{self.runs}.status"
+        self.proc.stdin.write(json.dumps({"args": args, "log": str(log), "kill_on_write": kill_on_write, "status": str(status)}) + "\n")
+        self.proc.stdin.flush()
+        pid = self.proc.stdout.readline().strip()
+        assert pid, (self.folder / "server.log").read_text()
+        return Child(int(pid), status)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = ForkServer(tmp_path_factory.mktemp("fork_server"))
+    yield server
+    server.proc.stdin.close()
+    assert server.proc.wait(timeout=60) == 0
 
 
 @pytest.fixture(scope="module")
@@ -76,36 +142,38 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
 
 
-def _impute_process(args: list[str], out: Path, log: Path, prefix: list[str], kill_when=None, meanwhile=None) -> int:
-    """Run `stimpute impute` in a subprocess, SIGKILL it once `kill_when()` holds, and check at
-    every poll that each `.h5ad` visible in `out` is a complete file. `meanwhile(pid)` is
-    called at every poll until it returns True (it must, before the process ends)."""
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen([sys.executable, *prefix, "impute", *args], stdout=fh, stderr=fh, env=ENV)
-        while proc.poll() is None:
-            for f in out.glob("*.h5ad"):
-                with h5py.File(f, "r") as h5:  # raises on a half-written file
-                    assert "X" in h5 and "layers" in h5, f
-            if meanwhile is not None and meanwhile(proc.pid):
-                meanwhile = None
-            if kill_when is not None and kill_when():
-                os.kill(proc.pid, signal.SIGKILL)
-            time.sleep(0.02)
-        assert meanwhile is None, "the process ended before `meanwhile` was done"
-        return proc.wait()
+def _impute_process(server: ForkServer, args: list[str], out: Path, log: Path, kill_on_write=False, kill_when=None,
+                    meanwhile=None) -> int:
+    """Run `stimpute impute` in a child of `server`, SIGKILL it once `kill_when()` holds, and
+    check at every poll that each `.h5ad` visible in `out` is a complete file. `meanwhile(pid)`
+    is called at every poll until it returns True (it must, before the process ends)."""
+    child = server.start(["impute", *args], log, kill_on_write)
+    while child.poll() is None:
+        for f in out.glob("*.h5ad"):
+            with h5py.File(f, "r") as h5:  # raises on a half-written file
+                assert "X" in h5 and "layers" in h5, f
+        if meanwhile is not None and meanwhile(child.pid):
+            meanwhile = None
+        if kill_when is not None and kill_when():
+            os.kill(child.pid, signal.SIGKILL)
+        time.sleep(0.02)
+    assert meanwhile is None, "the process ended before `meanwhile` was done"
+    return child.poll()
 
 
-def _processes_writing(out: Path, wait_s: float) -> list[int]:
-    """Pids of live processes whose command line names `out`, after waiting up to `wait_s`."""
+def _processes_of(server: ForkServer, wait_s: float) -> list[int]:
+    """Pids of live processes forked from `server` (their command line names its folder), after
+    waiting up to `wait_s`."""
     deadline = time.time() + wait_s
     while True:
         pids = []
         for proc in Path("/proc").glob("[0-9]*"):
             try:
-                if str(out).encode() in (proc / "cmdline").read_bytes() and "Z" not in (proc / "stat").read_text().split(")")[-1][:3]:
+                if str(server.folder).encode() in (proc / "cmdline").read_bytes() and "Z" not in (proc / "stat").read_text().split(")")[-1][:3]:
                     pids.append(int(proc.name))
             except OSError:
                 continue
+        pids = [pid for pid in pids if pid != server.proc.pid]
         if not pids or time.time() > deadline:
             return pids
         time.sleep(0.1)
@@ -139,30 +207,30 @@ def _second_runs_refused(out: Path, args: list[str]):
     return refuse
 
 
-def test_impute_killed_after_features_during_training_and_writing_then_rerun_equals_an_uninterrupted_run(folders, reference, tmp_path):
+def test_impute_killed_after_features_during_training_and_writing_then_rerun_equals_an_uninterrupted_run(server, folders, reference, tmp_path):
     """One run killed at each stage in turn, resumed each time without --force; while one of
     them runs, a second run on the same --out is refused at once and the first goes on."""
     from stimpute.files import LOCK_FILE
 
     out, log = tmp_path / "out", tmp_path / "log.txt"
     args = [*map(str, folders), "--known", "S0", "--out", str(out), "--seed", "0", "--epochs", str(EPOCHS)]
-    rc = _impute_process(args, out, log, ["-m", "stimpute"], kill_when=lambda: any((out / "cache").glob("*.features.h5")))
+    rc = _impute_process(server, args, out, log, kill_when=lambda: any((out / "cache").glob("*.features.h5")))
     assert rc == -signal.SIGKILL, log.read_text()
     assert not (out / "checkpoints" / "best.ckpt").exists()  # killed before training
-    assert not _processes_writing(out, wait_s=5)  # no feature worker outlives the killed run
+    assert not _processes_of(server, wait_s=5)  # no feature worker outlives the killed run
 
     last = out / "checkpoints" / "last.ckpt"
-    rc = _impute_process(args, out, log, ["-m", "stimpute"], kill_when=last.exists)  # no --force: never finished
+    rc = _impute_process(server, args, out, log, kill_when=last.exists)  # no --force: never finished
     assert rc == -signal.SIGKILL, log.read_text()
     assert not list(out.glob("*.h5ad")) and not (out / "config.yaml").exists()  # killed while training
     cache = {f: f.stat().st_mtime_ns for f in (out / "cache").glob("*.features.h5")}
     assert len(cache) == 2
 
-    rc = _impute_process(args, out, log, ["-c", KILL_ON_WRITE], meanwhile=_second_runs_refused(out, args))
+    rc = _impute_process(server, args, out, log, kill_on_write=True, meanwhile=_second_runs_refused(out, args))
     assert rc == -signal.SIGKILL, log.read_text()  # resumed training, died inside the first write
     assert list(out.glob(".S1.h5ad.*.part")) and not (out / "S1.h5ad").exists()
 
-    rc = _impute_process(args, out, log, ["-m", "stimpute"])
+    rc = _impute_process(server, args, out, log)
     assert rc == 0, log.read_text()
     assert_same_results(reference, out)
     assert not list(out.rglob("*.part")) and (out / "config.yaml").is_file() and not (out / LOCK_FILE).exists()
@@ -209,16 +277,15 @@ def test_rerun_with_force_into_a_copy_of_a_finished_folder_is_bit_identical(fold
     assert transforms[0] == transforms[1]
 
 
-def test_a_killed_train_is_resumed_without_force(folders, tmp_path):
+def test_a_killed_train_is_resumed_without_force(server, folders, tmp_path):
     out, log = tmp_path / "model", tmp_path / "log.txt"
     args = [str(folders[0]), "--out", str(out), "--epochs", str(EPOCHS)]
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "stimpute", "train", *args], stdout=fh, stderr=fh, env=ENV)
-        while proc.poll() is None:
-            if (out / "checkpoints" / "last.ckpt").exists():
-                os.kill(proc.pid, signal.SIGKILL)
-            time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL and not (out / "config.yaml").exists()
+    child = server.start(["train", *args], log)
+    while child.poll() is None:
+        if (out / "checkpoints" / "last.ckpt").exists():
+            os.kill(child.pid, signal.SIGKILL)
+        time.sleep(0.02)
+    assert child.poll() == -signal.SIGKILL and not (out / "config.yaml").exists()
     resumed = run_cli("train", *args)  # in this process: the resume needs no second interpreter start
     assert resumed.exit_code == 0, resumed.output
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
