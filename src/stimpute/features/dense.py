@@ -400,28 +400,24 @@ def _scaled_index(rows: int, cols: int, k: int, bins: int) -> np.ndarray:
 
 def _blob_cells(mask: np.ndarray, h: np.ndarray, halo: int, H: int, W: int) -> dict[str, np.ndarray]:
     """The nuclei maps of one threshold: blob mask and its haematoxylin per pixel, and the
-    statistics of each blob of at least MIN_NUCLEUS_PX spread over its pixels, each pixel
-    carrying 1/area of its blob: a window holding a blob whole counts it once, a window
-    holding part of it counts that fraction (as a patch holds the part it cuts)."""
+    statistics of each blob of at least MIN_NUCLEUS_PX in the cell of its centroid: a window
+    counts the blobs centred in it, each whole (a patch counts the part of a blob it cuts;
+    spreading each blob over its pixels instead cost ~2 × the labelling in per-pixel sums)."""
     # block-based decision trees (BBDT): the default's (Spaghetti) labels and statistics, ~2.4 × faster with statistics
-    _, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_BBDT)
-    rows, cols = np.divmod(np.flatnonzero(mask[halo:halo + H, halo:halo + W]), W)  # the core's blob pixels
-    at = (rows + halo) * mask.shape[1] + cols + halo  # their flat index in the strip
-    lab = labels.ravel()[at]
-    cell = rows // CELL * (W // CELL) + cols // CELL
+    _, _, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(mask.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_BBDT)
+    core = mask[halo:halo + H, halo:halo + W]
+    maps = {"mask": _cells(core, CELL), "hmask": _cells(cv2.copyTo(h[halo:halo + H, halo:halo + W], core.view(np.uint8)), CELL)}
+    x, y = (centroids[1:] - halo).T // CELL  # cells of the centroids, from the core's corner
+    area = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    keep = (area >= hc.MIN_NUCLEUS_PX) & (x >= 0) & (x < W // CELL) & (y >= 0) & (y < H // CELL)
+    area, w, hh = area[keep], stats[1:, cv2.CC_STAT_WIDTH][keep], stats[1:, cv2.CC_STAT_HEIGHT][keep]
+    cell = (y[keep] * (W // CELL) + x[keep]).astype(np.intp)
     n_cells = (H // CELL) * (W // CELL)
-    maps = {"mask": np.bincount(cell, minlength=n_cells), "hmask": np.bincount(cell, weights=h.ravel()[at], minlength=n_cells)}
-    area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
-    w, hh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
-    share = np.where(area >= hc.MIN_NUCLEUS_PX, 1.0 / area, 0.0)  # of a blob, per pixel
-    share[0] = 0.0  # background
-    per_pixel = {"area": share * area, "area2": area * (share > 0),
-                 "elong": share * np.maximum(w, hh) / np.maximum(np.minimum(w, hh), 1), "fill": share * area / (w * hh)}
-    pixel_share = share[lab]
-    maps["n"] = np.bincount(cell, weights=pixel_share, minlength=n_cells)
-    maps |= {k: np.bincount(cell, weights=v[lab], minlength=n_cells) for k, v in per_pixel.items()}
-    size_bin = np.searchsorted(hc.NUCLEUS_LOG_AREA_EDGES, np.log(np.maximum(area, 1.0)), side="right") - 1
-    maps["sizes"] = np.bincount(cell * _N_SIZES + np.maximum(size_bin, 0)[lab], weights=pixel_share, minlength=n_cells * _N_SIZES)
+    per_blob = {"n": None, "area": area, "area2": area * area,
+                "elong": np.maximum(w, hh) / np.maximum(np.minimum(w, hh), 1), "fill": area / (w * hh)}
+    maps |= {k: np.bincount(cell, weights=v, minlength=n_cells) for k, v in per_blob.items()}
+    size_bin = np.maximum(np.searchsorted(hc.NUCLEUS_LOG_AREA_EDGES, np.log(area), side="right") - 1, 0)
+    maps["sizes"] = np.bincount(cell * _N_SIZES + size_bin, minlength=n_cells * _N_SIZES)
     return maps
 
 
