@@ -239,3 +239,22 @@ def test_packed_integer_maps_split_into_their_exact_cell_sums():
     want_con = dense._cells(sum(d.astype(np.float32) ** 2 for d in diffs), 4)
     want_eq = dense._cells(sum((d == 0).astype(np.float32) for d in diffs), 4)
     assert np.array_equal(con, want_con) and np.array_equal(high, want_eq) and high.max() == 64
+
+
+def test_blob_box_shares_are_each_cells_part_of_the_box():
+    """Each blob's statistics are spread over its bounding box: a cell holds the share of the
+    box it overlaps (counted pixel by pixel here), boxes cut by the grid's edge keep the share
+    inside, and a box inside the grid sums to one blob."""
+    rng = np.random.default_rng(13)
+    cols, rows = 5, 4
+    x, y = rng.integers(-12, 44, 30), rng.integers(-12, 36, 30)
+    w, h = rng.integers(1, 30, 30), rng.integers(1, 30, 30)
+    blob, cell, share = dense._box_shares(x, w, y, h, cols, rows)
+    got = np.zeros((30, rows * cols))
+    np.add.at(got, (blob, cell), share)
+    yy, xx = np.mgrid[0:rows * dense.CELL, 0:cols * dense.CELL]
+    want = np.stack([np.bincount(((yy // dense.CELL) * cols + xx // dense.CELL)[(xx >= x[i]) & (xx < x[i] + w[i]) & (yy >= y[i]) & (yy < y[i] + h[i])],
+                                 minlength=rows * cols) / (w[i] * h[i]) for i in range(30)])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    inside = (x >= 0) & (y >= 0) & (x + w <= cols * dense.CELL) & (y + h <= rows * dense.CELL)
+    assert inside.sum() > 3 and np.allclose(got[inside].sum(axis=1), 1.0)

@@ -12,11 +12,11 @@ Memory: one strip and the cell rows of one window height, whatever the slide's s
 
 The maps, per family (the same 67 values as `describe_patch`, in its order):
 - colour: tissue fraction; optical density mean and sd, and the mean haematoxylin and eosin
-  over tissue (every other pixel, as the patch path); OD deciles from per-window byte
-  histograms of `HIST_BINS` bins (linear within a bin);
+  over tissue; OD deciles from per-window byte histograms of `HIST_BINS` bins (linear within
+  a bin); all but the tissue fraction at every fourth pixel (the patch path: every other);
 - nuclei: the haematoxylin blobs of the strip; each blob's count, area, elongation, fill
-  and size bin spread over its pixels (1/area each), so a window counts the share of a blob
-  it holds; the blob mask and its haematoxylin;
+  and size bin spread evenly over its bounding box's cells, so a window counts about the
+  share of a blob it holds; the blob mask and its haematoxylin;
 - texture: GLCM contrast and homogeneity from the grey-level differences of each offset,
   correlation from contrast and grey-level variance (exact for a symmetric GLCM), and the
   fraction of equal-level pairs in place of energy (not a window mean); uniform LBP labels;
