@@ -148,26 +148,30 @@ def given_registration(stack: Stack) -> StackRegistration | None:
     return StackRegistration(stack.names, transforms, coords, pd.DataFrame(columns=PAIR_COLUMNS))
 
 
-def off_tissue(section: Section, view: View, xy: np.ndarray | None = None) -> np.ndarray:
-    """Spots (at `xy`, default the section's own) whose disc misses the tissue mask of `view`."""
+def off_tissue(section: Section, view: View, positions: list[np.ndarray]) -> list[np.ndarray]:
+    """Per (n, 2) array of spot positions in `positions` (section px), the spots whose disc
+    misses the tissue mask of `view`; the mask's distance map is made once for all."""
     radius = max(1, int(np.ceil(section.spot_diameter_px / 2 * view.scale)))
-    xy = np.rint(apply_transform(view.to_view, section.xy if xy is None else xy)).astype(int)
-    h, w = view.shape
-    inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < w) & (xy[:, 1] < h)
     if not view.mask.any():
-        return np.ones(len(xy), bool)
-    # within `radius` of tissue = on the mask dilated by skimage's disk(radius), at any disk size
-    near = ndimage.distance_transform_edt(~view.mask)[xy[inside, 1], xy[inside, 0]] ** 2 <= radius**2
-    on = np.zeros(len(xy), bool)
-    on[inside] = near
-    return ~on
+        return [np.ones(len(xy), bool) for xy in positions]
+    distance = ndimage.distance_transform_edt(~view.mask)
+    h, w = view.shape
+    result = []
+    for xy in positions:
+        xy = np.rint(apply_transform(view.to_view, xy)).astype(int)
+        inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < w) & (xy[:, 1] < h)
+        on = np.zeros(len(xy), bool)
+        # within `radius` of tissue = on the mask dilated by skimage's disk(radius), at any disk size
+        on[inside] = distance[xy[inside, 1], xy[inside, 0]] ** 2 <= radius**2
+        result.append(~on)
+    return result
 
 
 def _warn_off_tissue(section: Section, view: View) -> None:
     """One warning line where many spots fall on glass (more so than with x and y swapped)."""
     if section.n_spots == 0:  # an H&E-only section: its virtual spots are laid on its tissue later
         return
-    off, off_swapped = off_tissue(section, view).mean(), off_tissue(section, view, section.xy[:, ::-1]).mean()
+    off, off_swapped = (spots.mean() for spots in off_tissue(section, view, [section.xy, section.xy[:, ::-1]]))
     if off > MAX_OFF_TISSUE or (off > SUSPECT_OFF_TISSUE and off > off_swapped + SWAP_MARGIN):
         hint = (f"with x and y swapped, only {off_swapped:.0%} would: are the pixel columns swapped?"
                 if off > off_swapped + SWAP_MARGIN else "are these the coordinates of another image?")

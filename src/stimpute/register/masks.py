@@ -36,7 +36,8 @@ def relative_density(rgb: np.ndarray) -> np.ndarray:
     Subtracting the glass OD removes slide-to-slide differences in illumination and
     background tint (e.g. a pink blush), so one threshold rule fits every slide.
     """
-    od = optical_density(rgb).sum(axis=2)
+    od = optical_density(rgb)
+    od = od[..., 0] + od[..., 1] + od[..., 2]  # the sum over channels, in that order: numpy's own sum, several times faster
     glass = np.percentile(od, 100.0 - GLASS_PERCENTILE)
     return np.maximum(od - glass, 0.0)
 
@@ -44,7 +45,8 @@ def relative_density(rgb: np.ndarray) -> np.ndarray:
 def pen_marks(rgb: np.ndarray) -> np.ndarray:
     """Pixels of marker ink: greener than red (blue/green pens) or nearly black."""
     r, g = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
-    return (g > r + PEN_GREEN_EXCESS) | (rgb.max(axis=2) < PEN_DARK)
+    dark = (rgb[..., 0] < PEN_DARK) & (rgb[..., 1] < PEN_DARK) & (rgb[..., 2] < PEN_DARK)  # rgb.max(axis=2), many times faster
+    return (g > r + PEN_GREEN_EXCESS) | dark
 
 
 def tissue_mask(
@@ -54,18 +56,22 @@ def tissue_mask(
     close_um: float = 60.0,
     max_hole_um2: float = 2.0e6,
     min_piece_fraction: float = 0.05,
+    density: np.ndarray | None = None,
 ) -> np.ndarray:
     """Boolean (H, W) foreground of an H&E thumbnail whose pixels measure `um_per_px`.
 
     Pieces smaller than `min_piece_fraction` of the largest are dust; holes smaller than
     `max_hole_um2` (tears, lumina) are filled so masks of serial sections compare well.
+    `density` is the thumbnail's `relative_density` where the caller has it already.
     """
     sigma = max(smooth_um / um_per_px, 0.5)
-    density = gaussian(relative_density(rgb), sigma=sigma)
+    density = gaussian(relative_density(rgb) if density is None else density, sigma=sigma)
     if density.max() <= MIN_OD:
         return np.zeros(density.shape, bool)
     threshold = max(threshold_otsu(density), MIN_OD)
-    ink = ndimage.binary_dilation(pen_marks(rgb), iterations=int(np.ceil(2 * sigma)))  # and its blurred fringe
+    ink = pen_marks(rgb)
+    if ink.any():  # most slides carry none: nothing to dilate
+        ink = ndimage.binary_dilation(ink, iterations=int(np.ceil(2 * sigma)))  # and its blurred fringe
     mask = (density > threshold) & ~ink
     mask = close_disk(mask, max(int(round(close_um / um_per_px)), 1))
     mask = remove_small_holes(mask, max_size=int(max_hole_um2 / um_per_px**2))
@@ -137,11 +143,12 @@ def section_views(section: Section, um_per_px: Sequence[float]) -> list[View]:
 
 def _view(section: Section, rgb: np.ndarray, scale: float) -> View:
     view_um = section.um_per_px / scale
-    mask = tissue_mask(rgb, view_um)
+    relative = relative_density(rgb)
+    mask = tissue_mask(rgb, view_um, density=relative)
     if mask.sum() < MIN_TISSUE_PX:
         raise StimputeError(
             section.image.path or section.source or section.name,
             "no tissue found in the image (it looks like blank glass); check the file or the section order",
         )
-    density = gaussian(relative_density(rgb), sigma=max(STAIN_SMOOTH_UM / view_um, 0.5)).astype(np.float32)
+    density = gaussian(relative, sigma=max(STAIN_SMOOTH_UM / view_um, 0.5)).astype(np.float32)
     return View(rgb=rgb, mask=mask, density=density, scale=scale, um_per_px=view_um)
