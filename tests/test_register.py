@@ -14,7 +14,7 @@ from stimpute.data import Section, Stack
 from stimpute.datasets import synthetic_stack, synthetic_truth
 from stimpute.errors import StimputeError
 from stimpute.image import SectionImage
-from stimpute.register import apply_transform, register_stack
+from stimpute.register import apply_transform, register_stack, section_view
 from stimpute.register.masks import close_disk, tissue_mask
 
 HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
@@ -59,16 +59,43 @@ def _errors(stack: Stack) -> np.ndarray:
     ])
 
 
-def test_synthetic_stacks_recover_known_transforms():
+@pytest.fixture(scope="module")
+def mirrored_pair() -> Stack:
+    """Two synthetic sections, the second rotated, shifted and mirrored (seed 7)."""
+    return synthetic_stack(n_sections=2, seed=7)
+
+
+def test_synthetic_stacks_recover_known_transforms(mirrored_pair):
     """Acceptance (benchmarks/bench_register.py runs all 20 seeds): rotation anywhere in
     [0, 360), translation up to 30 % of the image, seed 7 has a mirrored section."""
-    stack = synthetic_stack(n_sections=2, seed=7)
+    stack = mirrored_pair
     assert np.linalg.det(synthetic_truth(stack).to_reference(1)[:2, :2]) < 0  # a flip is covered
     errors = _errors(stack)
     assert np.median(errors) <= 0.25
     assert np.percentile(errors, 95) <= 0.5
     # the refinement at 8 px per spot (issue 28) stays within its error at 1,024 px (0.069 / 0.072)
     assert np.median(errors) <= 0.08 and np.percentile(errors, 95) <= 0.085
+
+
+def test_coarse_to_fine_rotation_search_finds_the_exhaustive_candidates(mirrored_pair, monkeypatch):
+    """The coarse-to-fine search (issue 28) returns the exhaustive search's candidates, the
+    same angles, mirrors and placements to the bit, scoring under half the angles on the
+    masks themselves (every one is scored once more on the half-side masks)."""
+    from stimpute.register import COARSE_SIDE, rigid
+
+    extent_um = max(max(s.image.size) * s.um_per_px for s in mirrored_pair)
+    fixed, moving = (section_view(s, extent_um / COARSE_SIDE) for s in mirrored_pair)
+    exhaustive = rigid.rotation_search(fixed, moving, exhaustive=True)
+    sides = []
+    best_shift = rigid._best_shift
+    monkeypatch.setattr(rigid, "_best_shift", lambda overlap, *args: sides.append(overlap.side) or best_shift(overlap, *args))
+    found = rigid.rotation_search(fixed, moving)
+    assert [(c.angle_deg, c.mirrored, c.iou) for c in found] == [(c.angle_deg, c.mirrored, c.iou) for c in exhaustive]
+    for a, b in zip(found, exhaustive):
+        np.testing.assert_array_equal(a.matrix, b.matrix)
+    assert len(found) == 4 and {c.mirrored for c in found} == {False, True}
+    full = sides.count(max(sides))
+    assert sides.count(min(sides)) == 240 and full < 120, full
 
 
 def _section(name: str, image: np.ndarray, xy: np.ndarray, source: str) -> Section:
