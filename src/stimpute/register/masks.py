@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import cv2
 import numpy as np
 from scipy import ndimage
 from skimage.filters import gaussian, threshold_otsu  # by name: skimage loads them here, not in the first registration
@@ -85,11 +86,17 @@ def close_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     (a fine thumbnail needs a disk of thousands of pixels)."""
     if not mask.any():
         return mask.copy()
-    limit = radius**2 + 0.5  # squared distances are whole numbers
+    limit = radius**2 + 0.5  # squared distances are whole numbers: the half keeps float32 roundoff off the edge
     pad = radius + 1  # the dilation fits, and a ring of background stands for the outside
-    dilated = ndimage.distance_transform_edt(~np.pad(mask, pad)) ** 2 < limit
-    closed = ndimage.distance_transform_edt(dilated) ** 2 > limit
+    dilated = _distance(~np.pad(mask, pad)) ** 2 < limit
+    closed = _distance(dilated) ** 2 > limit
     return closed[pad:-pad, pad:-pad]
+
+
+def _distance(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every True pixel of `mask` to the nearest False one: OpenCV's exact
+    transform (Felzenszwalb's), float32, about 4× faster than `ndimage.distance_transform_edt`."""
+    return cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
 
 
 def _drop_specks(mask: np.ndarray, min_fraction: float) -> np.ndarray:
