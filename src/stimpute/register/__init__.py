@@ -1,7 +1,7 @@
 """Serial-section registration: every section's spots in the first section's pixel frame.
 
-Each section is aligned onto its predecessor, coarse to fine: an exhaustive rotation and
-mirror search on tissue masks (`rigid`), then ECC on the stain density (`refine`), kept
+Each section is aligned onto its predecessor, coarse to fine: a rotation and mirror
+search over the full circle on tissue masks (`rigid`), then ECC on the stain density (`refine`), kept
 only where it improves mask Dice + stain NCC. Pair transforms compose through the chain
 i -> i-1 -> ... -> 0. Views are taken at one µm/px for the whole stack, so sections with
 different pixel sizes register without extra care; transforms are rigid in µm (a
