@@ -26,6 +26,7 @@ from stimpute.register.masks import View
 COARSE_FACTOR = 2  # the coarse pass sees the masks at half their side
 FINE_WINDOW = 3  # angle steps either side of a coarse peak scored on the masks themselves (2 sufficed on every test pair)
 EXTRA_PEAKS = 2  # coarse peaks beyond the candidates' number whose neighbourhoods are scored
+COARSE_MARGIN = 0.05  # how far a coarse peak's IoU may fall below its own at full size (up to 0.046 on the test pairs)
 
 
 @dataclass
@@ -92,26 +93,31 @@ def _coarse_to_fine(fixed_mask: np.ndarray, profiles: list[_Profile], n_candidat
     on the masks themselves the angles within `FINE_WINDOW` steps of the best
     `n_candidates + EXTRA_PEAKS` coarse peaks (a peak of the masks can sit on a shoulder of
     the coarser profile), and those whose coarse score reaches the `n_candidates`-th coarse
-    peak's; then, until none is left, the unscored neighbours of every scored angle that may
-    still be a peak and scores at least the `n_candidates`-th confirmed peak (climbing to it)."""
+    peak's. Then, until none is left: the unscored neighbours of every scored angle that may
+    still be a peak and scores at least the `n_candidates`-th confirmed peak (climbing to it),
+    and the windows of the coarse peaks within `COARSE_MARGIN` below that score."""
     overlap = _Overlap(_shrink(fixed_mask), _side(_shrink(profiles[0].mask)))
     coarse = [profile.coarse(overlap) for profile in profiles]
     peaks = sorted(((c[i], k, i) for k, c in enumerate(coarse) for i in _circular_peaks(c)), key=lambda p: -p[0])
     level = peaks[min(n_candidates, len(peaks)) - 1][0] if peaks else -np.inf  # no coarse peak: score all
-    for k, (profile, c) in enumerate(zip(profiles, coarse)):
-        near = [i + d for _, kk, i in peaks[:n_candidates + EXTRA_PEAKS] if kk == k
-                for d in range(-FINE_WINDOW, FINE_WINDOW + 1)]
-        profile.score(set(np.mod(near, len(c)).tolist()) | set(np.flatnonzero(c >= level).tolist()))
+    todo = [set(np.flatnonzero(c >= level).tolist()) for c in coarse]
+    windowed, floor = set(), None
     while True:
-        statuses = [profile.status() for profile in profiles]
-        confirmed = np.sort(np.concatenate([p.iou[s == 1] for p, s in zip(profiles, statuses)]))[::-1]
-        floor = confirmed[n_candidates - 1] if len(confirmed) >= n_candidates else -np.inf
-        todo = [profile.open_neighbours((status == 0) & (profile.iou >= floor))
-                for profile, status in zip(profiles, statuses)]
+        near = peaks[:n_candidates + EXTRA_PEAKS] if floor is None else [p for p in peaks if p[0] >= floor - COARSE_MARGIN]
+        for _, k, i in near:
+            if (k, i) not in windowed:
+                windowed.add((k, i))
+                todo[k] |= {(i + d) % len(coarse[k]) for d in range(-FINE_WINDOW, FINE_WINDOW + 1)}
+        todo = [{i for i in indices if np.isnan(profile.iou[i])} for profile, indices in zip(profiles, todo)]
         if not any(todo):
             return
         for profile, indices in zip(profiles, todo):
             profile.score(indices)
+        statuses = [profile.status() for profile in profiles]
+        confirmed = np.sort(np.concatenate([p.iou[s == 1] for p, s in zip(profiles, statuses)]))[::-1]
+        floor = confirmed[n_candidates - 1] if len(confirmed) >= n_candidates else -np.inf
+        todo = [set(profile.open_neighbours((status == 0) & (profile.iou >= floor)))
+                for profile, status in zip(profiles, statuses)]
 
 
 def _side(mask: np.ndarray) -> int:
