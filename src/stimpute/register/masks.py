@@ -29,6 +29,7 @@ PEN_GREEN_EXCESS = 10  # G above R by this much: blue/green ink, not H&E
 PEN_DARK = 40  # every channel below this: black ink or debris
 STAIN_SMOOTH_UM = 30.0  # blur of the stain image: cell-level texture differs between serial sections
 MIN_TISSUE_PX = 25  # fewer foreground pixels in a view than this: no tissue
+FLOAT32_RADIUS = 1000  # px: `close_disk` reads OpenCV's float32 distance transform up to this disk radius
 
 
 def relative_density(rgb: np.ndarray) -> np.ndarray:
@@ -86,10 +87,12 @@ def close_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     (a fine thumbnail needs a disk of thousands of pixels)."""
     if not mask.any():
         return mask.copy()
-    limit = radius**2 + 0.5  # squared distances are whole numbers: the half keeps float32 roundoff off the edge
+    limit = radius**2 + 0.5  # squared distances are whole numbers
     pad = radius + 1  # the dilation fits, and a ring of background stands for the outside
-    dilated = _distance(~np.pad(mask, pad)) ** 2 < limit
-    closed = _distance(dilated) ** 2 > limit
+    # OpenCV's float32 distances square to within 0.2 of the whole numbers up to this radius; scipy's float64 beyond
+    distance = _distance if radius <= FLOAT32_RADIUS else ndimage.distance_transform_edt
+    dilated = distance(~np.pad(mask, pad)) ** 2 < limit
+    closed = distance(dilated) ** 2 > limit
     return closed[pad:-pad, pad:-pad]
 
 
