@@ -31,7 +31,7 @@ from multiprocessing.shared_memory import SharedMemory
 import cv2
 import numpy as np
 
-VERSION = 5  # of the descriptor values, part of their cache key: 3 = pooled from dense maps (`stimpute.features.dense`), 4 = sparse windows mapped alone, maps on the level's even-pixel lattice, 5 = each blob counted whole in its centroid's cell, OD histograms at every fourth pixel, the DoG's σ 2 band at half resolution
+VERSION = 5  # of the descriptor values, part of their cache key: 3 = pooled from dense maps (`stimpute.features.dense`), 4 = sparse windows mapped alone, maps on the level's even-pixel lattice, 5 = each blob's statistics spread over its bounding box's cells, colour statistics and OD histograms at every fourth pixel, the DoG's σ 2 band at half resolution
 TISSUE_MAX_GRAY = 215  # brighter pixels are glass / background
 NUCLEUS_H_OD = (0.05, 0.12)  # rgb2hed haematoxylin thresholds (after smoothing): loose and strict nuclei
 NUCLEUS_LOG_AREA_EDGES = np.log([4, 16, 40, 80, 160, 400, 1e9])  # blob area bins, px
