@@ -40,14 +40,10 @@ FORK_SERVER = """
 import json, os, signal, sys
 import anndata
 import stimpute.cli, stimpute.pipeline
-from stimpute.preload import TRAINING_MODULES, WRITING_MODULES
+from stimpute.preload import preloading
 from stimpute.view import warm_plotly
-for name in TRAINING_MODULES + WRITING_MODULES:
-    try:
-        __import__(name)
-    except ImportError:  # s3fs where it is not installed, as the run's preloading ignores it
-        pass
-warm_plotly()
+with preloading(warm=[warm_plotly]):  # what a run preloads, imported here once for every child
+    pass
 print("ready", flush=True)
 for line in sys.stdin:
     run = json.loads(line)

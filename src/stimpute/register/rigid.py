@@ -147,7 +147,7 @@ class _Profile:
         """IoU and placement at the angles `indices` (those scored before are kept)."""
         for i in indices:
             if i not in self.placements:
-                self.iou[i], self.placements[i], _ = _best_shift(self.overlap, self.mask, self.centroid, self.angles[i])
+                self.iou[i], self.placements[i] = _best_shift(self.overlap, self.mask, self.centroid, self.angles[i])
 
     def coarse(self, overlap: _Overlap) -> np.ndarray:
         """IoU at every angle of this mask shrunk (`_shrink`) on `overlap`'s shrunk fixed mask."""
@@ -200,7 +200,7 @@ class _Overlap:
 
 
 def _best_shift(overlap: _Overlap, moving_mask: np.ndarray, centroid: tuple[float, float],
-                angle_deg: float) -> tuple[float, np.ndarray, float]:
+                angle_deg: float) -> tuple[float, np.ndarray]:
     """IoU and view transform of `moving_mask` rotated by `angle_deg` about its `centroid`
     and shifted to the overlap maximum with the fixed mask."""
     cx, cy = centroid
@@ -215,7 +215,7 @@ def _best_shift(overlap: _Overlap, moving_mask: np.ndarray, centroid: tuple[floa
     inter = float(corr[ky, kx])
     union = float(overlap.area + rotated.sum()) - inter
     shift = np.array([[1.0, 0.0, kx - (side - 1)], [0.0, 1.0, ky - (side - 1)], [0.0, 0.0, 1.0]])
-    return inter / max(union, 1e-9), shift @ rotate, angle_deg
+    return inter / max(union, 1e-9), shift @ rotate
 
 
 def _circular_peaks(values: np.ndarray) -> np.ndarray:
